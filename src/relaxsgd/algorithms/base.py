@@ -1,0 +1,235 @@
+"""The effect model: what an algorithm's worker program may ask of its runtime.
+
+An algorithm is written once, as the program of ONE worker: a generator that yields
+effects and receives their results, plus handlers for messages that arrive while the
+worker is busy. The simulator (:mod:`relaxsgd.sim`) fulfils effects on a virtual clock;
+the distributed runtime (:mod:`relaxsgd.dist`) fulfils them with torch.distributed.
+An algorithm never imports torch.distributed and never knows which runtime runs it.
+
+Effects (``result = yield Effect(...)``):
+
+- :class:`Compute` ``(steps)``: that many local optimizer steps on the worker's own data.
+  Takes ``steps`` step-times of virtual time. Handlers' :class:`Deferred` actions that
+  arrive meanwhile run at its end (the "next step boundary").
+- :class:`Grad` ``()``: a stochastic gradient (flat tensor, a fresh copy) at the current
+  parameters on the next batch; does not change the parameters; one step-time.
+  Apply it with :meth:`Worker.apply_grad`.
+- :class:`AllReduce` ``(tensors, nbytes)``: the mean over all workers, of a tensor or a
+  list of tensors (same shapes on every worker). ``nbytes`` is the size of what each
+  worker contributes as it would travel (default: the tensors' own size). Costed as a
+  ring all-reduce.
+- :class:`AllGather` ``(payload, nbytes)``: the list of every worker's payload (any
+  picklable object), by rank. ``pattern="ring"`` or ``"ps"`` (through a parameter server,
+  whose reply of ``down_nbytes`` is broadcast).
+- :class:`Send` ``(peer, payload, nbytes, tag)``: one-way message into the peer's inbox;
+  resolves when it has left the sender's link. :class:`Recv` ``(src, tag)`` waits for it.
+- :class:`Exchange` ``(peer, payload, nbytes)``: request/response; the peer's
+  ``Algorithm.on_exchange`` runs on the peer when the request arrives (even if the peer is
+  busy computing) and returns a :class:`Reply` (or :class:`Deferred` to answer at its next
+  step boundary); the result is the reply's payload.
+- :class:`Spawn` ``(generator)``: run a sub-program (communication effects only) beside the
+  main one; returns a :class:`Handle` at once; ``yield Wait(handle)`` gives its return value.
+- :class:`Wait` ``(handle or list of handles)``: the result(s); time spent here is stall.
+- :class:`Sleep` ``(seconds)``, :class:`Now` ``()``.
+
+Every communication effect takes ``blocking``; ``blocking=False`` returns a
+:class:`Handle` at once (non-blocking communication that overlaps computation).
+
+Results of collectives are fresh tensors owned by the receiving worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+Program = Generator["Effect", Any, Any]
+
+
+class Effect:
+    """Base class of everything a worker program may yield."""
+
+    blocking: bool = True
+
+
+@dataclass
+class Compute(Effect):
+    steps: int = 1
+    blocking: bool = True
+
+
+@dataclass
+class Grad(Effect):
+    blocking: bool = True
+
+
+@dataclass
+class AllReduce(Effect):
+    tensors: Tensor | list[Tensor]
+    nbytes: int | None = None
+    blocking: bool = True
+
+
+@dataclass
+class AllGather(Effect):
+    payload: Any
+    nbytes: int
+    pattern: str = "ring"  # "ring" | "ps"
+    down_nbytes: int | None = None  # "ps": size of the server's broadcast reply
+    blocking: bool = True
+
+
+@dataclass
+class Send(Effect):
+    peer: int
+    payload: Any
+    nbytes: int
+    tag: Any = 0
+    blocking: bool = False
+
+
+@dataclass
+class Recv(Effect):
+    src: int
+    tag: Any = 0
+    blocking: bool = True
+
+
+@dataclass
+class Exchange(Effect):
+    peer: int
+    payload: Any
+    nbytes: int
+    blocking: bool = True
+
+
+@dataclass
+class Spawn(Effect):
+    program: Program
+    blocking: bool = False
+
+
+@dataclass
+class Wait(Effect):
+    handles: Any  # a Handle or a list of Handles
+
+
+@dataclass
+class Sleep(Effect):
+    seconds: float
+
+
+@dataclass
+class Now(Effect):
+    pass
+
+
+@dataclass
+class Reply:
+    """What ``on_exchange`` answers: the payload and its size on the wire."""
+
+    payload: Any
+    nbytes: int
+
+
+@dataclass
+class Deferred:
+    """Answer at the worker's next step boundary: ``fn(worker) -> Reply`` runs then."""
+
+    fn: Callable[[Worker], Reply]
+
+
+class Handle:
+    """A pending result of a non-blocking effect; ``yield Wait(handle)`` gets it."""
+
+    __slots__ = ("done", "value", "waiters", "label")
+
+    def __init__(self, label: str = "") -> None:
+        self.done = False
+        self.value: Any = None
+        self.waiters: list[Any] = []
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"Handle({self.label}, done={self.done})"
+
+
+def tensor_nbytes(t: Tensor | list[Tensor]) -> int:
+    """Bytes of a tensor (or list) as it would travel: its elements, nothing else."""
+    if isinstance(t, (list, tuple)):
+        return sum(tensor_nbytes(x) for x in t)
+    return t.numel() * t.element_size()
+
+
+class Worker(Protocol):
+    """What a worker program sees of its worker. Both runtimes implement it.
+
+    ``params`` is a flat float tensor VIEW of the worker's parameters: write into it with
+    ``copy_``/``add_``; never rebind it. ``layout`` gives the (name, shape) of each
+    parameter in flat order (PowerSGD reshapes by it).
+    """
+
+    rank: int
+    n: int
+    params: Tensor
+    layout: list[tuple[str, torch.Size]]
+    state: dict[str, Any]  # the algorithm's per-worker state (checkpointed with the rest)
+    rng: torch.Generator  # the algorithm's per-worker random stream (seeded from seed, rank)
+    step: int  # local optimizer steps done
+    total_steps: int  # local optimizer steps this worker must do
+
+    def apply_grad(self, grad: Tensor) -> None:
+        """One optimizer step (momentum, weight decay, lr schedule) with this gradient."""
+
+    def lr(self) -> float:
+        """The learning rate of the next local step."""
+
+    def count(self, key: str, value: float = 1.0) -> None:
+        """Add to a per-worker counter (decode failures, interactions, ...)."""
+
+    def observe(self, key: str, value: float) -> None:
+        """Record one observation of a per-worker quantity (staleness, residual norm)."""
+
+
+@dataclass
+class RunInfo:
+    """What an algorithm instance knows of the run, the same in both runtimes."""
+
+    n: int
+    seed: int
+    topology: Any = None  # a relaxsgd.topology Topology, or None
+    dim: int = 0  # number of parameters
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Base class of an algorithm plug-in.
+
+    Subclasses set ``name``, ``Config`` (a frozen dataclass of options, each with a
+    default and documented in the class docstring), and implement :meth:`program`.
+    One instance serves all the workers of a simulated run (per-worker state lives in
+    ``worker.state``), and one worker in the distributed runtime.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    needs_topology: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any, info: RunInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+
+    def init_worker(self, w: Worker) -> None:
+        """Set up ``w.state``; all workers start from identical parameters already."""
+
+    def program(self, w: Worker) -> Program:
+        """The worker's main program: must do exactly ``w.total_steps`` local steps."""
+        raise NotImplementedError
+
+    def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
+        """Answer an :class:`Exchange` from ``src``; runs on ``w`` when it arrives."""
+        raise NotImplementedError(f"{self.name} does not answer exchanges")

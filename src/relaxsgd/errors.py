@@ -1,0 +1,35 @@
+"""Errors that the command line turns into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class RelaxError(Exception):
+    """Base of the errors relaxsgd reports to a user as one line (no traceback)."""
+
+    exit_code = 2
+
+
+class ConfigError(RelaxError, ValueError):
+    """A config value, a flag, a name or a file is wrong; the message says what would be right."""
+
+
+class DataError(ConfigError):
+    """A data set could not be read (missing or malformed files); the message says where to get them."""
+
+
+class Diverged(RelaxError, RuntimeError):
+    """The loss became NaN or infinite; carries the step and the worker where it was seen."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, worker: int, loss: float) -> None:
+        super().__init__(f"diverged: loss {loss} at local step {step} of worker {worker}; "
+                         "try a smaller --lr or a learning-rate warm-up")
+        self.step = step
+        self.worker = worker
+
+
+class Deadlock(RelaxError, RuntimeError):
+    """The simulator has no event left but some worker still waits: an algorithm bug."""
+
+    exit_code = 4
