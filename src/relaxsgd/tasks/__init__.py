@@ -3,9 +3,9 @@
 from ..registry import Registry
 
 TASKS = Registry("task")
-TASKS.add("logreg", "relaxsgd.tasks.synthetic:build_logreg",
+TASKS.add("logreg", "relaxsgd.tasks.logreg:build",
           "synthetic multinomial logistic regression (convex; theory checks)")
-TASKS.add("quadratic", "relaxsgd.tasks.synthetic:build_quadratic",
+TASKS.add("quadratic", "relaxsgd.tasks.quadratic:build",
           "synthetic least squares with a known optimum (theory checks)")
 TASKS.add("digits", "relaxsgd.tasks.digits:build", "scikit-learn's 8x8 digits, 10 classes")
 TASKS.add("mnist1d", "relaxsgd.tasks.mnist1d:build",

@@ -7,14 +7,18 @@ option keys are a ConfigError naming the choices (see :func:`check_options`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+
+DATA_ENV = "RELAXSGD_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,64 @@ def check_options(task: str, opts: dict[str, Any], defaults: dict[str, Any]) -> 
             raise ConfigError(f"unknown option {key!r} for task {task!r}; "
                               f"choose one of: {', '.join(sorted(defaults)) or '(none)'}")
     return {**defaults, **opts}
+
+
+def check_choice(task: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else one ConfigError naming them."""
+    if value not in choices:
+        raise ConfigError(f"option {key}={value!r} of task {task!r} is not valid; "
+                          f"choose one of: {', '.join(choices)}")
+    return str(value)
+
+
+def check_int(task: str, key: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else one ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"option {key}={value!r} of task {task!r} must be an integer "
+                          f">= {minimum}")
+    return int(value)
+
+
+def check_float(task: str, key: str, value: Any, minimum: float) -> float:
+    """``value`` as a float if it is a number >= ``minimum``, else one ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigError(f"option {key}={value!r} of task {task!r} must be a number "
+                          f">= {minimum}")
+    return float(value)
+
+
+def check_hidden(task: str, value: Any) -> tuple[int, ...]:
+    """The ``hidden`` option (MLP layer widths, a list of positive ints) as a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in value)):
+        raise ConfigError(f"option hidden={value!r} of task {task!r} must be a non-empty "
+                          "list of positive integers, e.g. [256, 256]")
+    return tuple(int(h) for h in value)
+
+
+def data_root(task: str, data_dir: str | None, expected: str) -> Path:
+    """``data_dir``, else ``$RELAXSGD_DATA_DIR``, as an existing directory; else one
+    DataError saying what ``expected`` files are needed and how to point at them."""
+    root = data_dir or os.environ.get(DATA_ENV)
+    if not root:
+        raise DataError(f"task {task!r} reads {expected}: pass --data-dir or set "
+                        f"{DATA_ENV} to the folder that holds them")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {str(path)!r} for task {task!r} does not exist; "
+                        f"it should hold {expected}")
+    return path
+
+
+def subsample(x: Tensor, y: Tensor, n: int, seed: int, task: str,
+              key: str) -> tuple[Tensor, Tensor]:
+    """A seeded random subset of ``n`` samples (``n == 0``: all), kept in file order."""
+    if n == 0:
+        return x, y
+    if n > len(y):
+        raise ConfigError(f"option {key}={n} of task {task!r} asks for more than the "
+                          f"{len(y)} samples available; use 0 (all) or at most {len(y)}")
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort()[0]
+    return x[keep], y[keep]
