@@ -14,7 +14,7 @@ class ConfigError(RelaxError, ValueError):
 
 
 class DataError(ConfigError):
-    """A data set could not be read (missing or malformed files); the message says where to get them."""
+    """A data set could not be read (missing or malformed files); says where to get them."""
 
 
 class Diverged(RelaxError, RuntimeError):

@@ -176,6 +176,7 @@ class Worker(Protocol):
     rank: int
     n: int
     params: Tensor
+    momentum: Tensor  # the local optimizer's momentum buffer (a view, like params)
     layout: list[tuple[str, torch.Size]]
     state: dict[str, Any]  # the algorithm's per-worker state (checkpointed with the rest)
     rng: torch.Generator  # the algorithm's per-worker random stream (seeded from seed, rank)
@@ -218,6 +219,9 @@ class Algorithm:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     needs_topology: ClassVar[bool] = False
+    # counters (summed over workers) and observations (``<key>_mean``) that become
+    # metrics.csv columns; anything else counted still reaches result.json
+    metric_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:
         self.cfg = cfg

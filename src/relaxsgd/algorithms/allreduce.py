@@ -1,0 +1,30 @@
+"""Synchronous all-reduce SGD ("large-batch SGD"), the baseline every method is measured by.
+
+Every step each worker computes a stochastic gradient on its own batch, the gradients are
+averaged with a blocking ring all-reduce, and every worker applies the mean with its local
+optimizer. With identical initial models (and momentum applied to identical averaged
+gradients) the workers stay identical: this is mini-batch SGD with batch n*b (Goyal et al.
+2017). Communication per step: one all-reduce of d floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Algorithm, AllReduce, Grad, Program, Worker
+
+
+@dataclass(frozen=True)
+class AllReduceConfig:
+    """All-reduce SGD has no options of its own (compressed variants: ``efsgd``)."""
+
+
+class AllReduceSGD(Algorithm):
+    name = "allreduce"
+    Config = AllReduceConfig
+
+    def program(self, w: Worker) -> Program:
+        for _ in range(w.total_steps):
+            g = yield Grad()
+            mean = yield AllReduce(g)
+            w.apply_grad(mean)

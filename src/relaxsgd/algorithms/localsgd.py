@@ -1,0 +1,48 @@
+"""Local SGD (Stich 2019; Lin et al. 2018): ``p`` local steps, then a blocking model average.
+
+Each round, every worker runs ``p`` local optimizer steps on its own data, then the models
+are averaged with a blocking all-reduce of d floats. With ``p = 1`` and plain SGD (no
+momentum) this is exactly all-reduce SGD. Momentum buffers stay local (option
+``average_momentum`` averages them too, as some implementations do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import Algorithm, AllReduce, Compute, Program, Worker
+
+
+@dataclass(frozen=True)
+class LocalSGDConfig:
+    """p: local steps between averages; average_momentum: also average momentum buffers."""
+
+    p: int = 4
+    average_momentum: bool = False
+
+    def __post_init__(self) -> None:
+        if self.p < 1:
+            raise ConfigError(f"localsgd option p (local steps per round) must be >= 1, "
+                              f"got {self.p}")
+
+
+class LocalSGD(Algorithm):
+    name = "localsgd"
+    Config = LocalSGDConfig
+
+    def program(self, w: Worker) -> Program:
+        cfg: LocalSGDConfig = self.cfg
+        done = 0
+        while done < w.total_steps:
+            h = min(cfg.p, w.total_steps - done)
+            yield Compute(h)
+            done += h
+            if cfg.average_momentum:
+                mom = w.momentum
+                avg = yield AllReduce([w.params, mom])
+                w.params.copy_(avg[0])
+                mom.copy_(avg[1])
+            else:
+                avg = yield AllReduce(w.params)
+                w.params.copy_(avg)

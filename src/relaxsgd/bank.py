@@ -1,0 +1,202 @@
+"""The parameter bank: the models of the workers one process holds, as rows of one tensor.
+
+Row ``k`` of ``X`` (shape ``(rows, d)``) is the flat parameter vector of worker
+``ranks[k]``; ``M`` holds their momentum. The simulator holds every worker (rows = n); the
+distributed runtime holds one. Gradients of several workers are computed either with
+``torch.func.vmap`` over the stacked rows (one batched call: pays for small buffer-free
+models on a CPU) or with a loop over per-worker modules whose parameters are views of the
+rows (convolutional and BatchNorm models). The choice is per task (``TaskSpec.batching``)
+or forced by the run config; both give the same numbers up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .tasks.base import TaskSpec
+from .training import Sampler, TrainConfig, bind_params, flat_params, lr_at, seeded_generator
+from .training import sgd_update as _sgd
+
+SALT_DATA = 1
+
+
+class Bank:
+    """Parameters, momentum, data samplers and gradient machinery of some workers."""
+
+    def __init__(self, spec: TaskSpec, train: TrainConfig, ranks: Sequence[int],
+                 shards: Sequence[Tensor], seed: int, total_steps: int,
+                 batching: str = "auto", device: str | torch.device = "cpu") -> None:
+        self.spec, self.train, self.ranks = spec, train, list(ranks)
+        self.total_steps = total_steps
+        self.device = torch.device(device)
+        torch.manual_seed(seed)  # identical initial model on every worker and runtime
+        self.template = spec.model_fn().to(self.device)
+        x0, self.layout = flat_params(self.template)
+        self.d = x0.numel()
+        rows = len(self.ranks)
+        self.X = x0.to(self.device).repeat(rows, 1)
+        self.M = torch.zeros_like(self.X)
+        self.steps = [0] * rows
+        self.samples = [0] * rows  # training samples processed, per row
+        self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
+                         for r in self.ranks]
+        self.aug_gens = [seeded_generator(seed, r, SALT_DATA + 10) for r in self.ranks]
+        self.xdata = spec.data.x_train.to(self.device)
+        self.ydata = spec.data.y_train.to(self.device)
+        has_buffers = any(True for _ in self.template.buffers())
+        if batching == "auto":
+            batching = spec.batching if spec.batching != "auto" else "loop"
+        if batching == "vmap" and has_buffers:
+            batching = "loop"  # vmap cannot update BatchNorm statistics in place
+        self.batching = batching
+        self.modules: list[nn.Module] = []
+        if batching == "loop":
+            for k in range(rows):
+                m = spec.model_fn().to(self.device)
+                m.load_state_dict(self.template.state_dict())
+                bind_params(m, self.X[k])
+                m.train()
+                self.modules.append(m)
+        else:
+            self._vg = vmap(grad_and_value(self._loss_of_flat), randomness="different")
+        self.loss_sum = torch.zeros(rows, dtype=torch.float64)
+        self.loss_count = [0] * rows
+
+    # -- gradients -----------------------------------------------------------------
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        out, off = {}, 0
+        for name, shape in self.layout:
+            k = shape.numel()
+            out[name] = flat[off:off + k].view(shape)
+            off += k
+        return out
+
+    def _loss_of_flat(self, flat: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        out = functional_call(self.template, self._unflatten(flat), (xb,))
+        return self.spec.loss_fn(out, yb)
+
+    def _batch(self, k: int) -> tuple[Tensor, Tensor]:
+        idx = self.samplers[k].next(self.train.batch_size)
+        xb, yb = self.xdata[idx], self.ydata[idx]
+        if self.spec.augment is not None:
+            xb = self.spec.augment(xb, self.aug_gens[k])
+        return xb, yb
+
+    def grads(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Stochastic gradients (rows x d, fresh) and batch losses of these rows' workers."""
+        if self.batching == "vmap":
+            batches = [self._batch(k) for k in rows]
+            xb = torch.stack([b[0] for b in batches])
+            yb = torch.stack([b[1] for b in batches])
+            g, loss = self._vg(self._rows(rows), xb, yb)
+        else:
+            g = torch.empty(len(rows), self.d, device=self.device)
+            loss = torch.empty(len(rows), device=self.device)
+            for j, k in enumerate(rows):
+                xb, yb = self._batch(k)
+                m = self.modules[k]
+                m.zero_grad(set_to_none=True)
+                lo = self.spec.loss_fn(m(xb), yb)
+                lo.backward()
+                torch.cat([p.grad.reshape(-1) for p in m.parameters()], out=g[j])
+                loss[j] = lo.detach()
+        rl = list(rows)
+        self.loss_sum[rl] += loss.detach().double().cpu()
+        for k in rows:
+            self.loss_count[k] += 1
+            self.samples[k] += self.train.batch_size
+        return g, loss
+
+    def _rows(self, rows: Sequence[int]) -> Tensor:
+        if len(rows) == self.X.shape[0] and list(rows) == list(range(len(rows))):
+            return self.X
+        return self.X[list(rows)]
+
+    # -- optimizer -----------------------------------------------------------------
+    def lr(self, k: int) -> float:
+        return lr_at(self.train, self.steps[k], self.total_steps)
+
+    def apply_grad(self, k: int, g: Tensor) -> None:
+        """One local optimizer step of row ``k`` with gradient ``g``."""
+        _sgd(self.X[k], self.M[k], g, self.lr(k), self.train)
+        self.steps[k] += 1
+
+    def local_steps(self, rows: Sequence[int], steps: int) -> Tensor:
+        """``steps`` local SGD steps for each of these rows (batched when vmapped).
+
+        Returns the batch losses of the last step, one per row.
+        """
+        loss = torch.empty(0)
+        for _ in range(steps):
+            g, loss = self.grads(rows)
+            if self.batching == "vmap" and len(rows) > 1:
+                lrs = torch.tensor([self.lr(k) for k in rows],
+                                   device=self.device).unsqueeze(1)
+                if self._rows(rows) is self.X:
+                    _sgd(self.X, self.M, g, lrs, self.train)
+                else:
+                    rl = list(rows)
+                    x, m = self.X[rl], self.M[rl]
+                    _sgd(x, m, g, lrs, self.train)
+                    self.X[rl], self.M[rl] = x, m
+                for k in rows:
+                    self.steps[k] += 1
+            else:
+                for j, k in enumerate(rows):
+                    self.apply_grad(k, g[j])
+        return loss
+
+    # -- evaluation ----------------------------------------------------------------
+    def buffers_of(self, k: int) -> dict[str, Tensor]:
+        if not self.modules:
+            return {}
+        return {n: b for n, b in self.modules[k].named_buffers()}
+
+    def mean_buffers(self) -> dict[str, Tensor]:
+        """BatchNorm statistics averaged over the rows (how the mean model is evaluated)."""
+        if not self.modules:
+            return {}
+        out = {}
+        for name, b in self.modules[0].named_buffers():
+            if b.is_floating_point():
+                out[name] = torch.stack([dict(m.named_buffers())[name]
+                                         for m in self.modules]).mean(0)
+            else:
+                out[name] = b
+        return out
+
+    def take_train_loss(self) -> float:
+        """Mean training batch loss since the last call (over all rows)."""
+        c = sum(self.loss_count)
+        v = float(self.loss_sum.sum()) / c if c else float("nan")
+        self.loss_sum.zero_()
+        self.loss_count = [0] * len(self.loss_count)
+        return v
+
+
+@torch.no_grad()
+def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, Tensor],
+             x: Tensor, y: Tensor, batch: int = 2000) -> tuple[float, float]:
+    """(loss, metric) of the model with these flat parameters and buffers on (x, y)."""
+    bind = {}
+    off = 0
+    for name, p in model.named_parameters():
+        bind[name] = flat[off:off + p.numel()].view_as(p)
+        off += p.numel()
+    bind.update(buffers)
+    model.eval()
+    total, correct, n = 0.0, 0.0, 0
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        out = functional_call(model, bind, (xb,))
+        total += float(spec.loss_fn(out, yb)) * xb.shape[0]
+        if spec.metric == "accuracy":
+            correct += float((out.argmax(1) == yb).sum())
+        n += xb.shape[0]
+    loss = total / max(n, 1)
+    metric = correct / max(n, 1) if spec.metric == "accuracy" else -loss
+    return loss, metric

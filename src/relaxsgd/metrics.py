@@ -1,0 +1,129 @@
+"""What a run records: one ``metrics.csv`` row per evaluation, and the final figures.
+
+A row holds the progress (mean local steps per worker, epochs, samples), the clocks
+(virtual and wall), communication (bytes, messages, stall), the mean model's and worker 0's
+loss and accuracy on the test set, the training loss since the previous row, the consensus
+distance (mean squared distance of the worker models to their mean), and the algorithm's
+own counters (summed over workers) and observations (averaged). The mean model is
+evaluated with the workers' BatchNorm statistics averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bank import evaluate
+from .tasks.base import TaskSpec
+
+BASE_COLUMNS = [
+    "eval", "step", "epoch", "samples", "virtual_time_s", "wall_time_s",
+    "bytes_sent_total", "bytes_sent_per_worker_max", "messages_total", "stall_time_s_mean",
+    "bits_per_param_per_step", "train_loss", "loss_mean_model", "accuracy_mean_model",
+    "loss_worker0", "accuracy_worker0", "consensus_distance",
+]
+
+
+@dataclass
+class CommStats:
+    bytes_total: float = 0.0
+    bytes_per_worker_max: float = 0.0
+    messages_total: int = 0
+    stall_mean: float = 0.0
+
+
+def consensus_distance(X: Tensor) -> float:
+    """Mean over workers of ||x_i - mean||^2."""
+    if X.shape[0] == 1:
+        return 0.0
+    return float(((X - X.mean(0, keepdim=True)) ** 2).sum(1).mean())
+
+
+class Recorder:
+    """Evaluates and writes rows; keeps the last row for ``result.json``."""
+
+    def __init__(self, spec: TaskSpec, csv_path: str | None, n: int, d: int, n_train: int,
+                 extra_columns: list[str], eval_samples: int = 0) -> None:
+        self.spec, self.n, self.d, self.n_train = spec, n, d, n_train
+        self.model = spec.model_fn()
+        x, y = spec.data.x_test, spec.data.y_test
+        if eval_samples and eval_samples < x.shape[0]:
+            x, y = x[:eval_samples], y[:eval_samples]
+        self.x_test, self.y_test = x, y
+        self.columns = BASE_COLUMNS + [c for c in extra_columns if c not in BASE_COLUMNS]
+        self.rows: list[dict[str, Any]] = []
+        self._file = None
+        self._writer = None
+        if csv_path is not None:
+            self._file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns,
+                                          extrasaction="ignore")
+            self._writer.writeheader()
+            self._file.flush()
+
+    def record(self, *, step: float, samples: int, virtual_time: float, wall_time: float,
+               X: Tensor, mean_buffers: dict[str, Tensor], w0_buffers: dict[str, Tensor],
+               comm: CommStats, train_loss: float, extra: dict[str, float]) -> dict[str, Any]:
+        mean = X.mean(0)
+        lm, am = evaluate(self.spec, self.model, mean, mean_buffers, self.x_test, self.y_test)
+        if self.n > 1:
+            l0, a0 = evaluate(self.spec, self.model, X[0], w0_buffers, self.x_test, self.y_test)
+        else:
+            l0, a0 = lm, am
+        steps_done = max(step, 1e-12)
+        row = {
+            "eval": len(self.rows), "step": round(step, 3),
+            "epoch": round(samples / max(self.n_train, 1), 4), "samples": samples,
+            "virtual_time_s": virtual_time, "wall_time_s": round(wall_time, 3),
+            "bytes_sent_total": int(comm.bytes_total),
+            "bytes_sent_per_worker_max": int(comm.bytes_per_worker_max),
+            "messages_total": comm.messages_total, "stall_time_s_mean": comm.stall_mean,
+            "bits_per_param_per_step": (8 * comm.bytes_total / (self.n * self.d * steps_done)
+                                        if step > 0 else 0.0),
+            "train_loss": train_loss, "loss_mean_model": lm, "accuracy_mean_model": am,
+            "loss_worker0": l0, "accuracy_worker0": a0,
+            "consensus_distance": consensus_distance(X),
+        }
+        row.update(extra)
+        self.rows.append(row)
+        if self._writer is not None:
+            self._writer.writerow({k: _fmt(v) for k, v in row.items()})
+            self._file.flush()
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return v
+
+
+def aggregate_worker_metrics(workers: list[Any]) -> dict[str, float]:
+    """Counters summed over workers; observations averaged (``<key>_mean``)."""
+    out: dict[str, float] = {}
+    for w in workers:
+        for k, v in w.counters.items():
+            out[k] = out.get(k, 0.0) + v
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for w in workers:
+        for k, v in w.obs_sum.items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + w.obs_count[k]
+    for k, v in sums.items():
+        out[f"{k}_mean"] = v / counts[k] if counts[k] else float("nan")
+    return out
+
+
+def stack_models(X: Tensor) -> Tensor:
+    return X.detach().to("cpu", torch.float32)

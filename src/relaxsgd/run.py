@@ -1,0 +1,282 @@
+"""One run, end to end: resolve the config, build the task and algorithm, run it, write it.
+
+:func:`prepare` turns a :class:`RunConfig` into the pieces both runtimes need;
+:func:`run` drives the simulator (``runtime: sim``) or hands over to the distributed
+runtime, and writes the output folder: ``config.yaml``, ``metrics.csv`` (written row by
+row, so nothing measured is lost on Ctrl-C or divergence), ``result.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from .algorithms import ALGORITHMS
+from .algorithms.base import Algorithm, RunInfo
+from .bank import Bank
+from .config import RunConfig, _typed, dump_yaml
+from .errors import ConfigError, Diverged, RelaxError
+from .metrics import CommStats, Recorder, aggregate_worker_metrics
+from .sim.compute import ComputeModel
+from .sim.engine import Engine
+from .sim.network import Network, make_network_config
+from .tasks import TASKS
+from .tasks.base import TaskSpec
+from .worker import LocalWorker
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    spec: TaskSpec
+    shards: list[torch.Tensor]
+    total_steps: int
+    algo: Algorithm
+    info: RunInfo
+    resolved: dict[str, Any]
+
+
+def algorithm_options(name: str) -> list[str]:
+    return [f.name for f in fields(ALGORITHMS.get(name).Config)]
+
+
+def task_options(name: str) -> list[str]:
+    mod = TASKS.module(name)
+    opts = getattr(mod, "OPTIONS", None)
+    if opts is None:  # a module holding several tasks names them OPTIONS_<TASK>
+        opts = getattr(mod, f"OPTIONS_{name.upper()}", {})
+    return list(opts)
+
+
+def build_topology(cfg: RunConfig) -> Any:
+    try:
+        from .topology import make_topology  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return make_topology(cfg.topology, cfg.workers, seed=cfg.seed, **cfg.topology_options)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Resolve everything a run needs; every bad name or value is a ConfigError here."""
+    algo_cls = ALGORITHMS.get(cfg.algo)
+    algo_cfg = _typed(algo_cls.Config, cfg.algo_options, f"algorithm {cfg.algo!r}")
+    make_network_config(cfg.network, **cfg.network_options)  # validate early
+    spec: TaskSpec = TASKS.get(cfg.task)(dict(cfg.task_options), cfg.data_dir, cfg.seed)
+    from .tasks.splits import split_indices
+
+    n_train = spec.data.x_train.shape[0]
+    if cfg.workers > n_train:
+        raise ConfigError(f"{cfg.workers} workers but only {n_train} training samples; "
+                          "use fewer workers")
+    shards = split_indices(spec.data.y_train, cfg.workers, cfg.split, cfg.seed,
+                           **cfg.split_options)
+    if cfg.steps is not None:
+        total = cfg.steps
+    else:
+        epochs = cfg.epochs if cfg.epochs is not None else 1.0
+        total = max(1, math.ceil(epochs * n_train / (cfg.workers * cfg.train.batch_size)))
+    topo = build_topology(cfg)
+    if algo_cls.needs_topology and topo is None:
+        raise ConfigError(f"algorithm {cfg.algo!r} needs a topology and none is available")
+    info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
+    algo = algo_cls(algo_cfg, info)
+    resolved = cfg.to_dict()
+    resolved["algo_options"] = dataclasses.asdict(algo_cfg)
+    resolved["steps_per_worker"] = total
+    return Prepared(cfg, spec, shards, total, algo, info, resolved)
+
+
+def measure_step_time(prep: Prepared, repeats: int = 7) -> float:
+    """Median wall time of one local step of worker 0's model alone on this machine."""
+    bank = Bank(prep.spec, prep.cfg.train, [0], prep.shards[:1], prep.cfg.seed, 10**9,
+                batching="loop")
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        bank.local_steps([0], 1)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def default_out_dir(cfg: RunConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{stamp}-{cfg.algo}-{cfg.task}-n{cfg.workers}")
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
+class Progress:
+    """A one-line progress report on stderr (a bar on a terminal, a line per 10% else)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.total, self.label, self.enabled = max(total, 1), label, enabled
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+        self.t0 = time.perf_counter()
+
+    def update(self, done: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        pct = int(100 * min(done / self.total, 1.0))
+        if self.tty:
+            if pct != self.last:
+                bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+                el = time.perf_counter() - self.t0
+                sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {el:6.1f}s {extra}   ")
+                sys.stderr.flush()
+        elif pct // 10 != self.last // 10 if self.last >= 0 else True:
+            el = time.perf_counter() - self.t0
+            sys.stderr.write(f"{self.label}: {pct}% ({el:.1f}s) {extra}\n")
+        self.last = pct
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def run(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict[str, Any]:
+    """Run one configuration; returns the result dict (also written as result.json)."""
+    if cfg.runtime == "dist":
+        from .dist.runtime import run_dist  # type: ignore[import-not-found]
+
+        return run_dist(cfg, progress=progress, write=write)
+    prep = prepare(cfg)
+    out = None
+    if write:
+        out = cfg.out or default_out_dir(cfg)
+        os.makedirs(out, exist_ok=True)
+        dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
+    return run_sim(prep, out, progress)
+
+
+def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str, Any]:
+    cfg, n, total = prep.cfg, prep.cfg.workers, prep.total_steps
+    wall0 = time.perf_counter()
+    if cfg.threads:
+        # One thread by default: on a small shared CPU, OpenMP's spinning threads make a
+        # step 100x slower whenever another process is busy (measured: 0.4 ms -> 140 ms
+        # for the MNIST-1D MLP), which would corrupt the measured step time.
+        torch.set_num_threads(cfg.threads)
+    step_time = cfg.compute.step_time_s or measure_step_time(prep)
+    bank = Bank(prep.spec, cfg.train, list(range(n)), prep.shards, cfg.seed, total,
+                batching=cfg.batching)
+    prep.info.dim = bank.d
+    done = [0]
+    workers = [LocalWorker(bank, r, n, cfg.seed, total,
+                           on_step=lambda k: done.__setitem__(0, done[0] + k))
+               for r in range(n)]
+    for w in workers:
+        prep.algo.init_worker(w)
+    net = Network(make_network_config(cfg.network, **cfg.network_options), n, cfg.seed)
+    comp = ComputeModel(cfg.compute, n, cfg.seed, step_time)
+    rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
+                   prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
+                   cfg.eval_samples)
+    every = max(1, math.ceil(total / cfg.evals)) * n
+    next_eval = [0]
+    bar = Progress(total * n, f"{cfg.algo} on {cfg.task}", progress)
+    engine: Engine | None = None
+
+    def snapshot(now: float) -> dict[str, Any]:
+        procs = engine.procs if engine is not None else []
+        per = [p.bytes_sent for p in procs] or [0]
+        comm = CommStats(bytes_total=sum(per) + (engine.server_bytes if engine else 0),
+                         bytes_per_worker_max=max(per),
+                         messages_total=sum(p.messages for p in procs)
+                         + (engine.server_messages if engine else 0),
+                         stall_mean=sum(p.stall for p in procs) / max(len(procs), 1))
+        return rec.record(step=done[0] / n, samples=sum(bank.samples), virtual_time=now,
+                          wall_time=time.perf_counter() - wall0, X=bank.X,
+                          mean_buffers=bank.mean_buffers(), w0_buffers=bank.buffers_of(0),
+                          comm=comm, train_loss=bank.take_train_loss(),
+                          extra=aggregate_worker_metrics(workers))
+
+    def between(now: float) -> None:
+        if done[0] >= next_eval[0]:
+            row = snapshot(now)
+            next_eval[0] = (done[0] // every + 1) * every
+            bar.update(done[0], f"acc {row['accuracy_mean_model']:.4f}")
+
+    engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
+    status, message, vtime = "completed", "", 0.0
+    try:
+        vtime = engine.run()
+    except Diverged as e:
+        status, message, vtime = "diverged", str(e), engine.now
+    except KeyboardInterrupt:
+        status, message, vtime = "interrupted", "interrupted by the user", engine.now
+    finally:
+        bar.close()
+    if not rec.rows or rec.rows[-1]["step"] != round(done[0] / n, 3) or status != "completed":
+        snapshot(vtime)
+    rec.close()
+    result = make_result(prep, rec, status, message, step_time, bank.batching,
+                         aggregate_worker_metrics(workers), done[0] / n)
+    result["final"]["virtual_time_s"] = vtime
+    if out:
+        write_result(out, result, rec)
+    if status == "diverged":
+        raise DivergedAfterWrite(message, out)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return result
+
+
+class DivergedAfterWrite(RelaxError):
+    """A divergence reported after the outputs were written."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, out: str | None) -> None:
+        super().__init__(message + (f" (outputs so far in {out})" if out else ""))
+
+
+def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_time: float,
+                batching: str, worker_metrics: dict[str, float], steps: float
+                ) -> dict[str, Any]:
+    cfg = prep.cfg
+    last = rec.rows[-1] if rec.rows else {}
+    keys = ["accuracy_mean_model", "accuracy_worker0", "loss_mean_model", "loss_worker0",
+            "virtual_time_s", "wall_time_s", "bytes_sent_total", "bytes_sent_per_worker_max",
+            "messages_total", "stall_time_s_mean", "consensus_distance",
+            "bits_per_param_per_step", "samples", "epoch"]
+    final = {k: last.get(k) for k in keys}
+    final["steps_per_worker"] = steps
+    final["samples_total"] = final.pop("samples")
+    final["epochs"] = final.pop("epoch")
+    final["bytes_per_worker_per_step"] = (
+        (final["bytes_sent_total"] or 0) / cfg.workers / steps if steps else 0.0)
+    final.update(worker_metrics)
+    best = max((r["accuracy_mean_model"] for r in rec.rows), default=None)
+    return {
+        "algorithm": cfg.algo, "task": cfg.task, "workers": cfg.workers,
+        "runtime": cfg.runtime, "seed": cfg.seed, "status": status, "message": message,
+        "network": cfg.network, "split": cfg.split, "topology": cfg.topology,
+        "step_time_s": step_time, "batching": batching,
+        "algo_options": prep.resolved["algo_options"], "final": final,
+        "best_accuracy_mean_model": best,
+    }
+
+
+def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
+    with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, default=float)
+    try:
+        from .report import plot_runs
+
+        plot_runs([(result["algorithm"], rec.rows)], out)
+    except Exception as e:  # a plot must never lose the measured results
+        print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)

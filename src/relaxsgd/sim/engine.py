@@ -1,0 +1,350 @@
+"""The discrete-event engine: runs every worker's program on one virtual clock.
+
+Events are ordered by (virtual time, sequence number), so a run is deterministic for a
+seed whatever the machine's speed. Each worker has a main coroutine (its program) and
+any coroutines it spawned for background communication.
+
+Local computation (:class:`Compute`, :class:`Grad`) is done eagerly, at the virtual time
+it starts: requests that fall at the same time are flushed together, once all events of
+that instant are processed, so that the bank can batch them (vmap). The worker is busy
+until ``start + duration``; actions that handlers defer to its "next step boundary" run
+then. Evaluation hooks run between instants, after all events at the current time and
+before that instant's computations are flushed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..algorithms.base import (
+    Algorithm,
+    AllGather,
+    AllReduce,
+    Compute,
+    Deferred,
+    Effect,
+    Exchange,
+    Grad,
+    Handle,
+    Now,
+    Recv,
+    Reply,
+    Send,
+    Sleep,
+    Spawn,
+    Wait,
+    tensor_nbytes,
+)
+from ..bank import Bank
+from ..errors import Deadlock, Diverged
+from ..worker import LocalWorker
+from .compute import ComputeModel
+from .network import Network, ps_time, ring_allgather_time, ring_allreduce_time
+
+
+class _Coro:
+    __slots__ = ("proc", "gen", "handle", "main", "stall_from")
+
+    def __init__(self, proc: _Proc, gen: Any, main: bool) -> None:
+        self.proc, self.gen, self.main = proc, gen, main
+        self.handle = Handle("spawn")
+        self.stall_from: float | None = None
+
+
+class _Proc:
+    """Runtime bookkeeping of one simulated worker."""
+
+    def __init__(self, w: LocalWorker) -> None:
+        self.w = w
+        self.busy_until: float | None = None  # inside a Compute effect until then
+        self.deferred: list[Callable[[], None]] = []
+        self.inbox: dict[Any, deque] = {}
+        self.recv_waiters: dict[Any, deque] = {}
+        self.coll_seq = 0
+        self.done = False
+        self.finish_time = 0.0
+        self.stall = 0.0
+        self.bytes_sent = 0
+        self.messages = 0
+
+
+class Engine:
+    """Runs an algorithm's worker programs over a bank, a network and a compute model."""
+
+    def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
+                 network: Network, compute: ComputeModel,
+                 between_instants: Callable[[float], None] | None = None) -> None:
+        self.algo, self.bank, self.net, self.compute = algo, bank, network, compute
+        self.procs = [_Proc(w) for w in workers]
+        self.n = len(workers)
+        self.now = 0.0
+        self._q: list = []
+        self._seq = itertools.count()
+        self._pending: list[tuple[_Coro, Effect]] = []
+        self._colls: dict[int, dict] = {}
+        self.server_bytes = 0
+        self.server_messages = 0
+        self._between = between_instants
+
+    # -- scheduling ----------------------------------------------------------------
+    def at(self, t: float, fn: Callable, *args: Any) -> None:
+        heapq.heappush(self._q, (t, next(self._seq), fn, args))
+
+    def _resolve(self, h: Handle, value: Any) -> None:
+        h.done, h.value = True, value
+        for cb in h.waiters:
+            cb(value)
+        h.waiters.clear()
+
+    def _resume_later(self, coro: _Coro) -> Callable[[Any], None]:
+        return lambda value: self.at(self.now, self._advance, coro, value)
+
+    def run(self) -> float:
+        """Run to completion; returns the virtual time when the last worker finished."""
+        for p in self.procs:
+            self._advance(_Coro(p, self.algo.program(p.w), main=True), None)
+        while True:
+            while self._q and self._q[0][0] <= self.now:
+                _, _, fn, args = heapq.heappop(self._q)
+                fn(*args)
+            if self._between is not None:
+                self._between(self.now)
+            if self._pending:
+                self._flush_compute()
+                continue
+            if not self._q:
+                break
+            self.now = self._q[0][0]
+        stuck = [p for p in self.procs if not p.done]
+        if stuck:
+            p = stuck[0]
+            raise Deadlock(f"simulation stuck at t={self.now:.6f}s: {len(stuck)} worker(s) "
+                           f"never finished (first: worker {p.w.rank} at local step "
+                           f"{p.w.step}, {p.coll_seq} collectives issued); an algorithm "
+                           "waits for something no one sends")
+        return max(p.finish_time for p in self.procs)
+
+    # -- coroutines ----------------------------------------------------------------
+    def _advance(self, coro: _Coro, value: Any) -> None:
+        if coro.stall_from is not None:
+            coro.proc.stall += self.now - coro.stall_from
+            coro.stall_from = None
+        while True:
+            try:
+                eff = coro.gen.send(value)
+            except StopIteration as stop:
+                if coro.main:
+                    coro.proc.done = True
+                    coro.proc.finish_time = self.now
+                self._resolve(coro.handle, stop.value)
+                return
+            blocked, value = self._dispatch(coro, eff)
+            if blocked:
+                return
+
+    def _park(self, coro: _Coro, h: Handle, stall: bool = True) -> tuple[bool, Any]:
+        if h.done:
+            return False, h.value
+        if stall and coro.main:
+            coro.stall_from = self.now
+        h.waiters.append(self._resume_later(coro))
+        return True, None
+
+    def _dispatch(self, coro: _Coro, eff: Effect) -> tuple[bool, Any]:
+        p = coro.proc
+        if isinstance(eff, (Compute, Grad)):
+            if not coro.main:
+                raise TypeError("local computation belongs in the main program, not a spawn")
+            self._pending.append((coro, eff))
+            return True, None
+        if isinstance(eff, Now):
+            return False, self.now
+        if isinstance(eff, Sleep):
+            h = Handle("sleep")
+            self.at(self.now + eff.seconds, self._resolve, h, None)
+            return self._park(coro, h, stall=False)
+        if isinstance(eff, Wait):
+            return self._wait(coro, eff.handles)
+        if isinstance(eff, Spawn):
+            child = _Coro(p, eff.program, main=False)
+            self._advance(child, None)
+            return self._park(coro, child.handle) if eff.blocking else (False, child.handle)
+        if isinstance(eff, (AllReduce, AllGather)):
+            h = self._join_collective(p, eff)
+        elif isinstance(eff, Send):
+            h = self._send(p, eff)
+        elif isinstance(eff, Recv):
+            h = self._recv(p, eff)
+        elif isinstance(eff, Exchange):
+            h = self._exchange(p, eff)
+        else:
+            raise TypeError(f"unknown effect {eff!r}")
+        return self._park(coro, h) if eff.blocking else (False, h)
+
+    def _wait(self, coro: _Coro, handles: Any) -> tuple[bool, Any]:
+        single = isinstance(handles, Handle)
+        hs = [handles] if single else list(handles)
+        missing = [h for h in hs if not h.done]
+        if not missing:
+            return False, hs[0].value if single else [h.value for h in hs]
+        joint = Handle("wait")
+        left = [len(missing)]
+
+        def one_done(_: Any) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._resolve(joint, hs[0].value if single else [h.value for h in hs])
+
+        for h in missing:
+            h.waiters.append(one_done)
+        return self._park(coro, joint)
+
+    # -- computation ---------------------------------------------------------------
+    def _flush_compute(self) -> None:
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list[tuple[_Coro, Effect]]] = {}
+        for coro, eff in pending:
+            key = ("grad", 1) if isinstance(eff, Grad) else ("compute", eff.steps)
+            groups.setdefault(key, []).append((coro, eff))
+        for (kind, steps), items in groups.items():
+            rows = [c.proc.w.row for c, _ in items]
+            if kind == "grad":
+                g, loss = self.bank.grads(rows)
+                results = [g[j].clone() for j in range(len(rows))]
+            else:
+                loss = self.bank.local_steps(rows, steps) if steps > 0 else None
+                results = [None] * len(rows)
+            if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
+                j = int((~torch.isfinite(loss)).nonzero()[0])
+                w = items[j][0].proc.w
+                raise Diverged(w.step, w.rank, float(loss[j]))
+            for (coro, _), res in zip(items, results, strict=True):
+                p = coro.proc
+                end = self.now + self.compute.duration(p.w.rank, max(steps, 0))
+                if kind == "compute":
+                    p.busy_until = end
+                self.at(end, self._compute_done, coro, res, steps if kind == "compute" else 0)
+
+    def _compute_done(self, coro: _Coro, result: Any, steps: int) -> None:
+        p = coro.proc
+        p.busy_until = None
+        if steps:
+            p.w.note_steps(steps)
+        deferred, p.deferred = p.deferred, []
+        for fn in deferred:
+            fn()
+        self._advance(coro, result)
+
+    # -- communication -------------------------------------------------------------
+    def _count(self, p: _Proc, nbytes: float, messages: int) -> None:
+        p.bytes_sent += int(nbytes)
+        p.messages += messages
+
+    def _join_collective(self, p: _Proc, eff: AllReduce | AllGather) -> Handle:
+        seq = p.coll_seq
+        p.coll_seq += 1
+        c = self._colls.setdefault(seq, {"members": {}, "t": 0.0})
+        h = Handle(f"collective#{seq}")
+        c["members"][p.w.rank] = (eff, h)
+        c["t"] = max(c["t"], self.now)
+        if len(c["members"]) == self.n:
+            del self._colls[seq]
+            self._complete_collective(seq, c)
+        return h
+
+    def _complete_collective(self, seq: int, c: dict) -> None:
+        effs = [c["members"][r][0] for r in range(self.n)]
+        kinds = {type(e).__name__ + getattr(e, "pattern", "") for e in effs}
+        if len(kinds) != 1:
+            raise Deadlock(f"collective #{seq} mismatched across workers: {sorted(kinds)}")
+        n, lat, bw = self.n, self.net.cfg.latency_s, self.net.cfg.bandwidth_Bps
+        e0 = effs[0]
+        if isinstance(e0, AllReduce):
+            sizes = [e.nbytes if e.nbytes is not None else tensor_nbytes(e.tensors)
+                     for e in effs]
+            dur = ring_allreduce_time(max(sizes), n, lat, bw)
+            if isinstance(e0.tensors, (list, tuple)):
+                value = [torch.stack([e.tensors[k] for e in effs]).mean(0)
+                         for k in range(len(e0.tensors))]
+            else:
+                value = torch.stack([e.tensors for e in effs]).mean(0)
+            for r, s in enumerate(sizes):
+                self._count(self.procs[r], 2 * (n - 1) / n * s, 2 * (n - 1))
+            results = [[v.clone() for v in value] if isinstance(value, list) else value.clone()
+                       for _ in range(n)]
+            if n == 1:
+                results = [value]
+        else:
+            sizes = [e.nbytes for e in effs]
+            payloads = [e.payload for e in effs]
+            if e0.pattern == "ps":
+                down = e0.down_nbytes if e0.down_nbytes is not None else max(sizes)
+                dur = ps_time(sizes, down, lat, bw)
+                for r, s in enumerate(sizes):
+                    self._count(self.procs[r], s, 1)
+                self.server_bytes += n * down
+                self.server_messages += n
+            elif e0.pattern == "ring":
+                dur = ring_allgather_time(max(sizes), n, lat, bw)
+                total = sum(sizes)
+                for r in range(n):
+                    self._count(self.procs[r], (n - 1) / n * total, n - 1)
+            else:
+                raise ValueError(f"unknown AllGather pattern {e0.pattern!r}; use ring or ps")
+            results = [list(payloads) for _ in range(n)]
+        end = self.net.collective(c["t"], dur)
+        for r in range(n):
+            self.at(end, self._resolve, c["members"][r][1], results[r])
+
+    def _send(self, p: _Proc, eff: Send) -> Handle:
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        self._count(p, eff.nbytes * tries, tries)
+        h = Handle("send")
+        self.at(left, self._resolve, h, None)
+        self.at(arrive, self._deliver, self.procs[eff.peer], (p.w.rank, eff.tag), eff.payload)
+        return h
+
+    def _deliver(self, q: _Proc, key: Any, payload: Any) -> None:
+        waiters = q.recv_waiters.get(key)
+        if waiters:
+            self._resolve(waiters.popleft(), payload)
+        else:
+            q.inbox.setdefault(key, deque()).append(payload)
+
+    def _recv(self, p: _Proc, eff: Recv) -> Handle:
+        key = (eff.src, eff.tag)
+        h = Handle(f"recv{key}")
+        box = p.inbox.get(key)
+        if box:
+            h.done, h.value = True, box.popleft()
+        else:
+            p.recv_waiters.setdefault(key, deque()).append(h)
+        return h
+
+    def _exchange(self, p: _Proc, eff: Exchange) -> Handle:
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        self._count(p, eff.nbytes * tries, tries)
+        h = Handle(f"exchange->{eff.peer}")
+        self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
+        return h
+
+    def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
+        ans = self.algo.on_exchange(q.w, src.w.rank, payload)
+        if isinstance(ans, Deferred):
+            fn = ans.fn
+            if q.busy_until is not None:
+                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
+                return
+            ans = fn(q.w)
+        self._reply(q, src, ans, h)
+
+    def _reply(self, q: _Proc, src: _Proc, ans: Reply, h: Handle) -> None:
+        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
+        self._count(q, ans.nbytes * tries, tries)
+        self.at(arrive, self._resolve, h, ans.payload)

@@ -1,0 +1,146 @@
+"""The simulator's network model: latency plus bytes over bandwidth, per worker link.
+
+Point to point: a message of ``B`` bytes sent at ``t`` by worker ``i`` leaves i's link at
+``s + B / bandwidth`` where ``s = max(t, link i free)`` (each worker's uplink serialises
+what it sends), and arrives ``latency`` later (times a log-normal jitter factor when
+``jitter > 0``). With ``loss > 0`` each transmission is lost with that probability and sent
+again after a retransmission timeout of ``max(0.2 s, 3 * latency)`` (TCP's minimum RTO).
+The receiver's downlink is not modelled.
+
+Collectives cost what their real algorithm costs and occupy every link meanwhile:
+ring all-reduce ``2(n-1) * latency + 2(n-1)/n * B / bandwidth`` (Patarasuk & Yuan 2009);
+ring all-gather ``(n-1) * latency + (n-1) * B_max / bandwidth``; parameter server
+``2 * latency + sum(B_i) / bw + n * B_down / bw`` (gather through, then broadcast from,
+the server's link, which has the workers' bandwidth).
+
+Profiles (one-way latency, per-worker bandwidth):
+
+==========  =========  =============  =====================================================
+profile     latency    bandwidth      source of the numbers
+==========  =========  =============  =====================================================
+datacenter  25 us      10 Gbit/s      10 GbE within a rack: ~50 us TCP round trip
+cloud       250 us     2 Gbit/s       VMs in one cloud zone: 0.3-0.6 ms round trip; a few
+                                      Gbit/s sustained per small/medium instance
+wan         40 ms      100 Mbit/s     sites on different continents: 60-120 ms round trip
+                                      (e.g. US-EU ~80 ms); inter-region paths of 50-200 Mbit/s
+mobile      60 ms      10 Mbit/s      4G/LTE uplink: 5-20 Mbit/s, 40-80 ms latency;
+                                      jitter 0.3 and 1% loss
+==========  =========  =============  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    latency_s: float
+    bandwidth_Bps: float  # bytes per second of each worker's link
+    jitter: float = 0.0  # sigma of a log-normal factor on the latency
+    loss: float = 0.0  # probability that a transmission is lost and retransmitted
+    profile: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
+            raise ConfigError(f"network latency must be >= 0 seconds, got {self.latency_s}")
+        if not (self.bandwidth_Bps > 0):
+            raise ConfigError(f"network bandwidth must be > 0 bytes/s, got {self.bandwidth_Bps}")
+        if self.jitter < 0:
+            raise ConfigError(f"network jitter must be >= 0, got {self.jitter}")
+        if not 0 <= self.loss < 1:
+            raise ConfigError(f"network loss must be in [0, 1), got {self.loss}")
+
+
+GBIT = 1e9 / 8
+MBIT = 1e6 / 8
+
+PROFILES: dict[str, NetworkConfig] = {
+    "datacenter": NetworkConfig(25e-6, 10 * GBIT, profile="datacenter"),
+    "cloud": NetworkConfig(250e-6, 2 * GBIT, profile="cloud"),
+    "wan": NetworkConfig(40e-3, 100 * MBIT, profile="wan"),
+    "mobile": NetworkConfig(60e-3, 10 * MBIT, jitter=0.3, loss=0.01, profile="mobile"),
+}
+
+PROFILE_DESCRIPTIONS = {
+    "datacenter": "25 us latency, 10 Gbit/s per link (10 GbE in a rack)",
+    "cloud": "250 us latency, 2 Gbit/s per link (VMs in one cloud zone)",
+    "wan": "40 ms latency, 100 Mbit/s per link (geo-distributed sites)",
+    "mobile": "60 ms latency, 10 Mbit/s, jitter 0.3, 1% loss (4G uplink)",
+}
+
+
+def make_network_config(profile: str, **overrides: float) -> NetworkConfig:
+    """A named profile with some fields overridden (``custom`` starts from ``cloud``)."""
+    if profile == "custom":
+        base = replace(PROFILES["cloud"], profile="custom")
+    elif profile in PROFILES:
+        base = PROFILES[profile]
+    else:
+        raise ConfigError(f"unknown network profile {profile!r}; choose one of: "
+                          f"{', '.join([*PROFILES, 'custom'])}")
+    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss"}
+    for k in overrides:
+        if k not in fields:
+            raise ConfigError(f"unknown network option {k!r}; choose one of: "
+                              f"{', '.join(sorted(fields))}")
+    vals = {k: float(v) for k, v in overrides.items() if v is not None}
+    return replace(base, **vals) if vals else base
+
+
+def ring_allreduce_time(nbytes: float, n: int, latency: float, bandwidth: float) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) * latency + 2 * (n - 1) / n * nbytes / bandwidth
+
+
+def ring_allgather_time(max_nbytes: float, n: int, latency: float, bandwidth: float) -> float:
+    if n <= 1:
+        return 0.0
+    return (n - 1) * latency + (n - 1) * max_nbytes / bandwidth
+
+
+def ps_time(up_nbytes: list[int], down_nbytes: int, latency: float, bandwidth: float) -> float:
+    n = len(up_nbytes)
+    return 2 * latency + sum(up_nbytes) / bandwidth + n * down_nbytes / bandwidth
+
+
+class Network:
+    """Stateful link occupancy for one simulated run (``n`` workers + a server link)."""
+
+    def __init__(self, cfg: NetworkConfig, n: int, seed: int) -> None:
+        self.cfg = cfg
+        self.n = n
+        self.link_free = [0.0] * (n + 1)  # index n: the parameter server's link
+        self.rng = random.Random(seed * 31 + 17)
+
+    def _latency(self) -> float:
+        lat = self.cfg.latency_s
+        if self.cfg.jitter:
+            lat *= math.exp(self.rng.gauss(0.0, self.cfg.jitter))
+        return lat
+
+    def p2p(self, src: int, nbytes: int, t: float) -> tuple[float, float, int]:
+        """Send ``nbytes`` from ``src`` at ``t``: (time it left the link, arrival time,
+        transmissions made)."""
+        start = max(t, self.link_free[src])
+        tx = nbytes / self.cfg.bandwidth_Bps
+        attempts = 1
+        if self.cfg.loss:
+            while self.rng.random() < self.cfg.loss:
+                attempts += 1
+        rto = max(0.2, 3 * self.cfg.latency_s)
+        left = start + attempts * tx
+        self.link_free[src] = left
+        return left, left + (attempts - 1) * rto + self._latency(), attempts
+
+    def collective(self, t_ready: float, duration: float) -> float:
+        """A collective that may start at ``t_ready`` and takes ``duration``: its end."""
+        start = max(t_ready, max(self.link_free))
+        end = start + duration
+        self.link_free = [end] * (self.n + 1)
+        return end
