@@ -162,7 +162,23 @@ def run(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict[str, 
     return run_sim(prep, out, progress)
 
 
+@dataclass
+class SimOutcome:
+    """A finished simulated run, with its internals for tests and benchmarks."""
+
+    result: dict[str, Any]
+    bank: Bank
+    workers: list[LocalWorker]
+    engine: Engine
+    rows: list[dict[str, Any]]
+
+
 def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str, Any]:
+    return simulate(prep, out, progress).result
+
+
+def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> SimOutcome:
+    """Run ``prep`` in the simulator; a diverged or interrupted run raises after writing."""
     cfg, n, total = prep.cfg, prep.cfg.workers, prep.total_steps
     wall0 = time.perf_counter()
     if cfg.threads:
@@ -232,7 +248,7 @@ def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str,
         raise DivergedAfterWrite(message, out)
     if status == "interrupted":
         raise KeyboardInterrupt
-    return result
+    return SimOutcome(result, bank, workers, engine, rec.rows)
 
 
 class DivergedAfterWrite(RelaxError):
