@@ -123,7 +123,7 @@ class UndirectedGraph(Topology):
             w = torch.zeros(self.n, self.n, dtype=torch.float64)
             for i, nbrs in enumerate(self._adj):
                 for j in nbrs:
-                    w[i, j] = 1.0 / (1.0 + deg[i] + deg[j])
+                    w[i, j] = 1.0 / (1.0 + max(deg[i], deg[j]))
             # The diagonal takes what the edges leave, so every row (and column) sums to 1.
             w += torch.diag(1.0 - w.sum(1))
             self._w = w
