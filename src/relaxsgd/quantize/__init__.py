@@ -16,8 +16,8 @@ from ..registry import Registry
 
 QUANTIZERS = Registry("quantizer")
 QUANTIZERS.add("lattice", "relaxsgd.quantize.lattice:LatticeQuantizer",
-               "lattice: modular quantization decoded against the receiver's model "
+               "modular quantization decoded against the receiver's model "
                "(Davies et al. 2021)")
 QUANTIZERS.add("qsgd", "relaxsgd.quantize.qsgd_diff:QSGDDiffQuantizer",
-               "qsgd: unbiased b-bit stochastic quantization of the difference to a shared "
+               "unbiased b-bit stochastic quantization of the difference to a shared "
                "reference")

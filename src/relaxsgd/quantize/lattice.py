@@ -132,7 +132,7 @@ class LatticePayload:
 
 
 class LatticeQuantizer:
-    """lattice: modular quantization decoded against the receiver's model (Davies et al. 2021)
+    """modular quantization decoded against the receiver's model (Davies et al. 2021)
 
     ``bits``: bits a coordinate (2..32; ``q = 2^bits``; the SwarmSGD authors used 16).
     ``eps``: a fixed lattice step (authors: ``0.0035 / n``), or None to choose it per message

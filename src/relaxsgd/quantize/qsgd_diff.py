@@ -46,7 +46,7 @@ class QSGDDiffPayload:
 
 
 class QSGDDiffQuantizer:
-    """qsgd: unbiased b-bit stochastic quantization of the difference to a shared reference
+    """unbiased b-bit stochastic quantization of the difference to a shared reference
 
     ``bits`` a coordinate (2..16; sign and level), ``bucket_size`` coordinates share one
     float32 scale, ``norm`` "max" or "l2". Same API as

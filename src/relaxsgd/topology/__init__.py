@@ -15,20 +15,20 @@ if TYPE_CHECKING:
 
 TOPOLOGIES = Registry("topology")
 TOPOLOGIES.add("complete", "relaxsgd.topology.complete:Complete",
-               "complete graph: every node is a neighbour of every other (spectral gap 1)")
+               "every node is a neighbour of every other (spectral gap 1)")
 TOPOLOGIES.add("ring", "relaxsgd.topology.ring:Ring",
-               "ring: node i talks to i-1 and i+1 (mod n); degree 2, spectral gap O(1/n^2)")
+               "node i talks to i-1 and i+1 (mod n); degree 2, spectral gap O(1/n^2)")
 TOPOLOGIES.add("torus", "relaxsgd.topology.torus:Torus",
-               "torus: 2-D wrap-around grid of rows x cols >= 3 x 3 nodes, degree 4")
+               "2-D wrap-around grid of rows x cols >= 3 x 3 nodes, degree 4")
 TOPOLOGIES.add("hypercube", "relaxsgd.topology.hypercube:Hypercube",
-               "hypercube: n = 2^k nodes, i talks to the k nodes differing in one bit")
+               "n = 2^k nodes, i talks to the k nodes differing in one bit")
 TOPOLOGIES.add("random-regular", "relaxsgd.topology.random_regular:RandomRegular",
-               "random-regular: a random connected d-regular graph (option degree, seeded)")
+               "a random connected d-regular graph (option degree, seeded)")
 TOPOLOGIES.add("exponential", "relaxsgd.topology.exponential:Exponential",
-               "exponential: directed one-peer graph, at step k node i sends to "
+               "directed one-peer graph, at step k node i sends to "
                "i + 2^(k mod log2 n)")
 TOPOLOGIES.add("edges", "relaxsgd.topology.edges:EdgeList",
-               "edges: a custom undirected graph from a file of lines 'i j' (option path)")
+               "a custom undirected graph from a file of lines 'i j' (option path)")
 
 
 def make_topology(name: str, n: int, seed: int = 0, **opts: Any) -> Topology:

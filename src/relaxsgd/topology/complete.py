@@ -8,7 +8,7 @@ from .base import UndirectedGraph
 
 
 class Complete(UndirectedGraph):
-    """complete graph: every node is a neighbour of every other (spectral gap 1)
+    """every node is a neighbour of every other (spectral gap 1)
 
     Uniform weights ``1/n``: one gossip step is an exact average. ``n = 1`` is a single node.
     The seed is ignored (deterministic graph).

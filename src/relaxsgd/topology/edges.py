@@ -44,7 +44,7 @@ def read_edge_list(path: str | os.PathLike[str], n: int) -> list[tuple[int, int]
 
 
 class EdgeList(UndirectedGraph):
-    """edges: a custom undirected graph from a file of lines 'i j' (option path)
+    """a custom undirected graph from a file of lines 'i j' (option path)
 
     The graph must be connected and use node ids ``0..n-1``. Degrees may differ, so the
     mixing weights are Metropolis-Hastings (see :class:`UndirectedGraph`). The seed is

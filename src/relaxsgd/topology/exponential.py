@@ -11,7 +11,7 @@ from .base import Topology, require_int
 
 
 class Exponential(Topology):
-    """exponential: directed one-peer graph, at step k node i sends to i + 2^(k mod log2 n)
+    """directed one-peer graph, at step k node i sends to i + 2^(k mod log2 n)
 
     The time-varying graph of Stochastic Gradient Push (Assran et al., "Stochastic Gradient
     Push for Distributed Deep Learning", ICML 2019): at step ``k`` node ``i`` sends to the

@@ -9,7 +9,7 @@ from .base import UndirectedGraph, require_int
 
 
 class Hypercube(UndirectedGraph):
-    """hypercube: n = 2^k nodes, i talks to the k nodes differing in one bit
+    """n = 2^k nodes, i talks to the k nodes differing in one bit
 
     Degree ``k = log2 n``, uniform weights ``1/(k+1)``. The seed is ignored.
     """

@@ -55,7 +55,7 @@ def _draw(n: int, d: int, rng: np.random.Generator) -> set[tuple[int, int]] | No
 
 
 class RandomRegular(UndirectedGraph):
-    """random-regular: a random connected d-regular graph (option degree, seeded)
+    """a random connected d-regular graph (option degree, seeded)
 
     Every node has exactly ``degree`` neighbours (default 4); uniform weights ``1/(d+1)``.
     Needs ``n * degree`` even and ``degree < n``. Drawn with the Steger-Wormald pairing

@@ -8,7 +8,7 @@ from .base import UndirectedGraph, require_int
 
 
 class Ring(UndirectedGraph):
-    """ring: node i talks to i-1 and i+1 (mod n); degree 2, spectral gap O(1/n^2)
+    """node i talks to i-1 and i+1 (mod n); degree 2, spectral gap O(1/n^2)
 
     Weights 1/3 (self included) for ``n >= 3``: eigenvalues ``1/3 + 2/3 cos(2 pi k / n)``.
     ``n = 2`` is one edge (weights 1/2), ``n = 1`` a single node. The seed is ignored.

@@ -21,7 +21,7 @@ def _nearest_valid(n: int) -> str:
 
 
 class Torus(UndirectedGraph):
-    """torus: 2-D wrap-around grid of rows x cols >= 3 x 3 nodes, degree 4
+    """2-D wrap-around grid of rows x cols >= 3 x 3 nodes, degree 4
 
     Node ``i`` sits at ``(i // cols, i % cols)`` and talks to its 4 grid neighbours (mod the
     sides). Option ``rows``: the number of rows (must divide n, with rows, n/rows >= 3); by
