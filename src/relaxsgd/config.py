@@ -13,7 +13,7 @@ A config file has the shape of the resolved ``config.yaml`` a run writes::
     network_options: {}          # latency_s, bandwidth_Bps, jitter, loss
     topology: complete
     topology_options: {}
-    train: {batch_size: 32, lr: 0.05, momentum: 0.9}
+    train: {batch_size: 32, lr: 0.05, momentum: 0.9}  # over the task's TRAIN_DEFAULTS
     compute: {step_time_s: null} # null: measured on this machine
     epochs: 5                    # or steps: local steps per worker
     evals: 20
@@ -157,7 +157,14 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     if not isinstance(d, dict):
         raise ConfigError("a config file must hold a mapping of keys to values")
     d = dict(d)
-    train = _typed(TrainConfig, d.pop("train", None) or {}, "train")
+    train_d = dict(d.pop("train", None) or {})
+    task = d.get("task", RunConfig.task)
+    if isinstance(task, str):
+        from .tasks import TASKS
+
+        if task in TASKS:  # an unknown task is reported when the run is prepared
+            train_d = {**getattr(TASKS.module(task), "TRAIN_DEFAULTS", {}), **train_d}
+    train = _typed(TrainConfig, train_d, "train")
     compute = _typed(ComputeConfig, d.pop("compute", None) or {}, "compute")
     for sec in SECTIONS.values():
         if not isinstance(d.get(sec, {}) or {}, dict):

@@ -236,8 +236,10 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
         status, message, vtime = "interrupted", "interrupted by the user", engine.now
     finally:
         bar.close()
-    if not rec.rows or rec.rows[-1]["step"] != round(done[0] / n, 3) or status != "completed":
-        snapshot(vtime)
+    last = rec.rows[-1] if rec.rows else None
+    if (last is None or status != "completed" or last["step"] != round(done[0] / n, 3)
+            or last["virtual_time_s"] != vtime):
+        snapshot(vtime)  # the final state, with the communication after the last step
     rec.close()
     result = make_result(prep, rec, status, message, step_time, bank.batching,
                          aggregate_worker_metrics(workers), done[0] / n)

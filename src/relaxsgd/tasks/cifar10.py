@@ -41,6 +41,11 @@ from .models import batching_for, model_factory
 
 NAME = "cifar10"
 MODELS = ("resnet20", "cnn", "mlp", "logreg")
+# Training defaults for this task (He et al. 2016's ResNet-20 recipe, cosine instead of
+# steps), under whatever the config says.
+TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                                  "schedule": "cosine", "warmup_steps": 100}
+
 OPTIONS: dict[str, Any] = {
     "model": "resnet20",  # resnet20, cnn, or mlp / logreg on the flattened 3072 values
     "norm": "bn",         # resnet20 only: bn (BatchNorm) or gn (GroupNorm, buffer-free)

@@ -1,0 +1,158 @@
+"""The simulator's effect semantics, on small hand-written worker programs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from relaxsgd.algorithms.base import (
+    Algorithm,
+    AllGather,
+    AllReduce,
+    Compute,
+    Deferred,
+    Exchange,
+    Now,
+    Recv,
+    Reply,
+    Send,
+    Sleep,
+    Spawn,
+    Wait,
+)
+from relaxsgd.errors import Deadlock
+from relaxsgd.run import prepare, simulate
+from simkit import tiny
+
+STEP = 0.01  # compute.step_time_s in tiny()
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoOptions:
+    pass
+
+
+def run_program(body: Any, handler: Any = None, **over: Any) -> Any:
+    """Run ``body(self, w)`` as every worker's program; returns the SimOutcome."""
+
+    class Probe(Algorithm):
+        name = "probe"
+        Config = _NoOptions
+
+        def program(self, w: Any) -> Any:
+            return body(self, w)
+
+        def on_exchange(self, w: Any, src: int, payload: Any) -> Any:
+            return handler(self, w, src, payload)
+
+    prep = prepare(tiny(**over))
+    prep.algo = Probe(_NoOptions(), prep.info)
+    return simulate(prep)
+
+
+def test_compute_takes_step_time_and_allreduce_its_ring_cost() -> None:
+    times: dict[int, list[float]] = {}
+
+    def body(self: Any, w: Any) -> Any:
+        yield Compute(w.total_steps)
+        t0 = yield Now()
+        m = yield AllReduce(torch.full((1000,), float(w.rank)))
+        t1 = yield Now()
+        times[w.rank] = [t0, t1, float(m[0])]
+
+    out = run_program(body, network="custom",
+                      network_options={"latency_s": 0.001, "bandwidth_Bps": 1e6})
+    n, b = 4, 4000
+    cost = 2 * (n - 1) * 0.001 + 2 * (n - 1) / n * b / 1e6
+    for r in range(4):
+        t0, t1, mean = times[r]
+        assert t0 == pytest.approx(12 * STEP)
+        assert t1 - t0 == pytest.approx(cost)
+        assert mean == pytest.approx(1.5)
+    assert out.result["final"]["bytes_sent_total"] == pytest.approx(4 * 2 * 3 / 4 * b, abs=4)
+    assert out.result["final"]["stall_time_s_mean"] == pytest.approx(cost)
+
+
+def test_nonblocking_allreduce_overlaps_compute_without_stall() -> None:
+    seen = {}
+
+    def body(self: Any, w: Any) -> Any:
+        h = yield AllReduce(torch.ones(10), blocking=False)  # ~2 ms on this network
+        yield Compute(w.total_steps)  # 120 ms: the reduce is long done
+        v = yield Wait(h)
+        seen[w.rank] = float(v.sum())
+
+    out = run_program(body)
+    assert seen == {r: 10.0 for r in range(4)}
+    assert out.result["final"]["stall_time_s_mean"] == 0.0
+
+
+def test_slow_worker_makes_others_stall_at_the_collective() -> None:
+    def body(self: Any, w: Any) -> Any:
+        yield Compute(w.total_steps)
+        yield AllReduce(torch.ones(1))
+
+    out = run_program(body, compute={"step_time_s": STEP, "heterogeneity": "fixed",
+                                     "speed_factors": [1, 1, 1, 3]})
+    stalls = [p.stall for p in out.engine.procs]
+    reduce_time = stalls[3]  # the straggler only waits for the all-reduce itself
+    assert 0 < reduce_time < 0.01
+    for s in stalls[:3]:
+        assert s == pytest.approx(2 * 12 * STEP + reduce_time)
+
+
+def test_exchange_runs_the_partners_handler_and_defers_to_its_step_boundary() -> None:
+    log: list[tuple[str, int, float]] = []
+
+    def body(self: Any, w: Any) -> Any:
+        if w.rank == 0:
+            yield Sleep(0.005)  # worker 1 is in the middle of its compute now
+            t = yield Now()
+            ans = yield Exchange(1, "hello", nbytes=100)
+            t2 = yield Now()
+            log.append((ans, 0, t2 - t))
+        yield Compute(w.total_steps)
+
+    def handler(self: Any, w: Any, src: int, payload: Any) -> Any:
+        return Deferred(lambda w: Reply(f"{payload} from {w.rank} at step {w.step}", 10))
+
+    run_program(body, handler, network="custom",
+                network_options={"latency_s": 0.0, "bandwidth_Bps": 1e9})
+    ans, _, waited = log[0]
+    assert ans == "hello from 1 at step 12"  # answered after its 12-step compute
+    assert waited == pytest.approx(12 * STEP - 0.005, rel=1e-3)
+
+
+def test_send_recv_spawn_and_allgather() -> None:
+    got = {}
+
+    def body(self: Any, w: Any) -> Any:
+        peer = (w.rank + 1) % w.n
+        yield Send(peer, w.rank * 10, nbytes=8, tag="x")
+
+        def side() -> Any:
+            msg = yield Recv((w.rank - 1) % w.n, tag="x")
+            return msg + 1
+
+        h = yield Spawn(side())
+        yield Compute(w.total_steps)
+        v = yield Wait(h)
+        everyone = yield AllGather(w.rank, nbytes=4, pattern="ps", down_nbytes=16)
+        got[w.rank] = (v, everyone)
+
+    run_program(body)
+    for r in range(4):
+        assert got[r] == (((r - 1) % 4) * 10 + 1, [0, 1, 2, 3])
+
+
+def test_deadlock_is_reported_not_hung() -> None:
+    def body(self: Any, w: Any) -> Any:
+        yield Compute(w.total_steps)
+        if w.rank != 2:
+            yield AllReduce(torch.ones(1))
+
+    with pytest.raises(Deadlock, match="never finished"):
+        run_program(body)
