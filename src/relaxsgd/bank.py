@@ -62,22 +62,28 @@ class Bank:
                 m.train()
                 self.modules.append(m)
         else:
-            self._vg = vmap(grad_and_value(self._loss_of_flat), randomness="different")
+            self._vg = vmap(grad_and_value(self._loss_of_params), randomness="different")
         self.loss_sum = torch.zeros(rows, dtype=torch.float64)
         self.loss_count = [0] * rows
 
     # -- gradients -----------------------------------------------------------------
-    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        out, off = {}, 0
+    def _loss_of_params(self, params: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        out = functional_call(self.template, params, (xb,))
+        return self.spec.loss_fn(out, yb)
+
+    def _vmap_grads(self, X: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        # Differentiate w.r.t. per-parameter views of the rows, not the flat row: the
+        # backward of slicing a flat vector would scatter into a full-size zero tensor per
+        # parameter (O(params x d)); measured 1.7x slower on the MNIST-1D MLP.
+        g = X.shape[0]
+        params, off = {}, 0
         for name, shape in self.layout:
             k = shape.numel()
-            out[name] = flat[off:off + k].view(shape)
+            params[name] = X[:, off:off + k].view(g, *shape)
             off += k
-        return out
-
-    def _loss_of_flat(self, flat: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        out = functional_call(self.template, self._unflatten(flat), (xb,))
-        return self.spec.loss_fn(out, yb)
+        grads, loss = self._vg(params, xb, yb)
+        flat = torch.cat([grads[name].reshape(g, -1) for name, _ in self.layout], dim=1)
+        return flat, loss
 
     def _batch(self, k: int) -> tuple[Tensor, Tensor]:
         idx = self.samplers[k].next(self.train.batch_size)
@@ -92,7 +98,7 @@ class Bank:
             batches = [self._batch(k) for k in rows]
             xb = torch.stack([b[0] for b in batches])
             yb = torch.stack([b[1] for b in batches])
-            g, loss = self._vg(self._rows(rows), xb, yb)
+            g, loss = self._vmap_grads(self._rows(rows), xb, yb)
         else:
             g = torch.empty(len(rows), self.d, device=self.device)
             loss = torch.empty(len(rows), device=self.device)

@@ -171,6 +171,7 @@ class SimOutcome:
     workers: list[LocalWorker]
     engine: Engine
     rows: list[dict[str, Any]]
+    engine_wall_s: float = 0.0  # wall time inside the event loop, evaluations excluded
 
 
 def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str, Any]:
@@ -206,7 +207,16 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     bar = Progress(total * n, f"{cfg.algo} on {cfg.task}", progress)
     engine: Engine | None = None
 
+    eval_wall = [0.0]
+
     def snapshot(now: float) -> dict[str, Any]:
+        t_eval = time.perf_counter()
+        try:
+            return _snapshot(now)
+        finally:
+            eval_wall[0] += time.perf_counter() - t_eval
+
+    def _snapshot(now: float) -> dict[str, Any]:
         procs = engine.procs if engine is not None else []
         per = [p.bytes_sent for p in procs] or [0]
         comm = CommStats(bytes_total=sum(per) + (engine.server_bytes if engine else 0),
@@ -227,9 +237,11 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
             bar.update(done[0], f"acc {row['accuracy_mean_model']:.4f}")
 
     engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
-    status, message, vtime = "completed", "", 0.0
+    status, message, vtime, t_run = "completed", "", 0.0, 0.0
     try:
+        t_run = time.perf_counter()
         vtime = engine.run()
+        t_run = time.perf_counter() - t_run
     except Diverged as e:
         status, message, vtime = "diverged", str(e), engine.now
     except KeyboardInterrupt:
@@ -250,7 +262,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
         raise DivergedAfterWrite(message, out)
     if status == "interrupted":
         raise KeyboardInterrupt
-    return SimOutcome(result, bank, workers, engine, rec.rows)
+    return SimOutcome(result, bank, workers, engine, rec.rows,
+                      engine_wall_s=max(t_run - eval_wall[0], 0.0))
 
 
 class DivergedAfterWrite(RelaxError):
