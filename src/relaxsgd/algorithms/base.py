@@ -36,6 +36,13 @@ Every communication effect takes ``blocking``; ``blocking=False`` returns a
 :class:`Handle` at once (non-blocking communication that overlaps computation).
 
 Results of collectives are fresh tensors owned by the receiving worker.
+
+Faults (distributed runtime only; the simulator never raises it): when the peer of an
+:class:`Exchange` or :class:`Recv` is gone (its process died) or does not answer within the
+runtime's peer timeout, :class:`PeerUnavailable` is raised inside the program at that
+``yield`` (or at the ``Wait`` of its handle). An asynchronous algorithm that can go on
+without that partner catches it and skips the interaction (the runtime has already counted
+it as ``peer_unavailable``); uncaught, it ends the worker with a line naming the peer.
 """
 
 from __future__ import annotations
@@ -156,6 +163,15 @@ class Handle:
 
     def __repr__(self) -> str:
         return f"Handle({self.label}, done={self.done})"
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer of an Exchange/Recv is gone or did not answer in time (see the module doc)."""
+
+    def __init__(self, peer: int, reason: str) -> None:
+        super().__init__(f"worker {peer} is unavailable: {reason}")
+        self.peer = peer
+        self.reason = reason
 
 
 def tensor_nbytes(t: Tensor | list[Tensor]) -> int:
