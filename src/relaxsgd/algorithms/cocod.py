@@ -1,0 +1,81 @@
+"""CoCoD-SGD (Shen, Xu, Liu, Wang & Zhu, IJCAI 2019, "Faster Distributed Deep Net Training:
+Computation and Communication Decoupled Stochastic Gradient Descent").
+
+Math: at the start of round k every worker starts averaging its model x_i^k in the
+background and runs p local steps meanwhile, reaching y_i; at the round's end
+x_i^(k+1) = mean_j x_j^k + (y_i - x_i^k): the (one round stale) average plus the worker's
+own progress. It is OLCO3 with s = 1, no compression and staleness compensation only (a
+test). After the last round (``final_average``) the models are averaged once, blocking.
+
+Compression (an extension, so that the family compares at equal compression): what travels
+is the difference of the round-start model to the last average every worker knows,
+x_i^k - xbar^(k-1) (xbar^(-1) = x^0), compressed with ``compressor`` and error feedback; the
+average is then xbar^k = xbar^(k-1) + mean_i m_i. With ``identity`` (the default) this is
+the paper's model average exactly.
+
+Communication schedule: one non-blocking aggregation per round, started before the local
+steps and waited for after them: no stall when it takes less than a round.
+
+Metrics: ``staleness`` (observation: steps between the average's start and its use, p),
+``ef_residual_norm``, ``payload_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Algorithm, AllReduce, Compute, Program, Wait, Worker
+from .efsgd import make_aggregator, observe_residual, parse_compression
+
+
+@dataclass(frozen=True)
+class CoCoDConfig:
+    """p: local steps per round; compressor: spec of the compressor of the round-start model
+    difference (default ``identity``: the plain model average); error_feedback: keep the
+    compression error for the next round; final_average: average the models once, blocking,
+    after the last round."""
+
+    p: int = 4
+    compressor: str = "identity"
+    error_feedback: bool = True
+    final_average: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.p, int) or self.p < 1:
+            raise ConfigError(f"cocod option p (local steps per round) must be >= 1, "
+                              f"got {self.p!r}")
+        parse_compression("cocod", self.compressor, self.error_feedback, "allreduce", "")
+
+
+class CoCoDSGD(Algorithm):
+    name = "cocod"
+    Config = CoCoDConfig
+    metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+
+    def __init__(self, cfg: Any, info: Any) -> None:
+        super().__init__(cfg, info)
+        self.agg = make_aggregator(self.name, cfg, info.seed)
+
+    def init_worker(self, w: Worker) -> None:
+        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+
+    def program(self, w: Worker) -> Program:
+        x = w.params
+        ref = x.clone()  # xbar^(k-1): the last average, known to every worker
+        done = 0
+        while done < w.total_steps:
+            h = min(self.cfg.p, w.total_steps - done)
+            start = x.clone()
+            pend = yield from self.agg.start(w, w.state["agg"], start - ref)
+            yield Compute(h)
+            done += h
+            got = yield Wait(pend.handle)
+            ref.add_(got.mean)
+            x.copy_(ref + (x - start))
+            w.observe("staleness", h)
+            observe_residual(w, got.residual)
+        if self.cfg.final_average:
+            avg = yield AllReduce(x.clone())
+            x.copy_(avg)

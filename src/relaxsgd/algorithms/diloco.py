@@ -1,0 +1,223 @@
+"""DiLoCo and Streaming DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication
+Training of Language Models"; Douillard et al. 2025, "Streaming DiLoCo with overlapping
+communication: Towards a Distributed Free Lunch").
+
+DiLoCo. Every worker keeps the global model xg and the outer optimizer's momentum (both the
+same everywhere: the outer step is replicated). A round: from xg, p inner steps with the
+local optimizer reach y_i; the outer gradient Delta_i = xg - y_i is averaged (blocking;
+optionally compressed with error feedback); the outer optimizer, SGD with Nesterov momentum
+as in torch.optim.SGD, takes one step: buf <- mu buf + Delta, xg <- xg - outer_lr *
+(Delta + mu buf) (or buf without Nesterov); every worker restarts from xg. Defaults from
+the paper: outer_lr = 0.7, mu = 0.9, Nesterov. With outer_lr = 1 and mu = 0 this is Local
+SGD (a test). Communication: one blocking aggregation per round.
+
+Streaming DiLoCo. The parameters are cut into ``fragments`` groups of whole tensors
+(balanced by size, in flat order); fragment f is synchronised every p inner steps, the
+fragments staggered by p / fragments steps, so that only one fragment travels at a time.
+A sync of fragment f at step t sends the quantized outer gradient xg_f - x_f (default
+``qsgd:bits=4``, no error feedback, as the paper's 4-bit outer gradients) and does not
+wait: the worker keeps computing, and ``tau`` inner steps later it waits for the mean,
+applies the outer step to xg_f and merges x_f <- alpha xg_f + (1 - alpha) x_f (the global
+model's weight alpha; the paper mixes half and half). After the last inner step every
+fragment with unsent progress is synchronised once more, everything in flight is applied,
+and every worker ends on the global model. With tau = 0, alpha = 1, one fragment and no
+compression this is DiLoCo (a test).
+
+Metrics: ``staleness`` (observation: tau, inner steps between a sync's start and its use),
+``ef_residual_norm``, ``payload_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Algorithm, Compute, Program, Wait, Worker
+from .efsgd import Pending, make_aggregator, observe_residual, parse_compression
+
+
+def _check_outer(who: str, p: int, outer_lr: float, outer_momentum: float) -> None:
+    if not isinstance(p, int) or p < 1:
+        raise ConfigError(f"{who} option p (inner steps per round) must be >= 1, got {p!r}")
+    if not outer_lr > 0:
+        raise ConfigError(f"{who} option outer_lr must be > 0, got {outer_lr}")
+    if not 0.0 <= outer_momentum < 1.0:
+        raise ConfigError(f"{who} option outer_momentum must be in [0, 1), "
+                          f"got {outer_momentum}")
+
+
+def outer_step(xg: Tensor, buf: Tensor, delta: Tensor, lr: float, mu: float,
+               nesterov: bool) -> None:
+    """One step of SGD with (Nesterov) momentum on xg with gradient delta, in place."""
+    buf.mul_(mu).add_(delta)
+    xg.sub_(delta + mu * buf if nesterov else buf, alpha=lr)
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """p: inner steps per round (H in the paper); outer_lr: outer learning rate;
+    outer_momentum: outer momentum mu; nesterov: Nesterov outer momentum; compressor: spec
+    of the outer-gradient compressor (default ``identity``); error_feedback: keep its
+    compression error for the next round."""
+
+    p: int = 8
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    compressor: str = "identity"
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        _check_outer("diloco", self.p, self.outer_lr, self.outer_momentum)
+        parse_compression("diloco", self.compressor, self.error_feedback, "allreduce", "")
+
+
+class DiLoCo(Algorithm):
+    name = "diloco"
+    Config = DiLoCoConfig
+    metric_keys = ("ef_residual_norm_mean", "payload_bytes")
+
+    def __init__(self, cfg: Any, info: Any) -> None:
+        super().__init__(cfg, info)
+        self.agg = make_aggregator(self.name, cfg, info.seed)
+
+    def init_worker(self, w: Worker) -> None:
+        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+        w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
+
+    def program(self, w: Worker) -> Program:
+        cfg: DiLoCoConfig = self.cfg
+        x = w.params
+        xg = x.clone()
+        done = 0
+        while done < w.total_steps:
+            h = min(cfg.p, w.total_steps - done)
+            yield Compute(h)
+            done += h
+            got = yield from self.agg.mean(w, w.state["agg"], xg - x)
+            outer_step(xg, w.state["outer_buf"], got.mean, cfg.outer_lr, cfg.outer_momentum,
+                       cfg.nesterov)
+            x.copy_(xg)
+            observe_residual(w, got.residual)
+
+
+@dataclass(frozen=True)
+class StreamingDiLoCoConfig:
+    """p: inner steps between two syncs of a fragment; tau: inner steps between a sync's
+    start and the use of its result (0 <= tau <= p); alpha: weight of the global model when
+    merging, in (0, 1]; fragments: number of parameter groups synchronised in turn (p must
+    be a multiple of it); outer_lr, outer_momentum, nesterov: the outer optimizer;
+    compressor: spec of the outer-gradient compressor (default ``qsgd:bits=4``);
+    error_feedback: keep its compression error for the next sync of the fragment."""
+
+    p: int = 8
+    tau: int = 1
+    alpha: float = 0.5
+    fragments: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    compressor: str = "qsgd:bits=4"
+    error_feedback: bool = False
+
+    def __post_init__(self) -> None:
+        who = "streaming-diloco"
+        _check_outer(who, self.p, self.outer_lr, self.outer_momentum)
+        if not isinstance(self.tau, int) or not 0 <= self.tau <= self.p:
+            raise ConfigError(f"{who} option tau must be an integer in [0, p={self.p}], "
+                              f"got {self.tau!r}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"{who} option alpha must be in (0, 1], got {self.alpha}")
+        if not isinstance(self.fragments, int) or self.fragments < 1 \
+                or self.p % self.fragments:
+            raise ConfigError(f"{who} option fragments must be a positive divisor of "
+                              f"p={self.p}, got {self.fragments!r}")
+        parse_compression(who, self.compressor, self.error_feedback, "allreduce", "")
+
+
+class _Sync(NamedTuple):
+    apply_at: int
+    frag: int
+    pending: Pending
+
+
+def fragment_bounds(layout: list, k: int) -> list[tuple[int, int, list]]:
+    """``k`` contiguous groups of whole tensors, balanced by size: (start, end, layout)."""
+    sizes = [int(shape.numel()) for _, shape in layout]
+    if len(sizes) < k:
+        raise ConfigError(f"streaming-diloco: fragments={k} but the model has only "
+                          f"{len(sizes)} parameter tensors; use at most {len(sizes)}")
+    total, out, start, i = sum(sizes), [], 0, 0
+    for f in range(k):
+        j, acc = i, 0
+        target = total * (f + 1) / k
+        while j < len(sizes) - (k - f - 1) and (j == i or start + acc + sizes[j] / 2 <= target):
+            acc += sizes[j]
+            j += 1
+        out.append((start, start + acc, list(layout[i:j])))
+        start, i = start + acc, j
+    return out
+
+
+class StreamingDiLoCo(Algorithm):
+    name = "streaming-diloco"
+    Config = StreamingDiLoCoConfig
+    metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+
+    def __init__(self, cfg: Any, info: Any) -> None:
+        super().__init__(cfg, info)
+        self.agg = make_aggregator(self.name, cfg, info.seed)
+
+    def init_worker(self, w: Worker) -> None:
+        frags = fragment_bounds(w.layout, self.cfg.fragments)
+        w.state["frags"] = [(a, b) for a, b, _ in frags]
+        w.state["agg"] = [self.agg.init_state(b - a, lay) for a, b, lay in frags]
+        w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
+
+    def program(self, w: Worker) -> Program:
+        cfg: StreamingDiLoCoConfig = self.cfg
+        x, xg = w.params, w.params.clone()
+        frags, every = w.state["frags"], cfg.p // cfg.fragments
+        flight: deque[_Sync] = deque()
+        last_start = [0] * len(frags)
+        t, j = 0, 1  # the j-th sync (j >= 1) starts at step j * every
+        while True:
+            while flight and flight[0].apply_at <= t:
+                yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+            if t == j * every and t > 0:
+                f = (j - 1) % len(frags)
+                yield from self._start(w, f, t, xg, flight)
+                last_start[f], j = t, j + 1
+                if cfg.tau == 0:
+                    yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+            if t >= w.total_steps:
+                break
+            nxt = min(j * every, flight[0].apply_at if flight else w.total_steps,
+                      w.total_steps)
+            yield Compute(nxt - t)
+            t = nxt
+        for f in range(len(frags)):
+            if last_start[f] < t:
+                yield from self._start(w, f, t, xg, flight)
+        while flight:
+            yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+        x.copy_(xg)
+
+    def _start(self, w: Worker, f: int, t: int, xg: Tensor, flight: deque) -> Program:
+        a, b = w.state["frags"][f]
+        pend = yield from self.agg.start(w, w.state["agg"][f], xg[a:b] - w.params[a:b])
+        flight.append(_Sync(t + self.cfg.tau, f, pend))
+
+    def _apply(self, w: Worker, sync: _Sync, xg: Tensor, alpha: float) -> Program:
+        cfg: StreamingDiLoCoConfig = self.cfg
+        a, b = w.state["frags"][sync.frag]
+        got = yield Wait(sync.pending.handle)
+        outer_step(xg[a:b], w.state["outer_buf"][a:b], got.mean, cfg.outer_lr,
+                   cfg.outer_momentum, cfg.nesterov)
+        w.params[a:b].mul_(1.0 - alpha).add_(xg[a:b], alpha=alpha)
+        w.observe("staleness", cfg.tau)
+        observe_residual(w, got.residual)

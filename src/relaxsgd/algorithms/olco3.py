@@ -1,0 +1,178 @@
+"""OLCO3: delay-tolerant local SGD with compression ("Delay-Tolerant Local SGD for Efficient
+Distributed Training", ICLR 2021 submission, OpenReview E_U8Zvx7zrf).
+
+What is certain from the abstract: local SGD with period p; the aggregation of a round
+overlaps the following rounds, so workers use information that is s rounds stale; messages
+are compressed; staleness compensation and compression compensation; the rate of synchronous
+SGD. The rest is our reconstruction (ALGORITHMS.md, every DECIDED choice an option here).
+
+Math, round k on worker i (x_i^k its start model, xg the shared model, the same everywhere):
+
+1. p local steps from x_i^k reach y; the update is u_i^k = x_i^k - y;
+2. error feedback (``error_feedback``): v = u_i^k + e_i; m_i^k = C(v); e_i <- v - m_i^k
+   (without it m_i^k = C(u_i^k) and e_i = 0);
+3. a non-blocking aggregation of m_i^k starts: ``aggregation: allreduce`` gives the exact
+   mean of the decoded messages (one all-reduce for summable compressors, PowerSGD's two
+   all-reduces, an all-gather for top-k/sign/QSGD); ``aggregation: ps`` goes through a
+   parameter server that compresses its reply with ``server_compressor`` and its own error
+   feedback (OLCO3-TC: top-k both ways);
+4. if k >= s: wait for the aggregate of round k - s and apply it: xg <- xg - ubar^(k-s);
+5. x_i^(k+1) = xg - SC * (sum of worker i's own messages m_i still in flight) - CC * e_i,
+   SC = ``staleness_compensation``, CC = ``compression_compensation``.
+
+With both compensations and all-reduce aggregation the mean of the workers' models is
+x^0 - sum_k mean_i u_i^k, the delay-free, compression-free trajectory, exactly (a test); the
+special cases s=0 without compression (Local SGD), s=0 with error feedback and no CC
+(Qsparse-local-SGD), p=1 without compensation (Pipe-SGD) and s=1 without compression with
+SC only (CoCoD-SGD) are tests too.
+
+Communication schedule. A worker computes; at a round's end it compresses its update and
+hands the message to its communication thread (aggregations run one after another, in
+FIFO order, the same on every worker), then waits only for the aggregate of round k - s:
+when the network delivers an aggregation within s rounds of computation, the worker never
+stalls. After the last round (``drain``, default on) it waits for the aggregates still in
+flight and applies them, so every worker ends on xg - CC * e_i.
+
+DECIDED, PowerSGD in all-reduce mode (OLCO3-VQ): a worker learns its own decoded message
+P_hat Q_i^T only once the first all-reduce of the round is done. With both compensations the
+model of step 5 is computed as xg - (sum of its raw updates u still in flight) - e_i as of
+the last completed round, which is the same quantity by the telescoping of error feedback
+and needs nothing in flight; with only one compensation (an ablation), or without error
+feedback, the worker waits for its own messages in flight (counted as stall).
+
+Metrics: observation ``staleness`` (age, in local steps, of the aggregate applied at a
+round's end: s * p), ``ef_residual_norm`` (L2 norm of e_i after each round), counter
+``payload_bytes`` (encoded size of the messages a worker contributed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Algorithm, Compute, Program, Wait, Worker
+from .efsgd import Pending, make_aggregator, observe_residual, parse_compression
+
+
+@dataclass(frozen=True)
+class OLCO3Config:
+    """p: local steps per round; s: staleness in rounds (the aggregate of round k is applied
+    at the end of round k + s); compressor: spec of the message compressor (``identity``,
+    ``topk:ratio=0.01``, ``sign``, ``powersgd:rank=2``, ...; ``ef(...)`` = error_feedback);
+    error_feedback: keep the compression error and add it to the next message;
+    staleness_compensation: subtract the worker's own messages still in flight from its
+    start model; compression_compensation: subtract its error-feedback residual too;
+    aggregation: ``allreduce`` (exact mean of the messages: OLCO3-VQ with PowerSGD) or
+    ``ps`` (parameter server with two-way compression: OLCO3-TC with top-k); server_compressor:
+    the server's compressor in ps mode (empty: the workers' one); server_error_feedback: the
+    server's own error feedback in ps mode; drain: after the last round, wait for and apply
+    the aggregates still in flight."""
+
+    p: int = 4
+    s: int = 1
+    compressor: str = "powersgd:rank=2"
+    error_feedback: bool = True
+    staleness_compensation: bool = True
+    compression_compensation: bool = True
+    aggregation: str = "allreduce"
+    server_compressor: str = ""
+    server_error_feedback: bool = True
+    drain: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.p, int) or self.p < 1:
+            raise ConfigError(f"olco3 option p (local steps per round) must be >= 1, "
+                              f"got {self.p!r}")
+        if not isinstance(self.s, int) or self.s < 0:
+            raise ConfigError(f"olco3 option s (staleness in rounds) must be >= 0, "
+                              f"got {self.s!r}")
+        parse_compression("olco3", self.compressor, self.error_feedback, self.aggregation,
+                          self.server_compressor)
+
+
+class _Round(NamedTuple):
+    step: int  # local steps done when the round ended
+    pending: Pending
+    u: Tensor  # the raw local update of the round
+
+
+class OLCO3(Algorithm):
+    name = "olco3"
+    Config = OLCO3Config
+    metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+
+    def __init__(self, cfg: Any, info: Any) -> None:
+        super().__init__(cfg, info)
+        self.agg = make_aggregator(self.name, cfg, info.seed)
+
+    def init_worker(self, w: Worker) -> None:
+        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+        w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
+
+    def program(self, w: Worker) -> Program:
+        cfg: OLCO3Config = self.cfg
+        x = w.params
+        xg = x.clone()
+        flight: deque[_Round] = deque()
+        e_done = x.new_zeros(x.numel())  # e_i after the last aggregated round's message
+        done = 0
+        while done < w.total_steps:
+            h = min(cfg.p, w.total_steps - done)
+            start = x.clone()
+            yield Compute(h)
+            done += h
+            u = start - x
+            w.state["update_sum"].add_(u)
+            pend = yield from self.agg.start(w, w.state["agg"], u)
+            flight.append(_Round(done, pend, u))
+            while len(flight) > cfg.s:
+                w.observe("staleness", done - flight[0].step)
+                e_done = yield from self._apply_oldest(w, flight, xg, e_done)
+            comp = yield from self._compensation(flight, e_done)
+            x.copy_(xg - comp if comp is not None else xg)
+        if cfg.drain:
+            while flight:
+                e_done = yield from self._apply_oldest(w, flight, xg, e_done)
+            comp = yield from self._compensation(flight, e_done)
+            x.copy_(xg - comp if comp is not None else xg)
+
+    def _apply_oldest(self, w: Worker, flight: deque[_Round], xg: Tensor,
+                      e_done: Tensor) -> Program:
+        """Wait for the oldest aggregate in flight, apply it to xg; returns e_i after it."""
+        r = flight.popleft()
+        got = yield Wait(r.pending.handle)
+        xg.sub_(got.mean)
+        observe_residual(w, got.residual)
+        return got.residual if got.residual is not None else e_done
+
+    def _compensation(self, flight: deque[_Round], e_done: Tensor) -> Program:
+        """SC * (own messages in flight) + CC * e_i, or None when it is zero."""
+        cfg: OLCO3Config = self.cfg
+        sc, cc = cfg.staleness_compensation, cfg.compression_compensation and self.agg.ef
+        if not (sc and flight) and not cc:
+            return None
+        if sc and cc and self.agg.protocol:
+            # Telescoped: sum of own messages in flight + e_i = sum of raw updates in flight
+            # + e_i after the last aggregated round (error feedback loses nothing).
+            comp = e_done.clone()
+            for r in flight:
+                comp.add_(r.u)
+            return comp
+        owns, latest = [], e_done
+        for r in flight:
+            if r.pending.own is not None:
+                owns.append(r.pending.own)
+                latest = r.pending.residual if r.pending.residual is not None else latest
+            else:  # PowerSGD: its own message is known once its first all-reduce is done
+                got = yield Wait(r.pending.handle)
+                owns.append(got.own)
+                latest = got.residual if got.residual is not None else latest
+        comp = latest.clone() if cc else e_done.new_zeros(e_done.numel())
+        if sc:
+            for own in owns:
+                comp.add_(own)
+        return comp

@@ -1,0 +1,111 @@
+"""Overlap-Local-SGD (Wang, Liang & Joshi, ICASSP 2020, "Overlap Local-SGD: An Algorithmic
+Approach to Hide Communication Delays in Distributed SGD").
+
+Math. Every worker keeps an anchor model z (the same everywhere; z^0 = x^0) and the anchor's
+momentum vbar. After p local steps, worker i is pulled towards the stale anchor,
+x_i <- (1 - alpha) x_i + alpha z^k, and, in the background, the anchor moves with momentum:
+v_i <- beta v_i + (x_i - z^k), z^(k+1) = z^k + mean_i v_i (since every v_i starts at zero
+and the mean is linear, the workers keep vbar = mean_i v_i, identical everywhere).
+Defaults from the authors: alpha = 0.6, beta = 0.7. DECIDED (option ``anchor_from``): the
+anchor averages the pulled models (``pulled``, the reading of ALGORITHMS.md) or the models
+before the pull (``local``).
+
+Communication schedule: at the end of round k a worker waits for the anchor z^k (the
+aggregation started at the end of round k - 1, which had a whole round to arrive), pulls,
+and starts the aggregation of x_i - z^k for z^(k+1). What travels is that difference to the
+anchor, compressed with ``compressor`` and error feedback (an extension for comparisons at
+equal compression; ``identity``, the default, is the paper's model average). After the last
+round the last anchor is received and ``final`` decides the models: ``average`` (one
+blocking model average), ``anchor`` (every worker takes z) or ``none``.
+
+Metrics: ``staleness`` (observation: steps between the anchor's information and its use),
+``ef_residual_norm``, ``payload_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Algorithm, AllReduce, Compute, Program, Wait, Worker
+from .efsgd import make_aggregator, observe_residual, parse_compression
+
+FINALS = ("average", "anchor", "none")
+
+
+@dataclass(frozen=True)
+class OverlapLocalConfig:
+    """p: local steps per round; alpha: pull towards the anchor, in [0, 1]; beta: anchor
+    momentum, in [0, 1); anchor_from: ``pulled`` or ``local`` (which model the anchor
+    averages); compressor: spec of the compressor of x_i - z (default ``identity``);
+    error_feedback: keep the compression error for the next round; final: ``average``,
+    ``anchor`` or ``none`` (the models after the last round)."""
+
+    p: int = 4
+    alpha: float = 0.6
+    beta: float = 0.7
+    anchor_from: str = "pulled"
+    compressor: str = "identity"
+    error_feedback: bool = True
+    final: str = "average"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.p, int) or self.p < 1:
+            raise ConfigError(f"overlap-local option p (local steps per round) must be >= 1, "
+                              f"got {self.p!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"overlap-local option alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"overlap-local option beta must be in [0, 1), got {self.beta}")
+        if self.anchor_from not in ("pulled", "local"):
+            raise ConfigError(f"overlap-local option anchor_from={self.anchor_from!r}; "
+                              "choose one of: pulled, local")
+        if self.final not in FINALS:
+            raise ConfigError(f"overlap-local option final={self.final!r}; choose one of: "
+                              f"{', '.join(FINALS)}")
+        parse_compression("overlap-local", self.compressor, self.error_feedback,
+                          "allreduce", "")
+
+
+class OverlapLocalSGD(Algorithm):
+    name = "overlap-local"
+    Config = OverlapLocalConfig
+    metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+
+    def __init__(self, cfg: Any, info: Any) -> None:
+        super().__init__(cfg, info)
+        self.agg = make_aggregator(self.name, cfg, info.seed)
+
+    def init_worker(self, w: Worker) -> None:
+        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+
+    def program(self, w: Worker) -> Program:
+        cfg: OverlapLocalConfig = self.cfg
+        x = w.params
+        z = x.clone()
+        vbar = x.new_zeros(x.numel())
+        pend, done = None, 0
+        while done < w.total_steps:
+            h = min(cfg.p, w.total_steps - done)
+            yield Compute(h)
+            done += h
+            if pend is not None:
+                yield from self._receive(w, pend, z, vbar)
+                w.observe("staleness", h)
+            local = x - z
+            x.mul_(1.0 - cfg.alpha).add_(z, alpha=cfg.alpha)
+            msg = local if cfg.anchor_from == "local" else x - z
+            pend = yield from self.agg.start(w, w.state["agg"], msg)
+        if pend is not None:
+            yield from self._receive(w, pend, z, vbar)
+        if cfg.final == "average":
+            x.copy_((yield AllReduce(x.clone())))
+        elif cfg.final == "anchor":
+            x.copy_(z)
+
+    def _receive(self, w: Worker, pend: Any, z: Any, vbar: Any) -> Program:
+        got = yield Wait(pend.handle)
+        vbar.mul_(self.cfg.beta).add_(got.mean)
+        z.add_(vbar)
+        observe_residual(w, got.residual)

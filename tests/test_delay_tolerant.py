@@ -1,0 +1,200 @@
+"""The delay-tolerant and compressed baselines (EF-SGD, Qsparse-local-SGD, Pipe-SGD,
+CoCoD-SGD, Overlap-Local-SGD, DiLoCo, Streaming DiLoCo) against independent references, their
+byte counts, and every algorithm of the family by name with every compressor."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from relaxsgd.algorithms.diloco import fragment_bounds
+from relaxsgd.bank import SALT_DATA
+from relaxsgd.cli import main
+from relaxsgd.run import prepare, run, simulate
+from relaxsgd.training import Sampler, flat_params, seeded_generator
+from simkit import tiny
+
+FAMILY = ["olco3", "efsgd", "qsparse", "pipesgd", "cocod", "overlap-local", "diloco",
+          "streaming-diloco"]
+LR = 0.1
+
+
+def sim(algo: str, opts: dict[str, Any], **over: Any) -> Any:
+    return simulate(prepare(tiny(algo=algo, algo_options=opts, **over)))
+
+
+class Reference:
+    """Plain per-worker SGD (no momentum) on the same data order as the simulator."""
+
+    def __init__(self, algo: str, **over: Any) -> None:
+        self.prep = prepare(tiny(algo=algo, **over))
+        cfg, spec = self.prep.cfg, self.prep.spec
+        torch.manual_seed(cfg.seed)
+        self.model = spec.model_fn()
+        self.x0, self.layout = flat_params(self.model)
+        self.n, self.b = cfg.workers, cfg.train.batch_size
+        self.samplers = [Sampler(self.prep.shards[r], seeded_generator(cfg.seed, r, SALT_DATA))
+                         for r in range(self.n)]
+
+    def grad(self, r: int, x: torch.Tensor) -> torch.Tensor:
+        idx = self.samplers[r].next(self.b)
+        xb, yb = self.prep.spec.data.x_train[idx], self.prep.spec.data.y_train[idx]
+        x = x.detach().clone().requires_grad_(True)
+        params, off = {}, 0
+        for name, shape in self.layout:
+            params[name] = x[off:off + shape.numel()].view(shape)
+            off += shape.numel()
+        loss = self.prep.spec.loss_fn(functional_call(self.model, params, (xb,)), yb)
+        return torch.autograd.grad(loss, x)[0]
+
+    def local(self, X: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        for _ in range(steps):
+            X = [x - LR * self.grad(r, x) for r, x in enumerate(X)]
+        return X
+
+    def check(self, X: list[torch.Tensor]) -> None:
+        out = simulate(self.prep)
+        torch.testing.assert_close(out.bank.X, torch.stack(X), rtol=1e-5, atol=2e-6)
+
+
+def mean(X: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(X).mean(0)
+
+
+def test_efsgd_with_identity_is_allreduce_sgd() -> None:
+    train = {"momentum": 0.9, "weight_decay": 1e-3}
+    a = sim("allreduce", {}, train=train)
+    b = sim("efsgd", {"compressor": "identity"}, train=train)
+    torch.testing.assert_close(a.bank.X, b.bank.X, rtol=0, atol=0)
+
+
+def test_qsparse_with_identity_is_local_sgd() -> None:
+    a = sim("localsgd", {"p": 3}, train={"momentum": 0.9})
+    b = sim("qsparse", {"p": 3, "compressor": "identity"}, train={"momentum": 0.9})
+    torch.testing.assert_close(a.bank.X, b.bank.X, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("s", [0, 2])
+def test_pipe_sgd_applies_the_mean_gradient_of_s_steps_ago(s: int) -> None:
+    ref = Reference("pipesgd", algo_options={"s": s})
+    w, grads = ref.x0.clone(), []
+    for t in range(ref.prep.total_steps + s):
+        if t < ref.prep.total_steps:
+            grads.append(mean([ref.grad(r, w) for r in range(ref.n)]))
+        if t >= s:
+            w = w - LR * grads[t - s]
+    ref.check([w] * ref.n)
+
+
+def test_cocod_adds_local_progress_to_the_stale_average() -> None:
+    p = 3
+    ref = Reference("cocod", algo_options={"p": p}, steps=13)
+    X = [ref.x0.clone() for _ in range(ref.n)]
+    for done in range(0, 13, p):
+        avg = mean(X)
+        Y = ref.local(X, min(p, 13 - done))
+        X = [avg + y - x for x, y in zip(X, Y, strict=True)]
+    ref.check([mean(X)] * ref.n)
+
+
+@pytest.mark.parametrize("anchor_from", ["pulled", "local"])
+def test_overlap_local_pulls_to_the_momentum_anchor(anchor_from: str) -> None:
+    p, a, b = 2, 0.6, 0.7
+    ref = Reference("overlap-local", algo_options={"p": p, "anchor_from": anchor_from,
+                                                   "final": "none"})
+    X = [ref.x0.clone() for _ in range(ref.n)]
+    z, v, pending = ref.x0.clone(), torch.zeros_like(ref.x0), None
+    for _ in range(ref.prep.total_steps // p):
+        X = ref.local(X, p)
+        if pending is not None:
+            v = b * v + pending
+            z = z + v
+        local = [x - z for x in X]
+        X = [(1 - a) * x + a * z for x in X]
+        pending = mean(local if anchor_from == "local" else [x - z for x in X])
+    ref.check(X)
+
+
+def test_diloco_is_local_sgd_driven_by_torch_nesterov() -> None:
+    p, steps = 4, 12
+    ref = Reference("diloco", algo_options={"p": p, "outer_lr": 0.7, "outer_momentum": 0.9},
+                    steps=steps)
+    xg = ref.x0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([xg], lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(steps // p):
+        Y = ref.local([xg.detach().clone() for _ in range(ref.n)], p)
+        xg.grad = mean([xg.detach() - y for y in Y])
+        opt.step()
+    ref.check([xg.detach()] * ref.n)
+
+
+def test_diloco_with_plain_outer_step_is_local_sgd_and_streaming_reduces_to_diloco() -> None:
+    train = {"momentum": 0.9}
+    a = sim("localsgd", {"p": 4}, train=train)
+    b = sim("diloco", {"p": 4, "outer_lr": 1.0, "outer_momentum": 0.0}, train=train)
+    torch.testing.assert_close(a.bank.X, b.bank.X, rtol=1e-5, atol=1e-6)
+    c = sim("diloco", {"p": 4}, train=train)
+    d = sim("streaming-diloco", {"p": 4, "tau": 0, "alpha": 1.0, "compressor": "identity"},
+            train=train)
+    torch.testing.assert_close(c.bank.X, d.bank.X, rtol=0, atol=0)
+    e = sim("streaming-diloco", {"p": 4, "tau": 2, "alpha": 0.5, "compressor": "identity"},
+            train=train)
+    assert not torch.allclose(c.bank.X, e.bank.X, atol=1e-4)  # the overlap changes things
+
+
+def test_streaming_fragments_take_turns_and_everyone_ends_on_the_global_model() -> None:
+    out = sim("streaming-diloco", {"p": 4, "tau": 1, "fragments": 2,
+                                   "compressor": "identity"}, steps=12)
+    lay = out.workers[0].layout
+    bounds = fragment_bounds(lay, 2)
+    assert [b[2] for b in bounds] == [[lay[0]], [lay[1]]]  # weight, then bias
+    # syncs start at steps 2, 4, ..., 12, fragments in turn (0 at 2, 6, 10; 1 at 4, 8, 12);
+    # fragment 0 has 2 steps of unsent progress at the end: one more sync of it
+    sizes = {0: 4 * lay[0][1].numel(), 1: 4 * lay[1][1].numel()}
+    assert out.result["final"]["payload_bytes"] == 4 * (4 * sizes[0] + 3 * sizes[1])
+    X = out.bank.X
+    assert all(torch.equal(X[0], X[r]) for r in range(1, X.shape[0]))
+    assert out.result["final"]["staleness_mean"] == 1
+
+
+@pytest.mark.parametrize("algo,opts,rounds", [("efsgd", {}, 12), ("qsparse", {"p": 3}, 4),
+                                              ("pipesgd", {"s": 2}, 12)])
+def test_bytes_are_the_encoded_payloads(algo: str, opts: dict, rounds: int) -> None:
+    n, k = 4, 5
+    out = sim(algo, {**opts, "compressor": "topk:k=5"})
+    fin = out.result["final"]
+    assert fin["payload_bytes"] == rounds * n * 8 * k
+    # ring all-gather of top-k messages: each worker forwards the n - 1 others' messages
+    assert fin["bytes_sent_total"] == rounds * n * (n - 1) * 8 * k
+
+
+@pytest.mark.parametrize("algo", FAMILY)
+def test_every_algorithm_runs_with_every_compressor(algo: str) -> None:
+    for comp in ("identity", "fp16", "qsgd:bits=2", "topk:ratio=0.2", "randk:ratio=0.3",
+                 "sign", "ef(powersgd:rank=1)"):
+        res = run(tiny(algo=algo, algo_options={"compressor": comp}, steps=8), progress=False,
+                  write=False)
+        assert res["status"] == "completed"
+        assert res["final"]["payload_bytes"] > 0
+
+
+def test_cli_runs_olco3_by_name_with_the_family_metrics(tmp_path: Any) -> None:
+    out = tmp_path / "o"
+    code = main(["run", "--algo", "olco3", "--task", "logreg", "--workers", "3", "--steps",
+                 "16", "--evals", "2", "--step-time", "0.01", "-q", "--network", "wan",
+                 "--set", "task.n_train=96", "--set", "task.n_test=32", "--set", "s=2",
+                 "--set", "compressor=topk:ratio=0.1", "--set", "aggregation=ps",
+                 "--out", str(out)])
+    assert code == 0
+    with open(out / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("staleness_mean", "ef_residual_norm_mean", "payload_bytes",
+                "bits_per_param_per_step", "stall_time_s_mean"):
+        assert rows[-1][col] != "", col
+    final = json.loads((out / "result.json").read_text())["final"]
+    assert final["staleness_mean"] == 2 * 4  # s rounds of p = 4 (the default) steps
