@@ -1,0 +1,162 @@
+"""Evaluation in the distributed runtime: per-worker snapshots, rows assembled on rank 0.
+
+Every worker takes a snapshot of its model (parameters, BatchNorm buffers, samples, training
+loss, counters, bytes, stall) each time its local step count reaches an evaluation point
+``k * ceil(steps / evals)`` (checked at every step boundary and before every local effect,
+so a synchronous algorithm is snapshot where the simulator evaluates it), and once more when
+its program has finished. It sends the snapshot to rank 0 over the point-to-point
+transport, without any collective, so that taking it never makes a worker wait for another:
+asynchronous algorithms stay asynchronous. Rank 0's evaluator thread writes the row of
+evaluation point k as soon as it has every (live) worker's snapshot of point k: the models
+of all workers at the same local step, which for an asynchronous algorithm were taken at
+different wall times (the row's time is the latest of them). The final row is the state
+after every worker finished, including its final communication.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+from ..metrics import CommStats, Recorder, aggregate_worker_metrics
+
+
+class _Proxy:
+    def __init__(self, s: dict[str, Any]) -> None:
+        self.counters, self.obs_sum, self.obs_count = s["counters"], s["obs_sum"], s["obs_count"]
+
+
+class Snapshotter:
+    """Worker side: decides when to snapshot and ships the snapshot to rank 0."""
+
+    def __init__(self, w: Any, bank: Any, ex: Any, total: int, evals: int,
+                 send: Any) -> None:
+        self.w, self.bank, self.ex, self.send = w, bank, ex, send
+        self.every = max(1, math.ceil(total / evals))
+        self.next = 0
+
+    def maybe(self) -> None:
+        if self.w.step >= self.next * self.every:
+            self._ship(final=False)
+
+    def final(self, status: str) -> None:
+        self._ship(final=True, status=status)
+
+    def _ship(self, final: bool, status: str = "") -> None:
+        last = self.w.step // self.every
+        indices = list(range(self.next, last + 1))
+        self.next = max(self.next, last + 1)
+        count = self.bank.loss_count[0]
+        mean = self.bank.take_train_loss()
+        c = self.ex.counts
+        with self.ex.lock:
+            snap = {
+                "rank": self.w.rank, "indices": indices, "final": final, "status": status,
+                "step": self.w.step, "samples": self.bank.samples[0], "wall": self.ex.now(),
+                "params": self.w.params.detach().to("cpu", copy=True),
+                "buffers": {k: v.detach().to("cpu", copy=True)
+                            for k, v in self.bank.buffers_of(0).items()},
+                "loss": (mean * count if count else 0.0, count),
+                "counters": dict(self.w.counters), "obs_sum": dict(self.w.obs_sum),
+                "obs_count": dict(self.w.obs_count),
+                "bytes": c.bytes, "messages": c.messages, "wire": c.wire + self.ex.tr.wire_bytes,
+                "server_bytes": c.server_bytes, "server_messages": c.server_messages,
+                "stall": self.ex.stall,
+            }
+        self.send(snap)
+
+
+class Evaluator:
+    """Rank 0: collects snapshots, writes a metrics row per complete evaluation point."""
+
+    def __init__(self, rec: Recorder, n: int) -> None:
+        self.rec, self.n = rec, n
+        self.q: queue.Queue = queue.Queue()
+        self.by_index: dict[int, dict[int, dict]] = {}
+        self.finals: dict[int, dict] = {}
+        self.dead: set[int] = set()
+        self.next_index = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="relax-eval")
+        self._thread.start()
+
+    def put(self, snap: dict) -> None:
+        self.q.put(("snap", snap))
+
+    def mark_dead(self, rank: int) -> None:
+        self.q.put(("dead", rank))
+
+    def stop(self, timeout: float) -> None:
+        """Record what is complete, then stop (interrupted or failed runs)."""
+        self.q.put(("stop", None))
+        self._thread.join(timeout)
+
+    def wait(self, timeout: float) -> bool:
+        return self.finished.wait(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                kind, item = self.q.get()
+                if kind == "stop":
+                    self._flush()
+                    return
+                if kind == "dead":
+                    self.dead.add(item)
+                else:
+                    for e in item["indices"]:
+                        self.by_index.setdefault(e, {})[item["rank"]] = item
+                    if item["final"]:
+                        self.finals[item["rank"]] = item
+                self._flush()
+                if all(r in self.finals or r in self.dead for r in range(self.n)):
+                    if self.finals and any(not s["indices"] for s in self.finals.values()):
+                        self._record(list(self.finals.values()))
+                    self.finished.set()
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported by the runtime
+            self.error = e
+            self.finished.set()
+
+    def _flush(self) -> None:
+        while True:
+            have = self.by_index.get(self.next_index)
+            if not have:
+                return
+            need = [r for r in range(self.n) if r not in self.dead or r in have]
+            if any(r not in have for r in need):
+                return
+            self._record(list(have.values()))
+            del self.by_index[self.next_index]
+            self.next_index += 1
+
+    def _record(self, snaps: list[dict]) -> None:
+        snaps = sorted(snaps, key=lambda s: s["rank"])
+        X = torch.stack([s["params"] for s in snaps])
+        bufs = snaps[0]["buffers"]
+        mean_buffers = {k: (torch.stack([s["buffers"][k] for s in snaps]).mean(0)
+                            if v.is_floating_point() else v) for k, v in bufs.items()}
+        per = [s["bytes"] for s in snaps]
+        comm = CommStats(bytes_total=sum(per) + sum(s["server_bytes"] for s in snaps),
+                         bytes_per_worker_max=max(per),
+                         messages_total=sum(s["messages"] + s["server_messages"]
+                                            for s in snaps),
+                         stall_mean=sum(s["stall"] for s in snaps) / len(snaps))
+        lsum = sum(s["loss"][0] for s in snaps)
+        lcount = sum(s["loss"][1] for s in snaps)
+        for s in snaps:  # a snapshot serving several points counts its loss once
+            s["loss"] = (0.0, 0)
+        wall = max(s["wall"] for s in snaps)
+        self.rec.record(step=sum(s["step"] for s in snaps) / len(snaps),
+                        samples=sum(s["samples"] for s in snaps), virtual_time=wall,
+                        wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
+                        comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
+                        extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]))
+        self.last = snaps
+        self.last_time = time.perf_counter()

@@ -1,0 +1,401 @@
+"""Fulfils a worker program's effects with torch.distributed and point-to-point messages.
+
+One :class:`Executor` per process drives the algorithm's program for its one worker; the
+same code serves ``relaxsgd run --runtime dist`` (local steps on the bank) and the drop-in
+wrapper (local steps are the user's ``optimizer.step()`` calls): :meth:`Executor.advance`
+runs the program until it asks for local computation (:class:`Compute`/:class:`Grad`),
+which the caller does, bracketed by :meth:`begin_local`/:meth:`end_local`.
+
+Threads and the worker lock. The program's own Python code (between two yields), the
+``on_exchange`` handler and deferred actions all run under one lock, so they never
+interleave. The lock is NOT held while the main thread computes local steps or waits for
+communication: an exchange request that arrives then is answered at once on the
+receiving thread from what ``on_exchange`` reads (a published copy; it must not write
+``w.params``, which the main thread is updating), or, if it returns :class:`Deferred`,
+at the end of the current local effect ("next step boundary"); if the worker is not
+computing (waiting, or finished), a deferred action runs at once, as in the simulator.
+
+Collectives. The main program's collectives go on the default process group, in program
+order (identical on every rank). A spawned sub-program runs on its own thread; the k-th
+spawn of the main program uses process group ``k mod G`` (``RELAXSGD_SPAWN_GROUPS``) and
+starts its collectives only after spawn ``k - G`` finished, so every group sees the same
+sequence of collectives on every rank whatever the timing. Non-blocking all-reduces use
+``async_op=True``; a non-blocking all-gather (two collectives: sizes, then data) runs as
+such a spawn. Spawns inside spawns may not issue collectives (their order would depend on
+timing).
+
+Faults. A collective waited for while any worker is known dead fails at once with
+:class:`PeerLost` naming it; one that takes longer than ``RELAXSGD_TIMEOUT`` fails naming
+the workers that are behind. An Exchange or Recv whose peer is dead or silent for
+``RELAXSGD_PEER_TIMEOUT`` raises :class:`PeerUnavailable` inside the program (counted as
+``peer_unavailable``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..algorithms.base import (
+    Algorithm,
+    AllGather,
+    AllReduce,
+    Compute,
+    Deferred,
+    Effect,
+    Exchange,
+    Grad,
+    Now,
+    PeerUnavailable,
+    Program,
+    Recv,
+    Reply,
+    Send,
+    Sleep,
+    Spawn,
+    Wait,
+)
+from .collectives import Counts, DHandle, all_gather, all_reduce
+from .transport import PeerLost, Transport
+
+SLICE = 0.1  # seconds between checks while blocked (faults, interrupts)
+
+
+@dataclass
+class _Ctx:
+    main: bool
+    group: Any = None
+    prev: threading.Event | None = None  # the previous user of this spawn group
+    nested: bool = False
+    label: str = "main program"
+
+
+class Executor:
+    """Runs one worker's program; see the module docstring for the threading contract."""
+
+    def __init__(self, algo: Algorithm, w: Any, transport: Transport, opts: Any,
+                 spawn_groups: list[Any], device: Any, t0: float | None = None) -> None:
+        self.algo, self.w, self.tr, self.opts = algo, w, transport, opts
+        self.rank, self.n = transport.rank, transport.n
+        self.device = device
+        self.lock = threading.RLock()
+        self.groups = spawn_groups
+        self.counts = Counts()
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.busy = False
+        self.deferred: list[tuple[int, int, Any]] = []
+        self.pending: dict[int, DHandle] = {}
+        self.inbox: dict[Any, deque] = {}
+        self.recv_waiters: dict[Any, deque] = {}
+        self.ids = itertools.count()
+        self.spawns = 0
+        self.slot_last: list[threading.Event | None] = [None] * max(len(spawn_groups), 1)
+        self.coll_seq = 0
+        self.stall = 0.0
+        self.abort: BaseException | None = None
+        self.gen: Program | None = None
+        self.finished = False
+        self.status_replies: dict[int, dict[int, tuple]] = {}
+        transport.on_dead.append(self._peer_dead)
+
+    # -- the main program ----------------------------------------------------------
+    def start(self, program: Program) -> None:
+        self.gen = program
+
+    def advance(self, value: Any = None) -> Effect | None:
+        """Resume the main program with ``value``; run it to its next Compute/Grad
+        (returned) or to its end (None)."""
+        assert self.gen is not None
+        ctx = _Ctx(main=True)
+        exc: BaseException | None = None
+        while True:
+            self._check_abort()
+            try:
+                with self.lock:
+                    eff = self.gen.throw(exc) if exc is not None else self.gen.send(value)
+                    if isinstance(eff, (Compute, Grad)):
+                        self.busy = True  # from the yield on: no gap for a handler
+            except StopIteration:
+                self.finished = True
+                return None
+            exc = None
+            if isinstance(eff, (Compute, Grad)):
+                return eff
+            try:
+                value = self._dispatch(eff, ctx)
+            except PeerUnavailable as e:
+                exc = self._unavailable(e)
+
+    def begin_local(self) -> None:
+        with self.lock:
+            self.busy = True
+
+    def end_local(self) -> None:
+        """The step boundary: run the deferred answers that arrived meanwhile."""
+        with self.lock:
+            self.busy = False
+            todo, self.deferred = self.deferred, []
+            replies = [(src, rid, fn(self.w)) for src, rid, fn in todo]
+        for src, rid, ans in replies:
+            self._reply(src, rid, ans)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # -- effects -------------------------------------------------------------------
+    def _dispatch(self, eff: Effect, ctx: _Ctx) -> Any:
+        if isinstance(eff, (Compute, Grad)):
+            raise TypeError("local computation belongs in the main program, not a spawn")
+        if isinstance(eff, Now):
+            return self.now()
+        if isinstance(eff, Sleep):
+            end = time.perf_counter() + eff.seconds
+            while (left := end - time.perf_counter()) > 0:
+                self._check_abort()
+                time.sleep(min(left, SLICE))
+            return None
+        if isinstance(eff, Wait):
+            single = isinstance(eff.handles, DHandle)
+            hs = [eff.handles] if single else list(eff.handles)
+            vals = [self._block(h, ctx) for h in hs]
+            return vals[0] if single else vals
+        if isinstance(eff, Spawn):
+            h = self._spawn(eff.program, ctx)
+            return self._block(h, ctx) if eff.blocking else h
+        if isinstance(eff, AllReduce):
+            h = all_reduce(eff, self.n, self._group(ctx), self.counts)
+            self.coll_seq += 1
+        elif isinstance(eff, AllGather):
+            if eff.blocking or not ctx.main:
+                value = all_gather(eff, self.n, self.rank, self._group(ctx), self.counts,
+                                   self.device)
+                self.coll_seq += 1
+                if eff.blocking:
+                    return value
+                h = DHandle("all-gather")
+                h.resolve(value)
+                return h
+            return self._spawn(_gather_program(eff), ctx)
+        elif isinstance(eff, Send):
+            h = self._send(eff)
+        elif isinstance(eff, Recv):
+            h = self._recv(eff)
+        elif isinstance(eff, Exchange):
+            h = self._exchange(eff)
+        else:
+            raise TypeError(f"unknown effect {eff!r}")
+        return self._block(h, ctx) if eff.blocking else h
+
+    def _group(self, ctx: _Ctx) -> Any:
+        if ctx.nested:
+            raise TypeError("the distributed runtime cannot order collectives issued by a "
+                            "spawn inside a spawn; issue them from the main program or a "
+                            "spawn of it")
+        if ctx.prev is not None:  # wait for the previous spawn on this group to finish
+            self._wait_event(ctx.prev, ctx, "the previous spawn on its process group")
+            ctx.prev = None
+        return ctx.group
+
+    def _block(self, h: Any, ctx: _Ctx) -> Any:
+        """Wait for a handle; stall time for the main program; faults and timeouts."""
+        if not isinstance(h, DHandle):
+            raise TypeError(f"Wait expects handles returned by this runtime, got {h!r}")
+        t = time.perf_counter()
+        try:
+            self._wait_event(h.event, ctx, h.label, h)
+        finally:
+            if ctx.main:
+                self.stall += time.perf_counter() - t
+        return h.result()
+
+    def _wait_event(self, ev: threading.Event, ctx: _Ctx, what: str,
+                    h: DHandle | None = None) -> None:
+        start = time.monotonic()
+        while not ev.wait(SLICE):
+            self._check_abort()
+            now = time.monotonic()
+            if h is not None and h.collective and self.tr.dead:
+                lost = sorted(self.tr.dead)
+                why = "; ".join(f"worker {r}: {self.tr.dead[r]}" for r in lost)
+                raise PeerLost(f"lost worker(s) {lost} during a collective ({what}) of the "
+                               f"{ctx.label} on worker {self.rank}: {why}")
+            if h is not None and h.deadline is not None and now > h.deadline:
+                h.fail(PeerUnavailable(h.peer if h.peer is not None else -1,
+                                       f"no answer within {self.opts.peer_timeout_s:g}s"))
+                return
+            if now - start > self.opts.timeout_s:
+                raise PeerLost(self._diagnose(what, ctx))
+
+    def _check_abort(self) -> None:
+        if self.abort is not None:
+            raise self.abort
+
+    def _unavailable(self, e: PeerUnavailable) -> PeerUnavailable:
+        with self.lock:
+            self.w.count("peer_unavailable")
+        return e
+
+    # -- spawned sub-programs --------------------------------------------------------
+    def _spawn(self, program: Program, parent: _Ctx) -> DHandle:
+        h = DHandle("spawn")
+        done = threading.Event()
+        if parent.main:
+            k = self.spawns
+            self.spawns += 1
+            slot = k % len(self.slot_last)
+            prev, self.slot_last[slot] = self.slot_last[slot], done
+            ctx = _Ctx(False, self.groups[slot] if self.groups else None, prev,
+                       label=f"spawn #{k}")
+        else:
+            ctx = _Ctx(False, nested=True, label=f"{parent.label}/spawn")
+        threading.Thread(target=self._run_spawn, args=(program, ctx, h, done), daemon=True,
+                         name=f"relax-{ctx.label}").start()
+        return h
+
+    def _run_spawn(self, gen: Program, ctx: _Ctx, h: DHandle, done: threading.Event) -> None:
+        value: Any = None
+        exc: BaseException | None = None
+        try:
+            while True:
+                try:
+                    with self.lock:
+                        eff = gen.throw(exc) if exc is not None else gen.send(value)
+                except StopIteration as stop:
+                    h.resolve(stop.value)
+                    return
+                exc = None
+                try:
+                    value = self._dispatch(eff, ctx)
+                except PeerUnavailable as e:
+                    exc = self._unavailable(e)
+        except BaseException as e:  # noqa: BLE001 - re-raised where the handle is waited
+            h.fail(e)
+        finally:
+            done.set()
+
+    # -- point to point ------------------------------------------------------------
+    def _sent(self, h: DHandle | None, peer: int) -> Any:
+        def done(err: BaseException | None) -> None:
+            if err is not None and h is not None:
+                h.fail(PeerUnavailable(peer, f"sending failed: {err}"))
+            elif h is not None and h.label == "send":
+                h.resolve(None)
+        return done
+
+    def _send(self, eff: Send) -> DHandle:
+        h = DHandle("send", peer=eff.peer)
+        self.counts.add(eff.nbytes, 1, 0)
+        self.tr.send(eff.peer, ("msg", eff.tag, eff.payload), self._sent(h, eff.peer))
+        return h
+
+    def _recv(self, eff: Recv) -> DHandle:
+        key = (eff.src, eff.tag)
+        h = DHandle(f"recv from {eff.src}", peer=eff.src,
+                    deadline=time.monotonic() + self.opts.peer_timeout_s)
+        with self.lock:
+            box = self.inbox.get(key)
+            if box:
+                h.resolve(box.popleft())
+            elif eff.src in self.tr.dead:
+                h.fail(PeerUnavailable(eff.src, self.tr.dead[eff.src]))
+            else:
+                self.recv_waiters.setdefault(key, deque()).append(h)
+        return h
+
+    def _exchange(self, eff: Exchange) -> DHandle:
+        rid = next(self.ids)
+        h = DHandle(f"exchange with {eff.peer}", peer=eff.peer,
+                    deadline=time.monotonic() + self.opts.peer_timeout_s)
+        with self.lock:
+            self.pending[rid] = h
+        self.counts.add(eff.nbytes, 1, 0)
+        self.tr.send(eff.peer, ("xreq", rid, eff.payload), self._sent(h, eff.peer))
+        return h
+
+    def _reply(self, src: int, rid: int, ans: Reply) -> None:
+        if not isinstance(ans, Reply):
+            raise TypeError(f"on_exchange must return Reply or Deferred, got {ans!r}")
+        self.counts.add(ans.nbytes, 1, 0)
+        self.tr.send(src, ("xrep", rid, ans.payload))
+
+    def on_message(self, src: int, msg: tuple) -> bool:
+        """Handle an executor message from ``src``; False if it is not one."""
+        kind = msg[0]
+        if kind == "xreq":
+            try:
+                with self.lock:
+                    ans = self.algo.on_exchange(self.w, src, msg[2])
+                    if isinstance(ans, Deferred):
+                        if self.busy:
+                            self.deferred.append((src, msg[1], ans.fn))
+                            return True
+                        ans = ans.fn(self.w)
+                self._reply(src, msg[1], ans)
+            except BaseException as e:  # noqa: BLE001 - a handler bug ends this worker
+                self.abort = e
+                self.tr.send(src, ("xerr", msg[1], f"{type(e).__name__}: {e}"))
+        elif kind in ("xrep", "xerr"):
+            with self.lock:
+                h = self.pending.pop(msg[1], None)
+            if h is not None and kind == "xrep":
+                h.resolve(msg[2])
+            elif h is not None:
+                h.fail(RuntimeError(f"worker {src} failed to answer an exchange: {msg[2]}"))
+        elif kind == "msg":
+            key = (src, msg[1])
+            with self.lock:
+                waiters = self.recv_waiters.get(key)
+                while waiters and waiters[0].done:  # timed out already
+                    waiters.popleft()
+                if waiters:
+                    waiters.popleft().resolve(msg[2])
+                else:
+                    self.inbox.setdefault(key, deque()).append(msg[2])
+        elif kind == "status?":
+            self.tr.send(src, ("status", msg[1], self.w.step, self.coll_seq, self.finished))
+        elif kind == "status":
+            self.status_replies.setdefault(msg[1], {})[src] = msg[2:]
+        else:
+            return False
+        return True
+
+    def _peer_dead(self, peer: int, why: str) -> None:
+        with self.lock:
+            rids = [rid for rid, h in self.pending.items() if h.peer == peer]
+            hs = [self.pending.pop(rid) for rid in rids]
+            hs += [h for (src, _), q in self.recv_waiters.items() if src == peer for h in q]
+        for h in hs:
+            h.fail(PeerUnavailable(peer, why))
+
+    def _diagnose(self, what: str, ctx: _Ctx) -> str:
+        """Which workers hold a collective up: ask everyone's progress (2 s)."""
+        rid = -1 - next(self.ids)
+        live = [r for r in range(self.n) if r != self.rank and r not in self.tr.dead]
+        for r in live:
+            self.tr.send(r, ("status?", rid))
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and len(self.status_replies.get(rid, {})) < len(live):
+            time.sleep(0.05)
+        got = self.status_replies.pop(rid, {})
+        silent = [r for r in live if r not in got]
+        behind = [r for r, (_, seq, _) in got.items() if seq < self.coll_seq]
+        parts = []
+        if silent:
+            parts.append(f"worker(s) {silent} do not answer")
+        if behind:
+            parts.append("worker(s) " + ", ".join(
+                f"{r} (local step {got[r][0]}, {got[r][1]} collectives)" for r in behind)
+                + " are behind")
+        lost = ", ".join(parts) or "no worker is visibly behind"
+        return (f"a collective ({what}) of the {ctx.label} on worker {self.rank} (local step "
+                f"{self.w.step}, {self.coll_seq} collectives) did not complete within "
+                f"{self.opts.timeout_s:g}s (RELAXSGD_TIMEOUT): {lost}")
+
+
+def _gather_program(eff: AllGather) -> Program:
+    return (yield AllGather(eff.payload, eff.nbytes, eff.pattern, eff.down_nbytes,
+                            blocking=True))

@@ -1,0 +1,134 @@
+"""A minimal single-machine launcher: ``python -m relaxsgd.dist.launch -n 4 relaxsgd run ...``.
+
+It starts the command ``n`` times with torchrun's environment contract (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free
+``MASTER_PORT``; rank 0 hosts the rendezvous store) and one torch thread per process
+(``OMP_NUM_THREADS=1``). Unlike torchrun's agent, it does NOT stop the others when one
+worker dies: that is what lets an asynchronous algorithm (SwarmSGD) carry on among the
+survivors; a synchronous one fails by itself on every worker, naming the lost one. Ctrl-C
+or SIGTERM to the launcher is passed on to every worker as SIGTERM (they write what they
+have and stop); whoever is still there after ``--grace`` seconds is killed. The exit
+status is the first non-zero status of a worker (by rank), else 0.
+
+Across machines, use torchrun (``--nnodes``, ``--rdzv-endpoint``): see docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalJob:
+    """``n`` processes of ``cmd`` on this machine; see the module docstring."""
+
+    def __init__(self, cmd: Sequence[str], n: int, port: int | None = None,
+                 env: dict[str, str] | None = None,
+                 rank_env: dict[int, dict[str, str]] | None = None,
+                 log_dir: str | None = None) -> None:
+        self.n, self.port = n, port or free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[str | None] = []
+        for r in range(n):
+            e = {**os.environ, **(env or {}), **(rank_env or {}).get(r, {})}
+            e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
+                     LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(self.port))
+            e.setdefault("OMP_NUM_THREADS", "1")
+            out = None
+            path = None
+            if log_dir is not None:
+                os.makedirs(log_dir, exist_ok=True)
+                path = os.path.join(log_dir, f"rank{r}.log")
+                out = open(path, "w")  # noqa: SIM115 - closed when the process ends
+            self.procs.append(subprocess.Popen(list(cmd), env=e, stdout=out,
+                                               stderr=subprocess.STDOUT if out else None,
+                                               start_new_session=True))
+            self.logs.append(path)
+
+    def poll(self) -> list[int | None]:
+        return [p.poll() for p in self.procs]
+
+    def signal(self, sig: int, ranks: Sequence[int] | None = None) -> None:
+        for r in ranks if ranks is not None else range(self.n):
+            p = self.procs[r]
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def wait(self, timeout: float | None = None, grace: float = 10.0) -> list[int]:
+        """Wait for every worker; past ``timeout`` SIGTERM them, past ``grace`` more
+        SIGKILL them. Returns their exit statuses (negative: killed by that signal)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while any(c is None for c in self.poll()):
+            if end is not None and time.monotonic() > end:
+                self.stop(grace)
+                break
+            time.sleep(0.05)
+        return [p.wait() for p in self.procs]
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        while any(c is None for c in self.poll()) and time.monotonic() < end:
+            time.sleep(0.05)
+        self.signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+    def output(self, rank: int) -> str:
+        path = self.logs[rank]
+        if path is None:
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m relaxsgd.dist.launch",
+                                 description="start a command as n workers on this machine")
+    ap.add_argument("-n", "--nproc", type=int, required=True, help="number of workers")
+    ap.add_argument("--port", type=int, help="rendezvous port (default: a free one)")
+    ap.add_argument("--grace", type=float, default=10.0,
+                    help="seconds between SIGTERM and SIGKILL when stopping")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, e.g. relaxsgd run ...")
+    a = ap.parse_args(argv)
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    if not cmd or a.nproc < 1:
+        ap.error("give -n N and a command")
+    job = LocalJob(cmd, a.nproc, a.port)
+    stopping = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while any(c is None for c in job.poll()):
+        if stopping:
+            job.stop(a.grace)
+            break
+        time.sleep(0.05)
+    codes = [p.wait() for p in job.procs]
+    bad = [c for c in codes if c != 0]
+    if bad:
+        sys.stderr.write(f"relaxsgd.dist.launch: exit statuses by rank: {codes}\n")
+    return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

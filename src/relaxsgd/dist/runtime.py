@@ -1,0 +1,306 @@
+"""``relaxsgd run --runtime dist``: one worker per process, under torchrun or relaxsgd-launch.
+
+Each process resolves the same config with :func:`relaxsgd.run.prepare`, keeps only its own
+shard of the training data, holds one row of a :class:`~relaxsgd.bank.Bank` (its model,
+momentum and data sampler: the same training math and the same data order as the
+simulator's row of that rank), and drives the algorithm's program with an
+:class:`~.executor.Executor`. Rank 0 also evaluates (snapshots, see :mod:`.evaluation`) and
+writes the same output folder as a simulated run: ``config.yaml``, ``metrics.csv`` row by
+row, ``result.json`` (``runtime: "dist"``, real wall time in place of virtual time, bytes
+per worker) and plots.
+
+Shutdown. When its program is done a worker tells everyone and keeps answering exchanges
+until every live worker is done. On Ctrl-C or SIGTERM (what torchrun sends) a worker stops
+at once, tells the others why, and rank 0 writes what it has measured; a worker that fails
+does the same, so a synchronous run ends on every worker with a line naming the culprit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms.base import Compute, Effect, Grad
+from ..config import RunConfig, dump_yaml
+from ..errors import ConfigError, Diverged, RelaxError
+from ..metrics import Recorder, aggregate_worker_metrics
+from ..sim.compute import ComputeModel
+from .evaluation import Evaluator, Snapshotter, _Proxy
+from .executor import Executor
+from .options import DistOptions, from_env
+from .transport import PeerLost, Transport, local_address
+
+
+def job_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except KeyError:
+        raise ConfigError("--runtime dist runs one worker per process: launch it with "
+                          "torchrun --nproc-per-node N (or python -m relaxsgd.dist.launch -n N) "
+                          "so that RANK and WORLD_SIZE are set") from None
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def pick_backend(opts: DistOptions, local_rank: int) -> tuple[str, torch.device]:
+    backend = opts.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return backend, torch.device("cuda", local_rank)
+    return backend, torch.device("cpu")
+
+
+def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
+    """The task with only this rank's training samples, and its shard (0..m-1)."""
+    idx = prep.shards[rank]
+    d = prep.spec.data
+    keep_test = rank == 0
+    data = dataclasses.replace(
+        d, x_train=d.x_train[idx].clone(), y_train=d.y_train[idx].clone(),
+        x_test=d.x_test if keep_test else d.x_test[:0],
+        y_test=d.y_test if keep_test else d.y_test[:0])
+    return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
+
+
+class _Sigterm:
+    """SIGTERM raises KeyboardInterrupt in the main thread while the run is going."""
+
+    def __enter__(self) -> _Sigterm:
+        self.old = signal.getsignal(signal.SIGTERM)
+
+        def raise_interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self.old)
+
+
+def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict | None:
+    """Run this process's worker of ``cfg``; rank 0 returns the result (others None)."""
+    from ..run import prepare
+
+    opts = from_env()
+    rank, world, local_rank = job_env()
+    if world != cfg.workers:
+        raise ConfigError(f"the config has workers={cfg.workers} but the job has {world} "
+                          f"processes; launch {cfg.workers} or pass --workers {world}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prep = prepare(cfg)  # config errors end every rank before any connection
+    backend, device = pick_backend(opts, local_rank)
+    with _Sigterm():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=opts.timeout_s))
+        job = _Job(cfg, prep, opts, rank, world, backend, device)
+        try:
+            return job.run(progress, write)
+        finally:
+            if job.clean:  # after a fault, tearing gloo down can block on the dead peer
+                dist.destroy_process_group()
+
+
+class _Job:
+    def __init__(self, cfg: RunConfig, prep: Any, opts: DistOptions, rank: int, n: int,
+                 backend: str, device: torch.device) -> None:
+        from ..bank import Bank
+        from ..worker import LocalWorker
+
+        self.cfg, self.prep, self.opts, self.rank, self.n = cfg, prep, opts, rank, n
+        self.backend, self.device = backend, device
+        self.n_train = prep.spec.data.x_train.shape[0]
+        spec, shards = own_shard(prep, rank)
+        warm = Bank(spec, cfg.train, [rank], shards, cfg.seed, prep.total_steps,
+                    batching=cfg.batching, device=device)
+        warm.local_steps([0], 2)  # first-call costs (vmap tracing, allocator) off the clock
+        del warm
+        self.bank = Bank(spec, cfg.train, [rank], shards, cfg.seed, prep.total_steps,
+                         batching=cfg.batching, device=device)
+        prep.info.dim = self.bank.d
+        self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
+        prep.algo.init_worker(self.w)
+        self.groups = [dist.new_group(list(range(n))) for _ in range(opts.spawn_groups)]
+        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, device)
+        self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
+        self.done_from: set[int] = set()
+        self.eval_wire = 0
+        self.out: str | None = None
+        self.evaluator: Evaluator | None = None
+        self.rec: Recorder | None = None
+        self.compute_time = 0.0
+        self.units = 0
+        self.clean = False
+        heter = cfg.compute.heterogeneity != "none"
+        self.slow = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if heter else None
+
+    # -- messages ------------------------------------------------------------------
+    def _on_message(self, src: int, msg: tuple) -> None:
+        if self.ex.on_message(src, msg):
+            return
+        if msg[0] == "snap" and self.evaluator is not None:
+            self.evaluator.put(msg[1])
+        elif msg[0] == "done":
+            self.done_from.add(src)
+        elif msg[0] == "abort":
+            self.tr._mark_dead(src, f"it stopped: {msg[1]}")
+
+    def _ship(self, snap: dict) -> None:
+        snap["wire"] -= self.eval_wire
+        snap["compute_time"], snap["units"] = self.compute_time, self.units
+        if self.rank == 0:
+            assert self.evaluator is not None
+            self.evaluator.put(snap)
+        else:
+            self.eval_wire += self.tr.send(0, ("snap", snap))
+
+    # -- the run -------------------------------------------------------------------
+    def run(self, progress: bool, write: bool) -> dict | None:
+        from ..run import Progress, default_out_dir
+
+        cfg, prep = self.cfg, self.prep
+        if self.rank == 0:
+            if write:
+                self.out = cfg.out or default_out_dir(cfg)
+                os.makedirs(self.out, exist_ok=True)
+                dump_yaml({**prep.resolved, "runtime": "dist"},
+                          os.path.join(self.out, "config.yaml"))
+            self.rec = Recorder(prep.spec, os.path.join(self.out, "metrics.csv")
+                                if self.out else None, self.n, self.bank.d, self.n_train,
+                                list(prep.algo.metric_keys), cfg.eval_samples)
+            self.evaluator = Evaluator(self.rec, self.n)
+            self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
+        self.tr.start(dist.distributed_c10d._get_default_store(),
+                      self.opts.host or local_address(os.environ.get("MASTER_ADDR",
+                                                                     "127.0.0.1")))
+        dist.barrier()
+        self.ex.t0 = time.perf_counter()
+        snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals, self._ship)
+        bar = Progress(prep.total_steps, f"{cfg.algo} on {cfg.task} (dist, rank 0)",
+                       progress and self.rank == 0)
+        status, message, err = "completed", "", None
+        try:
+            self.ex.start(prep.algo.program(self.w))
+            snap.maybe()
+            eff = self.ex.advance()
+            while eff is not None:
+                snap.maybe()
+                value = self._local(eff)
+                snap.maybe()
+                bar.update(self.w.step)
+                eff = self.ex.advance(value)
+            snap.final("completed")
+            self._finish_together()
+        except KeyboardInterrupt as e:
+            status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
+        except Diverged as e:
+            status, message, err = "diverged", str(e), e
+        except BaseException as e:  # noqa: BLE001 - reported, written, re-raised
+            status, message, err = "failed", f"{type(e).__name__}: {e}", e
+        finally:
+            bar.close()
+        if err is not None:
+            self._tell_abort(message)
+        result = self._write(status, message) if self.rank == 0 else None
+        self.tr.close(wait_s=5.0 if err is None else 1.0)
+        if err is not None:
+            if isinstance(err, (KeyboardInterrupt, RelaxError)):
+                raise err
+            raise PeerLost(f"worker {self.rank} failed: {message}") from err
+        self.clean = True
+        return result
+
+    def _local(self, eff: Effect) -> Any:
+        ex, bank = self.ex, self.bank
+        ex.begin_local()
+        t = time.perf_counter()
+        try:
+            if isinstance(eff, Grad):
+                g, loss = bank.grads([0])
+                value, steps = g[0].clone(), 0
+            else:
+                assert isinstance(eff, Compute)
+                steps = eff.steps
+                loss = bank.local_steps([0], steps) if steps > 0 else None
+                value = None
+            if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
+                raise Diverged(self.w.step, self.rank, float(loss[0]))
+            units = max(steps, 1)
+            el = time.perf_counter() - t
+            self.compute_time += el
+            self.units += units
+            if self.slow is not None:  # heterogeneity: sleep to (factor x) the step time
+                extra = (self.slow.duration(self.rank, units) - units) * el / units
+                if extra > 0:
+                    time.sleep(extra)
+        finally:
+            ex.end_local()
+        if steps:
+            self.w.note_steps(steps)
+        return value
+
+    def _finish_together(self) -> None:
+        """Tell everyone this worker is done; keep answering until all live ones are."""
+        for r in range(self.n):
+            if r != self.rank:
+                self.tr.send(r, ("done",))
+        while any(r not in self.done_from and r not in self.tr.dead
+                  for r in range(self.n) if r != self.rank):
+            self.ex._check_abort()
+            time.sleep(0.02)
+        if self.evaluator is not None and not self.evaluator.wait(self.opts.timeout_s):
+            raise PeerLost("rank 0 did not receive every worker's final snapshot within "
+                           f"{self.opts.timeout_s:g}s")
+
+    def _tell_abort(self, why: str) -> None:
+        for r in range(self.n):
+            if r != self.rank and r not in self.tr.dead:
+                self.tr.send(r, ("abort", f"worker {self.rank}: {why}"))
+
+    # -- outputs (rank 0) ----------------------------------------------------------
+    def _write(self, status: str, message: str) -> dict:
+        from ..run import make_result, write_result
+
+        ev, rec = self.evaluator, self.rec
+        assert ev is not None and rec is not None
+        if status != "completed":
+            ev.stop(timeout=2.0)
+        if ev.error is not None:
+            print(f"relaxsgd: warning: evaluation failed: {ev.error}", file=sys.stderr)
+        rec.close()
+        finals = [ev.finals[r] for r in sorted(ev.finals)]
+        units = sum(s["units"] for s in finals)
+        step_time = sum(s["compute_time"] for s in finals) / units if units else 0.0
+        steps = sum(s["step"] for s in finals) / len(finals) if finals else float(self.w.step)
+        result = make_result(self.prep, rec, status, message, step_time, self.bank.batching,
+                             aggregate_worker_metrics([_Proxy(s) for s in finals]), steps)
+        result["runtime"] = "dist"
+        result["final"]["virtual_time_s"] = max((s["wall"] for s in finals),
+                                                default=self.ex.now())
+        result["dist"] = {
+            "backend": self.backend, "world_size": self.n,
+            "lost_workers": sorted(self.tr.dead),
+            "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in finals},
+            "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in finals},
+            "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
+                                       for s in finals},
+        }
+        if self.out:
+            result["out"] = self.out
+            write_result(self.out, result, rec)
+            if self.opts.save_models and finals:
+                torch.save({"ranks": [s["rank"] for s in finals],
+                            "X": torch.stack([s["params"] for s in finals])},
+                           os.path.join(self.out, "models.pt"))
+        return result

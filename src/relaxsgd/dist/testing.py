@@ -1,0 +1,230 @@
+"""Helpers for testing and benchmarking the distributed runtime on one machine.
+
+- :class:`Probe`: a test algorithm that uses EVERY effect of the effect model (blocking and
+  non-blocking all-reduce of a tensor and of a list, all-gather ring and parameter server,
+  send/recv, exchange answered at once and deferred to a step boundary, a spawned
+  PowerSGD aggregation with two all-reduces, wait on lists, sleep, now), arranged with
+  barriers so that its result does not depend on timing: the simulator and the
+  distributed runtime must give the same parameters.
+- :func:`run_job`: write a config, launch ``n`` workers of ``relaxsgd run --runtime dist``
+  (through this module's entry point, which also knows the probe) on free ports, with a
+  hard timeout, and read back the outputs.
+
+``python -m relaxsgd.dist.testing run ...`` is ``relaxsgd run ...`` with the probe and
+``RELAXSGD_TEST_KILL_AT=<rank>:<step>`` (that worker kills itself with SIGKILL at that
+local step: a crash for the fault tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from ..algorithms import ALGORITHMS
+from ..algorithms.base import (
+    Algorithm,
+    AllGather,
+    AllReduce,
+    Compute,
+    Deferred,
+    Exchange,
+    Grad,
+    Now,
+    Program,
+    Recv,
+    Reply,
+    Send,
+    Sleep,
+    Spawn,
+    Wait,
+    Worker,
+)
+from ..registry import Entry
+from .launch import LocalJob
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """mix: weight of a partner's model in each exchange."""
+
+    mix: float = 0.25
+
+
+class Probe(Algorithm):
+    name = "probe"
+    Config = ProbeConfig
+    metric_keys = ("rounds",)
+
+    def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
+        nbytes = 4 * w.params.numel()
+        if payload["mode"] == "pub":
+            return Reply(w.state["pub"].clone(), nbytes)
+        # deferred to the step boundary; what it answers must not depend on when that is
+        # (for parity), so it is the copy published at a fixed point of the round
+        return Deferred(lambda w: Reply(w.state["pub2"].clone(), nbytes))
+
+    def program(self, w: Worker) -> Program:
+        from ..compress.spec import make_compressor
+
+        n, r, mix = w.n, w.rank, self.cfg.mix
+        comp = make_compressor("powersgd:rank=1")
+        cstate = comp.init_state(w.params.numel(), w.layout)
+        barrier = torch.zeros(1)
+        for k in range(w.total_steps // 4):
+            yield Compute(2)
+            w.state["pub"] = w.params.clone()
+            yield AllReduce(barrier)  # everyone has published round k
+            peer = (r + 1 + k % max(n - 1, 1)) % n
+            other = yield Exchange(peer, {"mode": "pub"}, 8)
+            w.params.add_(other - w.params, alpha=mix)
+            w.state["pub2"] = w.params.clone()
+            yield AllReduce(barrier)  # every "pub" exchange answered, pub2 published
+            h = yield Exchange(peer, {"mode": "deferred"}, 8, blocking=False)
+            yield Compute(1)  # the partner answers after its Compute(1) (if busy by then)
+            other = yield Wait(h)
+            yield AllReduce(barrier)
+            w.params.add_(other - w.params, alpha=mix)
+            yield Send((r + 1) % n, w.params[:3].clone(), 12, tag=k)
+            got = yield Recv((r - 1) % n, tag=k)
+            w.params[:3].add_(got, alpha=0.1)
+            hg = yield AllGather({"r": r, "v": w.params[:2].clone()}, 8, blocking=False)
+            gathered = (yield Wait([hg]))[0]
+            if [g["r"] for g in gathered] != list(range(n)):
+                raise AssertionError(f"all-gather out of rank order: {gathered}")
+            w.params[:2].copy_(torch.stack([g["v"] for g in gathered]).mean(0))
+            ps = yield AllGather(w.params[2:4].clone(), 8, pattern="ps", down_nbytes=8)
+            w.params[2:4].copy_(torch.stack(ps).mean(0))
+            hs = yield Spawn(comp.mean(w.params.clone(), cstate, w.rng))
+            g = yield Grad()
+            w.apply_grad(g)
+            mean, own, cstate = yield Wait(hs)
+            w.params.add_(mean - own, alpha=0.5)
+            ha = yield AllReduce([w.params.clone(), w.momentum.clone()], blocking=False)
+            yield Sleep(0.001)
+            w.observe("now", (yield Now()))
+            (avg,) = yield Wait([ha])
+            w.params.copy_(avg[0])
+            w.momentum.copy_(avg[1])
+            w.count("rounds")
+        rest = w.total_steps % 4
+        if rest:
+            yield Compute(rest)
+
+
+PROBE = Entry("probe", "relaxsgd.dist.testing:Probe",
+              "test algorithm using every effect (relaxsgd.dist.testing)")
+
+
+@contextmanager
+def probe_registered() -> Iterator[None]:
+    """The probe in the algorithm registry for the duration (in this process)."""
+    had = "probe" in ALGORITHMS
+    ALGORITHMS._entries["probe"] = PROBE
+    try:
+        yield
+    finally:
+        if not had:
+            ALGORITHMS._entries.pop("probe", None)
+
+
+@dataclass
+class JobResult:
+    codes: list[int]
+    logs: list[str]
+    out: str
+    result: dict[str, Any] | None
+    models: torch.Tensor | None
+    seconds: float
+
+    def metrics(self) -> list[dict[str, str]]:
+        import csv
+
+        with open(os.path.join(self.out, "metrics.csv"), encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+
+def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
+            env: dict[str, str] | None = None,
+            rank_env: dict[int, dict[str, str]] | None = None,
+            kill: tuple[int, int] | None = None, after: Any = None) -> JobResult:
+    """Run ``cfg`` on ``n`` local worker processes; every process is gone on return.
+
+    ``kill=(rank, step)``: that worker dies by SIGKILL at that local step. ``after(job)``
+    runs once the processes are started (to signal them, say).
+    """
+    import time
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "job.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump({**cfg, "workers": n}, f)
+    e = {"RELAXSGD_SAVE_MODELS": "1", **(env or {})}
+    if kill is not None:
+        e["RELAXSGD_TEST_KILL_AT"] = f"{kill[0]}:{kill[1]}"
+    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "run", "--config", path,
+           "--runtime", "dist", "--out", out, "-q"]
+    t = time.perf_counter()
+    job = LocalJob(cmd, n, env=e, rank_env=rank_env, log_dir=os.path.join(out, "logs"))
+    try:
+        if after is not None:
+            after(job)
+        codes = job.wait(timeout=timeout, grace=5.0)
+    finally:
+        job.stop(grace=1.0)  # never leave a process behind
+    seconds = time.perf_counter() - t
+    result = None
+    rpath = os.path.join(out, "result.json")
+    if os.path.exists(rpath):
+        with open(rpath, encoding="utf-8") as f:
+            result = json.load(f)
+    mpath = os.path.join(out, "models.pt")
+    models = torch.load(mpath)["X"] if os.path.exists(mpath) else None
+    return JobResult(codes, [job.output(r) for r in range(n)], out, result, models, seconds)
+
+
+def _install_kill() -> None:
+    spec = os.environ.get("RELAXSGD_TEST_KILL_AT")
+    if not spec:
+        return
+    rank, step = (int(x) for x in spec.split(":"))
+    if int(os.environ.get("RANK", -1)) != rank:
+        return
+    from ..worker import LocalWorker
+
+    orig_note, orig_apply = LocalWorker.note_steps, LocalWorker.apply_grad
+
+    def check(w: LocalWorker) -> None:
+        if w.step >= step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def note_steps(self: LocalWorker, steps: int) -> None:
+        orig_note(self, steps)
+        check(self)
+
+    def apply_grad(self: LocalWorker, grad: torch.Tensor) -> None:
+        orig_apply(self, grad)
+        check(self)
+
+    LocalWorker.note_steps = note_steps  # type: ignore[method-assign]
+    LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import main as cli_main
+
+    _install_kill()
+    ALGORITHMS._entries.setdefault("probe", PROBE)
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
