@@ -210,7 +210,28 @@ class Executor:
         finally:
             if ctx.main:
                 self.stall += time.perf_counter() - t
+        if h.collective and h.error is not None:
+            raise self._collective_failed(h, ctx)
         return h.result()
+
+    def _collective_failed(self, h: DHandle, ctx: _Ctx) -> PeerLost:
+        """A collective failed (gloo: a connection closed): name the worker(s) lost."""
+        end = time.monotonic() + 2.0  # the transport sees the same end of stream
+        while not self.tr.dead and time.monotonic() < end:
+            time.sleep(0.02)
+        if not self.tr.dead:
+            return PeerLost(f"a collective ({h.label}) of the {ctx.label} on worker "
+                            f"{self.rank} failed: {str(h.error).splitlines()[0][:300]}")
+        return PeerLost(self._lost_message(h.label, ctx))
+
+    def _lost_message(self, what: str, ctx: _Ctx) -> str:
+        dead = self.tr.dead
+        lost = sorted(r for r, why in dead.items() if not why.startswith("it stopped"))
+        stopped = sorted(r for r in dead if r not in lost)
+        parts = [f"worker {r}: {dead[r]}" for r in lost + stopped]
+        head = (f"lost worker(s) {lost}" if lost else f"worker(s) {stopped} stopped")
+        return (f"{head} during a collective ({what}) of the {ctx.label} on worker "
+                f"{self.rank}; " + "; ".join(parts))
 
     def _wait_event(self, ev: threading.Event, ctx: _Ctx, what: str,
                     h: DHandle | None = None) -> None:
@@ -219,10 +240,7 @@ class Executor:
             self._check_abort()
             now = time.monotonic()
             if h is not None and h.collective and self.tr.dead:
-                lost = sorted(self.tr.dead)
-                why = "; ".join(f"worker {r}: {self.tr.dead[r]}" for r in lost)
-                raise PeerLost(f"lost worker(s) {lost} during a collective ({what}) of the "
-                               f"{ctx.label} on worker {self.rank}: {why}")
+                raise PeerLost(self._lost_message(what, ctx))
             if h is not None and h.deadline is not None and now > h.deadline:
                 h.fail(PeerUnavailable(h.peer if h.peer is not None else -1,
                                        f"no answer within {self.opts.peer_timeout_s:g}s"))
@@ -399,3 +417,21 @@ class Executor:
 def _gather_program(eff: AllGather) -> Program:
     return (yield AllGather(eff.payload, eff.nbytes, eff.pattern, eff.down_nbytes,
                             blocking=True))
+
+
+def finish_together(ex: Executor, done_from: set[int]) -> None:
+    """Tell every worker this one is done; keep answering until every live one is."""
+    tr = ex.tr
+    for r in range(tr.n):
+        if r != tr.rank:
+            tr.send(r, ("done",))
+    while any(r not in done_from and r not in tr.dead for r in range(tr.n) if r != tr.rank):
+        ex._check_abort()
+        time.sleep(0.02)
+
+
+def tell_abort(tr: Transport, why: str) -> None:
+    """Tell every live worker that this one stops (they fail fast, naming it)."""
+    for r in range(tr.n):
+        if r != tr.rank and r not in tr.dead:
+            tr.send(r, ("abort", f"worker {tr.rank}: {why}"))

@@ -9,6 +9,13 @@ writes the same output folder as a simulated run: ``config.yaml``, ``metrics.csv
 row, ``result.json`` (``runtime: "dist"``, real wall time in place of virtual time, bytes
 per worker) and plots.
 
+The compute model. Without ``compute.step_time_s`` and heterogeneity a worker computes
+as fast as it can. With them, the simulator's compute model is realised by sleeping: each
+local effect lasts at least its modelled duration, ``steps x step_time_s x factor`` (the
+measured step time in place of ``step_time_s`` when that is null), so ``speed_factors:
+[1, 1, 1, 3]`` makes worker 3 a real 3x straggler and ``step_time_s: 0.2`` asks "what if
+each step took 0.2 s" of the real system.
+
 Shutdown. When its program is done a worker tells everyone and keeps answering exchanges
 until every live worker is done. On Ctrl-C or SIGTERM (what torchrun sends) a worker stops
 at once, tells the others why, and rank 0 writes what it has measured; a worker that fails
@@ -34,7 +41,7 @@ from ..errors import ConfigError, Diverged, RelaxError
 from ..metrics import Recorder, aggregate_worker_metrics
 from ..sim.compute import ComputeModel
 from .evaluation import Evaluator, Snapshotter, _Proxy
-from .executor import Executor
+from .executor import Executor, finish_together, tell_abort
 from .options import DistOptions, from_env
 from .transport import PeerLost, Transport, local_address
 
@@ -106,10 +113,25 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
                                 timeout=datetime.timedelta(seconds=opts.timeout_s))
         job = _Job(cfg, prep, opts, rank, world, backend, device)
         try:
-            return job.run(progress, write)
-        finally:
-            if job.clean:  # after a fault, tearing gloo down can block on the dead peer
-                dist.destroy_process_group()
+            result = job.run(progress, write)
+        except (KeyboardInterrupt, RelaxError) as e:
+            _hard_exit(e)
+        dist.destroy_process_group()
+        return result
+
+
+def _hard_exit(e: BaseException) -> None:
+    """Report like the command line does, then leave without tearing gloo down: after a
+    fault its threads can abort the process (or block) when they meet the dead peer."""
+    if isinstance(e, KeyboardInterrupt):
+        sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
+        code = 130
+    else:
+        sys.stderr.write(f"relaxsgd: error: {e}\n")
+        code = getattr(e, "exit_code", 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _Job:
@@ -141,9 +163,8 @@ class _Job:
         self.rec: Recorder | None = None
         self.compute_time = 0.0
         self.units = 0
-        self.clean = False
-        heter = cfg.compute.heterogeneity != "none"
-        self.slow = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if heter else None
+        paced = cfg.compute.heterogeneity != "none" or cfg.compute.step_time_s is not None
+        self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
@@ -211,62 +232,57 @@ class _Job:
         finally:
             bar.close()
         if err is not None:
-            self._tell_abort(message)
+            tell_abort(self.tr, message)
         result = self._write(status, message) if self.rank == 0 else None
-        self.tr.close(wait_s=5.0 if err is None else 1.0)
+        self.tr.close(wait_s=5.0 if err is None else 0.5)
         if err is not None:
             if isinstance(err, (KeyboardInterrupt, RelaxError)):
                 raise err
             raise PeerLost(f"worker {self.rank} failed: {message}") from err
-        self.clean = True
         return result
 
     def _local(self, eff: Effect) -> Any:
-        ex, bank = self.ex, self.bank
-        ex.begin_local()
-        t = time.perf_counter()
+        bank, steps, value = self.bank, 0, None
         try:
             if isinstance(eff, Grad):
-                g, loss = bank.grads([0])
-                value, steps = g[0].clone(), 0
+                g, loss = self._timed(lambda: bank.grads([0]), 1)
+                value = g[0].clone()
+                self._check(loss)
             else:
                 assert isinstance(eff, Compute)
                 steps = eff.steps
-                loss = bank.local_steps([0], steps) if steps > 0 else None
-                value = None
-            if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
-                raise Diverged(self.w.step, self.rank, float(loss[0]))
-            units = max(steps, 1)
-            el = time.perf_counter() - t
-            self.compute_time += el
-            self.units += units
-            if self.slow is not None:  # heterogeneity: sleep to (factor x) the step time
-                extra = (self.slow.duration(self.rank, units) - units) * el / units
-                if extra > 0:
-                    time.sleep(extra)
+                # paced: one step at a time, so that the model mid-Compute is realistic
+                chunks = [1] * steps if self.pace is not None else [steps] if steps else []
+                for k in chunks:
+                    self._check(self._timed(lambda k=k: bank.local_steps([0], k), k))
         finally:
-            ex.end_local()
+            self.ex.end_local()
         if steps:
             self.w.note_steps(steps)
         return value
 
+    def _timed(self, fn: Any, units: int) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        el = time.perf_counter() - t
+        self.compute_time += el
+        self.units += units
+        if self.pace is not None:  # the compute model, realised by sleeping
+            per = self.cfg.compute.step_time_s or el / units
+            extra = self.pace.duration(self.rank, units) * per - el
+            if extra > 0:
+                time.sleep(extra)
+        return out
+
+    def _check(self, loss: Any) -> None:
+        if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
+            raise Diverged(self.w.step, self.rank, float(loss.reshape(-1)[0]))
+
     def _finish_together(self) -> None:
-        """Tell everyone this worker is done; keep answering until all live ones are."""
-        for r in range(self.n):
-            if r != self.rank:
-                self.tr.send(r, ("done",))
-        while any(r not in self.done_from and r not in self.tr.dead
-                  for r in range(self.n) if r != self.rank):
-            self.ex._check_abort()
-            time.sleep(0.02)
+        finish_together(self.ex, self.done_from)
         if self.evaluator is not None and not self.evaluator.wait(self.opts.timeout_s):
             raise PeerLost("rank 0 did not receive every worker's final snapshot within "
                            f"{self.opts.timeout_s:g}s")
-
-    def _tell_abort(self, why: str) -> None:
-        for r in range(self.n):
-            if r != self.rank and r not in self.tr.dead:
-                self.tr.send(r, ("abort", f"worker {self.rank}: {why}"))
 
     # -- outputs (rank 0) ----------------------------------------------------------
     def _write(self, status: str, message: str) -> dict:
@@ -290,11 +306,12 @@ class _Job:
                                                 default=self.ex.now())
         result["dist"] = {
             "backend": self.backend, "world_size": self.n,
-            "lost_workers": sorted(self.tr.dead),
+            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())},
             "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in finals},
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in finals},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
                                        for s in finals},
+            "finish_time_s_per_worker": {s["rank"]: s["wall"] for s in finals},
         }
         if self.out:
             result["out"] = self.out

@@ -120,8 +120,41 @@ class Probe(Algorithm):
             yield Compute(rest)
 
 
+class Ping(Algorithm):
+    """Asynchrony check: worker 0 asks worker 1, busy in one long Compute, for an immediate
+    answer and for a deferred one. Observations on worker 0: ``now_reply_s`` and
+    ``deferred_reply_s`` (seconds to get each answer), ``deferred_step`` (worker 1's local
+    step when it answered: the end of its Compute if deferral works), ``now_step``."""
+
+    name = "ping"
+    Config = ProbeConfig
+    metric_keys = ()
+
+    def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
+        if payload == "now":
+            return Reply(w.step, 8)
+        return Deferred(lambda w: Reply(w.step, 8))
+
+    def program(self, w: Worker) -> Program:
+        if w.rank == 0:
+            yield Compute(1)
+            yield Sleep(0.3)  # worker 1 is inside its long Compute by now
+            for mode in ("now", "deferred"):
+                t = yield Now()
+                step = yield Exchange(1, mode, 8)
+                w.observe(f"{mode}_reply_s", (yield Now()) - t)
+                w.observe(f"{mode}_step", step)
+            yield Compute(w.total_steps - 1)
+        else:
+            yield Compute(w.total_steps)
+
+
 PROBE = Entry("probe", "relaxsgd.dist.testing:Probe",
               "test algorithm using every effect (relaxsgd.dist.testing)")
+
+
+PING = Entry("ping", "relaxsgd.dist.testing:Ping",
+             "test algorithm: immediate and deferred answers of a busy worker")
 
 
 @contextmanager
@@ -150,6 +183,46 @@ class JobResult:
 
         with open(os.path.join(self.out, "metrics.csv"), encoding="utf-8") as f:
             return list(csv.DictReader(f))
+
+
+def run_jobs(cfgs: list[dict[str, Any]], n: int, out: str, timeout: float = 120.0,
+             env: dict[str, str] | None = None) -> list[JobResult]:
+    """Several configs, one after the other in the SAME ``n`` processes (saves the start-up
+    of a process per config: most of a small test's time); outputs in ``out/<k>``."""
+    import time
+
+    from .launch import free_port
+
+    paths = []
+    for k, cfg in enumerate(cfgs):
+        os.makedirs(os.path.join(out, str(k)), exist_ok=True)
+        paths.append(os.path.join(out, str(k), "job.yaml"))
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            yaml.safe_dump({**cfg, "workers": n, "out": os.path.join(out, str(k))}, f)
+    ports = ",".join(str(free_port()) for _ in cfgs)
+    e = {"RELAXSGD_SAVE_MODELS": "1", "RELAXSGD_TEST_PORTS": ports, **(env or {})}
+    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "multi", *paths]
+    t = time.perf_counter()
+    job = LocalJob(cmd, n, env=e, log_dir=os.path.join(out, "logs"))
+    try:
+        codes = job.wait(timeout=timeout, grace=5.0)
+    finally:
+        job.stop(grace=1.0)
+    seconds = time.perf_counter() - t
+    logs = [job.output(r) for r in range(n)]
+    return [_collect(codes, logs, os.path.join(out, str(k)), seconds)
+            for k in range(len(cfgs))]
+
+
+def _collect(codes: list[int], logs: list[str], out: str, seconds: float) -> JobResult:
+    result = None
+    rpath = os.path.join(out, "result.json")
+    if os.path.exists(rpath):
+        with open(rpath, encoding="utf-8") as f:
+            result = json.load(f)
+    mpath = os.path.join(out, "models.pt")
+    models = torch.load(mpath)["X"] if os.path.exists(mpath) else None
+    return JobResult(codes, logs, out, result, models, seconds)
 
 
 def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
@@ -181,14 +254,7 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
     finally:
         job.stop(grace=1.0)  # never leave a process behind
     seconds = time.perf_counter() - t
-    result = None
-    rpath = os.path.join(out, "result.json")
-    if os.path.exists(rpath):
-        with open(rpath, encoding="utf-8") as f:
-            result = json.load(f)
-    mpath = os.path.join(out, "models.pt")
-    models = torch.load(mpath)["X"] if os.path.exists(mpath) else None
-    return JobResult(codes, [job.output(r) for r in range(n)], out, result, models, seconds)
+    return _collect(codes, [job.output(r) for r in range(n)], out, seconds)
 
 
 def _install_kill() -> None:
@@ -218,11 +284,26 @@ def _install_kill() -> None:
     LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
 
 
+def _multi(paths: list[str]) -> int:
+    from ..config import from_dict, load_yaml
+    from .runtime import run_dist
+
+    ports = os.environ["RELAXSGD_TEST_PORTS"].split(",")
+    for path, port in zip(paths, ports, strict=True):
+        os.environ["MASTER_PORT"] = port
+        run_dist(from_dict({**load_yaml(path), "runtime": "dist"}), progress=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..cli import main as cli_main
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     _install_kill()
     ALGORITHMS._entries.setdefault("probe", PROBE)
+    ALGORITHMS._entries.setdefault("ping", PING)
+    if argv and argv[0] == "multi":
+        return _multi(argv[1:])
     return cli_main(argv)
 
 

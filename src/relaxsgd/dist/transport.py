@@ -217,9 +217,9 @@ class Transport:
             if peer not in self.dead:
                 q.put((encode(("bye",)), None))
             q.put(_STOP)
-        for t in self._senders:
-            t.join(timeout=wait_s)
         deadline = time.monotonic() + wait_s
+        for t in self._senders:
+            t.join(timeout=max(deadline - time.monotonic(), 0.0))
         with self._joined:
             while True:
                 missing = set(range(self.n)) - {self.rank} - self._goodbye - set(self.dead)
