@@ -11,7 +11,8 @@ Compression (an extension, so that the family compares at equal compression): wh
 is the difference of the round-start model to the last average every worker knows,
 x_i^k - xbar^(k-1) (xbar^(-1) = x^0), compressed with ``compressor`` and error feedback; the
 average is then xbar^k = xbar^(k-1) + mean_i m_i. With ``identity`` (the default) this is
-the paper's model average exactly.
+the paper's model average exactly. ``aggregation: ps`` sends the messages through a
+parameter server with its own compression (see ``efsgd``) instead of the exact mean.
 
 Communication schedule: one non-blocking aggregation per round, started before the local
 steps and waited for after them: no stall when it takes less than a round.
@@ -34,19 +35,25 @@ from .efsgd import make_aggregator, observe_residual, parse_compression
 class CoCoDConfig:
     """p: local steps per round; compressor: spec of the compressor of the round-start model
     difference (default ``identity``: the plain model average); error_feedback: keep the
-    compression error for the next round; final_average: average the models once, blocking,
-    after the last round."""
+    compression error for the next round; aggregation: ``allreduce`` (exact mean of the
+    messages) or ``ps`` (parameter server); server_compressor, server_error_feedback: the
+    server's reply compression in ps mode; final_average: average the models once,
+    blocking, after the last round."""
 
     p: int = 4
     compressor: str = "identity"
     error_feedback: bool = True
+    aggregation: str = "allreduce"
+    server_compressor: str = ""
+    server_error_feedback: bool = True
     final_average: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.p, int) or self.p < 1:
             raise ConfigError(f"cocod option p (local steps per round) must be >= 1, "
                               f"got {self.p!r}")
-        parse_compression("cocod", self.compressor, self.error_feedback, "allreduce", "")
+        parse_compression("cocod", self.compressor, self.error_feedback,
+                          self.aggregation, self.server_compressor)
 
 
 class CoCoDSGD(Algorithm):

@@ -99,9 +99,12 @@ def uses_protocol(c: Compressor) -> bool:
 class Aggregator:
     """Compressed aggregation with error feedback, started non-blocking from a worker program.
 
-    Per-worker state lives in a dict (``init_state``); every aggregation of a worker is
-    chained behind the previous one (FIFO), so that all workers issue their collectives in
-    the same order, as the distributed runtime's communication thread runs them.
+    Per-worker state lives in a dict of tensors and ints (``init_state``; checkpointable):
+    the compressor's (with the error-feedback residual), and in ps mode the replicated
+    server's (its residual, and a round counter that seeds its generator identically on
+    every worker). Every aggregation of a worker is chained behind its previous one (FIFO),
+    so that all workers issue their collectives in the same order, as the distributed
+    runtime's communication thread runs them.
     """
 
     def __init__(self, inner: Compressor, error_feedback: bool, aggregation: str = "allreduce",
@@ -116,6 +119,7 @@ class Aggregator:
         self.server_wire = (ErrorFeedback(server) if server is not None and server_error_feedback
                             else server)
         self.seed = seed
+        self._last: dict[int, Handle | None] = {}  # per worker: its latest aggregation
 
     # -- state -------------------------------------------------------------------------
     def init_state(self, numel: int, layout: list | None) -> dict[str, Any]:
@@ -129,7 +133,7 @@ class Aggregator:
                                              self.server.init_state(numel, layout),
                                              torch.Generator().manual_seed(0))
             st["down_nbytes"] = self.server.nbytes(sprobe)
-            st["server_gen"] = torch.Generator().manual_seed(self.seed * 1_000_003 + SALT_SERVER)
+            st["server_round"] = 0  # seeds the server's generator, the same on every worker
         return st
 
     def residual(self, st: dict[str, Any]) -> Tensor | None:
@@ -138,9 +142,9 @@ class Aggregator:
     # -- aggregation -------------------------------------------------------------------
     def start(self, w: Worker, st: dict[str, Any], x: Tensor) -> Program:
         """Sub-program: start aggregating ``x`` (not modified); returns a :class:`Pending`."""
-        chain = w.state.setdefault("comm_chain", {"last": None})
-        prev = chain["last"]
+        prev = self._last.get(w.rank)
         if self.protocol:
+            w.count("payload_bytes", st["msg_nbytes"])
             h = yield Spawn(self._protocol(w, st, x.detach().clone(), prev))
             pend = Pending(h, None, None)
         else:
@@ -152,7 +156,7 @@ class Aggregator:
             res = None if res is None else res.clone()
             h = yield Spawn(self._send(st, payload, own, res, nb, prev))
             pend = Pending(h, own, res)
-        chain["last"] = pend.handle
+        self._last[w.rank] = pend.handle
         return pend
 
     def mean(self, w: Worker, st: dict[str, Any], x: Tensor) -> Program:
@@ -178,7 +182,10 @@ class Aggregator:
     def _serve(self, st: dict[str, Any], payloads: list[Any]) -> Tensor:
         """The (replicated) parameter server: average, compress with its own error feedback."""
         agg = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
-        reply, st["server"] = self.server_wire.compress(agg, st["server"], st["server_gen"])
+        gen = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + SALT_SERVER * 7_919 + st["server_round"]) % 2**62)
+        st["server_round"] += 1
+        reply, st["server"] = self.server_wire.compress(agg, st["server"], gen)
         return self.server_wire.decompress(reply)
 
     def _protocol(self, w: Worker, st: dict[str, Any], x: Tensor, prev: Handle | None
@@ -186,7 +193,6 @@ class Aggregator:
         if prev is not None:
             yield Wait(prev)
         mean, own, st["comp"] = yield from self.wire.mean(x, st["comp"], w.rng)
-        w.count("payload_bytes", st["msg_nbytes"])
         res = self.residual(st)
         return Delivered(mean, own, None if res is None else res.clone())
 

@@ -14,7 +14,8 @@ Communication schedule: at the end of round k a worker waits for the anchor z^k 
 aggregation started at the end of round k - 1, which had a whole round to arrive), pulls,
 and starts the aggregation of x_i - z^k for z^(k+1). What travels is that difference to the
 anchor, compressed with ``compressor`` and error feedback (an extension for comparisons at
-equal compression; ``identity``, the default, is the paper's model average). After the last
+equal compression; ``identity``, the default, is the paper's model average; ``aggregation:
+ps`` uses a parameter server with its own compression, see ``efsgd``). After the last
 round the last anchor is received and ``final`` decides the models: ``average`` (one
 blocking model average), ``anchor`` (every worker takes z) or ``none``.
 
@@ -39,8 +40,10 @@ class OverlapLocalConfig:
     """p: local steps per round; alpha: pull towards the anchor, in [0, 1]; beta: anchor
     momentum, in [0, 1); anchor_from: ``pulled`` or ``local`` (which model the anchor
     averages); compressor: spec of the compressor of x_i - z (default ``identity``);
-    error_feedback: keep the compression error for the next round; final: ``average``,
-    ``anchor`` or ``none`` (the models after the last round)."""
+    error_feedback: keep the compression error for the next round; aggregation:
+    ``allreduce`` or ``ps``; server_compressor, server_error_feedback: the server's reply
+    compression in ps mode; final: ``average``, ``anchor`` or ``none`` (the models after
+    the last round)."""
 
     p: int = 4
     alpha: float = 0.6
@@ -48,6 +51,9 @@ class OverlapLocalConfig:
     anchor_from: str = "pulled"
     compressor: str = "identity"
     error_feedback: bool = True
+    aggregation: str = "allreduce"
+    server_compressor: str = ""
+    server_error_feedback: bool = True
     final: str = "average"
 
     def __post_init__(self) -> None:
@@ -65,7 +71,7 @@ class OverlapLocalConfig:
             raise ConfigError(f"overlap-local option final={self.final!r}; choose one of: "
                               f"{', '.join(FINALS)}")
         parse_compression("overlap-local", self.compressor, self.error_feedback,
-                          "allreduce", "")
+                          self.aggregation, self.server_compressor)
 
 
 class OverlapLocalSGD(Algorithm):
