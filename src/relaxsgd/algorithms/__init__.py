@@ -23,3 +23,15 @@ ALGORITHMS.add("diloco", "relaxsgd.algorithms.diloco:DiLoCo",
                "DiLoCo: Local SGD whose averaged update drives an outer Nesterov optimizer")
 ALGORITHMS.add("streaming-diloco", "relaxsgd.algorithms.diloco:StreamingDiLoCo",
                "Streaming DiLoCo: DiLoCo by fragments, outer step tau steps late, quantized")
+ALGORITHMS.add("swarm", "relaxsgd.algorithms.swarm:SwarmSGD",
+               "SwarmSGD: local steps, then averaging with one random neighbour; "
+               "asynchronous, non-blocking, quantized")
+ALGORITHMS.add("dpsgd", "relaxsgd.algorithms.dpsgd:DPSGD",
+               "D-PSGD: synchronous gossip with the topology's mixing matrix every step")
+ALGORITHMS.add("adpsgd", "relaxsgd.algorithms.adpsgd:ADPSGD",
+               "AD-PSGD: asynchronous pairwise averaging with a random neighbour, stale "
+               "gradients")
+ALGORITHMS.add("sgp", "relaxsgd.algorithms.sgp:SGP",
+               "Stochastic Gradient Push: push-sum over the one-peer exponential graph")
+ALGORITHMS.add("choco", "relaxsgd.algorithms.choco:ChocoSGD",
+               "Choco-SGD: compressed gossip of differences to public copies")

@@ -1,0 +1,582 @@
+"""SwarmSGD: asynchronous decentralized SGD with local steps, pairwise averaging, quantization.
+
+G. Nadiradze, A. Sabour, P. Davies, S. Li, D. Alistarh, "Asynchronous Decentralized SGD
+with Quantized and Local Updates", NeurIPS 2021 (arXiv 1910.12308).
+
+Math. Workers sit on a graph G (``--topology``; any degrees; a time-varying graph is used
+as the union of its edges over one period). There are no rounds: a worker runs ``H_i``
+local SGD steps (``H`` fixed, or geometric with mean ``H``), then averages its model with
+ONE neighbour j. Blocking averaging: ``x_i = x_j = (x_i + x_j) / 2`` with both models
+after their local steps. Non-blocking averaging (the paper's Algorithm 1): each worker
+keeps ``xhat_i``, its model at its last interaction (its published copy), and its local
+progress since then, ``S_i = xhat_i - x_i``; an interaction sets
+``x_i <- (Q(xhat_i) + Q(xhat_j)) / 2 - S_i`` (and symmetrically for j), so a worker averages
+with what its partner last published and keeps its own progress. Written as an update,
+``x_i += delta_i``; with ``exact_mean`` (default) ``delta_i = (Q(c_j) - Q(c_i)) / 2``,
+which keeps ``x_i + x_j`` exactly even when quantized (``c`` is the copy each side sends:
+``xhat`` non-blocking, ``x`` blocking); without it, ``delta_i = (Q(c_i) + Q(c_j)) / 2 - c_i``
+(the formula above; the sum is kept in expectation only). Unquantized, both are the same.
+
+Communication schedule (``schedule``):
+
+- ``async`` (default, the practice): each worker loops ``Compute(H_i)``, picks a neighbour
+  uniformly at random from its own stream, and sends it an :class:`Exchange`. The partner
+  answers in its handler: non-blocking at once from its published copy, even while it
+  computes, and its own ``x += delta`` waits in ``w.state`` for its next step boundary
+  (:func:`add_later`; additive updates commute, so this equals applying it at arrival);
+  blocking through :class:`Deferred` at its next step boundary, with its current model.
+  No global clock; a partner may be in several interactions at once (updates are
+  additive, so the sum is still kept).
+- ``sequential`` (the analysed model, the reference): a shared stream of edges, drawn
+  uniformly from G with the run's seed (every worker regenerates the same stream, so it
+  also works in the distributed runtime). Interaction t on edge (i, j): both run their
+  local steps for it, send each other their copies (Send/Recv tagged t), and average.
+  Each worker follows the stream's edges that touch it, in order; interactions on
+  disjoint edges run concurrently, which is a valid serialization of the stream, so the
+  result is exactly the sequential model's. The stream is cut at the first T where every
+  worker has done its ``total_steps``; interactions of a worker whose budget is spent come
+  with 0 local steps (pure averaging).
+
+``update``: ``symmetric`` (both update; default) or ``pull`` (one-sided: only the
+initiator averages, x_i += (Q(c_j) - c_i) / 2; what the authors' MPI one-sided code did).
+``overlap`` (async, non-blocking): the initiator does not wait for the reply; it starts its
+next local steps and applies the average at their end.
+
+Quantization (``quantizer``): ``lattice`` (Davies et al., ICLR 2021; module
+:mod:`relaxsgd.quantize.lattice`): ``bits`` per coordinate, stochastic (unbiased)
+rounding, decoded against the receiver's own copy. DECIDED: ``eps`` from the observed
+spread of the models: the sender takes ``D = spread + drift`` (``spread``: the largest
+coordinate gap between its copy and a partner's seen at its last decode; ``drift``: how far
+its copy moved since its last message) and ``eps = safety * D / (2^(bits-1) - 1)``, per
+parameter tensor (``per_tensor``; layers disagree by amounts 6x apart on the MNIST-1D MLP,
+and one eps for all would be set by the worst); a fixed ``eps`` (the authors: 0.0035 / n)
+is an option. Decode failures are detected by the
+payload's checksum and counted (``decode_failures``); the failed message is replaced by a
+full-precision one: when the partner cannot decode the request it answers "resend" and the
+whole interaction is redone in full precision; when the initiator cannot decode the reply it
+fetches, in full precision, the exact value its partner used (kept until a tiny ``commit``
+or the fetch arrives). Those bytes are counted by the network and in ``fallback_bytes``.
+``qsgd``: plain b-bit stochastic quantization of the difference to a per-pair reference
+(:mod:`relaxsgd.quantize.qsgd_diff`): the last value the receiver decoded from this sender,
+which both hold (the first message of each direction of a pair is full precision and sets
+it; each side keeps one reference per neighbour and direction, so 2 deg(i) d floats).
+Both sides number the messages of a direction, so one that overtook another is detected
+(counted as a decode failure) and resynchronised by the same full-precision fallback.
+
+Metrics (``metric_keys``): ``interactions_per_worker`` (each side of an interaction counts
+1/n), ``decode_failures``, ``fallback_bytes``, ``staleness_mean`` (local steps the partner
+had done since it published the copy that was used; in the simulator a partner in the
+middle of ``Compute(H)`` counts its whole block as done, so this is exact at step
+boundaries and an upper bound inside a block), ``lattice_eps_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..quantize.lattice import LatticeQuantizer
+from ..quantize.qsgd_diff import QSGDDiffQuantizer
+from ..training import seeded_generator
+from .base import (
+    Algorithm,
+    Compute,
+    Deferred,
+    Exchange,
+    Handle,
+    Program,
+    Recv,
+    Reply,
+    RunInfo,
+    Send,
+    Wait,
+    Worker,
+    tensor_nbytes,
+)
+
+SCHEDULES = ("async", "sequential")
+STEP_DISTS = ("fixed", "geometric")
+AVERAGING = ("nonblocking", "blocking")
+UPDATES = ("symmetric", "pull")
+QUANTIZERS = ("none", "lattice", "qsgd")
+SMALL = 8  # bytes of a control message (op code and a sequence number)
+SALT_HANDLER = 11
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"swarm option {name}={value!r} is unknown; choose one of: "
+                          f"{', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Options of SwarmSGD (see the module docstring for the math).
+
+    schedule: "async" (each worker picks a random neighbour after its local steps) or
+        "sequential" (a shared seeded stream of random edges; the analysed model).
+    H: local steps per interaction (the mean when ``steps_dist`` is "geometric").
+    steps_dist: "fixed" (exactly H) or "geometric" (H_i ~ Geometric(1/H) on 1, 2, ...).
+    averaging: "nonblocking" (average published copies, keep own progress) or "blocking"
+        (the partner averages its current model at its next step boundary).
+    update: "symmetric" (both sides update) or "pull" (only the initiator updates).
+    quantizer: "none", "lattice" (decoded against the receiver's copy) or "qsgd" (b-bit
+        difference to a per-pair reference).
+    bits: bits per coordinate of the quantizer (lattice 2..32, qsgd 2..16).
+    eps: fixed lattice step; None chooses it from the observed spread of the models.
+    safety: lattice margin: eps = safety * expected gap / (2^(bits-1) - 1) (capped at
+        (2^(bits-1) - 1) / 8, see :func:`effective_safety`).
+    bucket_size: qsgd coordinates per float32 scale.
+    per_tensor: lattice: one eps (and checksum) per parameter tensor, each from that
+        tensor's own spread (layers disagree by different amounts); False: one for all.
+    exact_mean: update by (Q(c_j) - Q(c_i)) / 2, which keeps the sum of the models exactly
+        under quantization; False uses (Q(c_i) + Q(c_j)) / 2 - c_i.
+    overlap: async non-blocking only: the initiator computes its next local steps while
+        its exchange is in flight and applies the average at their end.
+    """
+
+    schedule: str = "async"
+    H: int = 2
+    steps_dist: str = "fixed"
+    averaging: str = "nonblocking"
+    update: str = "symmetric"
+    quantizer: str = "none"
+    bits: int = 8
+    eps: float | None = None
+    safety: float = 2.0
+    bucket_size: int = 512
+    per_tensor: bool = True
+    exact_mean: bool = True
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("steps_dist", self.steps_dist, STEP_DISTS)
+        _choice("averaging", self.averaging, AVERAGING)
+        _choice("update", self.update, UPDATES)
+        _choice("quantizer", self.quantizer, QUANTIZERS)
+        if self.H < 1:
+            raise ConfigError(f"swarm option H (local steps per interaction) must be >= 1, "
+                              f"got {self.H}")
+        hi = 16 if self.quantizer == "qsgd" else 32
+        if not 2 <= self.bits <= hi:
+            raise ConfigError(f"swarm option bits must be in 2..{hi} for quantizer "
+                              f"{self.quantizer!r}, got {self.bits}")
+        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"swarm option eps must be > 0 (or null: chosen from the "
+                              f"models' spread), got {self.eps}")
+        if not (self.safety > 0 and math.isfinite(self.safety)):
+            raise ConfigError(f"swarm option safety must be > 0, got {self.safety}")
+        if self.bucket_size < 1:
+            raise ConfigError(f"swarm option bucket_size must be >= 1, got {self.bucket_size}")
+        if self.overlap and (self.schedule != "async" or self.averaging != "nonblocking"):
+            raise ConfigError("swarm option overlap needs schedule=async and "
+                              "averaging=nonblocking")
+
+
+def undirected_neighbors(topology: Any, n: int) -> list[list[int]]:
+    """Neighbour lists of the union of the topology's edges over one period (a
+    time-varying or directed graph becomes the undirected graph of all its links)."""
+    adj: list[set[int]] = [set() for _ in range(n)]
+    for s in range(getattr(topology, "period", 1)):
+        for a, b in topology.edges(s):
+            adj[a].add(b)
+            adj[b].add(a)
+    return [sorted(a) for a in adj]
+
+
+def add_later(w: Worker, delta: Tensor) -> None:
+    """Handler side: add ``delta`` to the worker's model at its next step boundary.
+
+    A handler that answers at once must not write ``w.params`` (the distributed runtime
+    runs it on its communication thread while the main thread may be taking local steps),
+    so the delta waits in ``w.state["acc"]`` until the program calls :func:`absorb`; after
+    the program has finished (:func:`finish`) it is applied at once. Additive updates
+    commute, so the result is the same as applying it at arrival.
+    """
+    if w.state.get("finished"):
+        w.params.add_(delta)
+    elif w.state.get("acc") is None:
+        w.state["acc"] = delta.clone()
+    else:
+        w.state["acc"].add_(delta)
+
+
+def absorb(w: Worker) -> None:
+    """Program side: apply the deltas handlers left since the last boundary."""
+    acc = w.state.pop("acc", None)
+    if acc is not None:
+        w.params.add_(acc)
+
+
+def finish(w: Worker) -> None:
+    """Program side, at its end: absorb, and let handlers write the model from now on."""
+    absorb(w)
+    w.state["finished"] = True
+
+
+def effective_safety(bits: int, safety: float) -> float:
+    """``min(safety, (2^(bits-1) - 1) / 8)``: the lattice's rounding noise becomes part of
+    the models' disagreement, which sets the next eps; above this cap that loop gains more
+    than it loses and eps grows without bound (measured in pure gossip: 4 bits diverge
+    with safety 2, converge with 1). The cap only binds below 6 bits at the default 2."""
+    return min(safety, (2 ** (bits - 1) - 1) / 8)
+
+
+def _max_abs(t: Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+class Codec:
+    """How a worker's copy travels: full precision, lattice, or qsgd difference.
+
+    ``encode(w, peer, c, gen) -> (msg, q_own, nbytes)``: ``q_own`` is what ``msg`` decodes
+    to at the receiver when decoding succeeds (the sender knows it exactly).
+    ``decode(w, src, msg, ref) -> (value, ok)``; ``full(w, peer, value)`` a full-precision
+    message (it also resynchronises qsgd references). The lattice codes each chunk (each
+    parameter tensor with ``per_tensor``, else the whole model) with its own ``eps``.
+    """
+
+    def __init__(self, cfg: SwarmConfig) -> None:
+        self.kind = cfg.quantizer
+        self.quantized = self.kind != "none"
+        self.per_tensor = cfg.per_tensor
+        self.sizes: list[int] = []
+        self.q: Any = None
+        if self.kind == "lattice":
+            self.q = LatticeQuantizer(cfg.bits, cfg.eps, effective_safety(cfg.bits, cfg.safety))
+        elif self.kind == "qsgd":
+            self.q = QSGDDiffQuantizer(cfg.bits, cfg.bucket_size)
+
+    def init(self, w: Worker) -> None:
+        if self.kind == "lattice":
+            d = w.params.numel()
+            self.sizes = [s.numel() for _, s in w.layout] if self.per_tensor else [d]
+            w.state.update(spread=[0.0] * len(self.sizes), last_sent=w.params.clone())
+        elif self.kind == "qsgd":
+            w.state.update(qref_out={}, qref_in={})
+
+    def full(self, w: Worker, peer: int, value: Tensor) -> tuple[dict, Tensor, int]:
+        msg: dict[str, Any] = {"kind": "full", "data": value.clone()}
+        nb = tensor_nbytes(value)
+        if self.kind == "qsgd":
+            ver = w.state["qref_out"].get(peer, (0, None))[0] + 1
+            w.state["qref_out"][peer] = (ver, msg["data"])
+            msg["ver"] = ver
+            nb += 4
+        return msg, value, nb
+
+    def encode(self, w: Worker, peer: int, c: Tensor,
+               gen: torch.Generator) -> tuple[dict, Tensor, int]:
+        if self.kind == "none":
+            return self.full(w, peer, c)
+        if self.kind == "lattice":
+            return self._lattice_encode(w, c, gen)
+        if peer not in w.state["qref_out"]:  # no shared reference yet: the first is full
+            return self.full(w, peer, c)
+        ver, ref = w.state["qref_out"][peer]
+        payload = self.q.encode(c, reference=ref, generator=gen)
+        q_own, _ = self.q.decode(payload, ref)
+        w.state["qref_out"][peer] = (ver + 1, q_own)
+        return {"kind": "q", "data": payload, "ver": ver + 1}, q_own, self.q.nbytes(payload) + 4
+
+    def _lattice_encode(self, w: Worker, c: Tensor,
+                        gen: torch.Generator) -> tuple[dict, Tensor, int]:
+        st = w.state
+        payloads, own, weighted_eps = [], [], 0.0
+        for k, (part, last) in enumerate(zip(c.split(self.sizes),
+                                             st["last_sent"].split(self.sizes), strict=True)):
+            gap = st["spread"][k] + _max_abs(part - last)
+            eps = max(self.q.eps_for(gap), _max_abs(part) / 2.0 ** 48)
+            payload = self.q.encode(part, eps=eps, generator=gen)
+            payloads.append(payload)
+            own.append(self.q.decode(payload, part)[0])  # exact: part is within one step
+            weighted_eps += payload.eps * part.numel()
+        st["last_sent"].copy_(c)
+        w.observe("lattice_eps", weighted_eps / max(c.numel(), 1))
+        nb = sum(self.q.nbytes(p) for p in payloads)
+        return {"kind": "q", "data": payloads}, torch.cat(own), nb
+
+    def decode(self, w: Worker, src: int, msg: dict, ref: Tensor) -> tuple[Tensor, bool]:
+        if msg["kind"] == "full":
+            value = msg["data"]
+            if self.kind == "qsgd":
+                w.state["qref_in"][src] = (msg["ver"], value)
+            elif self.kind == "lattice":
+                w.state["spread"] = [_max_abs(a - b) for a, b in
+                                     zip(value.split(self.sizes), ref.split(self.sizes),
+                                         strict=True)]
+            return value, True
+        if self.kind == "lattice":
+            parts, ok = [], True
+            for payload, r in zip(msg["data"], ref.split(self.sizes), strict=True):
+                v, good = self.q.decode(payload, r)
+                parts.append(v)
+                ok = ok and good
+            value = torch.cat(parts)
+            if ok:
+                w.state["spread"] = [_max_abs(a - b) for a, b in
+                                     zip(parts, ref.split(self.sizes), strict=True)]
+            return value, ok
+        ver, r = w.state["qref_in"].get(src, (-1, None))
+        if msg["ver"] != ver + 1:  # a message overtook another: references out of step
+            return ref, False
+        value, _ = self.q.decode(msg["data"], r)
+        w.state["qref_in"][src] = (ver + 1, value)
+        return value, True
+
+
+class SwarmSGD(Algorithm):
+    name = "swarm"
+    Config = SwarmConfig
+    needs_topology = True
+    metric_keys = ("interactions_per_worker", "decode_failures", "fallback_bytes",
+                   "staleness_mean", "lattice_eps_mean")
+
+    def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
+        super().__init__(cfg, info)
+        self.codec = Codec(cfg)
+        self._nbrs: list[list[int]] | None = None
+        self._plans: list[list[tuple[int, int, int, bool]]] | None = None
+
+    # -- graph and schedule --------------------------------------------------------
+    def neighbors(self, i: int) -> list[int]:
+        """Neighbours of ``i``: the union of the topology's edges over one period."""
+        if self._nbrs is None:
+            self._nbrs = undirected_neighbors(self.info.topology, self.info.n)
+        return self._nbrs[i]
+
+    def plan(self, rank: int, total: int) -> list[tuple[int, int, int, bool]]:
+        """The sequential schedule of ``rank``: (t, partner, local steps, initiator)."""
+        if self._plans is None:
+            self._plans = self._make_plans(total)
+        return self._plans[rank]
+
+    def _make_plans(self, total: int) -> list[list[tuple[int, int, int, bool]]]:
+        n = self.info.n
+        edges = sorted({(min(i, j), max(i, j)) for i in range(n) for j in self.neighbors(i)})
+        plans: list[list[tuple[int, int, int, bool]]] = [[] for _ in range(n)]
+        if not edges:
+            return plans
+        rng = np.random.default_rng([self.info.seed, 0x5A4A])
+        done, left, t = [0] * n, n, 0
+        while left:
+            e = rng.integers(len(edges), size=4096)
+            flip = rng.random(4096) < 0.5
+            if self.cfg.steps_dist == "geometric":
+                hs = rng.geometric(1.0 / self.cfg.H, size=(4096, 2))
+            else:
+                hs = np.full((4096, 2), self.cfg.H)
+            for k in range(4096):
+                i, j = edges[int(e[k])]
+                if flip[k]:
+                    i, j = j, i
+                for a, b, h, init in ((i, j, int(hs[k, 0]), True), (j, i, int(hs[k, 1]), False)):
+                    h = min(h, total - done[a])
+                    if done[a] < total and done[a] + h >= total:
+                        left -= 1
+                    done[a] += h
+                    plans[a].append((t, b, h, init))
+                t += 1
+                if not left:
+                    break
+        return plans
+
+    def _draw_h(self, w: Worker, remaining: int) -> int:
+        h = self.cfg.H
+        if self.cfg.steps_dist == "geometric" and h > 1:
+            u = float(torch.rand((), generator=w.rng, dtype=torch.float64))
+            h = 1 + int(math.floor(math.log(max(u, 1e-300)) / math.log(1.0 - 1.0 / h)))
+        return min(h, remaining)
+
+    # -- per-worker state ----------------------------------------------------------
+    def init_worker(self, w: Worker) -> None:
+        w.state.update(pending={}, pub_step=0,
+                       hrng=seeded_generator(self.info.seed, w.rank, SALT_HANDLER))
+        if self.cfg.averaging == "nonblocking":
+            w.state["xhat"] = w.params.clone()
+        self.codec.init(w)
+
+    def _copy(self, w: Worker) -> Tensor:
+        """What this worker sends: its published copy (non-blocking) or its model."""
+        if self.cfg.averaging == "nonblocking":
+            return w.state["xhat"].clone()
+        return w.params.clone()
+
+    def _stale(self, w: Worker) -> int:
+        return w.step - w.state["pub_step"] if self.cfg.averaging == "nonblocking" else 0
+
+    def _publish(self, w: Worker) -> None:
+        if self.cfg.averaging == "nonblocking":
+            w.state["xhat"].copy_(w.params)
+        w.state["pub_step"] = w.step
+
+    def _delta(self, q_own: Tensor, q_other: Tensor, c: Tensor) -> Tensor:
+        if self.cfg.exact_mean:
+            return (q_other - q_own) / 2
+        return (q_own + q_other) / 2 - c
+
+    def _interacted(self, w: Worker, stale: int | None) -> None:
+        """Count one side of an interaction; ``stale``: of the partner copy used, if any."""
+        w.count("interactions_per_worker", 1.0 / self.info.n)
+        if stale is not None:
+            w.observe("staleness", stale)
+
+    # -- programs ------------------------------------------------------------------
+    def program(self, w: Worker) -> Program:
+        if self.cfg.schedule == "sequential":
+            yield from self._sequential(w)
+        else:
+            yield from self._async(w)
+        finish(w)
+
+    def _async(self, w: Worker) -> Program:
+        nbrs = self.neighbors(w.rank)
+        done, inflight = 0, None
+        while done < w.total_steps:
+            h = self._draw_h(w, w.total_steps - done)
+            yield Compute(h)
+            done += h
+            if inflight is not None:
+                yield from self._finish(w, *inflight)
+                inflight = None
+            if not nbrs:
+                continue
+            peer = nbrs[int(torch.randint(len(nbrs), (), generator=w.rng))]
+            c, q_own, msg, nb = self._request(w, peer)
+            if self.cfg.overlap and done < w.total_steps:
+                handle = yield Exchange(peer, msg, nb, blocking=False)
+                inflight = (peer, c, q_own, handle)
+            else:
+                reply = yield Exchange(peer, msg, nb)
+                yield from self._finish(w, peer, c, q_own, reply)
+
+    def _request(self, w: Worker, peer: int) -> tuple[Tensor, Tensor, dict, int]:
+        c = self._copy(w)
+        if self.cfg.update == "pull":
+            msg, q_own, nb = {"op": "pull"}, c, SMALL
+        else:
+            msg, q_own, nb = self.codec.encode(w, peer, c, w.rng)
+            msg["op"] = "avg"
+        w.state["seq"] = w.state.get("seq", 0) + 1
+        msg.update(stale=self._stale(w), seq=w.state["seq"])
+        return c, q_own, msg, nb
+
+    def _finish(self, w: Worker, peer: int, c: Tensor, q_own: Tensor, reply: Any) -> Program:
+        """Initiator side: decode the reply (with the fallbacks), apply, publish."""
+        if isinstance(reply, Handle):  # an overlapped exchange
+            reply = yield Wait(reply)
+        absorb(w)
+        seq = w.state["seq"]
+        if reply["status"] == "resend":  # the partner could not decode: redo in full
+            msg, q_own, nb = self.codec.full(w, peer, c)
+            msg.update(op="avg", stale=self._stale(w), seq=seq)
+            w.count("fallback_bytes", nb)
+            reply = yield Exchange(peer, msg, nb)
+        q_other, ok = self.codec.decode(w, peer, reply, c)
+        if not ok:
+            w.count("decode_failures")
+            w.count("fallback_bytes", SMALL)
+            full = yield Exchange(peer, {"op": "fetch", "seq": seq}, SMALL)
+            q_other, _ = self.codec.decode(w, peer, full, c)
+        elif reply.get("pending"):
+            yield Exchange(peer, {"op": "commit", "seq": seq}, SMALL, blocking=False)
+        absorb(w)
+        w.params.add_(self._delta(q_own, q_other, c))
+        self._interacted(w, reply["stale"])
+        self._publish(w)
+
+    def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
+        op = payload["op"]
+        if op in ("commit", "fetch"):
+            seq, value = w.state["pending"].get(src, (None, None))
+            if seq == payload["seq"]:  # (a late commit must not drop a newer value)
+                del w.state["pending"][src]
+            if op == "commit":
+                return Reply(None, 0)
+            # fetch: the exact value this worker used, in full precision
+            msg, _, nb = self.codec.full(w, src, value)
+            w.count("fallback_bytes", nb)
+            return Reply(msg, nb)
+        if self.cfg.averaging == "blocking":
+            return Deferred(lambda wk: self._answer(wk, src, payload))
+        return self._answer(w, src, payload)
+
+    def _answer(self, w: Worker, src: int, req: dict) -> Reply:
+        """Partner side of an interaction (at once, or at the step boundary if blocking)."""
+        c = self._copy(w)
+        stale = self._stale(w)
+        if req["op"] == "pull":
+            msg, q_own, nb = self.codec.encode(w, src, c, w.state["hrng"])
+            self._keep(w, src, req["seq"], msg, q_own)
+            self._interacted(w, None)
+            return Reply({**msg, "status": "ok", "stale": stale}, nb)
+        q_other, ok = self.codec.decode(w, src, req, c)
+        if not ok:
+            w.count("decode_failures")
+            return Reply({"status": "resend"}, 4)
+        if req["kind"] == "full":
+            msg, q_own, nb = self.codec.full(w, src, c)
+            if self.codec.quantized:
+                w.count("fallback_bytes", nb)
+        else:
+            msg, q_own, nb = self.codec.encode(w, src, c, w.state["hrng"])
+            self._keep(w, src, req["seq"], msg, q_own)
+        delta = self._delta(q_own, q_other, c)
+        if self.cfg.averaging == "nonblocking":
+            add_later(w, delta)
+            w.state["xhat"].add_(delta)  # the published copy moves; unpublished progress stays
+        else:  # at the step boundary (Deferred): the model may be written
+            w.params.add_(delta)
+            self._publish(w)
+        self._interacted(w, req["stale"])
+        return Reply({**msg, "status": "ok", "stale": stale}, nb)
+
+    def _keep(self, w: Worker, src: int, seq: int, msg: dict, q_own: Tensor) -> None:
+        """Keep a quantized reply's exact value until the initiator commits or fetches it."""
+        if msg["kind"] == "q":
+            w.state["pending"][src] = (seq, q_own)
+            msg["pending"] = True
+
+    # -- the sequential (analysed) schedule ----------------------------------------
+    def _sequential(self, w: Worker) -> Program:
+        for t, j, h, init in self.plan(w.rank, w.total_steps):
+            if h:
+                yield Compute(h)
+            yield from self._pair(w, j, t, init)
+
+    def _pair(self, w: Worker, j: int, t: int, init: bool) -> Program:
+        """Interaction t with j: copies both ways (Send/Recv tagged t), then average."""
+        pull = self.cfg.update == "pull"
+        sends, receives = not (pull and init), not (pull and not init)
+        c = self._copy(w)
+        q_own, q_other, ok, stale = c, c, True, 0
+        if sends:
+            msg, q_own, nb = self.codec.encode(w, j, c, w.rng)
+            msg["stale"] = self._stale(w)
+            yield Send(j, msg, nb, tag=("x", t))
+        if receives:
+            msg = yield Recv(j, tag=("x", t))
+            q_other, ok = self.codec.decode(w, j, msg, c)
+            stale = msg["stale"]
+        if self.codec.quantized:  # tell each other whether decoding worked; resend if not
+            if receives:
+                yield Send(j, ok, 1, tag=("ok", t))
+            if sends and not (yield Recv(j, tag=("ok", t))):
+                full, _, nb = self.codec.full(w, j, q_own)
+                w.count("fallback_bytes", nb)
+                yield Send(j, full, nb, tag=("f", t))
+            if receives and not ok:
+                w.count("decode_failures")
+                full = yield Recv(j, tag=("f", t))
+                q_other, _ = self.codec.decode(w, j, full, c)
+        if receives:
+            w.params.add_(self._delta(q_own, q_other, c))
+            self._publish(w)
+        self._interacted(w, stale if receives else None)

@@ -1,0 +1,71 @@
+"""Pure-gossip runs for the decentralized family: distinct random initial models, no
+effective gradient steps (lr 1e-30 changes no float32 parameter), so what is left is the
+algorithm's averaging alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from relaxsgd.bank import Bank
+from relaxsgd.metrics import aggregate_worker_metrics, consensus_distance
+from relaxsgd.run import prepare
+from relaxsgd.sim.compute import ComputeModel
+from relaxsgd.sim.engine import Engine
+from relaxsgd.sim.network import Network, make_network_config
+from relaxsgd.worker import LocalWorker
+from simkit import TINY, tiny
+
+NO_STEP = {"lr": 1e-30, "momentum": 0.0}
+
+
+@dataclass
+class GossipRun:
+    X0: torch.Tensor
+    X: torch.Tensor
+    workers: list[LocalWorker]
+    engine: Engine
+    bank: Bank
+    algo: Any
+    metrics: dict[str, float]
+
+
+def gossip_run(algo: str, options: dict | None = None, *, workers: int = 6,
+               steps: int = 20, topology: str = "ring", topology_options: dict | None = None,
+               seed: int = 0, scale: float = 1.0, **over: Any) -> GossipRun:
+    """Run ``algo`` from models ``x0 + scale * N(0, I)`` (one draw per worker)."""
+    cfg = tiny(algo=algo, algo_options=options or {}, workers=workers, steps=steps,
+               topology=topology, topology_options=topology_options or {}, seed=seed,
+               train=NO_STEP, **over)
+    prep = prepare(cfg)
+    bank = Bank(prep.spec, cfg.train, list(range(workers)), prep.shards, cfg.seed,
+                prep.total_steps, batching=cfg.batching)
+    prep.info.dim = bank.d
+    g = torch.Generator().manual_seed(1234 + seed)
+    bank.X.add_(scale * torch.randn(bank.X.shape, generator=g))
+    X0 = bank.X.clone()
+    ws = [LocalWorker(bank, r, workers, cfg.seed, prep.total_steps) for r in range(workers)]
+    for w in ws:
+        prep.algo.init_worker(w)
+    net = Network(make_network_config(cfg.network, **cfg.network_options), workers, cfg.seed)
+    comp = ComputeModel(cfg.compute, workers, cfg.seed, cfg.compute.step_time_s)
+    engine = Engine(prep.algo, ws, bank, net, comp)
+    engine.run()
+    return GossipRun(X0, bank.X.clone(), ws, engine, bank, prep.algo,
+                     aggregate_worker_metrics(ws))
+
+
+def conf(**over: Any) -> Any:
+    """Like simkit.tiny, but a given ``task_options`` (or ``train``) replaces TINY's."""
+    from relaxsgd.config import from_dict
+
+    d = {**TINY, **over}
+    if "task" in over and "task_options" not in over:
+        d["task_options"] = {}
+    return from_dict(d)
+
+
+def cd(X: torch.Tensor) -> float:
+    return consensus_distance(X.double())
