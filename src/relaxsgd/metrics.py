@@ -24,8 +24,8 @@ from .tasks.base import TaskSpec
 BASE_COLUMNS = [
     "eval", "step", "epoch", "samples", "virtual_time_s", "wall_time_s",
     "bytes_sent_total", "bytes_sent_per_worker_max", "messages_total", "stall_time_s_mean",
-    "bits_per_param_per_step", "train_loss", "loss_mean_model", "accuracy_mean_model",
-    "loss_worker0", "accuracy_worker0", "consensus_distance",
+    "bits_per_param_per_step", "bytes_per_worker_per_step", "train_loss", "loss_mean_model",
+    "accuracy_mean_model", "loss_worker0", "accuracy_worker0", "consensus_distance",
 ]
 
 
@@ -85,6 +85,8 @@ class Recorder:
             "messages_total": comm.messages_total, "stall_time_s_mean": comm.stall_mean,
             "bits_per_param_per_step": (8 * comm.bytes_total / (self.n * self.d * steps_done)
                                         if step > 0 else 0.0),
+            "bytes_per_worker_per_step": comm.bytes_total / (self.n * steps_done)
+            if step > 0 else 0.0,
             "train_loss": train_loss, "loss_mean_model": lm, "accuracy_mean_model": am,
             "loss_worker0": l0, "accuracy_worker0": a0,
             "consensus_distance": consensus_distance(X),
