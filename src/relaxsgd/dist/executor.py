@@ -219,10 +219,10 @@ class Executor:
         end = time.monotonic() + 2.0  # the transport sees the same end of stream
         while not self.tr.dead and time.monotonic() < end:
             time.sleep(0.02)
-        if not self.tr.dead:
-            return PeerLost(f"a collective ({h.label}) of the {ctx.label} on worker "
-                            f"{self.rank} failed: {str(h.error).splitlines()[0][:300]}")
-        return PeerLost(self._lost_message(h.label, ctx))
+        if self.tr.dead:
+            return PeerLost(self._lost_message(h.label, ctx))
+        return PeerLost(self._diagnose(h.label, ctx)
+                        + f" (it failed: {str(h.error).splitlines()[0][:200]})")
 
     def _lost_message(self, what: str, ctx: _Ctx) -> str:
         dead = self.tr.dead

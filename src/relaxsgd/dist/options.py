@@ -10,7 +10,8 @@ variable                        default    meaning
 ``RELAXSGD_TIMEOUT``            120        seconds a collective (or any blocking wait) may
                                            take before the run fails naming the worker(s)
                                            behind; a worker whose process died is detected
-                                           at once, whatever this says
+                                           at once, whatever this says (start-up
+                                           may take up to max(this, 300 s))
 ``RELAXSGD_PEER_TIMEOUT``       30         seconds an Exchange or Recv waits for its peer
                                            before ``PeerUnavailable`` is raised in the
                                            program (the partner is skipped and counted)
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
+STARTUP_S = 300.0  # rendezvous and connections: workers may start far apart
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from ..metrics import Recorder, aggregate_worker_metrics
 from ..sim.compute import ComputeModel
 from .evaluation import Evaluator, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
-from .options import DistOptions, from_env
+from .options import STARTUP_S, DistOptions, from_env
 from .transport import PeerLost, Transport, local_address
 
 
@@ -109,8 +109,9 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
     prep = prepare(cfg)  # config errors end every rank before any connection
     backend, device = pick_backend(opts, local_rank)
     with _Sigterm():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=opts.timeout_s))
+        # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=(
+            datetime.timedelta(seconds=max(opts.timeout_s, STARTUP_S))))
         job = _Job(cfg, prep, opts, rank, world, backend, device)
         try:
             result = job.run(progress, write)
@@ -204,7 +205,8 @@ class _Job:
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
         self.tr.start(dist.distributed_c10d._get_default_store(),
                       self.opts.host or local_address(os.environ.get("MASTER_ADDR",
-                                                                     "127.0.0.1")))
+                                                                     "127.0.0.1")),
+                      startup_s=STARTUP_S)
         dist.barrier()
         self.ex.t0 = time.perf_counter()
         snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals, self._ship)

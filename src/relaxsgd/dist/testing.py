@@ -257,6 +257,21 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
     return _collect(codes, [job.output(r) for r in range(n)], out, seconds)
 
 
+def wait_for_rows(out: str, rows: int, timeout: float = 60.0) -> bool:
+    """Wait until ``out/metrics.csv`` has ``rows`` rows (the run is under way)."""
+    import time
+
+    path = os.path.join(out, "metrics.csv")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                if sum(1 for _ in f) > rows:
+                    return True
+        time.sleep(0.05)
+    return False
+
+
 def _install_kill() -> None:
     spec = os.environ.get("RELAXSGD_TEST_KILL_AT")
     if not spec:

@@ -73,8 +73,11 @@ class Transport:
         self._closing = False
 
     # -- set-up --------------------------------------------------------------------
-    def start(self, store: Any, host: str, prefix: str = "relaxsgd/p2p") -> None:
-        """Listen, publish the address, connect to every peer, wait for theirs."""
+    def start(self, store: Any, host: str, prefix: str = "relaxsgd/p2p",
+              startup_s: float | None = None) -> None:
+        """Listen, publish the address, connect to every peer, wait for theirs (within
+        ``startup_s``, default the timeout: workers may start at quite different times)."""
+        wait = max(startup_s or 0.0, self.timeout)
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind((host, 0))
@@ -86,26 +89,26 @@ class Transport:
             if peer == self.rank:
                 continue
             addr = store.get(f"{prefix}/{peer}").decode()
-            sock = self._connect(addr)
+            sock = self._connect(addr, wait)
             q: queue.Queue = queue.Queue()
             self._queues[peer] = q
             t = threading.Thread(target=self._send_loop, args=(peer, sock, q), daemon=True,
                                  name=f"relax-send{peer}")
             t.start()
             self._senders.append(t)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + wait
         with self._joined:
             while len(self._incoming) < self.n - 1:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(range(self.n)) - {self.rank} - set(self._incoming))
                     raise PeerLost(f"worker(s) {missing} did not connect within "
-                                   f"{self.timeout:.0f}s")
+                                   f"{wait:.0f}s")
                 self._joined.wait(min(left, 0.5))
 
-    def _connect(self, addr: str) -> socket.socket:
+    def _connect(self, addr: str, wait: float) -> socket.socket:
         host, port = addr.rsplit(":", 1)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + wait
         while True:
             try:
                 s = socket.create_connection((host, int(port)), timeout=self.timeout)

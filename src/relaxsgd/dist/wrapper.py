@@ -53,7 +53,7 @@ from ..config import _typed
 from ..training import bind_params, flat_params, seeded_generator
 from ..worker import SALT_ALGO
 from .executor import Executor, finish_together, tell_abort
-from .options import from_env
+from .options import STARTUP_S, from_env
 from .runtime import pick_backend
 from .transport import Transport, local_address
 
@@ -75,7 +75,8 @@ def init(backend: str | None = None) -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     name, device = pick_backend(opts, local)
     if not dist.is_initialized():
-        dist.init_process_group(name, timeout=datetime.timedelta(seconds=opts.timeout_s))
+        dist.init_process_group(name, timeout=datetime.timedelta(
+            seconds=max(opts.timeout_s, STARTUP_S)))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -149,10 +150,17 @@ class Relaxed:
         self.tr.start(distributed_c10d._get_default_store(),
                       self.opts.host or local_address(os.environ.get("MASTER_ADDR",
                                                                      "127.0.0.1")),
-                      prefix=f"relaxsgd/wrap{next(_WRAPS)}/p2p")
+                      prefix=f"relaxsgd/wrap{next(_WRAPS)}/p2p", startup_s=STARTUP_S)
         dist.barrier()
         self._orig_step = optimizer.step
-        optimizer.step = self.step  # type: ignore[method-assign]
+
+        def step(closure: Any = None) -> Any:
+            return self.step(closure)
+
+        if getattr(self._orig_step, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # a scheduler
+            # made before wrap() still counts the steps (it wrapped the original)
+        optimizer.step = step  # type: ignore[method-assign]
         self._left = 0
         self.ex.start(self.algo.program(self.w))
         self._pending = self._next(self.ex.advance())
