@@ -117,8 +117,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The embedded default job of `relaxsgd compare` (the README's first command): MNIST-1D
+# (generated), its 1-D CNN, 16 workers over a WAN, each local step taking 50 ms of virtual
+# time (a mid-size model on a GPU), so that compute and communication are of one order.
+DEFAULT_JOB: dict[str, Any] = {
+    "task": "mnist1d", "task_options": {"model": "cnn", "num_samples": 10000},
+    "workers": 16, "network": "wan", "epochs": 30, "split": "iid", "evals": 15,
+    "compute": {"step_time_s": 0.05},
+    "train": {"lr": 0.1, "momentum": 0.9},
+}
+DEFAULT_JOB_OPTIONS: dict[str, dict[str, Any]] = {
+    "localsgd": {"p": 8},
+    "swarm": {"H": 4, "quantizer": "lattice", "bits": 8},
+    "olco3": {"p": 8, "s": 2, "compressor": "topk:ratio=0.01", "aggregation": "ps"},
+}
+
+
+def _per_algorithm_sets(items: list[str], algos: list[str]
+                        ) -> tuple[list[str], dict[str, list[str]]]:
+    """Split --set items into shared ones and ``<algo>.<key>=value`` ones."""
+    shared: list[str] = []
+    per: dict[str, list[str]] = {a: [] for a in algos}
+    for item in items:
+        head, dot, rest = item.partition(".")
+        if dot and head in per:
+            per[head].append(f"algo.{rest}")
+        else:
+            shared.append(item)
+    return shared, per
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    import csv
+
     from .algorithms import ALGORITHMS
+    from .config import parse_value
     from .report import plot_runs, summary_table
     from .run import default_out_dir, run
 
@@ -128,26 +161,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ALGORITHMS.entry(a)  # unknown name: one line with the choices
     else:
         algos = [a for a in DEFAULT_COMPARE if a in ALGORITHMS]
+    shared, per = _per_algorithm_sets(args.set, algos)
+    args.set = [s for s in shared if not s.startswith("algo.")]
+    common_algo = [s for s in shared if s.startswith("algo.")]
     base = config_dict(args, algos[0])
-    if not args.config:  # the embedded default job: MNIST-1D over a WAN
-        base.setdefault("task", "mnist1d")
-        base.setdefault("workers", 16)
-        base.setdefault("network", "wan")
-        base.setdefault("epochs", 8)
-        base.setdefault("split", "iid")
-        base.setdefault("evals", 16)
-        base["train"] = {"lr": 0.1, "momentum": 0.9, **(base.get("train") or {})}
+    if not args.config:
+        for k, v in DEFAULT_JOB.items():
+            if isinstance(v, dict):
+                base[k] = {**v, **(base.get(k) or {})}
+            else:
+                base.setdefault(k, v)
+        if args.task and args.task != DEFAULT_JOB["task"]:
+            base["task_options"] = {k: v for k, v in base["task_options"].items()
+                                    if k not in DEFAULT_JOB["task_options"]}
     out = base.get("out") or default_out_dir(from_dict({**base, "algo": "compare"}))
     os.makedirs(out, exist_ok=True)
     results, runs = [], []
     for a in algos:
-        d = {**base, "algo": a, "out": os.path.join(out, a)}
-        if a != algos[0]:
-            d["algo_options"] = {}
+        opts = dict(DEFAULT_JOB_OPTIONS.get(a, {})) if not args.config else {}
+        if a == algos[0]:
+            opts.update(base.get("algo_options") or {})
+        for item in common_algo + per[a]:
+            key, _, text = item[len("algo."):].partition("=")
+            opts[key] = parse_value(text)
+        d = {**base, "algo": a, "algo_options": opts, "out": os.path.join(out, a)}
         res = run(from_dict(d), progress=not args.quiet)
         results.append(res)
-        import csv
-
         with open(os.path.join(out, a, "metrics.csv"), encoding="utf-8") as f:
             runs.append((a, list(csv.DictReader(f))))
     table = summary_table(results)

@@ -28,6 +28,7 @@ shape and dtype are known to both sides (the model's layout) and are not counted
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,19 +75,26 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     return out
 
 
-def checksum(r: Tensor) -> int:
-    """Random linear hash of an int64 vector mod ``2^31 - 1`` (deterministic, shared).
-
-    The coefficient of index ``i`` comes from a fixed integer mix of ``i`` (no state, no
-    cache); every intermediate product stays below ``2^62``, so int64 never overflows.
-    """
-    i = torch.arange(1, r.numel() + 1, dtype=torch.int64) % _P
+@functools.lru_cache(maxsize=64)
+def _coefficients(numel: int) -> Tensor:
+    """The hash coefficients of indices 1..numel: pure, so cached per length (the encode and
+    decode of every exchange hash vectors of the same few lengths; recomputing them was 60%
+    of a SwarmSGD simulation's time)."""
+    i = torch.arange(1, numel + 1, dtype=torch.int64) % _P
     a = (i * 1_103_515_245) % _P
     a = a ^ (a >> 15)
     a = (a * 2_147_483_629) % _P
     a = a ^ (a >> 13)
-    a = a % (_P - 1) + 1  # nonzero mod P: a single wrong coordinate always shows
-    terms = (torch.remainder(r.reshape(-1), _P) * a) % _P
+    return a % (_P - 1) + 1  # nonzero mod P: a single wrong coordinate always shows
+
+
+def checksum(r: Tensor) -> int:
+    """Random linear hash of an int64 vector mod ``2^31 - 1`` (deterministic, shared).
+
+    The coefficient of index ``i`` comes from a fixed integer mix of ``i``; every
+    intermediate product stays below ``2^62``, so int64 never overflows.
+    """
+    terms = (torch.remainder(r.reshape(-1), _P) * _coefficients(r.numel())) % _P
     return int(terms.sum() % _P)  # sum < numel * 2^31 < 2^63 for numel < 2^32
 
 
