@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import run
 
     cfg = from_dict(config_dict(args, args.algo))
-    if cfg.out is None and cfg.runtime == "sim":
+    if cfg.out is None:  # dist: only rank 0 writes there
         from .run import default_out_dir
 
         cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
