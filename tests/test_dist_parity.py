@@ -37,11 +37,25 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("olco3", {"s": 1, "compressor": "topk:ratio=0.25", "aggregation": "ps"}, {}),
     ("olco3", {"s": 2, "p": 2, "compressor": "sign"}, {}),
 ]
-# the rest of the delay-tolerant family, when registered, with their defaults
-for _name in ("efsgd", "qsparse", "pipesgd", "cocod", "overlap-local", "diloco",
-              "streaming-diloco"):
+# the rest of the delay-tolerant family, and the deterministic decentralized algorithms
+# (SwarmSGD's sequential schedule: a seeded edge stream), when registered
+for _name, _opts, _extra in [
+        ("efsgd", {}, {}), ("qsparse", {}, {}), ("pipesgd", {}, {}), ("cocod", {}, {}),
+        ("overlap-local", {}, {}), ("diloco", {}, {}), ("streaming-diloco", {}, {}),
+        ("swarm", {"schedule": "sequential"}, {"topology": "ring"}),
+        ("swarm", {"schedule": "sequential", "averaging": "blocking", "H": 3}, {}),
+        ("dpsgd", {}, {"topology": "ring"}), ("sgp", {}, {}),
+        ("choco", {}, {"topology": "ring"})]:
     if _name in ALGORITHMS:
-        CASES.append((_name, {}, {}))
+        CASES.append((_name, _opts, _extra))
+# Lattice quantization rounds stochastically: a float-rounding difference in what is
+# quantized can flip one coordinate to the next lattice point (eps ~ 0.005 here). The
+# simulator's own vmap and loop batchings differ by as much (measured: 0.0022), so this
+# case is compared to within 0.01.
+LOOSE = {}
+if "swarm" in ALGORITHMS:
+    LOOSE[len(CASES)] = 0.01
+    CASES.append(("swarm", {"schedule": "sequential", "quantizer": "lattice"}, {}))
 
 
 def _cfg(algo: str, opts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -66,13 +80,13 @@ def test_same_parameters_bytes_and_accuracy_as_the_simulator(runs: list[Any], k:
     with probe_registered():
         sim = simulate(prepare(from_dict({**_cfg(algo, opts, extra), "workers": N})))
     assert r.models is not None and r.models.shape == sim.bank.X.shape
-    torch.testing.assert_close(r.models, sim.bank.X, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(r.models, sim.bank.X, rtol=1e-5, atol=LOOSE.get(k, 2e-6))
     res = r.result
     assert res is not None and res["runtime"] == "dist" and res["status"] == "completed"
     assert res["final"]["bytes_sent_total"] == sim.result["final"]["bytes_sent_total"]
     assert res["final"]["steps_per_worker"] == sim.result["final"]["steps_per_worker"]
     assert abs(res["final"]["accuracy_mean_model"]
-               - sim.result["final"]["accuracy_mean_model"]) <= 1 / 200 + 1e-9
+               - sim.result["final"]["accuracy_mean_model"]) <= (2 if k in LOOSE else 1) / 200
     per = res["dist"]["bytes_sent_per_worker"]
     assert sorted(int(x) for x in per) == list(range(N))
     assert sum(per.values()) <= res["final"]["bytes_sent_total"]

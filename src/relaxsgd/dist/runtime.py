@@ -164,6 +164,7 @@ class _Job:
         self.rec: Recorder | None = None
         self.compute_time = 0.0
         self.units = 0
+        self.program_s: float | None = None  # when this worker's program ended
         paced = cfg.compute.heterogeneity != "none" or cfg.compute.step_time_s is not None
         self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
 
@@ -181,6 +182,7 @@ class _Job:
     def _ship(self, snap: dict) -> None:
         snap["wire"] -= self.eval_wire
         snap["compute_time"], snap["units"] = self.compute_time, self.units
+        snap["program_s"] = self.program_s
         if self.rank == 0:
             assert self.evaluator is not None
             self.evaluator.put(snap)
@@ -223,8 +225,14 @@ class _Job:
                 snap.maybe()
                 bar.update(self.w.step)
                 eff = self.ex.advance(value)
+            self.program_s = self.ex.now()
+            # the final snapshot once EVERY worker is done: until then a finished worker
+            # still answers exchanges, which may change its model (asynchronous gossip)
+            finish_together(self.ex, self.done_from)
             snap.final("completed")
-            self._finish_together()
+            if self.evaluator is not None and not self.evaluator.wait(self.opts.timeout_s):
+                raise PeerLost("rank 0 did not receive every worker's final snapshot "
+                               f"within {self.opts.timeout_s:g}s")
         except KeyboardInterrupt as e:
             status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
         except Diverged as e:
@@ -280,12 +288,6 @@ class _Job:
         if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
             raise Diverged(self.w.step, self.rank, float(loss.reshape(-1)[0]))
 
-    def _finish_together(self) -> None:
-        finish_together(self.ex, self.done_from)
-        if self.evaluator is not None and not self.evaluator.wait(self.opts.timeout_s):
-            raise PeerLost("rank 0 did not receive every worker's final snapshot within "
-                           f"{self.opts.timeout_s:g}s")
-
     # -- outputs (rank 0) ----------------------------------------------------------
     def _write(self, status: str, message: str) -> dict:
         from ..run import make_result, write_result
@@ -313,7 +315,7 @@ class _Job:
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in finals},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
                                        for s in finals},
-            "finish_time_s_per_worker": {s["rank"]: s["wall"] for s in finals},
+            "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in finals},
         }
         if self.out:
             result["out"] = self.out

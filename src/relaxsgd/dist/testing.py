@@ -149,10 +149,58 @@ class Ping(Algorithm):
             yield Compute(w.total_steps)
 
 
+class Gossip(Algorithm):
+    """Minimal asynchronous pairwise averaging that goes on without lost partners:
+    ``Compute(2)``, then an exchange with a random other worker; ``PeerUnavailable`` skips
+    the interaction (counter ``skipped``). The partner answers from its published copy and
+    adds its half of the average at its next step boundary (as SwarmSGD/AD-PSGD do)."""
+
+    name = "gossip"
+    Config = ProbeConfig
+    metric_keys = ("interactions", "skipped")
+
+    def init_worker(self, w: Worker) -> None:
+        w.state["pub"] = w.params.clone()
+
+    def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply:
+        from ..algorithms.swarm import add_later
+
+        mine = w.state["pub"].clone()
+        add_later(w, (payload - mine) / 2)
+        w.state["pub"].add_((payload - mine) / 2)
+        return Reply(mine, 4 * mine.numel())
+
+    def program(self, w: Worker) -> Program:
+        from ..algorithms.base import PeerUnavailable
+        from ..algorithms.swarm import absorb, finish
+
+        others = [j for j in range(w.n) if j != w.rank]
+        done = 0
+        while done < w.total_steps:
+            h = min(2, w.total_steps - done)
+            yield Compute(h)
+            done += h
+            absorb(w)
+            peer = others[int(torch.randint(len(others), (), generator=w.rng))]
+            sent = w.params.clone()
+            try:
+                theirs = yield Exchange(peer, sent, 4 * sent.numel())
+            except PeerUnavailable:
+                w.count("skipped")
+                continue
+            absorb(w)
+            w.params.add_((theirs - sent) / 2)
+            w.state["pub"].copy_(w.params)
+            w.count("interactions")
+        finish(w)
+
+
 PROBE = Entry("probe", "relaxsgd.dist.testing:Probe",
               "test algorithm using every effect (relaxsgd.dist.testing)")
 
 
+GOSSIP = Entry("gossip", "relaxsgd.dist.testing:Gossip",
+               "test algorithm: asynchronous pairwise averaging that skips lost partners")
 PING = Entry("ping", "relaxsgd.dist.testing:Ping",
              "test algorithm: immediate and deferred answers of a busy worker")
 
@@ -186,12 +234,11 @@ class JobResult:
 
 
 def run_jobs(cfgs: list[dict[str, Any]], n: int, out: str, timeout: float = 120.0,
-             env: dict[str, str] | None = None) -> list[JobResult]:
+             env: dict[str, str] | None = None, after: Any = None) -> list[JobResult]:
     """Several configs, one after the other in the SAME ``n`` processes (saves the start-up
-    of a process per config: most of a small test's time); outputs in ``out/<k>``."""
+    of a process per config: most of a small test's time); outputs in ``out/<k>``.
+    ``after(job)`` runs while they do."""
     import time
-
-    from .launch import free_port
 
     paths = []
     for k, cfg in enumerate(cfgs):
@@ -199,12 +246,13 @@ def run_jobs(cfgs: list[dict[str, Any]], n: int, out: str, timeout: float = 120.
         paths.append(os.path.join(out, str(k), "job.yaml"))
         with open(paths[-1], "w", encoding="utf-8") as f:
             yaml.safe_dump({**cfg, "workers": n, "out": os.path.join(out, str(k))}, f)
-    ports = ",".join(str(free_port()) for _ in cfgs)
-    e = {"RELAXSGD_SAVE_MODELS": "1", "RELAXSGD_TEST_PORTS": ports, **(env or {})}
+    e = {"RELAXSGD_SAVE_MODELS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "multi", *paths]
     t = time.perf_counter()
     job = LocalJob(cmd, n, env=e, log_dir=os.path.join(out, "logs"))
     try:
+        if after is not None:
+            after(job)
         codes = job.wait(timeout=timeout, grace=5.0)
     finally:
         job.stop(grace=1.0)
@@ -300,13 +348,27 @@ def _install_kill() -> None:
 
 
 def _multi(paths: list[str]) -> int:
+    """Run configs one after the other; each on a fresh port that rank 0 picks just before
+    (announced through a control store held on the launch port all along)."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
     from ..config import from_dict, load_yaml
+    from .launch import free_port
     from .runtime import run_dist
 
-    ports = os.environ["RELAXSGD_TEST_PORTS"].split(",")
-    for path, port in zip(paths, ports, strict=True):
-        os.environ["MASTER_PORT"] = port
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    ctl = TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), n, rank == 0,
+                   timeout=datetime.timedelta(seconds=300))
+    for k, path in enumerate(paths):
+        if rank == 0:
+            ctl.set(f"port{k}", str(free_port()))
+        os.environ["MASTER_PORT"] = ctl.get(f"port{k}").decode()
         run_dist(from_dict({**load_yaml(path), "runtime": "dist"}), progress=False)
+    ctl.set(f"done{rank}", "1")  # rank 0 keeps the control store up until all are done
+    if rank == 0:
+        ctl.wait([f"done{r}" for r in range(n)])
     return 0
 
 
@@ -317,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_kill()
     ALGORITHMS._entries.setdefault("probe", PROBE)
     ALGORITHMS._entries.setdefault("ping", PING)
+    ALGORITHMS._entries.setdefault("gossip", GOSSIP)
     if argv and argv[0] == "multi":
         return _multi(argv[1:])
     return cli_main(argv)
