@@ -19,7 +19,8 @@ worker contributes ("msg b/p", 32 for uncompressed all-reduce SGD) and of all tr
 the links ("wire b/p": ring all-reduce sends 2(n-1)/n of each message, a ring all-gather
 forwards the n - 1 others' messages, a parameter server adds its replies).
 
-    python benchmarks/olco3_delay.py            # the full tables (~10 min with 2 processes)
+    python benchmarks/olco3_delay.py            # full: 130 runs, 17 min with 2 processes
+                                                # on this 2-core machine under other load
     python benchmarks/olco3_delay.py --quick    # a short version (fewer steps and cells)
     python benchmarks/olco3_delay.py --jobs 1   # one process (default: min(2, cores))
 

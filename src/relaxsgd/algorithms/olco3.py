@@ -41,8 +41,9 @@ and needs nothing in flight; with only one compensation (an ablation), or withou
 feedback, the worker waits for its own messages in flight (counted as stall).
 
 Metrics: observation ``staleness`` (age, in local steps, of the aggregate applied at a
-round's end: s * p), ``ef_residual_norm`` (L2 norm of e_i after each round), counter
-``payload_bytes`` (encoded size of the messages a worker contributed).
+round's end: s * p), ``ef_residual_norm`` (L2 norm of e_i after each aggregated round),
+counter ``payload_bytes`` (encoded size of the messages a worker contributed). The state
+``update_sum`` is the sum of the worker's raw updates u_i^k (the invariant's right side).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class OLCO3(Algorithm):
             if r.pending.own is not None:
                 owns.append(r.pending.own)
                 latest = r.pending.residual if r.pending.residual is not None else latest
-            else:  # PowerSGD: its own message is known once its first all-reduce is done
+            else:  # PowerSGD: its own message comes back with its aggregation
                 got = yield Wait(r.pending.handle)
                 owns.append(got.own)
                 latest = got.residual if got.residual is not None else latest
