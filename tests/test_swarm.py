@@ -15,6 +15,7 @@ from simkit import tiny
 
 SUM_CASES = [
     {},
+    {"steps_dist": "fixed"},
     {"averaging": "blocking"},
     {"schedule": "sequential"},
     {"schedule": "sequential", "averaging": "blocking", "steps_dist": "geometric"},
@@ -59,7 +60,8 @@ def test_pull_updates_only_the_initiator_and_still_contracts() -> None:
 def test_sequential_schedule_equals_the_serial_random_edge_model() -> None:
     """Concurrent execution of the shared edge stream = the serial model, exactly."""
     for averaging in ("blocking", "nonblocking"):
-        opts = {"schedule": "sequential", "H": 2, "averaging": averaging}
+        opts = {"schedule": "sequential", "H": 2, "averaging": averaging,
+                "steps_dist": "fixed"}
         r = gossip_run("swarm", opts, workers=7, steps=16, topology="random-regular",
                        topology_options={"degree": 4})
         edges: dict[int, tuple[int, int]] = {}
@@ -95,7 +97,7 @@ def test_lattice_bytes_counted_are_the_encoded_sizes() -> None:
     """Per interaction: request + reply (codes of bits/8 bytes a coordinate, 4 bytes of
     checksum and 4 of eps per parameter tensor) + an 8-byte commit, acknowledged in 0."""
     for bits in (8, 6, 5):
-        opts = {"H": 2, "quantizer": "lattice", "bits": bits,
+        opts = {"H": 2, "steps_dist": "fixed", "quantizer": "lattice", "bits": bits,
                 "eps": 0.6 / (2 ** (bits - 1) - 1)}  # range +-0.6: no decode failure
         r = gossip_run("swarm", opts, workers=4, steps=12, scale=0.05)
         assert r.metrics.get("decode_failures", 0) == 0
@@ -110,7 +112,8 @@ def test_qsgd_bytes_counted_are_the_encoded_sizes() -> None:
     """The first message of each direction of a pair is full precision (it sets the shared
     reference); every later one is codes + scales + a 4-byte version number."""
     r = gossip_run("swarm", {"H": 3, "quantizer": "qsgd", "bits": 5, "bucket_size": 16,
-                             "schedule": "sequential"}, workers=4, steps=24, topology="ring")
+                             "schedule": "sequential", "steps_dist": "fixed"},
+                   workers=4, steps=24, topology="ring")
     d = r.bank.d
     message = math.ceil(d * 5 / 8) + 4 * math.ceil(d / 16) + 4  # codes, scales, version
     assert r.metrics.get("decode_failures", 0) == 0
@@ -161,12 +164,13 @@ def test_swarm_h1_blocking_complete_graph_converges_to_the_optimum() -> None:
 
 
 def test_staleness_is_zero_blocking_and_about_h_nonblocking() -> None:
-    base = {"H": 3, "schedule": "sequential"}
+    base = {"H": 3, "schedule": "sequential", "steps_dist": "fixed"}
     r = gossip_run("swarm", {**base, "averaging": "blocking"}, steps=30)
     assert r.metrics["staleness_mean"] == 0
     r = gossip_run("swarm", base, steps=30)
     assert 2.5 <= r.metrics["staleness_mean"] <= 3.0  # the partner's steps since publish
-    r = gossip_run("swarm", {"H": 3}, steps=30)  # async: the partner's block counts as done
+    r = gossip_run("swarm", {"H": 3, "steps_dist": "fixed"}, steps=30)  # async: the
+    # partner's block counts as done, so at most H
     assert 0 < r.metrics["staleness_mean"] <= 3.0
 
 
