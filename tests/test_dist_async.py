@@ -62,10 +62,10 @@ def test_a_3x_straggler_slows_allreduce_to_its_pace_but_not_swarm(tmp_path) -> N
     assert fast_slow < 1.2 * fast_base, (swarm_base, swarm_slow)
     assert swarm_slow[3] > 2.5 * steps * st  # the straggler really is 3x slower
     assert rs[1].result["final"]["interactions_per_worker"] > 0
-    # all-reduce SGD: everyone runs at the straggler's pace
+    # all-reduce SGD: everyone runs at the straggler's pace (its 3.6 s of steps)
     assert min(ar_slow[:3]) > 0.85 * ar_slow[3], ar_slow
-    assert statistics.mean(ar_slow[:3]) > 2.5 * statistics.mean(ar_base[:3]), (ar_base,
-                                                                               ar_slow)
+    assert min(ar_slow[:3]) > 0.9 * 3 * steps * st, (ar_base, ar_slow)
+    assert max(ar_base) < 0.6 * min(ar_slow[:3]), (ar_base, ar_slow)
 
 
 KILL: dict[str, Any] = {**TASK, "steps": 200, "evals": 4, "compute": {"step_time_s": 0.01}}

@@ -26,8 +26,9 @@ timing).
 
 Faults. A collective waited for while any worker is known dead fails at once with
 :class:`PeerLost` naming it; one that takes longer than ``RELAXSGD_TIMEOUT`` fails naming
-the workers that are behind. An Exchange or Recv whose peer is dead or silent for
-``RELAXSGD_PEER_TIMEOUT`` raises :class:`PeerUnavailable` inside the program (counted as
+the workers that are behind. An Exchange whose peer is dead or silent for
+``RELAXSGD_PEER_TIMEOUT`` (a Recv: ``RELAXSGD_TIMEOUT``, since its sender may compute
+first) raises :class:`PeerUnavailable` inside the program (counted as
 ``peer_unavailable``).
 """
 
@@ -243,7 +244,7 @@ class Executor:
                 raise PeerLost(self._lost_message(what, ctx))
             if h is not None and h.deadline is not None and now > h.deadline:
                 h.fail(PeerUnavailable(h.peer if h.peer is not None else -1,
-                                       f"no answer within {self.opts.peer_timeout_s:g}s"))
+                                       f"nothing from it within the timeout ({what})"))
                 return
             if now - start > self.opts.timeout_s:
                 raise PeerLost(self._diagnose(what, ctx))
@@ -312,8 +313,8 @@ class Executor:
 
     def _recv(self, eff: Recv) -> DHandle:
         key = (eff.src, eff.tag)
-        h = DHandle(f"recv from {eff.src}", peer=eff.src,
-                    deadline=time.monotonic() + self.opts.peer_timeout_s)
+        h = DHandle(f"recv from {eff.src}", peer=eff.src,  # a sender may compute first
+                    deadline=time.monotonic() + self.opts.timeout_s)
         with self.lock:
             box = self.inbox.get(key)
             if box:

@@ -12,9 +12,12 @@ variable                        default    meaning
                                            behind; a worker whose process died is detected
                                            at once, whatever this says (start-up
                                            may take up to max(this, 300 s))
-``RELAXSGD_PEER_TIMEOUT``       30         seconds an Exchange or Recv waits for its peer
+``RELAXSGD_PEER_TIMEOUT``       30         seconds an Exchange waits for its answer
                                            before ``PeerUnavailable`` is raised in the
-                                           program (the partner is skipped and counted)
+                                           program (the partner is skipped and counted);
+                                           above a partner's longest Compute when it
+                                           answers with Deferred (a Recv waits up to
+                                           RELAXSGD_TIMEOUT)
 ``RELAXSGD_BACKEND``            auto       gloo, nccl, or auto (nccl when CUDA is present)
 ``RELAXSGD_SPAWN_GROUPS``       4          process groups for collectives of spawned
                                            sub-programs (how many may be in flight at once)

@@ -1,0 +1,166 @@
+"""Throughput of the distributed runtime against the simulator's prediction of it.
+
+Four worker processes on this machine (gloo over loopback, one torch thread each) train the
+small CNN (MNIST when its files are at ../shared/data/mnist, else MNIST-1D's 1-D CNN) with
+all-reduce SGD, Local SGD (p = 4), SwarmSGD (defaults: H = 2, non-blocking, complete graph)
+and OLCO3 (defaults: p = 4, s = 1, PowerSGD rank 2). For each it prints the samples per
+second measured, and what the simulator predicts for the same run, with
+
+- the network model calibrated on the loopback: gloo all-reduces of 4 B and 4 MB among
+  the 4 processes, fitted to the simulator's ring all-reduce cost
+  ``2(n-1) * latency + 2(n-1)/n * bytes / bandwidth``;
+- the compute model measured on this machine, three ways: the step time of one process
+  alone (``measure_step_time``, what the simulator measures by default), that times the
+  processes per core (here 4 processes share 2 cores, which the simulator does not model),
+  and the step time the workers measured during the distributed run itself;
+
+and the ratio measured / predicted for each. A ratio below 1 is time the simulator does
+not model (Python, threads, serialisation, evaluation snapshots, the barrier at the end).
+
+    python benchmarks/dist_throughput.py            # 200 steps per worker
+    python benchmarks/dist_throughput.py --quick    # 40 steps per worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+N = 4
+ALGOS = [("allreduce", {}), ("localsgd", {"p": 4}), ("swarm", {}), ("olco3", {})]
+
+
+def task() -> tuple[str, dict[str, Any], str | None]:
+    if os.path.isdir(MNIST_DIR):
+        return "mnist", {"model": "cnn", "n_train": 12000, "n_test": 1000}, MNIST_DIR
+    return "mnist1d", {"model": "cnn"}, None
+
+
+def config(algo: str, opts: dict[str, Any], steps: int) -> dict[str, Any]:
+    name, topts, data_dir = task()
+    return {"algo": algo, "algo_options": opts, "task": name, "task_options": topts,
+            "data_dir": data_dir, "steps": steps, "evals": 1, "eval_samples": 200,
+            "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9}}
+
+
+# -- calibration of the loopback network ------------------------------------------------
+def calibrate_worker(out: str) -> None:
+    """One of the 4 calibration processes: time gloo all-reduces of two sizes."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    times = {}
+    for numel, reps in ((1, 400), (1 << 20, 20)):
+        x = torch.ones(numel)
+        for _ in range(5):
+            dist.all_reduce(x)
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(x)
+        times[numel * 4] = (time.perf_counter() - t) / reps
+    if dist.get_rank() == 0:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(times, f)
+    dist.destroy_process_group()
+
+
+def calibrate() -> tuple[float, float]:
+    """(latency_s, bandwidth_Bps) of the simulator's ring model, fitted on loopback."""
+    from relaxsgd.dist.launch import LocalJob
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "cal.json")
+        job = LocalJob([sys.executable, __file__, "--calibrate-worker", out], N)
+        codes = job.wait(timeout=120)
+        if any(codes):
+            raise SystemExit(f"calibration failed: exit statuses {codes}")
+        with open(out, encoding="utf-8") as f:
+            t = {int(k): v for k, v in json.load(f).items()}
+    small, big = sorted(t)
+    latency = t[small] / (2 * (N - 1))
+    bandwidth = 2 * (N - 1) / N * (big - small) / max(t[big] - t[small], 1e-9)
+    return latency, bandwidth
+
+
+# -- the runs --------------------------------------------------------------------------
+def predicted(cfg: dict[str, Any], step_time: float, latency: float,
+              bandwidth: float) -> float:
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare, simulate
+
+    d = {**cfg, "workers": N, "network": "custom", "compute": {"step_time_s": step_time},
+         "network_options": {"latency_s": latency, "bandwidth_Bps": bandwidth}}
+    res = simulate(prepare(from_dict(d))).result["final"]
+    return res["samples_total"] / res["virtual_time_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="40 steps per worker, not 200")
+    ap.add_argument("--calibrate-worker", metavar="OUT", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.calibrate_worker:
+        calibrate_worker(a.calibrate_worker)
+        return
+    import torch
+
+    from relaxsgd.algorithms import ALGORITHMS
+    from relaxsgd.config import from_dict
+    from relaxsgd.dist.testing import run_jobs
+    from relaxsgd.run import measure_step_time, prepare
+
+    torch.set_num_threads(1)
+    steps = 40 if a.quick else 200
+    algos = [(n, o) for n, o in ALGOS if n in ALGORITHMS]
+    cfgs = [config(n, o, steps) for n, o in algos]
+    t0 = time.perf_counter()
+    latency, bandwidth = calibrate()
+    alone = measure_step_time(prepare(from_dict({**cfgs[0], "workers": N})))
+    with tempfile.TemporaryDirectory() as d:
+        runs = run_jobs(cfgs, N, d, timeout=1800, env={"RELAXSGD_SAVE_MODELS": "0"})
+    if any(runs[0].codes):
+        raise SystemExit("the distributed runs failed:\n" + "\n".join(runs[0].logs))
+    name, topts, _ = task()
+    print(f"{N} processes, gloo on loopback, {name} {topts['model']}, batch 32, "
+          f"{steps} steps per worker")
+    print(f"loopback network (ring all-reduce fit): latency {latency * 1e6:.0f} us, "
+          f"bandwidth {bandwidth / 1e9:.2f} GB/s; step time alone {alone * 1e3:.1f} ms")
+    cores = os.cpu_count() or 1
+    shared = alone * max(1.0, N / cores)
+    print(f"CPU bound of this machine ({cores} cores, compute only): "
+          f"{min(cores, N) * 32 / alone:.0f} samples/s")
+    head = (f"{'algorithm':<10} {'step ms':>7} {'measured':>8} {'pred.alone':>10} "
+            f"{'ratio':>5} {'pred.shared':>11} {'ratio':>5} {'pred.run':>8} {'ratio':>5} "
+            f"{'stall %':>7} {'MB/worker':>9}")
+    print(head)
+    print("-" * len(head))
+    for (algo, _), cfg, r in zip(algos, cfgs, runs, strict=True):
+        f = r.result["final"]
+        wall = f["virtual_time_s"]
+        measured = f["samples_total"] / wall
+        st = r.result["dist"]["step_time_s_per_worker"]
+        in_run = sum(st.values()) / len(st)
+        preds = [predicted(cfg, s, latency, bandwidth) for s in (alone, shared, in_run)]
+        cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}"
+                        for p, w in zip(preds, (10, 11, 8), strict=True))
+        print(f"{algo:<10} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} "
+              f"{100 * f['stall_time_s_mean'] / wall:>7.1f} "
+              f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
+    print("samples/s of all workers together; 'step ms': compute time per local step "
+          "measured in the run; predictions by the simulator with the step time measured "
+          f"alone ({alone * 1e3:.1f} ms), alone x {N}/{cores} processes per core "
+          f"({shared * 1e3:.1f} ms), or in the run ('step ms'); ratio = measured / predicted")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
