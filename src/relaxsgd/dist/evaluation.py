@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-import time
 from typing import Any
 
 import torch
@@ -158,5 +157,3 @@ class Evaluator:
                         wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
                         comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
                         extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]))
-        self.last = snaps
-        self.last_time = time.perf_counter()
