@@ -3,7 +3,9 @@
 Four worker processes on this machine (gloo over loopback, one torch thread each) train the
 small CNN (MNIST when its files are at ../shared/data/mnist, else MNIST-1D's 1-D CNN) with
 all-reduce SGD, Local SGD (p = 4), SwarmSGD (defaults: H = 2, non-blocking, complete graph)
-and OLCO3 (defaults: p = 4, s = 1, PowerSGD rank 2). For each it prints the samples per
+and OLCO3 (defaults: p = 4, s = 1, PowerSGD rank 2), plus Pipe-SGD (s = 1: all-reduce
+SGD's bytes, each all-reduce overlapping the next step; its stall column shows what the
+non-blocking collectives buy). For each it prints the samples per
 second measured, and what the simulator predicts for the same run, with
 
 - the network model calibrated on the loopback: gloo all-reduces of 4 B and 4 MB among
@@ -33,7 +35,8 @@ from typing import Any
 
 MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 N = 4
-ALGOS = [("allreduce", {}), ("localsgd", {"p": 4}), ("swarm", {}), ("olco3", {})]
+ALGOS = [("allreduce", {}), ("localsgd", {"p": 4}), ("swarm", {}), ("olco3", {}),
+         ("pipesgd", {})]  # the last: all-reduce SGD's bytes, overlapped (stall % drops)
 
 
 def task() -> tuple[str, dict[str, Any], str | None]:

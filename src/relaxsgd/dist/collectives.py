@@ -88,8 +88,10 @@ class Counts:
             self.wire += wire
 
 
-def all_reduce(eff: AllReduce, n: int, group: Any, counts: Counts) -> DHandle:
-    """Mean over all workers of a tensor or a list of tensors (fresh results)."""
+def all_reduce(eff: AllReduce, n: int, group: Any, counts: Counts,
+               device: torch.device | None = None) -> DHandle:
+    """Mean over all workers of a tensor or a list of tensors (fresh results, on the
+    devices of the inputs; NCCL reduces CPU tensors on this worker's GPU)."""
     many = isinstance(eff.tensors, (list, tuple))
     ts = list(eff.tensors) if many else [eff.tensors]
     declared = eff.nbytes if eff.nbytes is not None else tensor_nbytes(eff.tensors)
@@ -97,6 +99,8 @@ def all_reduce(eff: AllReduce, n: int, group: Any, counts: Counts) -> DHandle:
     same = len({t.dtype for t in ts}) == 1 and len({t.device for t in ts}) == 1
     bufs = ([torch.cat([t.detach().reshape(-1) for t in ts])] if same
             else [t.detach().clone().reshape(-1) for t in ts])
+    if device is not None and device.type == "cuda":
+        bufs = [b.to(device) for b in bufs]
     if n > 1:
         counts.add(2 * (n - 1) / n * declared, 2 * (n - 1),
                    2 * (n - 1) / n * sum(tensor_nbytes(b) for b in bufs))
@@ -115,10 +119,10 @@ def all_reduce(eff: AllReduce, n: int, group: Any, counts: Counts) -> DHandle:
         off = 0
         for k, t in enumerate(ts):
             if same:
-                out.append(flat[off:off + t.numel()].view(t.shape))
+                out.append(flat[off:off + t.numel()].view(t.shape).to(t.device))
                 off += t.numel()
             else:
-                out.append(bufs[k].view(t.shape))
+                out.append(bufs[k].view(t.shape).to(t.device))
         return out if many else out[0]
 
     h.finish = finish

@@ -168,7 +168,7 @@ class Executor:
             h = self._spawn(eff.program, ctx)
             return self._block(h, ctx) if eff.blocking else h
         if isinstance(eff, AllReduce):
-            h = all_reduce(eff, self.n, self._group(ctx), self.counts)
+            h = all_reduce(eff, self.n, self._group(ctx), self.counts, self.device)
             self.coll_seq += 1
         elif isinstance(eff, AllGather):
             if eff.blocking or not ctx.main:
