@@ -148,7 +148,7 @@ def main() -> None:
     if args.task is None:
         args.task = "mnist" if os.path.isdir(MNIST_DIR) else "mnist1d"
     args.steps = args.steps or (200 if args.quick else 600)
-    args.evals = 30
+    args.evals = 60
     if args.target is None:
         args.target = (0.92 if args.quick else 0.95) if args.task == "mnist" else 0.6
     nets = args.networks.split(",")

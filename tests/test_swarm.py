@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from gossipkit import cd, conf, gossip_run
 from relaxsgd.algorithms.swarm import SwarmConfig, SwarmSGD
+from relaxsgd.cli import main
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
 from simkit import tiny
@@ -192,3 +195,23 @@ def test_runs_are_deterministic() -> None:
 def test_bad_options_are_one_line_config_errors(opts, match) -> None:
     with pytest.raises(ConfigError, match=match):
         prepare(tiny(algo="swarm", algo_options=opts))
+
+
+def test_cli_run_writes_the_family_metrics(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["run", "--algo", "swarm", "--task", "logreg", "--workers", "4", "--steps",
+                 "16", "--topology", "ring", "--step-time", "0.01", "--evals", "4", "-q",
+                 "--set", "quantizer=lattice", "--set", "H=2", "--set", "task.n_train=256",
+                 "--out", str(out)])
+    assert code == 0
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    for col in ("consensus_distance", "bytes_per_worker_per_step", "interactions_per_worker",
+                "decode_failures", "staleness_mean", "lattice_eps_mean"):
+        assert col in rows[0]
+    assert float(rows[-1]["interactions_per_worker"]) > 0
+    final = json.loads((out / "result.json").read_text())["final"]
+    for key in ("consensus_distance", "bytes_per_worker_per_step", "interactions_per_worker",
+                "staleness_mean"):
+        assert final[key] is not None
+    assert final["bytes_per_worker_per_step"] == pytest.approx(
+        float(rows[-1]["bytes_per_worker_per_step"]))

@@ -56,16 +56,17 @@ spread of the models: the sender takes ``D = spread + drift`` (``spread``: the l
 coordinate gap between its copy and a partner's seen when decoding, as a maximum that decays
 by ``spread_decay`` a message, since one partner's gap is a noisy guess of the next's:
 measured on the MNIST-1D MLP with 64 workers, 2.7% of interactions failed with the last
-gap alone, 0.4-0.8% with a decay of 0.8-0.95, for 6-17% larger eps; ``drift``: how far
+gap alone, 0.4-0.8% with a decay of 0.8-0.95, for 6-22% larger eps; ``drift``: how far
 its copy moved since its last message) and ``eps = safety * D / (2^(bits-1) - 1)``, per
 parameter tensor (``per_tensor``; layers disagree by amounts 6x apart on the MNIST-1D MLP,
 and one eps for all would be set by the worst); a fixed ``eps`` (the authors: 0.0035 / n)
-is an option. Decode failures are detected by the
-payload's checksum and counted (``decode_failures``); the failed message is replaced by a
-full-precision one: when the partner cannot decode the request it answers "resend" and the
-whole interaction is redone in full precision; when the initiator cannot decode the reply it
-fetches, in full precision, the exact value its partner used (kept until a tiny ``commit``
-or the fetch arrives). Those bytes are counted by the network and in ``fallback_bytes``.
+is an option. With the adaptive eps, a worker's first message (before it has seen any
+spread) is full precision. Decode failures are detected by the payload's checksum and
+counted (``decode_failures``); the failed message is replaced by a full-precision one:
+when the partner cannot decode the request it answers "resend" and the initiator sends its
+copy again in full precision; when the initiator cannot decode the reply it fetches, in
+full precision, the exact value its partner used (kept until a tiny ``commit`` or the
+fetch arrives). Those bytes are counted by the network and in ``fallback_bytes``.
 ``qsgd``: plain b-bit stochastic quantization of the difference to a per-pair reference
 (:mod:`relaxsgd.quantize.qsgd_diff`): the last value the receiver decoded from this sender,
 which both hold (the first message of each direction of a pair is full precision and sets
@@ -275,7 +276,7 @@ class Codec:
         if self.kind == "lattice":
             d = w.params.numel()
             self.sizes = [s.numel() for _, s in w.layout] if self.per_tensor else [d]
-            w.state.update(spread=[0.0] * len(self.sizes), last_sent=w.params.clone())
+            w.state.update(spread=None, last_sent=w.params.clone())
         elif self.kind == "qsgd":
             w.state.update(qref_out={}, qref_in={})
 
@@ -306,10 +307,14 @@ class Codec:
     def _lattice_encode(self, w: Worker, c: Tensor,
                         gen: torch.Generator) -> tuple[dict, Tensor, int]:
         st = w.state
+        if st["spread"] is None and self.q.eps is None:  # no spread seen yet: send in full
+            st["last_sent"].copy_(c)
+            return self.full(w, -1, c)
         payloads, own, weighted_eps = [], [], 0.0
+        spread = st["spread"] or [0.0] * len(self.sizes)
         for k, (part, last) in enumerate(zip(c.split(self.sizes),
                                              st["last_sent"].split(self.sizes), strict=True)):
-            gap = st["spread"][k] + _max_abs(part - last)
+            gap = spread[k] + _max_abs(part - last)
             eps = max(self.q.eps_for(gap), _max_abs(part) / 2.0 ** 48)
             payload = self.q.encode(part, eps=eps, generator=gen)
             payloads.append(payload)
@@ -323,9 +328,9 @@ class Codec:
     def _spread(self, w: Worker, parts: Any, ref: Tensor) -> None:
         """Update the observed spread, per chunk: the largest coordinate gap between a
         partner's decoded copy and this worker's, as a decaying maximum."""
-        w.state["spread"] = [max(_max_abs(a - b), self.decay * old) for a, b, old in
-                             zip(parts, ref.split(self.sizes), w.state["spread"],
-                                 strict=True)]
+        old = w.state["spread"] or [0.0] * len(self.sizes)  # (None before the first)
+        w.state["spread"] = [max(_max_abs(a - b), self.decay * o) for a, b, o in
+                             zip(parts, ref.split(self.sizes), old, strict=True)]
 
     def decode(self, w: Worker, src: int, msg: dict, ref: Tensor) -> tuple[Tensor, bool]:
         if msg["kind"] == "full":
@@ -542,13 +547,8 @@ class SwarmSGD(Algorithm):
         if not ok:
             w.count("decode_failures")
             return Reply({"status": "resend"}, 4)
-        if req["kind"] == "full":
-            msg, q_own, nb = self.codec.full(w, src, c)
-            if self.codec.quantized:
-                w.count("fallback_bytes", nb)
-        else:
-            msg, q_own, nb = self.codec.encode(w, src, c, w.state["hrng"])
-            self._keep(w, src, req["seq"], msg, q_own)
+        msg, q_own, nb = self.codec.encode(w, src, c, w.state["hrng"])
+        self._keep(w, src, req["seq"], msg, q_own)
         delta = self._delta(q_own, q_other, c)
         if self.cfg.averaging == "nonblocking":
             add_later(w, delta)
