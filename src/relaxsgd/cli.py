@@ -186,9 +186,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             opts[key] = parse_value(text)
         d = {**base, "algo": a, "algo_options": opts, "out": os.path.join(out, a)}
         res = run(from_dict(d), progress=not args.quiet)
+        if res is None:  # a worker of rank > 0 in --runtime dist: rank 0 writes
+            continue
         results.append(res)
         with open(os.path.join(out, a, "metrics.csv"), encoding="utf-8") as f:
             runs.append((a, list(csv.DictReader(f))))
+    if not results:
+        return 0
     table = summary_table(results)
     with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
