@@ -131,3 +131,35 @@ def test_torchrun_runs_relaxsgd_run_and_matches_the_simulator(tmp_path) -> None:
     torch.testing.assert_close(torch.load(out / "models.pt")["X"], sim.bank.X,
                                rtol=1e-5, atol=2e-6)
     assert sys.executable  # (the workers ran under torchrun's own interpreter)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_a_worker_blocked_in_a_rendezvous_that_never_completes(tmp_path) -> None:
+    from relaxsgd.dist.launch import free_port
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({**LONG, "workers": 3}))
+    port = free_port()
+    procs = []
+    for r in range(2):  # 2 of the job's 3 workers: the rendezvous waits for the third
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "relaxsgd.cli", "run", "--config", str(cfg), "--runtime",
+             "dist", "--out", str(tmp_path / "out"), "-q"], env=env,
+            stderr=subprocess.PIPE, text=True, start_new_session=True))
+    try:
+        time.sleep(6)  # started, and blocked in the rendezvous
+        t = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=20) for p in procs]
+        dt = time.monotonic() - t
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [130, 130]
+    assert dt < 8  # the watchdog: 5 s after the signal at the latest
+    assert all("interrupted" in p.stderr.read() for p in procs)

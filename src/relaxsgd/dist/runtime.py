@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import signal
 import sys
@@ -79,20 +80,68 @@ def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
     return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
 
 
-class _Sigterm:
-    """SIGTERM raises KeyboardInterrupt in the main thread while the run is going."""
+class _Signals:
+    """While a run goes: SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C
+    does), and a watchdog ends the process ``grace`` seconds after either signal if the
+    main thread is still stuck in a blocking call (a rendezvous, a store wait) where Python
+    cannot run the handler."""
 
-    def __enter__(self) -> _Sigterm:
+    def __init__(self, grace: float = 5.0) -> None:
+        self.grace = grace
+
+    def __enter__(self) -> _Signals:
+        import socket
+        import threading
+
         self.old = signal.getsignal(signal.SIGTERM)
 
         def raise_interrupt(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, raise_interrupt)
+        self.r, self.w = socket.socketpair()
+        self.w.setblocking(False)
+        self.old_fd = signal.set_wakeup_fd(self.w.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="relax-signals").start()
         return self
 
+    def _watch(self) -> None:
+        while True:
+            try:
+                got = self.r.recv(16)
+            except OSError:
+                return
+            if not got:
+                return
+            if signal.SIGINT in got or signal.SIGTERM in got:
+                time.sleep(self.grace)
+                sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
+                sys.stderr.flush()
+                os._exit(130)
+
     def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self.old_fd)
         signal.signal(signal.SIGTERM, self.old)
+        self.w.close()
+        self.r.close()
+
+
+_STORE: Any = None
+_RUNS = itertools.count()
+
+
+def run_store(rank: int, world: int, timeout_s: float) -> Any:
+    """The rendezvous store of this process's next run: one TCP store for the process's
+    life (rank 0 hosts it on MASTER_PORT, or torchrun's agent does), a fresh key prefix per
+    run, so that several runs in one process (``relaxsgd compare --runtime dist``) meet."""
+    global _STORE
+    if _STORE is None:
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                               int(os.environ.get("MASTER_PORT", "29500")), world,
+                               is_master=rank == 0 and not agent,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"relaxsgd/run{next(_RUNS)}/", _STORE)
 
 
 def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict | None:
@@ -108,17 +157,19 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
         torch.set_num_threads(cfg.threads)
     prep = prepare(cfg)  # config errors end every rank before any connection
     backend, device = pick_backend(opts, local_rank)
-    with _Sigterm():
-        # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=(
-            datetime.timedelta(seconds=max(opts.timeout_s, STARTUP_S))))
-        job = _Job(cfg, prep, opts, rank, world, backend, device)
+    startup = max(opts.timeout_s, STARTUP_S)
+    with _Signals():
         try:
-            result = job.run(progress, write)
+            store = run_store(rank, world, startup)
+            # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=startup))
+            job = _Job(cfg, prep, opts, rank, world, backend, device)
+            result = job.run(store, progress, write)
         except (KeyboardInterrupt, RelaxError) as e:
             _hard_exit(e)
-        dist.destroy_process_group()
-        return result
+    dist.destroy_process_group()
+    return result
 
 
 def _hard_exit(e: BaseException) -> None:
@@ -190,7 +241,7 @@ class _Job:
             self.eval_wire += self.tr.send(0, ("snap", snap))
 
     # -- the run -------------------------------------------------------------------
-    def run(self, progress: bool, write: bool) -> dict | None:
+    def run(self, store: Any, progress: bool, write: bool) -> dict | None:
         from ..run import Progress, default_out_dir
 
         cfg, prep = self.cfg, self.prep
@@ -205,7 +256,7 @@ class _Job:
                                 list(prep.algo.metric_keys), cfg.eval_samples)
             self.evaluator = Evaluator(self.rec, self.n)
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
-        self.tr.start(dist.distributed_c10d._get_default_store(),
+        self.tr.start(store,
                       self.opts.host or local_address(os.environ.get("MASTER_ADDR",
                                                                      "127.0.0.1")),
                       startup_s=STARTUP_S)

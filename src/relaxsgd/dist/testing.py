@@ -348,27 +348,13 @@ def _install_kill() -> None:
 
 
 def _multi(paths: list[str]) -> int:
-    """Run configs one after the other; each on a fresh port that rank 0 picks just before
-    (announced through a control store held on the launch port all along)."""
-    import datetime
-
-    from torch.distributed import TCPStore
-
+    """Run configs one after the other in this process (each run meets the others under
+    its own prefix of the same store: see ``runtime.run_store``)."""
     from ..config import from_dict, load_yaml
-    from .launch import free_port
     from .runtime import run_dist
 
-    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    ctl = TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), n, rank == 0,
-                   timeout=datetime.timedelta(seconds=300))
-    for k, path in enumerate(paths):
-        if rank == 0:
-            ctl.set(f"port{k}", str(free_port()))
-        os.environ["MASTER_PORT"] = ctl.get(f"port{k}").decode()
+    for path in paths:
         run_dist(from_dict({**load_yaml(path), "runtime": "dist"}), progress=False)
-    ctl.set(f"done{rank}", "1")  # rank 0 keeps the control store up until all are done
-    if rank == 0:
-        ctl.wait([f"done{r}" for r in range(n)])
     return 0
 
 
