@@ -129,10 +129,18 @@ def all_reduce(eff: AllReduce, n: int, group: Any, counts: Counts,
     return h
 
 
+def work_handle(work: Any, label: str) -> DHandle:
+    """A handle that completes with a collective's work (``async_op=True``)."""
+    h = DHandle(label, collective=True)
+    _on_work(h, work)
+    return h
+
+
 def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
-               device: torch.device) -> Any:
-    """Every worker's payload, by rank (blocking; see the executor for the non-blocking
-    form). Payloads travel pickled (:mod:`.wire`), padded to the largest one."""
+               device: torch.device, wait: Callable[[DHandle], Any]) -> Any:
+    """Every worker's payload, by rank: two collectives (sizes, then the padded payloads,
+    pickled by :mod:`.wire`), each waited for with ``wait`` (the executor's fault-aware
+    wait). The executor runs it on a spawn's thread when it is non-blocking."""
     frames = encode((eff.payload, eff.nbytes))
     blob = b"".join(bytes(f) for f in frames[1:])
     mine = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else \
@@ -140,12 +148,14 @@ def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
     on = device if device.type != "cpu" else None
     size = torch.tensor([mine.numel()], dtype=torch.int64, device=on)
     sizes = [torch.zeros_like(size) for _ in range(n)]
-    dist.all_gather(sizes, size, group=group)
+    wait(work_handle(dist.all_gather(sizes, size, group=group, async_op=True),
+                     "all-gather (sizes)"))
     top = int(max(int(s) for s in sizes))
     padded = torch.zeros(top, dtype=torch.uint8, device=on)
     padded[:mine.numel()] = mine
     outs = [torch.zeros_like(padded) for _ in range(n)]
-    dist.all_gather(outs, padded, group=group)
+    wait(work_handle(dist.all_gather(outs, padded, group=group, async_op=True),
+                     "all-gather"))
     got = [decode(bytearray(o[:int(s)].cpu().numpy().tobytes()), on)
            for o, s in zip(outs, sizes, strict=True)]
     payloads = [g[0] for g in got]

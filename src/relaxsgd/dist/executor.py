@@ -173,7 +173,7 @@ class Executor:
         elif isinstance(eff, AllGather):
             if eff.blocking or not ctx.main:
                 value = all_gather(eff, self.n, self.rank, self._group(ctx), self.counts,
-                                   self.device)
+                                   self.device, lambda h: self._block(h, ctx))
                 self.coll_seq += 1
                 if eff.blocking:
                     return value
