@@ -24,49 +24,36 @@ Metrics: ``staleness`` (observation: steps between the average's start and its u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ConfigError
-from .base import Algorithm, AllReduce, Compute, Program, Wait, Worker
-from .efsgd import make_aggregator, observe_residual, parse_compression
+from .base import AllReduce, Compute, Program, Worker
+from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
 @dataclass(frozen=True)
-class CoCoDConfig:
-    """p: local steps per round; compressor: spec of the compressor of the round-start model
-    difference (default ``identity``: the plain model average); error_feedback: keep the
-    compression error for the next round; aggregation: ``allreduce`` (exact mean of the
-    messages) or ``ps`` (parameter server); server_compressor, server_error_feedback: the
-    server's reply compression in ps mode; final_average: average the models once,
+class CoCoDConfig(CompressionOptions):
+    """The compression options (:class:`~relaxsgd.algorithms.efsgd.CompressionOptions`:
+    compressor, error_feedback, aggregation, server_compressor, server_error_feedback);
+    compressor: spec of the compressor of the round-start model difference (default
+    ``identity``: the plain model average); error_feedback: keep the compression error for
+    the next round; p: local steps per round; final_average: average the models once,
     blocking, after the last round."""
 
-    p: int = 4
     compressor: str = "identity"
-    error_feedback: bool = True
-    aggregation: str = "allreduce"
-    server_compressor: str = ""
-    server_error_feedback: bool = True
+    p: int = 4
     final_average: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.p, int) or self.p < 1:
             raise ConfigError(f"cocod option p (local steps per round) must be >= 1, "
                               f"got {self.p!r}")
-        parse_compression("cocod", self.compressor, self.error_feedback,
-                          self.aggregation, self.server_compressor)
+        self.check_compression("cocod")
 
 
-class CoCoDSGD(Algorithm):
+class CoCoDSGD(CompressedAlgorithm):
     name = "cocod"
     Config = CoCoDConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
-
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
-    def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
 
     def program(self, w: Worker) -> Program:
         x = w.params
@@ -78,11 +65,10 @@ class CoCoDSGD(Algorithm):
             pend = yield from self.agg.start(w, w.state["agg"], start - ref)
             yield Compute(h)
             done += h
-            got = yield Wait(pend.handle)
+            got = yield from self.agg.receive(w, pend)
             ref.add_(got.mean)
             x.copy_(ref + (x - start))
             w.observe("staleness", h)
-            observe_residual(w, got.residual)
         if self.cfg.final_average:
             avg = yield AllReduce(x.clone())
             x.copy_(avg)

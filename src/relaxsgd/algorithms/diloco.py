@@ -31,13 +31,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Algorithm, Compute, Program, Wait, Worker
-from .efsgd import Pending, make_aggregator, observe_residual, parse_compression
+from .base import Compute, Program, Worker
+from .efsgd import CompressedAlgorithm, Pending, parse_compression
 
 
 def _check_outer(who: str, p: int, outer_lr: float, outer_momentum: float) -> None:
@@ -76,17 +76,13 @@ class DiLoCoConfig:
         parse_compression("diloco", self.compressor, self.error_feedback, "allreduce", "")
 
 
-class DiLoCo(Algorithm):
+class DiLoCo(CompressedAlgorithm):
     name = "diloco"
     Config = DiLoCoConfig
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
 
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
     def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+        super().init_worker(w)
         w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
 
     def program(self, w: Worker) -> Program:
@@ -102,7 +98,6 @@ class DiLoCo(Algorithm):
             outer_step(xg, w.state["outer_buf"], got.mean, cfg.outer_lr, cfg.outer_momentum,
                        cfg.nesterov)
             x.copy_(xg)
-            observe_residual(w, got.residual)
 
 
 @dataclass(frozen=True)
@@ -163,16 +158,12 @@ def fragment_bounds(layout: list, k: int) -> list[tuple[int, int, list]]:
     return out
 
 
-class StreamingDiLoCo(Algorithm):
+class StreamingDiLoCo(CompressedAlgorithm):
     name = "streaming-diloco"
     Config = StreamingDiLoCoConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
 
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
-    def init_worker(self, w: Worker) -> None:
+    def init_worker(self, w: Worker) -> None:  # one aggregator state per fragment
         frags = fragment_bounds(w.layout, self.cfg.fragments)
         w.state["frags"] = [(a, b) for a, b, _ in frags]
         w.state["agg"] = [self.agg.init_state(b - a, lay) for a, b, lay in frags]
@@ -215,9 +206,8 @@ class StreamingDiLoCo(Algorithm):
     def _apply(self, w: Worker, sync: _Sync, xg: Tensor, alpha: float) -> Program:
         cfg: StreamingDiLoCoConfig = self.cfg
         a, b = w.state["frags"][sync.frag]
-        got = yield Wait(sync.pending.handle)
+        got = yield from self.agg.receive(w, sync.pending)
         outer_step(xg[a:b], w.state["outer_buf"][a:b], got.mean, cfg.outer_lr,
                    cfg.outer_momentum, cfg.nesterov)
         w.params[a:b].mul_(1.0 - alpha).add_(xg[a:b], alpha=alpha)
         w.observe("staleness", cfg.tau)
-        observe_residual(w, got.residual)

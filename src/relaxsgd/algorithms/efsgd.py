@@ -159,10 +159,19 @@ class Aggregator:
         self._last[w.rank] = pend.handle
         return pend
 
+    def receive(self, w: Worker, pend: Pending) -> Program:
+        """Sub-program: wait for a started aggregation and observe the residual it left
+        (``ef_residual_norm``, with error feedback); returns its :class:`Delivered`."""
+        got = yield Wait(pend.handle)
+        if got.residual is not None:
+            w.observe("ef_residual_norm", float(got.residual.norm()))
+        return got
+
     def mean(self, w: Worker, st: dict[str, Any], x: Tensor) -> Program:
-        """Sub-program: the blocking aggregation of ``x``; returns a :class:`Delivered`."""
+        """Sub-program: the blocking aggregation of ``x`` (:meth:`start`, then
+        :meth:`receive`); returns a :class:`Delivered`."""
         pend = yield from self.start(w, st, x)
-        return (yield Wait(pend.handle))
+        return (yield from self.receive(w, pend))
 
     def _send(self, st: dict[str, Any], payload: Any, own: Tensor, res: Tensor | None,
               nb: int, prev: Handle | None) -> Program:
@@ -206,19 +215,15 @@ def make_aggregator(who: str, cfg: Any, seed: int) -> Aggregator:
     return Aggregator(inner, ef, agg, server, getattr(cfg, "server_error_feedback", True), seed)
 
 
-def observe_residual(w: Worker, residual: Tensor | None) -> None:
-    if residual is not None:
-        w.observe("ef_residual_norm", float(residual.norm()))
-
-
 @dataclass(frozen=True)
-class EFSGDConfig:
-    """compressor: spec of the compressor of the gradients (``topk:ratio=0.01``, ``sign``,
-    ``powersgd:rank=2``, ``ef(...)``, see ``relaxsgd list``); error_feedback: keep what was
-    not sent and add it to the next message; aggregation: ``allreduce`` (exact mean of the
-    messages) or ``ps`` (parameter server with two-way compression); server_compressor: the
-    server's compressor in ps mode (empty: the workers' one); server_error_feedback: the
-    server's own error feedback in ps mode."""
+class CompressionOptions:
+    """The compression options of the family's configs (they inherit these fields).
+    compressor: spec of the compressor of the messages (``topk:ratio=0.01``, ``sign``,
+    ``qsgd:bits=4``, ``powersgd:rank=2``, ``ef(...)``, see ``relaxsgd list``);
+    error_feedback: keep what was not sent and add it to the next message; aggregation:
+    ``allreduce`` (exact mean of the messages) or ``ps`` (parameter server with two-way
+    compression); server_compressor: the server's compressor in ps mode (empty: the workers'
+    one); server_error_feedback: the server's own error feedback in ps mode."""
 
     compressor: str = "topk:ratio=0.01"
     error_feedback: bool = True
@@ -226,15 +231,15 @@ class EFSGDConfig:
     server_compressor: str = ""
     server_error_feedback: bool = True
 
-    def __post_init__(self) -> None:
-        parse_compression("efsgd", self.compressor, self.error_feedback, self.aggregation,
+    def check_compression(self, who: str) -> None:
+        """ConfigError, naming algorithm ``who``, if the compression options are bad."""
+        parse_compression(who, self.compressor, self.error_feedback, self.aggregation,
                           self.server_compressor)
 
 
-class EFSGD(Algorithm):
-    name = "efsgd"
-    Config = EFSGDConfig
-    metric_keys = ("payload_bytes", "ef_residual_norm_mean")
+class CompressedAlgorithm(Algorithm):
+    """An algorithm whose workers aggregate through one :class:`Aggregator`, ``self.agg``
+    (built from the config's compression options), with its state in ``w.state["agg"]``."""
 
     def __init__(self, cfg: Any, info: Any) -> None:
         super().__init__(cfg, info)
@@ -243,9 +248,23 @@ class EFSGD(Algorithm):
     def init_worker(self, w: Worker) -> None:
         w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
 
+
+@dataclass(frozen=True)
+class EFSGDConfig(CompressionOptions):
+    """The compression options (:class:`CompressionOptions`); compressor: spec of the
+    compressor of the gradients (default ``topk:ratio=0.01``)."""
+
+    def __post_init__(self) -> None:
+        self.check_compression("efsgd")
+
+
+class EFSGD(CompressedAlgorithm):
+    name = "efsgd"
+    Config = EFSGDConfig
+    metric_keys = ("payload_bytes", "ef_residual_norm_mean")
+
     def program(self, w: Worker) -> Program:
         for _ in range(w.total_steps):
             g = yield Grad()
             got = yield from self.agg.mean(w, w.state["agg"], g)
             w.apply_grad(got.mean)
-            observe_residual(w, got.residual)

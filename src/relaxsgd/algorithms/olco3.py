@@ -50,38 +50,33 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Algorithm, Compute, Program, Wait, Worker
-from .efsgd import Pending, make_aggregator, observe_residual, parse_compression
+from .base import Compute, Program, Wait, Worker
+from .efsgd import CompressedAlgorithm, CompressionOptions, Pending
 
 
 @dataclass(frozen=True)
-class OLCO3Config:
-    """p: local steps per round; s: staleness in rounds (the aggregate of round k is applied
-    at the end of round k + s); compressor: spec of the message compressor (``identity``,
-    ``topk:ratio=0.01``, ``sign``, ``powersgd:rank=2``, ...; ``ef(...)`` = error_feedback);
-    error_feedback: keep the compression error and add it to the next message;
+class OLCO3Config(CompressionOptions):
+    """The compression options (:class:`~relaxsgd.algorithms.efsgd.CompressionOptions`:
+    compressor, error_feedback, aggregation, server_compressor, server_error_feedback);
+    compressor: spec of the message compressor (default ``powersgd:rank=2``; ``identity``,
+    ``topk:ratio=0.01``, ``sign``, ...; ``ef(...)`` = error_feedback); aggregation:
+    ``allreduce`` (exact mean of the messages: OLCO3-VQ with PowerSGD) or ``ps`` (parameter
+    server with two-way compression: OLCO3-TC with top-k); p: local steps per round; s:
+    staleness in rounds (the aggregate of round k is applied at the end of round k + s);
     staleness_compensation: subtract the worker's own messages still in flight from its
-    start model; compression_compensation: subtract its error-feedback residual too;
-    aggregation: ``allreduce`` (exact mean of the messages: OLCO3-VQ with PowerSGD) or
-    ``ps`` (parameter server with two-way compression: OLCO3-TC with top-k); server_compressor:
-    the server's compressor in ps mode (empty: the workers' one); server_error_feedback: the
-    server's own error feedback in ps mode; drain: after the last round, wait for and apply
-    the aggregates still in flight."""
+    start model; compression_compensation: subtract its error-feedback residual too; drain:
+    after the last round, wait for and apply the aggregates still in flight."""
 
+    compressor: str = "powersgd:rank=2"
     p: int = 4
     s: int = 1
-    compressor: str = "powersgd:rank=2"
-    error_feedback: bool = True
     staleness_compensation: bool = True
     compression_compensation: bool = True
-    aggregation: str = "allreduce"
-    server_compressor: str = ""
-    server_error_feedback: bool = True
     drain: bool = True
 
     def __post_init__(self) -> None:
@@ -91,8 +86,7 @@ class OLCO3Config:
         if not isinstance(self.s, int) or self.s < 0:
             raise ConfigError(f"olco3 option s (staleness in rounds) must be >= 0, "
                               f"got {self.s!r}")
-        parse_compression("olco3", self.compressor, self.error_feedback, self.aggregation,
-                          self.server_compressor)
+        self.check_compression("olco3")
 
 
 class _Round(NamedTuple):
@@ -101,17 +95,13 @@ class _Round(NamedTuple):
     u: Tensor  # the raw local update of the round
 
 
-class OLCO3(Algorithm):
+class OLCO3(CompressedAlgorithm):
     name = "olco3"
     Config = OLCO3Config
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
 
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
     def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+        super().init_worker(w)
         w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
 
     def program(self, w: Worker) -> Program:
@@ -144,10 +134,8 @@ class OLCO3(Algorithm):
     def _apply_oldest(self, w: Worker, flight: deque[_Round], xg: Tensor,
                       e_done: Tensor) -> Program:
         """Wait for the oldest aggregate in flight, apply it to xg; returns e_i after it."""
-        r = flight.popleft()
-        got = yield Wait(r.pending.handle)
+        got = yield from self.agg.receive(w, flight.popleft().pending)
         xg.sub_(got.mean)
-        observe_residual(w, got.residual)
         return got.residual if got.residual is not None else e_done
 
     def _compensation(self, flight: deque[_Round], e_done: Tensor) -> Program:

@@ -29,31 +29,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Algorithm, AllReduce, Compute, Program, Wait, Worker
-from .efsgd import make_aggregator, observe_residual, parse_compression
+from .base import AllReduce, Compute, Program, Worker
+from .efsgd import CompressedAlgorithm, CompressionOptions
 
 FINALS = ("average", "anchor", "none")
 
 
 @dataclass(frozen=True)
-class OverlapLocalConfig:
-    """p: local steps per round; alpha: pull towards the anchor, in [0, 1]; beta: anchor
-    momentum, in [0, 1); anchor_from: ``pulled`` or ``local`` (which model the anchor
-    averages); compressor: spec of the compressor of x_i - z (default ``identity``);
-    error_feedback: keep the compression error for the next round; aggregation:
-    ``allreduce`` or ``ps``; server_compressor, server_error_feedback: the server's reply
-    compression in ps mode; final: ``average``, ``anchor`` or ``none`` (the models after
-    the last round)."""
+class OverlapLocalConfig(CompressionOptions):
+    """The compression options (:class:`~relaxsgd.algorithms.efsgd.CompressionOptions`:
+    compressor, error_feedback, aggregation, server_compressor, server_error_feedback);
+    compressor: spec of the compressor of x_i - z (default ``identity``); error_feedback:
+    keep the compression error for the next round; p: local steps per round; alpha: pull
+    towards the anchor, in [0, 1]; beta: anchor momentum, in [0, 1); anchor_from:
+    ``pulled`` or ``local`` (which model the anchor averages); final: ``average``,
+    ``anchor`` or ``none`` (the models after the last round)."""
 
+    compressor: str = "identity"
     p: int = 4
     alpha: float = 0.6
     beta: float = 0.7
     anchor_from: str = "pulled"
-    compressor: str = "identity"
-    error_feedback: bool = True
-    aggregation: str = "allreduce"
-    server_compressor: str = ""
-    server_error_feedback: bool = True
     final: str = "average"
 
     def __post_init__(self) -> None:
@@ -70,21 +66,13 @@ class OverlapLocalConfig:
         if self.final not in FINALS:
             raise ConfigError(f"overlap-local option final={self.final!r}; choose one of: "
                               f"{', '.join(FINALS)}")
-        parse_compression("overlap-local", self.compressor, self.error_feedback,
-                          self.aggregation, self.server_compressor)
+        self.check_compression("overlap-local")
 
 
-class OverlapLocalSGD(Algorithm):
+class OverlapLocalSGD(CompressedAlgorithm):
     name = "overlap-local"
     Config = OverlapLocalConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
-
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
-    def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
 
     def program(self, w: Worker) -> Program:
         cfg: OverlapLocalConfig = self.cfg
@@ -111,7 +99,6 @@ class OverlapLocalSGD(Algorithm):
             x.copy_(z)
 
     def _receive(self, w: Worker, pend: Any, z: Any, vbar: Any) -> Program:
-        got = yield Wait(pend.handle)
+        got = yield from self.agg.receive(w, pend)
         vbar.mul_(self.cfg.beta).add_(got.mean)
         z.add_(vbar)
-        observe_residual(w, got.residual)

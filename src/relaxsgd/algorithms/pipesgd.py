@@ -22,46 +22,34 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ConfigError
-from .base import Algorithm, Grad, Program, Wait, Worker
-from .efsgd import make_aggregator, observe_residual, parse_compression
+from .base import Grad, Program, Wait, Worker
+from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
 @dataclass(frozen=True)
-class PipeSGDConfig:
-    """s: staleness in steps (the gradient of step t is applied at step t + s); compressor:
-    spec of the gradient compressor (default ``identity``: none); error_feedback: keep the
-    compression error for the next gradient; aggregation: ``allreduce`` or ``ps``;
-    server_compressor, server_error_feedback: the parameter server's reply compression."""
+class PipeSGDConfig(CompressionOptions):
+    """The compression options (:class:`~relaxsgd.algorithms.efsgd.CompressionOptions`:
+    compressor, error_feedback, aggregation, server_compressor, server_error_feedback);
+    compressor: spec of the gradient compressor (default ``identity``: none);
+    error_feedback: keep the compression error for the next gradient; s: staleness in steps
+    (the gradient of step t is applied at step t + s)."""
 
-    s: int = 1
     compressor: str = "identity"
-    error_feedback: bool = True
-    aggregation: str = "allreduce"
-    server_compressor: str = ""
-    server_error_feedback: bool = True
+    s: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.s, int) or self.s < 0:
             raise ConfigError(f"pipesgd option s (staleness in steps) must be >= 0, "
                               f"got {self.s!r}")
-        parse_compression("pipesgd", self.compressor, self.error_feedback, self.aggregation,
-                          self.server_compressor)
+        self.check_compression("pipesgd")
 
 
-class PipeSGD(Algorithm):
+class PipeSGD(CompressedAlgorithm):
     name = "pipesgd"
     Config = PipeSGDConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
-
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
-    def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
 
     def program(self, w: Worker) -> Program:
         flight: deque = deque()
@@ -69,10 +57,9 @@ class PipeSGD(Algorithm):
             g = yield Grad()
             flight.append((yield from self.agg.start(w, w.state["agg"], g)))
             if len(flight) > self.cfg.s:
-                got = yield Wait(flight.popleft().handle)
+                got = yield from self.agg.receive(w, flight.popleft())
                 w.apply_grad(got.mean)
                 w.observe("staleness", self.cfg.s)
-                observe_residual(w, got.residual)
-        while flight:
+        while flight:  # the aggregates still in flight: applied, not observed
             got = yield Wait(flight.popleft().handle)
             w.apply_grad(got.mean)

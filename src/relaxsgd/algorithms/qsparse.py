@@ -20,47 +20,33 @@ Metrics: ``ef_residual_norm`` (observation), ``payload_bytes`` (counter).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ConfigError
-from .base import Algorithm, Compute, Program, Worker
-from .efsgd import make_aggregator, observe_residual, parse_compression
+from .base import Compute, Program, Worker
+from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
 @dataclass(frozen=True)
-class QsparseConfig:
-    """p: local steps per round; compressor: spec of the update compressor
-    (``topk:ratio=0.01``, ``sign``, ``qsgd:bits=4``, ``powersgd:rank=2``, ...);
-    error_feedback: keep the compression error for the next round; aggregation:
-    ``allreduce`` or ``ps``; server_compressor: the server's reply compressor in ps mode
-    (empty: the workers' one); server_error_feedback: the server's own error feedback."""
+class QsparseConfig(CompressionOptions):
+    """The compression options (:class:`~relaxsgd.algorithms.efsgd.CompressionOptions`:
+    compressor, error_feedback, aggregation, server_compressor, server_error_feedback);
+    compressor: spec of the update compressor (default ``topk:ratio=0.01``; ``sign``,
+    ``qsgd:bits=4``, ``powersgd:rank=2``, ...); error_feedback: keep the compression error
+    for the next round; p: local steps per round."""
 
     p: int = 4
-    compressor: str = "topk:ratio=0.01"
-    error_feedback: bool = True
-    aggregation: str = "allreduce"
-    server_compressor: str = ""
-    server_error_feedback: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.p, int) or self.p < 1:
             raise ConfigError(f"qsparse option p (local steps per round) must be >= 1, "
                               f"got {self.p!r}")
-        parse_compression("qsparse", self.compressor, self.error_feedback, self.aggregation,
-                          self.server_compressor)
+        self.check_compression("qsparse")
 
 
-class QsparseLocalSGD(Algorithm):
+class QsparseLocalSGD(CompressedAlgorithm):
     name = "qsparse"
     Config = QsparseConfig
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
-
-    def __init__(self, cfg: Any, info: Any) -> None:
-        super().__init__(cfg, info)
-        self.agg = make_aggregator(self.name, cfg, info.seed)
-
-    def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
 
     def program(self, w: Worker) -> Program:
         x = w.params
@@ -73,4 +59,3 @@ class QsparseLocalSGD(Algorithm):
             got = yield from self.agg.mean(w, w.state["agg"], xg - x)
             xg.sub_(got.mean)
             x.copy_(xg)
-            observe_residual(w, got.residual)
