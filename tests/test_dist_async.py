@@ -90,10 +90,6 @@ def test_asynchronous_gossip_goes_on_without_a_killed_worker(tmp_path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="swarm.py and adpsgd.py do not catch PeerUnavailable yet (see "
-                   "algorithms/base.py): a lost partner ends the worker instead of being "
-                   "skipped; the runtime side is tested with the gossip probe above",
-                   strict=False)
 @pytest.mark.parametrize("algo", ["swarm", "adpsgd"])
 def test_swarm_and_adpsgd_go_on_without_a_killed_worker(tmp_path, algo: str) -> None:
     if algo not in ALGORITHMS:

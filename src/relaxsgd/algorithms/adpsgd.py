@@ -39,7 +39,18 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .base import Algorithm, Exchange, Grad, Program, Reply, RunInfo, Wait, Worker, tensor_nbytes
+from .base import (
+    Algorithm,
+    Exchange,
+    Grad,
+    PeerUnavailable,
+    Program,
+    Reply,
+    RunInfo,
+    Wait,
+    Worker,
+    tensor_nbytes,
+)
 from .swarm import absorb, add_later, finish, undirected_neighbors
 
 SPLITS = ("auto", "bipartite", "none")
@@ -118,10 +129,14 @@ class ADPSGD(Algorithm):
                 sent = w.params.clone()
                 h = yield Exchange(peer, sent, tensor_nbytes(sent), blocking=False)
                 g = yield Grad()
-                theirs = yield Wait(h)
+                try:
+                    theirs = yield Wait(h)
+                except PeerUnavailable:  # lost partner (dist runtime only): skip the average
+                    theirs = None
                 absorb(w)
-                w.params.add_((theirs - sent) / 2)
-                self._averaged(w)
+                if theirs is not None:
+                    w.params.add_((theirs - sent) / 2)
+                    self._averaged(w)
             else:
                 g = yield Grad()
                 absorb(w)

@@ -101,6 +101,7 @@ from .base import (
     Deferred,
     Exchange,
     Handle,
+    PeerUnavailable,
     Program,
     Recv,
     Reply,
@@ -470,18 +471,24 @@ class SwarmSGD(Algorithm):
             yield Compute(h)
             done += h
             if inflight is not None:
-                yield from self._finish(w, *inflight)
+                try:
+                    yield from self._finish(w, *inflight)
+                except PeerUnavailable:
+                    pass  # a lost partner (dist runtime only): skip it; the runtime counted it
                 inflight = None
             if not nbrs:
                 continue
             peer = nbrs[int(torch.randint(len(nbrs), (), generator=w.rng))]
             c, q_own, msg, nb = self._request(w, peer)
-            if self.cfg.overlap and done < w.total_steps:
-                handle = yield Exchange(peer, msg, nb, blocking=False)
-                inflight = (peer, c, q_own, handle)
-            else:
-                reply = yield Exchange(peer, msg, nb)
-                yield from self._finish(w, peer, c, q_own, reply)
+            try:
+                if self.cfg.overlap and done < w.total_steps:
+                    handle = yield Exchange(peer, msg, nb, blocking=False)
+                    inflight = (peer, c, q_own, handle)
+                else:
+                    reply = yield Exchange(peer, msg, nb)
+                    yield from self._finish(w, peer, c, q_own, reply)
+            except PeerUnavailable:
+                continue  # the others go on among themselves (issue 5)
 
     def _request(self, w: Worker, peer: int) -> tuple[Tensor, Tensor, dict, int]:
         c = self._copy(w)
