@@ -18,7 +18,7 @@ The paper's claim: SwarmSGD's communication per worker and per step stays consta
 grows. (Ring all-reduce's BYTES per worker are also nearly constant, 2(n-1)/n of the
 message; its time is not: 2(n-1) latencies a step.)
 
-    python benchmarks/swarm_scaling.py            # n = 16..128 (~5 min with 2 processes)
+    python benchmarks/swarm_scaling.py            # n = 16..128 (~2-4 min, 2 processes)
     python benchmarks/swarm_scaling.py --quick    # n = 16, 32
 """
 

@@ -22,7 +22,8 @@ target accuracy (``--target``, default 95% on MNIST; "-" when never), and the by
 had sent by then (mean over workers); the total virtual time; the consensus distance at the
 end; decode failures. One seed per cell.
 
-    python benchmarks/swarm_vs_decentralized.py           # ~12 min with 2 processes
+    python benchmarks/swarm_vs_decentralized.py           # 16 workers: ~6 min, 2 processes
+    python benchmarks/swarm_vs_decentralized.py --workers 32   # ~15 min
     python benchmarks/swarm_vs_decentralized.py --quick   # fewer steps, one lr each
 """
 
