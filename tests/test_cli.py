@@ -130,3 +130,13 @@ def test_ctrl_c_stops_cleanly_and_keeps_outputs(tmp_path) -> None:
     assert b"interrupted" in err
     res = json.loads((out / "result.json").read_text())
     assert res["status"] == "interrupted"
+
+
+def test_topology_is_ignored_by_allreduce_but_checked_for_gossip(tmp_path, capsys) -> None:
+    bad_graph = ["--topology", "hypercube", "--workers", "6"]
+    code, _, _ = run_cli(capsys, "run", "--algo", "allreduce", *QUICK, *bad_graph,
+                         "--out", str(tmp_path / "ar"))
+    assert code == 0
+    code, _, err = run_cli(capsys, "run", "--algo", "dpsgd", *QUICK, *bad_graph)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "hypercube" in err and "6" in err

@@ -51,18 +51,12 @@ def algorithm_options(name: str) -> list[str]:
 
 
 def task_options(name: str) -> list[str]:
-    mod = TASKS.module(name)
-    opts = getattr(mod, "OPTIONS", None)
-    if opts is None:  # a module holding several tasks names them OPTIONS_<TASK>
-        opts = getattr(mod, f"OPTIONS_{name.upper()}", {})
-    return list(opts)
+    return list(getattr(TASKS.module(name), "OPTIONS", {}))
 
 
 def build_topology(cfg: RunConfig) -> Any:
-    try:
-        from .topology import make_topology  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    from .topology import make_topology
+
     return make_topology(cfg.topology, cfg.workers, seed=cfg.seed, **cfg.topology_options)
 
 
@@ -85,9 +79,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     else:
         epochs = cfg.epochs if cfg.epochs is not None else 1.0
         total = max(1, math.ceil(epochs * n_train / (cfg.workers * cfg.train.batch_size)))
-    topo = build_topology(cfg)
-    if algo_cls.needs_topology and topo is None:
-        raise ConfigError(f"algorithm {cfg.algo!r} needs a topology and none is available")
+    # Only algorithms that talk over a graph build one: all-reduce algorithms ignore
+    # --topology, as documented, rather than reject a graph they would not use.
+    topo = build_topology(cfg) if algo_cls.needs_topology else None
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
     algo = algo_cls(algo_cfg, info)
     resolved = cfg.to_dict()

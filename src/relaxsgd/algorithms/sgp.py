@@ -63,6 +63,7 @@ class SGPConfig:
 
 class SGP(Algorithm):
     name = "sgp"
+    needs_topology = True  # used with graph="topology"; the exponential graph ignores it
     Config = SGPConfig
     metric_keys = ("interactions_per_worker", "push_weight_mean")
 
