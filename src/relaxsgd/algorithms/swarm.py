@@ -92,8 +92,6 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..quantize.lattice import LatticeQuantizer
-from ..quantize.qsgd_diff import QSGDDiffQuantizer
 from ..training import seeded_generator
 from .base import (
     Algorithm,
@@ -109,8 +107,9 @@ from .base import (
     Send,
     Wait,
     Worker,
-    tensor_nbytes,
 )
+from .swarm_codec import Codec
+from .swarm_codec import effective_safety as effective_safety  # re-exported
 
 SCHEDULES = ("async", "sequential")
 STEP_DISTS = ("fixed", "geometric")
@@ -238,125 +237,6 @@ def finish(w: Worker) -> None:
     """Program side, at its end: absorb, and let handlers write the model from now on."""
     absorb(w)
     w.state["finished"] = True
-
-
-def effective_safety(bits: int, safety: float) -> float:
-    """``min(safety, (2^(bits-1) - 1) / 8)``: the lattice's rounding noise becomes part of
-    the models' disagreement, which sets the next eps; above this cap that loop gains more
-    than it loses and eps grows without bound (measured in pure gossip: 4 bits diverge
-    with safety 2, converge with 1). The cap only binds below 6 bits at the default 2."""
-    return min(safety, (2 ** (bits - 1) - 1) / 8)
-
-
-def _max_abs(t: Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
-
-
-class Codec:
-    """How a worker's copy travels: full precision, lattice, or qsgd difference.
-
-    ``encode(w, peer, c, gen) -> (msg, q_own, nbytes)``: ``q_own`` is what ``msg`` decodes
-    to at the receiver when decoding succeeds (the sender knows it exactly).
-    ``decode(w, src, msg, ref) -> (value, ok)``; ``full(w, peer, value)`` a full-precision
-    message (it also resynchronises qsgd references). The lattice codes each chunk (each
-    parameter tensor with ``per_tensor``, else the whole model) with its own ``eps``.
-    """
-
-    def __init__(self, cfg: SwarmConfig) -> None:
-        self.kind = cfg.quantizer
-        self.quantized = self.kind != "none"
-        self.per_tensor, self.decay = cfg.per_tensor, cfg.spread_decay
-        self.sizes: list[int] = []
-        self.q: Any = None
-        if self.kind == "lattice":
-            self.q = LatticeQuantizer(cfg.bits, cfg.eps, effective_safety(cfg.bits, cfg.safety))
-        elif self.kind == "qsgd":
-            self.q = QSGDDiffQuantizer(cfg.bits, cfg.bucket_size)
-
-    def init(self, w: Worker) -> None:
-        if self.kind == "lattice":
-            d = w.params.numel()
-            self.sizes = [s.numel() for _, s in w.layout] if self.per_tensor else [d]
-            w.state.update(spread=None, last_sent=w.params.clone())
-        elif self.kind == "qsgd":
-            w.state.update(qref_out={}, qref_in={})
-
-    def full(self, w: Worker, peer: int, value: Tensor) -> tuple[dict, Tensor, int]:
-        msg: dict[str, Any] = {"kind": "full", "data": value.clone()}
-        nb = tensor_nbytes(value)
-        if self.kind == "qsgd":
-            ver = w.state["qref_out"].get(peer, (0, None))[0] + 1
-            w.state["qref_out"][peer] = (ver, msg["data"])
-            msg["ver"] = ver
-            nb += 4
-        return msg, value, nb
-
-    def encode(self, w: Worker, peer: int, c: Tensor,
-               gen: torch.Generator) -> tuple[dict, Tensor, int]:
-        if self.kind == "none":
-            return self.full(w, peer, c)
-        if self.kind == "lattice":
-            return self._lattice_encode(w, c, gen)
-        if peer not in w.state["qref_out"]:  # no shared reference yet: the first is full
-            return self.full(w, peer, c)
-        ver, ref = w.state["qref_out"][peer]
-        payload = self.q.encode(c, reference=ref, generator=gen)
-        q_own, _ = self.q.decode(payload, ref)
-        w.state["qref_out"][peer] = (ver + 1, q_own)
-        return {"kind": "q", "data": payload, "ver": ver + 1}, q_own, self.q.nbytes(payload) + 4
-
-    def _lattice_encode(self, w: Worker, c: Tensor,
-                        gen: torch.Generator) -> tuple[dict, Tensor, int]:
-        st = w.state
-        if st["spread"] is None and self.q.eps is None:  # no spread seen yet: send in full
-            st["last_sent"].copy_(c)
-            return self.full(w, -1, c)
-        payloads, own, weighted_eps = [], [], 0.0
-        spread = st["spread"] or [0.0] * len(self.sizes)
-        for k, (part, last) in enumerate(zip(c.split(self.sizes),
-                                             st["last_sent"].split(self.sizes), strict=True)):
-            gap = spread[k] + _max_abs(part - last)
-            eps = max(self.q.eps_for(gap), _max_abs(part) / 2.0 ** 48)
-            payload = self.q.encode(part, eps=eps, generator=gen)
-            payloads.append(payload)
-            own.append(self.q.decode(payload, part)[0])  # exact: part is within one step
-            weighted_eps += payload.eps * part.numel()
-        st["last_sent"].copy_(c)
-        w.observe("lattice_eps", weighted_eps / max(c.numel(), 1))
-        nb = sum(self.q.nbytes(p) for p in payloads)
-        return {"kind": "q", "data": payloads}, torch.cat(own), nb
-
-    def _spread(self, w: Worker, parts: Any, ref: Tensor) -> None:
-        """Update the observed spread, per chunk: the largest coordinate gap between a
-        partner's decoded copy and this worker's, as a decaying maximum."""
-        old = w.state["spread"] or [0.0] * len(self.sizes)  # (None before the first)
-        w.state["spread"] = [max(_max_abs(a - b), self.decay * o) for a, b, o in
-                             zip(parts, ref.split(self.sizes), old, strict=True)]
-
-    def decode(self, w: Worker, src: int, msg: dict, ref: Tensor) -> tuple[Tensor, bool]:
-        if msg["kind"] == "full":
-            value = msg["data"]
-            if self.kind == "qsgd":
-                w.state["qref_in"][src] = (msg["ver"], value)
-            elif self.kind == "lattice":
-                self._spread(w, value.split(self.sizes), ref)
-            return value, True
-        if self.kind == "lattice":
-            parts, ok = [], True
-            for payload, r in zip(msg["data"], ref.split(self.sizes), strict=True):
-                v, good = self.q.decode(payload, r)
-                parts.append(v)
-                ok = ok and good
-            value = torch.cat(parts)
-            if ok:
-                self._spread(w, parts, ref)
-            return value, ok
-        ver, r = w.state["qref_in"].get(src, (-1, None))
-        if msg["ver"] != ver + 1:  # a message overtook another: references out of step
-            return ref, False
-        value, _ = self.q.decode(msg["data"], r)
-        w.state["qref_in"][src] = (ver + 1, value)
-        return value, True
 
 
 class SwarmSGD(Algorithm):
