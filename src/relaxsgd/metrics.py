@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .bank import evaluate
@@ -125,7 +124,3 @@ def aggregate_worker_metrics(workers: list[Any]) -> dict[str, float]:
     for k, v in sums.items():
         out[f"{k}_mean"] = v / counts[k] if counts[k] else float("nan")
     return out
-
-
-def stack_models(X: Tensor) -> Tensor:
-    return X.detach().to("cpu", torch.float32)

@@ -132,7 +132,7 @@ class Progress:
                 el = time.perf_counter() - self.t0
                 sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {el:6.1f}s {extra}   ")
                 sys.stderr.flush()
-        elif pct // 10 != self.last // 10 if self.last >= 0 else True:
+        elif self.last < 0 or pct // 10 != self.last // 10:
             el = time.perf_counter() - self.t0
             sys.stderr.write(f"{self.label}: {pct}% ({el:.1f}s) {extra}\n")
         self.last = pct
