@@ -140,3 +140,22 @@ def test_topology_is_ignored_by_allreduce_but_checked_for_gossip(tmp_path, capsy
     code, _, err = run_cli(capsys, "run", "--algo", "dpsgd", *QUICK, *bad_graph)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hypercube" in err and "6" in err
+
+
+def test_compare_with_steps_and_per_algorithm_options(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, _ = run_cli(capsys, "compare", "--algos", "allreduce,localsgd", *QUICK,
+                              "--set", "localsgd.p=3", "--out", str(out))
+    assert code == 0 and "localsgd" in stdout
+    res = json.loads((out / "localsgd" / "result.json").read_text())
+    assert res["algo_options"]["p"] == 3 and res["final"]["steps_per_worker"] == 4
+    assert (out / "summary.txt").is_file() and (out / "accuracy_vs_time.png").is_file()
+
+
+def test_compare_checks_every_algorithms_options_before_running(tmp_path, capsys) -> None:
+    out = tmp_path / "cmpbad"
+    code, _, err = run_cli(capsys, "compare", "--algos", "localsgd,olco3", *QUICK,
+                           "--set", "olco3.bogus=1", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unknown algorithm 'olco3' option 'bogus'" in err
+    assert not out.exists()  # nothing ran, nothing half-written

@@ -158,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
     from .algorithms import ALGORITHMS
-    from .config import parse_value
+    from .config import _typed, parse_value
     from .report import plot_runs, summary_table
     from .run import default_out_dir, run
 
@@ -174,6 +174,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_dict(args, algos[0])
     if not args.config:
         for k, v in DEFAULT_JOB.items():
+            if k == "epochs" and base.get("steps") is not None:
+                continue  # --steps given: the job's run length is the user's
             if isinstance(v, dict):
                 base[k] = {**v, **(base.get(k) or {})}
             else:
@@ -182,8 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             base["task_options"] = {k: v for k, v in base["task_options"].items()
                                     if k not in DEFAULT_JOB["task_options"]}
     out = base.get("out") or default_out_dir(from_dict({**base, "algo": "compare"}))
-    os.makedirs(out, exist_ok=True)
-    results, runs = [], []
+    configs = []
     for a in algos:
         opts = dict(DEFAULT_JOB_OPTIONS.get(a, {})) if not args.config else {}
         if a == algos[0]:
@@ -191,13 +192,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for item in common_algo + per[a]:
             key, _, text = item[len("algo."):].partition("=")
             opts[key] = parse_value(text)
-        d = {**base, "algo": a, "algo_options": opts, "out": os.path.join(out, a)}
-        res = run(from_dict(d), progress=not args.quiet)
+        cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": os.path.join(out, a)})
+        # every algorithm's options are checked before the first run starts
+        _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
+        configs.append(cfg)
+    os.makedirs(out, exist_ok=True)
+    results, runs = [], []
+    for cfg in configs:
+        res = run(cfg, progress=not args.quiet)
         if res is None:  # a worker of rank > 0 in --runtime dist: rank 0 writes
             continue
         results.append(res)
-        with open(os.path.join(out, a, "metrics.csv"), encoding="utf-8") as f:
-            runs.append((a, list(csv.DictReader(f))))
+        with open(os.path.join(cfg.out, "metrics.csv"), encoding="utf-8") as f:
+            runs.append((cfg.algo, list(csv.DictReader(f))))
     if not results:
         return 0
     table = summary_table(results)
