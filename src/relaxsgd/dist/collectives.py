@@ -3,12 +3,14 @@
 Both are issued with ``async_op=True`` and return a :class:`DHandle` at once; the caller
 waits for it only when the program needs the result. A handle's ``finish`` turns the
 finished buffers into the effect's result (divide by n, split a list back into its
-tensors, unpickle gathered payloads), in the waiting thread.
+tensors, decode gathered payloads), in the waiting thread.
 
 Byte counts follow the simulator (the algorithm's declared sizes through the cost model of
 the collective) so that a dist run's ``bytes_sent_*`` columns mean what they mean in a
-simulated one; what the collective really moved (dense tensors, pickled payloads) is
-counted separately as wire bytes.
+simulated one; what the collective really moved (dense tensors, encoded payloads) is
+counted separately as wire bytes. Gathered payloads use the safe encoding of :mod:`.wire`
+(no pickle): each worker decodes only checked bytes, and a size announced above the
+run's largest legitimate message is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import torch
 import torch.distributed as dist
 
 from ..algorithms.base import AllGather, AllReduce, Handle, tensor_nbytes
-from .wire import decode, encode
+from .transport import PeerLost
+from .wire import WireError, decode, encode
 
 
 class DHandle(Handle):
     """A pending result: set from any thread, waited for in the program's thread."""
 
-    __slots__ = ("event", "error", "finish", "peer", "collective", "deadline", "_flock")
+    __slots__ = ("event", "error", "finish", "peer", "collective", "deadline", "rid",
+                 "_flock")
 
     def __init__(self, label: str, collective: bool = False, peer: int | None = None,
                  deadline: float | None = None) -> None:
@@ -36,6 +40,7 @@ class DHandle(Handle):
         self.error: BaseException | None = None
         self.finish: Callable[[], Any] | None = None
         self.peer, self.collective, self.deadline = peer, collective, deadline
+        self.rid: int | None = None
         self._flock = threading.Lock()
 
     def resolve(self, value: Any) -> None:
@@ -137,12 +142,17 @@ def work_handle(work: Any, label: str) -> DHandle:
 
 
 def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
-               device: torch.device, wait: Callable[[DHandle], Any]) -> Any:
+               device: torch.device, wait: Callable[[DHandle], Any],
+               max_bytes: int = 1 << 30) -> Any:
     """Every worker's payload, by rank: two collectives (sizes, then the padded payloads,
-    pickled by :mod:`.wire`), each waited for with ``wait`` (the executor's fault-aware
-    wait). The executor runs it on a spawn's thread when it is non-blocking."""
-    frames = encode((eff.payload, eff.nbytes))
-    blob = b"".join(bytes(f) for f in frames[1:])
+    encoded by :mod:`.wire`), each waited for with ``wait`` (the executor's fault-aware
+    wait); a payload over ``max_bytes`` is refused. The executor runs it on a spawn's
+    thread when it is non-blocking."""
+    frames = encode((eff.payload, float(eff.nbytes)))
+    blob = b"".join(bytes(f) for f in frames)
+    if len(blob) > max_bytes:
+        raise WireError(f"an all-gather payload of {len(blob)} bytes exceeds the limit of "
+                        f"{max_bytes} (RELAXSGD_MAX_MESSAGE_MB)")
     mine = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else \
         torch.zeros(0, dtype=torch.uint8)
     on = device if device.type != "cpu" else None
@@ -151,13 +161,16 @@ def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
     wait(work_handle(dist.all_gather(sizes, size, group=group, async_op=True),
                      "all-gather (sizes)"))
     top = int(max(int(s) for s in sizes))
+    if not 0 <= top <= max_bytes or min(int(s) for s in sizes) < 0:
+        raise PeerLost(f"an all-gather size of {top} bytes, above the limit of {max_bytes} "
+                       "(RELAXSGD_MAX_MESSAGE_MB)")
     padded = torch.zeros(top, dtype=torch.uint8, device=on)
     padded[:mine.numel()] = mine
     outs = [torch.zeros_like(padded) for _ in range(n)]
     wait(work_handle(dist.all_gather(outs, padded, group=group, async_op=True),
                      "all-gather"))
-    got = [decode(bytearray(o[:int(s)].cpu().numpy().tobytes()), on)
-           for o, s in zip(outs, sizes, strict=True)]
+    got = [_payload(decode(bytearray(o[:int(s)].cpu().numpy().tobytes()), on), r)
+           for r, (o, s) in enumerate(zip(outs, sizes, strict=True))]
     payloads = [g[0] for g in got]
     declared = [g[1] for g in got]
     if eff.pattern == "ps":
@@ -172,3 +185,10 @@ def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
     else:
         raise ValueError(f"unknown AllGather pattern {eff.pattern!r}; use ring or ps")
     return payloads
+
+
+def _payload(got: Any, src: int) -> tuple[Any, float]:
+    """(payload, declared bytes) of a gathered message, checked."""
+    if type(got) is not tuple or len(got) != 2 or not isinstance(got[1], (int, float)):
+        raise WireError(f"worker {src}'s all-gather payload is not (payload, nbytes)")
+    return got

@@ -18,11 +18,67 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..metrics import CommStats, Recorder, aggregate_worker_metrics
+from .wire import WireError
+
+_NUM = (int, float)
+SNAP_FIELDS: dict[str, Any] = {
+    "rank": int, "indices": list, "final": bool, "status": str, "step": int,
+    "samples": int, "wall": _NUM, "params": torch.Tensor, "buffers": dict, "loss": tuple,
+    "counters": dict, "obs_sum": dict, "obs_count": dict, "bytes": _NUM, "messages": int,
+    "wire": _NUM, "server_bytes": _NUM, "server_messages": int, "stall": _NUM,
+    "compute_time": _NUM, "units": int, "program_s": (float, int, type(None)),
+}
+MAX_KEYS = 1000
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """What a valid snapshot of this run looks like (rank 0 checks every one it gets)."""
+
+    n: int
+    params: tuple[torch.Size, torch.dtype]
+    buffers: dict[str, tuple[torch.Size, torch.dtype]]
+    max_index: int
+
+    def check(self, snap: Any, src: int) -> dict:
+        """``snap`` if it is a valid snapshot from worker ``src``, else :class:`WireError`."""
+        if type(snap) is not dict or set(snap) != set(SNAP_FIELDS):
+            raise WireError("a snapshot without the expected fields")
+        for k, t in SNAP_FIELDS.items():
+            if not isinstance(snap[k], t):
+                raise WireError(f"a snapshot whose {k!r} is a {type(snap[k]).__name__}")
+        if snap["rank"] != src:
+            raise WireError(f"worker {src} sent a snapshot of worker {snap['rank']}")
+        _same(snap["params"], self.params, "parameters")
+        if set(snap["buffers"]) != set(self.buffers):
+            raise WireError("a snapshot with other buffers than the model's")
+        for k, v in snap["buffers"].items():
+            _same(v, self.buffers[k], f"buffer {k!r}")
+        idx = snap["indices"]
+        if len(idx) > self.max_index + 1 or not all(
+                type(i) is int and 0 <= i <= self.max_index for i in idx):
+            raise WireError("a snapshot with evaluation points out of range")
+        loss = snap["loss"]
+        if len(loss) != 2 or not all(isinstance(x, _NUM) for x in loss):
+            raise WireError("a snapshot with a malformed loss")
+        for k in ("counters", "obs_sum", "obs_count"):
+            d = snap[k]
+            if len(d) > MAX_KEYS or not all(type(a) is str and isinstance(b, _NUM)
+                                            for a, b in d.items()):
+                raise WireError(f"a snapshot with malformed {k}")
+        return snap
+
+
+def _same(t: Any, want: tuple[torch.Size, torch.dtype], what: str) -> None:
+    if not isinstance(t, torch.Tensor) or (t.shape, t.dtype) != want:
+        raise WireError(f"a snapshot whose {what} are not a {want[1]} tensor of shape "
+                        f"{tuple(want[0])}")
 
 
 class _Proxy:
@@ -73,9 +129,10 @@ class Snapshotter:
 class Evaluator:
     """Rank 0: collects snapshots, writes a metrics row per complete evaluation point."""
 
-    def __init__(self, rec: Recorder, n: int) -> None:
+    def __init__(self, rec: Recorder, n: int, put_timeout_s: float = 120.0) -> None:
         self.rec, self.n = rec, n
-        self.q: queue.Queue = queue.Queue()
+        self.put_timeout = put_timeout_s
+        self.q: queue.Queue = queue.Queue(maxsize=8 * n + 16)  # backpressure on senders
         self.by_index: dict[int, dict[int, dict]] = {}
         self.finals: dict[int, dict] = {}
         self.dead: set[int] = set()
@@ -86,14 +143,21 @@ class Evaluator:
         self._thread.start()
 
     def put(self, snap: dict) -> None:
-        self.q.put(("snap", snap))
+        """Queue a snapshot (waits while the queue is full, up to the put timeout)."""
+        try:
+            self.q.put(("snap", snap), timeout=self.put_timeout)
+        except queue.Full:
+            raise WireError("the evaluator is not keeping up (snapshot queue full)") from None
 
     def mark_dead(self, rank: int) -> None:
-        self.q.put(("dead", rank))
+        threading.Thread(target=self.q.put, args=(("dead", rank),), daemon=True).start()
 
     def stop(self, timeout: float) -> None:
         """Record what is complete, then stop (interrupted or failed runs)."""
-        self.q.put(("stop", None))
+        try:
+            self.q.put(("stop", None), timeout=timeout)
+        except queue.Full:
+            return
         self._thread.join(timeout)
 
     def wait(self, timeout: float) -> bool:

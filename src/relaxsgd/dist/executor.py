@@ -24,6 +24,9 @@ sequence of collectives on every rank whatever the timing. Non-blocking all-redu
 such a spawn. Spawns inside spawns may not issue collectives (their order would depend on
 timing).
 
+Point-to-point effects (Send, Recv, Exchange) and their messages are :mod:`.p2p`'s
+(:class:`~.p2p.PointToPoint`, a mixin of :class:`Executor`).
+
 Faults. A collective waited for while any worker is known dead fails at once with
 :class:`PeerLost` naming it; one that takes longer than ``RELAXSGD_TIMEOUT`` fails naming
 the workers that are behind. An Exchange whose peer is dead or silent for
@@ -37,7 +40,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +48,6 @@ from ..algorithms.base import (
     AllGather,
     AllReduce,
     Compute,
-    Deferred,
     Effect,
     Exchange,
     Grad,
@@ -54,14 +55,16 @@ from ..algorithms.base import (
     PeerUnavailable,
     Program,
     Recv,
-    Reply,
     Send,
     Sleep,
     Spawn,
     Wait,
 )
 from .collectives import Counts, DHandle, all_gather, all_reduce
+from .p2p import PointToPoint, finish_together, tell_abort
 from .transport import PeerLost, Transport
+
+__all__ = ["Executor", "finish_together", "tell_abort"]
 
 SLICE = 0.1  # seconds between checks while blocked (faults, interrupts)
 
@@ -75,7 +78,7 @@ class _Ctx:
     label: str = "main program"
 
 
-class Executor:
+class Executor(PointToPoint):
     """Runs one worker's program; see the module docstring for the threading contract."""
 
     def __init__(self, algo: Algorithm, w: Any, transport: Transport, opts: Any,
@@ -88,10 +91,6 @@ class Executor:
         self.counts = Counts()
         self.t0 = time.perf_counter() if t0 is None else t0
         self.busy = False
-        self.deferred: list[tuple[int, int, Any]] = []
-        self.pending: dict[int, DHandle] = {}
-        self.inbox: dict[Any, deque] = {}
-        self.recv_waiters: dict[Any, deque] = {}
         self.ids = itertools.count()
         self.spawns = 0
         self.slot_last: list[threading.Event | None] = [None] * max(len(spawn_groups), 1)
@@ -100,8 +99,7 @@ class Executor:
         self.abort: BaseException | None = None
         self.gen: Program | None = None
         self.finished = False
-        self.status_replies: dict[int, dict[int, tuple]] = {}
-        transport.on_dead.append(self._peer_dead)
+        self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
     def start(self, program: Program) -> None:
@@ -173,7 +171,8 @@ class Executor:
         elif isinstance(eff, AllGather):
             if eff.blocking or not ctx.main:
                 value = all_gather(eff, self.n, self.rank, self._group(ctx), self.counts,
-                                   self.device, lambda h: self._block(h, ctx))
+                                   self.device, lambda h: self._block(h, ctx),
+                                   self.tr.max_frame)
                 self.coll_seq += 1
                 if eff.blocking:
                     return value
@@ -243,8 +242,7 @@ class Executor:
             if h is not None and h.collective and self.tr.dead:
                 raise PeerLost(self._lost_message(what, ctx))
             if h is not None and h.deadline is not None and now > h.deadline:
-                h.fail(PeerUnavailable(h.peer if h.peer is not None else -1,
-                                       f"nothing from it within the timeout ({what})"))
+                self._timed_out(h, what)
                 return
             if now - start > self.opts.timeout_s:
                 raise PeerLost(self._diagnose(what, ctx))
@@ -296,110 +294,10 @@ class Executor:
         finally:
             done.set()
 
-    # -- point to point ------------------------------------------------------------
-    def _sent(self, h: DHandle | None, peer: int) -> Any:
-        def done(err: BaseException | None) -> None:
-            if err is not None and h is not None:
-                h.fail(PeerUnavailable(peer, f"sending failed: {err}"))
-            elif h is not None and h.label == "send":
-                h.resolve(None)
-        return done
-
-    def _send(self, eff: Send) -> DHandle:
-        h = DHandle("send", peer=eff.peer)
-        self.counts.add(eff.nbytes, 1, 0)
-        self.tr.send(eff.peer, ("msg", eff.tag, eff.payload), self._sent(h, eff.peer))
-        return h
-
-    def _recv(self, eff: Recv) -> DHandle:
-        key = (eff.src, eff.tag)
-        h = DHandle(f"recv from {eff.src}", peer=eff.src,  # a sender may compute first
-                    deadline=time.monotonic() + self.opts.timeout_s)
-        with self.lock:
-            box = self.inbox.get(key)
-            if box:
-                h.resolve(box.popleft())
-            elif eff.src in self.tr.dead:
-                h.fail(PeerUnavailable(eff.src, self.tr.dead[eff.src]))
-            else:
-                self.recv_waiters.setdefault(key, deque()).append(h)
-        return h
-
-    def _exchange(self, eff: Exchange) -> DHandle:
-        rid = next(self.ids)
-        h = DHandle(f"exchange with {eff.peer}", peer=eff.peer,
-                    deadline=time.monotonic() + self.opts.peer_timeout_s)
-        with self.lock:
-            self.pending[rid] = h
-        self.counts.add(eff.nbytes, 1, 0)
-        self.tr.send(eff.peer, ("xreq", rid, eff.payload), self._sent(h, eff.peer))
-        return h
-
-    def _reply(self, src: int, rid: int, ans: Reply) -> None:
-        if not isinstance(ans, Reply):
-            raise TypeError(f"on_exchange must return Reply or Deferred, got {ans!r}")
-        self.counts.add(ans.nbytes, 1, 0)
-        self.tr.send(src, ("xrep", rid, ans.payload))
-
-    def on_message(self, src: int, msg: tuple) -> bool:
-        """Handle an executor message from ``src``; False if it is not one."""
-        kind = msg[0]
-        if kind == "xreq":
-            try:
-                with self.lock:
-                    ans = self.algo.on_exchange(self.w, src, msg[2])
-                    if isinstance(ans, Deferred):
-                        if self.busy:
-                            self.deferred.append((src, msg[1], ans.fn))
-                            return True
-                        ans = ans.fn(self.w)
-                self._reply(src, msg[1], ans)
-            except BaseException as e:  # noqa: BLE001 - a handler bug ends this worker
-                self.abort = e
-                self.tr.send(src, ("xerr", msg[1], f"{type(e).__name__}: {e}"))
-        elif kind in ("xrep", "xerr"):
-            with self.lock:
-                h = self.pending.pop(msg[1], None)
-            if h is not None and kind == "xrep":
-                h.resolve(msg[2])
-            elif h is not None:
-                h.fail(RuntimeError(f"worker {src} failed to answer an exchange: {msg[2]}"))
-        elif kind == "msg":
-            key = (src, msg[1])
-            with self.lock:
-                waiters = self.recv_waiters.get(key)
-                while waiters and waiters[0].done:  # timed out already
-                    waiters.popleft()
-                if waiters:
-                    waiters.popleft().resolve(msg[2])
-                else:
-                    self.inbox.setdefault(key, deque()).append(msg[2])
-        elif kind == "status?":
-            self.tr.send(src, ("status", msg[1], self.w.step, self.coll_seq, self.finished))
-        elif kind == "status":
-            self.status_replies.setdefault(msg[1], {})[src] = msg[2:]
-        else:
-            return False
-        return True
-
-    def _peer_dead(self, peer: int, why: str) -> None:
-        with self.lock:
-            rids = [rid for rid, h in self.pending.items() if h.peer == peer]
-            hs = [self.pending.pop(rid) for rid in rids]
-            hs += [h for (src, _), q in self.recv_waiters.items() if src == peer for h in q]
-        for h in hs:
-            h.fail(PeerUnavailable(peer, why))
-
     def _diagnose(self, what: str, ctx: _Ctx) -> str:
         """Which workers hold a collective up: ask everyone's progress (2 s)."""
-        rid = -1 - next(self.ids)
         live = [r for r in range(self.n) if r != self.rank and r not in self.tr.dead]
-        for r in live:
-            self.tr.send(r, ("status?", rid))
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end and len(self.status_replies.get(rid, {})) < len(live):
-            time.sleep(0.05)
-        got = self.status_replies.pop(rid, {})
+        got = self.probe(live, 2.0)
         silent = [r for r in live if r not in got]
         behind = [r for r, (_, seq, _) in got.items() if seq < self.coll_seq]
         parts = []
@@ -418,21 +316,3 @@ class Executor:
 def _gather_program(eff: AllGather) -> Program:
     return (yield AllGather(eff.payload, eff.nbytes, eff.pattern, eff.down_nbytes,
                             blocking=True))
-
-
-def finish_together(ex: Executor, done_from: set[int]) -> None:
-    """Tell every worker this one is done; keep answering until every live one is."""
-    tr = ex.tr
-    for r in range(tr.n):
-        if r != tr.rank:
-            tr.send(r, ("done",))
-    while any(r not in done_from and r not in tr.dead for r in range(tr.n) if r != tr.rank):
-        ex._check_abort()
-        time.sleep(0.02)
-
-
-def tell_abort(tr: Transport, why: str) -> None:
-    """Tell every live worker that this one stops (they fail fast, naming it)."""
-    for r in range(tr.n):
-        if r != tr.rank and r not in tr.dead:
-            tr.send(r, ("abort", f"worker {tr.rank}: {why}"))

@@ -3,11 +3,14 @@
 It starts the command ``n`` times with torchrun's environment contract (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free
 ``MASTER_PORT``; rank 0 hosts the rendezvous store) and one torch thread per process
-(``OMP_NUM_THREADS=1``). Unlike torchrun's agent, it does NOT stop the others when one
-worker dies: that is what lets an asynchronous algorithm (SwarmSGD) carry on among the
-survivors; a synchronous one fails by itself on every worker, naming the lost one. Ctrl-C
-or SIGTERM to the launcher is passed on to every worker as SIGTERM (they write what they
-have and stop); whoever is still there after ``--grace`` seconds is killed. The exit
+(``OMP_NUM_THREADS=1``), and a fresh job secret (``RELAXSGD_SECRET``, 64 random hex
+digits, in the workers' environment only: see :mod:`.auth`) unless one is set already
+(``RELAXSGD_SECRET``, ``RELAXSGD_SECRET_FILE`` or ``RELAXSGD_INSECURE``). Unlike
+torchrun's agent, it does NOT stop the others when one worker dies: that is what lets an
+asynchronous algorithm (SwarmSGD) carry on among the survivors; a synchronous one fails by
+itself on every worker, naming the lost one. Ctrl-C or SIGTERM to the launcher is passed
+on to every worker as SIGTERM (they write what they have and stop); whoever is still
+there after ``--grace`` seconds is killed. The exit
 status is the first non-zero status of a worker (by rank), else 0.
 
 Across machines, use torchrun (``--nnodes``, ``--rdzv-endpoint``): see docs/distributed.md.
@@ -17,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+SECRET_VARS = ("RELAXSGD_SECRET", "RELAXSGD_SECRET_FILE", "RELAXSGD_INSECURE")
 
 
 def free_port() -> int:
@@ -40,9 +46,12 @@ class LocalJob:
                  log_dir: str | None = None) -> None:
         self.n, self.port = n, port or free_port()
         self.procs: list[subprocess.Popen] = []
+        base = {**os.environ, **(env or {})}
+        job_secret = {} if any(base.get(k) for k in SECRET_VARS) else {
+            "RELAXSGD_SECRET": secrets.token_hex(32)}
         self.logs: list[str | None] = []
         for r in range(n):
-            e = {**os.environ, **(env or {}), **(rank_env or {}).get(r, {})}
+            e = {**base, **job_secret, **(rank_env or {}).get(r, {})}
             e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
                      LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(self.port))

@@ -26,6 +26,15 @@ variable                        default    meaning
                                            ``MASTER_ADDR``)
 ``RELAXSGD_SAVE_MODELS``        0          1: rank 0 also writes ``models.pt``, every
                                            worker's final parameters (rows by rank)
+``RELAXSGD_SECRET``             (none)     the job secret (16+ characters, the same on
+                                           every worker) that peers prove to each other
+                                           (:mod:`.auth`); the launcher makes one
+``RELAXSGD_SECRET_FILE``        (none)     or: a file holding it
+``RELAXSGD_INSECURE``           0          1: no secret, loopback-only runs (a public key)
+``RELAXSGD_TLS_CERT``,          (none)     PEM certificate, key and CA: mutual TLS on the
+``_KEY``, ``_CA``                          point-to-point connections
+``RELAXSGD_MAX_MESSAGE_MB``     (auto)     the largest message accepted (default: 4 x the
+                                           model and its buffers + 1 MiB)
 ==============================  =========  ==================================================
 """
 
@@ -48,6 +57,7 @@ class DistOptions:
     spawn_groups: int = 4
     host: str | None = None
     save_models: bool = False
+    max_message_mb: float | None = None
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or not self.peer_timeout_s > 0:
@@ -57,6 +67,15 @@ class DistOptions:
                               f"{', '.join(BACKENDS)}")
         if self.spawn_groups < 1:
             raise ConfigError("RELAXSGD_SPAWN_GROUPS must be >= 1")
+        if self.max_message_mb is not None and not self.max_message_mb > 0:
+            raise ConfigError("RELAXSGD_MAX_MESSAGE_MB must be > 0")
+
+    def max_frame(self, model_bytes: int) -> int:
+        """The largest message body accepted: the setting, else 4 x ``model_bytes`` (a
+        snapshot, or a message of a model and its momentum, with room) + 1 MiB."""
+        if self.max_message_mb is not None:
+            return int(self.max_message_mb * (1 << 20))
+        return 4 * model_bytes + (1 << 20)
 
 
 def _num(name: str, default: float, kind: type = float) -> float:
@@ -77,4 +96,5 @@ def from_env() -> DistOptions:
         spawn_groups=int(_num("RELAXSGD_SPAWN_GROUPS", 4, int)),
         host=os.environ.get("RELAXSGD_HOST") or None,
         save_models=os.environ.get("RELAXSGD_SAVE_MODELS", "0") not in ("", "0", "false"),
+        max_message_mb=_num("RELAXSGD_MAX_MESSAGE_MB", 0.0) or None,
     )

@@ -41,10 +41,12 @@ from ..config import RunConfig, dump_yaml
 from ..errors import ConfigError, Diverged, RelaxError
 from ..metrics import Recorder, aggregate_worker_metrics
 from ..sim.compute import ComputeModel
-from .evaluation import Evaluator, Snapshotter, _Proxy
+from . import auth as A
+from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, DistOptions, from_env
 from .transport import PeerLost, Transport, local_address
+from .wire import WireError
 
 
 def job_env() -> tuple[int, int, int]:
@@ -156,6 +158,7 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prep = prepare(cfg)  # config errors end every rank before any connection
+    auth = job_auth(opts)
     backend, device = pick_backend(opts, local_rank)
     startup = max(opts.timeout_s, STARTUP_S)
     with _Signals():
@@ -164,12 +167,31 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
             # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=startup))
-            job = _Job(cfg, prep, opts, rank, world, backend, device)
+            job = _Job(cfg, prep, opts, rank, world, backend, device, auth)
             result = job.run(store, progress, write)
         except (KeyboardInterrupt, RelaxError) as e:
             _hard_exit(e)
     dist.destroy_process_group()
     return result
+
+
+def listen_host(opts: DistOptions) -> str:
+    """The address this worker listens on for point-to-point messages."""
+    return opts.host or local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+
+
+def job_auth(opts: DistOptions) -> A.Auth:
+    """The job's credentials (:mod:`.auth`); a ConfigError before any connection."""
+    return A.from_env((listen_host(opts), os.environ.get("MASTER_ADDR", "127.0.0.1")))
+
+
+def lost_workers_check(tr: Transport, collectives: int) -> None:
+    """A run that issued collectives (a synchronous algorithm: every worker's model is in
+    every step) and lost a worker did not complete, whatever the survivors managed."""
+    if tr.dead and collectives:
+        parts = "; ".join(f"worker {r}: {why}" for r, why in sorted(tr.dead.items()))
+        raise PeerLost(f"lost worker(s) {sorted(tr.dead)} in a run with collectives: it "
+                       f"cannot complete without them; {parts}")
 
 
 def _hard_exit(e: BaseException) -> None:
@@ -188,7 +210,7 @@ def _hard_exit(e: BaseException) -> None:
 
 class _Job:
     def __init__(self, cfg: RunConfig, prep: Any, opts: DistOptions, rank: int, n: int,
-                 backend: str, device: torch.device) -> None:
+                 backend: str, device: torch.device, auth: A.Auth) -> None:
         from ..bank import Bank
         from ..worker import LocalWorker
 
@@ -206,7 +228,16 @@ class _Job:
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
         self.groups = [dist.new_group(list(range(n))) for _ in range(opts.spawn_groups)]
-        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, device)
+        buffers = self.bank.buffers_of(0)
+        model_bytes = sum(t.numel() * t.element_size()
+                          for t in [self.w.params, *buffers.values()])
+        every = max(1, -(-prep.total_steps // cfg.evals))
+        self.snap_spec = SnapshotSpec(n, (self.w.params.shape, self.w.params.dtype),
+                                      {k: (v.shape, v.dtype) for k, v in buffers.items()},
+                                      prep.total_steps // every + 1)
+        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, device, auth=auth,
+                            max_frame=opts.max_frame(model_bytes),
+                            peer_timeout_s=opts.peer_timeout_s)
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.done_from: set[int] = set()
         self.eval_wire = 0
@@ -223,12 +254,14 @@ class _Job:
     def _on_message(self, src: int, msg: tuple) -> None:
         if self.ex.on_message(src, msg):
             return
-        if msg[0] == "snap" and self.evaluator is not None:
-            self.evaluator.put(msg[1])
+        if msg[0] == "snap":
+            if self.evaluator is None:
+                raise WireError(f"a snapshot sent to worker {self.rank}, not rank 0")
+            self.evaluator.put(self.snap_spec.check(msg[1], src))
         elif msg[0] == "done":
             self.done_from.add(src)
         elif msg[0] == "abort":
-            self.tr._mark_dead(src, f"it stopped: {msg[1]}")
+            self.tr.mark_dead(src, f"it stopped: {msg[1]}")
 
     def _ship(self, snap: dict) -> None:
         snap["wire"] -= self.eval_wire
@@ -254,12 +287,9 @@ class _Job:
             self.rec = Recorder(prep.spec, os.path.join(self.out, "metrics.csv")
                                 if self.out else None, self.n, self.bank.d, self.n_train,
                                 list(prep.algo.metric_keys), cfg.eval_samples)
-            self.evaluator = Evaluator(self.rec, self.n)
+            self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
-        self.tr.start(store,
-                      self.opts.host or local_address(os.environ.get("MASTER_ADDR",
-                                                                     "127.0.0.1")),
-                      startup_s=STARTUP_S)
+        self.tr.start(store, listen_host(self.opts), startup_s=STARTUP_S)
         dist.barrier()
         self.ex.t0 = time.perf_counter()
         snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals, self._ship)
@@ -284,6 +314,9 @@ class _Job:
             if self.evaluator is not None and not self.evaluator.wait(self.opts.timeout_s):
                 raise PeerLost("rank 0 did not receive every worker's final snapshot "
                                f"within {self.opts.timeout_s:g}s")
+            if self.evaluator is not None and self.evaluator.error is not None:
+                raise RuntimeError(f"evaluation failed: {self.evaluator.error}")
+            lost_workers_check(self.tr, self.ex.coll_seq)
         except KeyboardInterrupt as e:
             status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
         except Diverged as e:
@@ -340,6 +373,12 @@ class _Job:
             raise Diverged(self.w.step, self.rank, float(loss.reshape(-1)[0]))
 
     # -- outputs (rank 0) ----------------------------------------------------------
+    def _security(self) -> dict[str, Any]:
+        """How the point-to-point links were protected, and what was refused."""
+        a = self.tr.auth
+        return {"authenticated": not a.insecure, "tls": a.tls,
+                "refused_connections": self.tr.refused}
+
     def _write(self, status: str, message: str) -> dict:
         from ..run import make_result, write_result
 
@@ -347,8 +386,8 @@ class _Job:
         assert ev is not None and rec is not None
         if status != "completed":
             ev.stop(timeout=2.0)
-        if ev.error is not None:
-            print(f"relaxsgd: warning: evaluation failed: {ev.error}", file=sys.stderr)
+        if ev.error is not None and status == "completed":  # (late: shown, not hidden)
+            status, message = "failed", f"evaluation failed: {ev.error}"
         rec.close()
         finals = [ev.finals[r] for r in sorted(ev.finals)]
         units = sum(s["units"] for s in finals)
@@ -368,6 +407,7 @@ class _Job:
                                        for s in finals},
             "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in finals},
         }
+        result["dist"].update(self._security())
         if self.out:
             result["out"] = self.out
             write_result(self.out, result, rec)

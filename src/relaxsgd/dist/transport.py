@@ -1,12 +1,23 @@
-"""Point-to-point messages between the workers of a job, on plain TCP with background threads.
+"""Point-to-point messages between the workers of a job, on TCP with background threads.
 
 Every worker listens on a port (published in the torch.distributed store) and opens one
 connection to every other worker at start (a full mesh: so that the death of any worker is
-seen at once by everyone, as an end of stream without a goodbye). Each outgoing connection
-has a sender thread with a queue, so sending never blocks the worker's program; each
-incoming connection has a reader thread that decodes messages and hands them to
-``on_message(src, msg)`` (that is where exchange requests are answered while the main
-thread computes). Messages are tuples ``(kind, ...)`` encoded by :mod:`.wire`.
+seen at once by everyone, as an end of stream without a goodbye). A connection carries
+messages one way, from the worker that opened it; it is used only after both sides proved
+the job secret (:mod:`.auth`), and every frame on it is authenticated (or TLS-protected).
+Each outgoing connection has a sender thread with a bounded queue (backpressure: a send
+waits while the queue holds :attr:`Transport.queue_bytes`; a peer that reads nothing for
+the peer timeout is dropped); each incoming one a reader thread that checks and decodes
+messages (:mod:`.wire`) and hands them to ``on_message(src, msg)`` (that is where exchange
+requests are answered while the main thread computes).
+
+Robustness. The accept loop survives any input: each new connection gets its own
+handshake thread (at most :data:`MAX_HANDSHAKES` at once, each within
+:data:`~.auth.HANDSHAKE_S`), and a connection that fails it is closed with one warning
+line. A frame longer than ``max_frame`` (the run's largest legitimate message) is refused
+from its 8-byte header, before any allocation. Any error on an authenticated connection
+(end of stream, a bad MAC, an invalid message) marks its peer dead with the cause and
+closes both directions; its messages are ignored from then on.
 
 Why not torch RPC or gloo send/recv (see docs/distributed.md): RPC's TensorPipe agent
 needs its own rendezvous, its shutdown is a barrier over all workers (a dead worker blocks
@@ -18,21 +29,25 @@ milliseconds and only its own messages fail, and the bytes are counted exactly.
 
 from __future__ import annotations
 
-import queue
+import hmac
 import socket
 import struct
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import RelaxError
-from .wire import HEADER, decode, encode, wire_size
+from . import auth as A
+from .wire import WireError, check_message, decode, encode, wire_size
 
-HELLO = struct.Struct("!I")
-_STOP = object()
+HEADER = struct.Struct("!Q")  # the length of the body that follows
+MAX_HANDSHAKES = 32
+MAX_WARNINGS = 20
 
 
 class PeerLost(RelaxError):
@@ -51,26 +66,84 @@ def local_address(master_addr: str) -> str:
         return "127.0.0.1"
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` as published in the store (which anyone may write): checked."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or len(host) > 255 or not port.isdigit() or any(
+            c.isspace() for c in host) or not 0 < int(port) < 65536:
+        raise PeerLost(f"the store holds {text[:80]!r} as a worker's address, not host:port")
+    return host, int(port)
+
+
+class _SendQueue:
+    """A FIFO bounded in bytes (one item always fits): ``put`` waits for room."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.size = cap, 0
+        self.items: deque = deque()
+        self.cond = threading.Condition()
+
+    def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool:
+        with self.cond:
+            end = time.monotonic() + timeout
+            while not force and self.items and self.size + size > self.cap:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            self.items.append((item, size))
+            self.size += size
+            self.cond.notify_all()
+            return True
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item, size = self.items.popleft()
+            self.size -= size
+            self.cond.notify_all()
+            return item
+
+
+_STOP = object()
+
+
 class Transport:
-    """Framed messages to and from every other rank; sending is queued, receiving threaded."""
+    """Framed, authenticated messages to and from every other rank; see the module doc.
+
+    ``max_frame``: the largest message body accepted (bytes); ``peer_timeout_s``: how long
+    a send may wait for room in a peer's queue before that peer is dropped.
+    """
 
     def __init__(self, rank: int, n: int, on_message: Callable[[int, Any], None],
-                 timeout_s: float, device: torch.device | None = None) -> None:
+                 timeout_s: float, device: torch.device | None = None, *,
+                 auth: A.Auth | None = None, max_frame: int = 1 << 30,
+                 peer_timeout_s: float | None = None) -> None:
         self.rank, self.n, self.timeout = rank, n, timeout_s
+        self.peer_timeout = peer_timeout_s or timeout_s
         self.on_message = on_message
         self.on_dead: list[Callable[[int, str], None]] = []
         self.device = device
+        self.auth = auth if auth is not None else A.from_env()
+        self.max_frame = max_frame
+        self.queue_bytes = 2 * max_frame + (1 << 20)
         self.dead: dict[int, str] = {}  # rank -> why
         self.wire_bytes = 0
         self.messages = 0
+        self.refused = 0
+        self.last_heard: dict[int, float] = {}
         self._lock = threading.Lock()
-        self._queues: dict[int, queue.Queue] = {}
+        self._queues: dict[int, _SendQueue] = {}
         self._senders: list[threading.Thread] = []
+        self._out: dict[int, socket.socket] = {}
         self._listener: socket.socket | None = None
         self._incoming: dict[int, socket.socket] = {}
         self._joined = threading.Condition()
         self._goodbye: set[int] = set()
         self._closing = False
+        self._handshakes = threading.Semaphore(MAX_HANDSHAKES)
+        self._warned = 0
 
     # -- set-up --------------------------------------------------------------------
     def start(self, store: Any, host: str, prefix: str = "relaxsgd/p2p",
@@ -81,19 +154,20 @@ class Transport:
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind((host, 0))
-        lst.listen(max(16, self.n))
+        lst.listen(max(64, self.n))
         self._listener = lst
         threading.Thread(target=self._accept_loop, daemon=True, name="relax-accept").start()
         store.set(f"{prefix}/{self.rank}", f"{host}:{lst.getsockname()[1]}")
         for peer in range(self.n):
             if peer == self.rank:
                 continue
-            addr = store.get(f"{prefix}/{peer}").decode()
-            sock = self._connect(addr, wait)
-            q: queue.Queue = queue.Queue()
+            addr = parse_address(store.get(f"{prefix}/{peer}").decode("utf-8", "replace"))
+            sock, key = self._connect(peer, addr, wait)
+            self._out[peer] = sock
+            q = _SendQueue(self.queue_bytes)
             self._queues[peer] = q
-            t = threading.Thread(target=self._send_loop, args=(peer, sock, q), daemon=True,
-                                 name=f"relax-send{peer}")
+            t = threading.Thread(target=self._send_loop, args=(peer, sock, key, q),
+                                 daemon=True, name=f"relax-send{peer}")
             t.start()
             self._senders.append(t)
         deadline = time.monotonic() + wait
@@ -106,61 +180,116 @@ class Transport:
                                    f"{wait:.0f}s")
                 self._joined.wait(min(left, 0.5))
 
-    def _connect(self, addr: str, wait: float) -> socket.socket:
-        host, port = addr.rsplit(":", 1)
+    def _connect(self, peer: int, addr: tuple[str, int],
+                 wait: float) -> tuple[socket.socket, bytes]:
         deadline = time.monotonic() + wait
         while True:
             try:
-                s = socket.create_connection((host, int(port)), timeout=self.timeout)
+                s = socket.create_connection(addr, timeout=A.HANDSHAKE_S)
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(HELLO.pack(self.rank))
-        return s
+        try:
+            if self.auth.client_ctx is not None:
+                s = self.auth.client_ctx.wrap_socket(s)
+            key = A.client_handshake(s, self.auth, self.rank, peer, self.n)
+        except (A.HandshakeError, OSError) as e:
+            s.close()
+            raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:{addr[1]}: "
+                           f"{e}") from None
+        s.settimeout(self.timeout)
+        return s, key
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
-        while True:
+        while not self._closing:
             try:
-                conn, _ = self._listener.accept()
+                conn, addr = self._listener.accept()
             except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                (src,) = HELLO.unpack(_recv_exact(conn, HELLO.size))
-            except OSError:
-                conn.close()
+                if self._closing:
+                    return
+                time.sleep(0.05)  # out of file descriptors, say: try again
                 continue
+            if not self._handshakes.acquire(blocking=False):
+                conn.close()  # too many half-open connections: refuse at once
+                self._warn(f"refused a connection from {addr[0]}: too many handshakes")
+                continue
+            threading.Thread(target=self._admit, args=(conn, addr), daemon=True,
+                             name="relax-handshake").start()
+
+    def _admit(self, conn: socket.socket, addr: Any) -> None:
+        """Handshake a new connection; on success start its reader. Never raises."""
+        src = -1
+        try:
+            conn.settimeout(A.HANDSHAKE_S)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.auth.server_ctx is not None:
+                conn = self.auth.server_ctx.wrap_socket(conn, server_side=True)
+            src, key = A.server_handshake(conn, self.auth, self.rank, self.n, self._free)
             with self._joined:
+                if not self._free(src):
+                    raise A.HandshakeError(f"claims rank {src}, which is already connected")
                 self._incoming[src] = conn
                 self._joined.notify_all()
-            threading.Thread(target=self._read_loop, args=(src, conn), daemon=True,
-                             name=f"relax-read{src}").start()
+            conn.sendall(b"\x01")
+            conn.settimeout(None)  # a live peer may be silent for long (asynchrony)
+        except Exception as e:  # noqa: BLE001 - any input: refuse the connection, go on
+            with self._joined:
+                if self._incoming.get(src) is conn:
+                    del self._incoming[src]
+            conn.close()
+            why = "no complete hello in time" if isinstance(e, TimeoutError) else str(e)
+            self._warn(f"refused a connection from {addr[0]}:{addr[1]}: {why}"[:300])
+            return
+        finally:
+            self._handshakes.release()
+        self._read_loop(src, conn, key)
+
+    def _free(self, rank: int) -> bool:
+        return rank not in self._incoming and rank not in self.dead
+
+    def _warn(self, text: str) -> None:
+        with self._lock:
+            self.refused += text.startswith("refused")
+            self._warned += 1
+            if self._warned > MAX_WARNINGS:
+                return
+        sys.stderr.write(f"relaxsgd: warning: worker {self.rank} {text}\n")
+        sys.stderr.flush()
 
     # -- sending -------------------------------------------------------------------
     def send(self, peer: int, msg: tuple, done: Callable[[BaseException | None], None]
              | None = None) -> int:
         """Queue ``msg`` for ``peer``; ``done(error)`` runs once it left (or failed).
 
-        Returns the message's size on the wire.
+        Waits while the peer's queue is full; drops the peer if it stays full for the
+        peer timeout. Returns the message's size on the wire.
         """
         frames = encode(msg)
         size = wire_size(frames)
-        if peer in self.dead:
+        if size > self.max_frame:
+            raise WireError(f"a {msg[0]!r} message of {size} bytes exceeds the limit of "
+                            f"{self.max_frame} (RELAXSGD_MAX_MESSAGE_MB)")
+        if peer in self.dead or peer not in self._queues:
             if done is not None:
-                done(ConnectionError(self.dead[peer]))
+                done(ConnectionError(self.dead.get(peer, f"no connection to {peer}")))
+            return 0
+        if not self._queues[peer].put((frames, done), size, self.peer_timeout):
+            self.mark_dead(peer, f"it read nothing for {self.peer_timeout:g}s "
+                           "(RELAXSGD_PEER_TIMEOUT) while its send queue was full")
+            if done is not None:
+                done(ConnectionError(self.dead.get(peer, "")))
             return 0
         with self._lock:
             self.wire_bytes += size
             self.messages += 1
-        self._queues[peer].put((frames, done))
         return size
 
-    def _send_loop(self, peer: int, sock: socket.socket, q: queue.Queue) -> None:
-        sock.settimeout(self.timeout)
+    def _send_loop(self, peer: int, sock: socket.socket, key: bytes, q: _SendQueue) -> None:
+        seq = 0
         while True:
             item = q.get()
             if item is _STOP:
@@ -171,10 +300,11 @@ class Transport:
                 err = ConnectionError(self.dead[peer])
             else:
                 try:
-                    _send_frames(sock, frames)
+                    self._send_frame(sock, key, seq, frames)
+                    seq += 1
                 except OSError as e:
                     err = e
-                    self._mark_dead(peer, f"sending to it failed ({e.__class__.__name__})")
+                    self.mark_dead(peer, f"sending to it failed ({e.__class__.__name__})")
             if done is not None:
                 done(err)
         try:
@@ -182,44 +312,86 @@ class Transport:
         except OSError:
             pass
 
+    def _send_frame(self, sock: socket.socket, key: bytes, seq: int, frames: list) -> None:
+        header = HEADER.pack(wire_size(frames))
+        parts = [header, *frames]
+        if not self.auth.tls:
+            parts.append(A.frame_mac(key, seq, header, frames))
+        if wire_size(parts) <= 1 << 16:
+            sock.sendall(b"".join(parts))
+        else:
+            for f in parts:
+                sock.sendall(f)
+
     # -- receiving -----------------------------------------------------------------
-    def _read_loop(self, src: int, conn: socket.socket) -> None:
-        while True:
+    def _read_loop(self, src: int, conn: socket.socket, key: bytes) -> None:
+        seq = 0
+        while src not in self.dead:
             try:
-                (size,) = HEADER.unpack(_recv_exact(conn, HEADER.size))
-                buf = bytearray(size)
-                _recv_into(conn, buf)
-            except (OSError, EOFError):
+                msg = self._read_frame(conn, key, seq, src)
+                seq += 1
+                self.last_heard[src] = time.monotonic()
+                if msg[0] == "bye":
+                    with self._joined:
+                        self._goodbye.add(src)
+                        self._joined.notify_all()
+                    continue
+                self.on_message(src, msg)
+            except (OSError, EOFError) as e:
                 if src not in self._goodbye and not self._closing:
-                    self._mark_dead(src, "its connection closed without a goodbye "
-                                    "(process killed or crashed)")
+                    self.mark_dead(src, "its connection closed without a goodbye "
+                                   f"(process killed or crashed; {type(e).__name__})")
                 break
-            msg = decode(buf, self.device)
-            if msg[0] == "bye":
-                with self._joined:
-                    self._goodbye.add(src)
-                    self._joined.notify_all()
-                continue
-            self.on_message(src, msg)
+            except Exception as e:  # noqa: BLE001 - any bad input drops this peer only
+                if not self._closing:
+                    self.mark_dead(src, f"it sent an invalid message ({e})"[:400])
+                break
         conn.close()
 
-    def _mark_dead(self, peer: int, why: str) -> None:
+    def _read_frame(self, conn: socket.socket, key: bytes, seq: int, src: int) -> tuple:
+        header = A.recv_exact(conn, HEADER.size)
+        (size,) = HEADER.unpack(header)
+        if size > self.max_frame:  # refused before allocating anything
+            raise WireError(f"a frame of {size} bytes, above the limit of {self.max_frame} "
+                            "(RELAXSGD_MAX_MESSAGE_MB)")
+        buf = bytearray(size)
+        _recv_into(conn, buf)
+        if not self.auth.tls:
+            mac = A.recv_exact(conn, A.MAC_SIZE)
+            if not hmac.compare_digest(mac, A.frame_mac(key, seq, header, [buf])):
+                raise WireError("a frame failed authentication (garbled, replayed or "
+                                "forged)")
+        return check_message(decode(buf, self.device))
+
+    def mark_dead(self, peer: int, why: str) -> None:
+        """Record ``peer`` as lost (first cause wins), close its connections, tell the
+        ``on_dead`` callbacks."""
         with self._lock:
             if peer in self.dead:
                 return
             self.dead[peer] = why
+        if not self._closing:
+            for s in (self._incoming.get(peer), self._out.get(peer)):
+                if s is not None:
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         for cb in list(self.on_dead):
             cb(peer, why)
         with self._joined:
             self._joined.notify_all()
+
+    _mark_dead = mark_dead  # (the old private name)
 
     # -- shutdown ------------------------------------------------------------------
     def close(self, wait_s: float = 5.0) -> None:
         """Say goodbye to every live peer, flush, and wait (a little) for their goodbyes."""
         for peer, q in self._queues.items():
             if peer not in self.dead:
-                q.put((encode(("bye",)), None))
-            q.put(_STOP)
+                frames = encode(("bye",))
+                q.put((frames, None), wire_size(frames), 0.0, force=True)
+            q.put(_STOP, 0, 0.0, force=True)
         deadline = time.monotonic() + wait_s
         for t in self._senders:
             t.join(timeout=max(deadline - time.monotonic(), 0.0))
@@ -233,21 +405,6 @@ class Transport:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-
-
-def _send_frames(sock: socket.socket, frames: list) -> None:
-    total = wire_size(frames)
-    if total <= 1 << 16:
-        sock.sendall(b"".join(frames))
-    else:
-        for f in frames:
-            sock.sendall(f)
-
-
-def _recv_exact(conn: socket.socket, k: int) -> bytes:
-    buf = bytearray(k)
-    _recv_into(conn, buf)
-    return bytes(buf)
 
 
 def _recv_into(conn: socket.socket, buf: bytearray) -> None:

@@ -54,8 +54,8 @@ from ..training import bind_params, flat_params, seeded_generator
 from ..worker import SALT_ALGO
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
-from .runtime import pick_backend
-from .transport import Transport, local_address
+from .runtime import job_auth, listen_host, pick_backend
+from .transport import Transport
 
 _WRAPS = itertools.count()  # the k-th wrap of a process meets the k-th of the others
 
@@ -127,6 +127,7 @@ class Relaxed:
         self.model, self.optimizer = model, optimizer
         self.rank, self.n = dist.get_rank(), dist.get_world_size()
         self.opts = from_env()
+        auth = job_auth(self.opts)  # before any collective: a missing secret ends it here
         cls = ALGORITHMS.get(algo)
         cfg = _typed(cls.Config, dict(options or {}), f"algorithm {algo!r}")
         topo = make_topology(topology, self.n, seed=seed, **(topology_options or {}))
@@ -143,13 +144,14 @@ class Relaxed:
         self.algo.init_worker(self.w)
         groups = [dist.new_group(list(range(self.n))) for _ in range(self.opts.spawn_groups)]
         self.done_from: set[int] = set()
-        self.tr = Transport(self.rank, self.n, self._on_message, self.opts.timeout_s, device)
+        self.tr = Transport(self.rank, self.n, self._on_message, self.opts.timeout_s, device,
+                            auth=auth, peer_timeout_s=self.opts.peer_timeout_s,
+                            max_frame=self.opts.max_frame(2 * flat.numel()
+                                                          * flat.element_size()))
         self.ex = Executor(self.algo, self.w, self.tr, self.opts, groups, device)
         from torch.distributed import distributed_c10d
 
-        self.tr.start(distributed_c10d._get_default_store(),
-                      self.opts.host or local_address(os.environ.get("MASTER_ADDR",
-                                                                     "127.0.0.1")),
+        self.tr.start(distributed_c10d._get_default_store(), listen_host(self.opts),
                       prefix=f"relaxsgd/wrap{next(_WRAPS)}/p2p", startup_s=STARTUP_S)
         dist.barrier()
         self._orig_step = optimizer.step
@@ -182,7 +184,7 @@ class Relaxed:
         if msg[0] == "done":
             self.done_from.add(src)
         elif msg[0] == "abort":
-            self.tr._mark_dead(src, f"it stopped: {msg[1]}")
+            self.tr.mark_dead(src, f"it stopped: {msg[1]}")
 
     def _next(self, eff: Any) -> Any:
         """Skip empty computations; remember how many user steps the next one takes."""
