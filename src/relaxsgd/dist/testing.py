@@ -12,7 +12,13 @@
 
 ``python -m relaxsgd.dist.testing run ...`` is ``relaxsgd run ...`` with the probe and
 ``RELAXSGD_TEST_KILL_AT=<rank>:<step>`` (that worker kills itself with SIGKILL at that
-local step: a crash for the fault tests).
+local step: a crash for the fault tests), ``RELAXSGD_TEST_WIRE_FAULT=<rank>:<kind>:<k>``
+(that worker's k-th frame to each peer goes wrong on the wire, as an attacker on the path
+or a compromised peer would make it: ``garble`` flips a byte after the MAC was computed,
+``replay`` sends the previous frame again, ``oversize`` sends a header claiming 1 TiB,
+``pickle`` sends a correctly authenticated pickle whose unpickling would create the file
+``$RELAXSGD_TEST_MARKER``) and ``RELAXSGD_TEST_EVAL_FAIL=1`` (rank 0's evaluation
+raises).
 """
 
 from __future__ import annotations
@@ -347,6 +353,66 @@ def _install_kill() -> None:
     LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
 
 
+class _Marker:
+    """Unpickling this creates a file: the pickled payload of the fault tests."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
+
+
+def _install_wire_fault() -> None:
+    spec = os.environ.get("RELAXSGD_TEST_WIRE_FAULT")
+    if not spec:
+        return
+    rank, kind, k = spec.split(":")
+    if int(os.environ.get("RANK", -1)) != int(rank):
+        return
+    import pickle
+
+    from . import auth as A
+    from .transport import HEADER, Transport
+
+    orig = Transport._send_frame
+    sent: dict[int, list] = {}
+
+    def send_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
+        past = sent.setdefault(id(sock), [])
+        past.append(b"".join(bytes(f) for f in frames))
+        if seq != int(k):
+            return orig(self, sock, key, seq, frames)
+        if kind == "garble":
+            header = HEADER.pack(len(past[-1]))
+            mac = A.frame_mac(key, seq, header, [past[-1]])
+            body = bytearray(past[-1])
+            body[len(body) // 2] ^= 0x40
+            sock.sendall(header + bytes(body) + mac)
+        elif kind == "replay":
+            orig(self, sock, key, seq - 1, [past[-2]])  # the previous frame, verbatim
+        elif kind == "oversize":
+            sock.sendall(HEADER.pack(1 << 40))
+        elif kind == "pickle":
+            body = pickle.dumps(("msg", 0, _Marker(os.environ["RELAXSGD_TEST_MARKER"])))
+            orig(self, sock, key, seq, [body])
+        else:
+            raise ValueError(f"unknown RELAXSGD_TEST_WIRE_FAULT kind {kind!r}")
+
+    Transport._send_frame = send_frame  # type: ignore[method-assign]
+
+
+def _install_eval_fail() -> None:
+    if os.environ.get("RELAXSGD_TEST_EVAL_FAIL") != "1":
+        return
+    from .evaluation import Evaluator
+
+    def record(self: Evaluator, snaps: list[dict]) -> None:
+        raise RuntimeError("injected evaluation failure (RELAXSGD_TEST_EVAL_FAIL)")
+
+    Evaluator._record = record  # type: ignore[method-assign]
+
+
 def _multi(paths: list[str]) -> int:
     """Run configs one after the other in this process (each run meets the others under
     its own prefix of the same store: see ``runtime.run_store``)."""
@@ -363,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _install_kill()
+    _install_wire_fault()
+    _install_eval_fail()
     ALGORITHMS._entries.setdefault("probe", PROBE)
     ALGORITHMS._entries.setdefault("ping", PING)
     ALGORITHMS._entries.setdefault("gossip", GOSSIP)

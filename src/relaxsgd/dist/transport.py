@@ -198,8 +198,9 @@ class Transport:
             key = A.client_handshake(s, self.auth, self.rank, peer, self.n)
         except (A.HandshakeError, OSError) as e:
             s.close()
+            hint = "" if isinstance(e, A.HandshakeError) else " during the handshake (see its log)"
             raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:{addr[1]}: "
-                           f"{e}") from None
+                           f"{e}{hint}") from None
         s.settimeout(self.timeout)
         return s, key
 
