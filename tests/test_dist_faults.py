@@ -117,7 +117,8 @@ def test_torchrun_runs_relaxsgd_run_and_matches_the_simulator(tmp_path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RELAXSGD_SAVE_MODELS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RELAXSGD_SAVE_MODELS": "1",
+           "RELAXSGD_SECRET": "torchrun-test-secret-0123456789"}  # torchrun makes none
     p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python",
                         "relaxsgd", "run", "--config", str(path), "--runtime", "dist",
                         "--out", str(out), "-q"], env=env, capture_output=True, text=True,
@@ -143,7 +144,8 @@ def test_sigterm_stops_a_worker_blocked_in_a_rendezvous_that_never_completes(tmp
     procs = []
     for r in range(2):  # 2 of the job's 3 workers: the rendezvous waits for the third
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "RELAXSGD_SECRET": "rendezvous-test-secret-0123456789"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "relaxsgd.cli", "run", "--config", str(cfg), "--runtime",
              "dist", "--out", str(tmp_path / "out"), "-q"], env=env,
