@@ -21,6 +21,15 @@ not model (Python, threads, serialisation, evaluation snapshots, the barrier at 
 
     python benchmarks/dist_throughput.py            # 200 steps per worker
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker
+
+``--wire`` measures instead what issue 10's safe transport costs, side by side in one run:
+the same jobs with the wire of before (pickle, no frame MACs: ``src/relaxsgd/dist/wire.py``
+of commit ``LEGACY_COMMIT``, put back by a hook of ``relaxsgd.dist.testing``), with the
+current one (tagged encoding, authenticated peers, HMAC-SHA256 per frame) and with TLS
+(a throw-away CA made with ``openssl``), interleaved and repeated (``--reps``), the median
+samples/s of each:
+
+    python benchmarks/dist_throughput.py --wire --reps 3
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,13 +117,66 @@ def predicted(cfg: dict[str, Any], step_time: float, latency: float,
     return res["samples_total"] / res["virtual_time_s"]
 
 
+LEGACY_COMMIT = "b0b4b94"  # the last commit with the pickle wire format
+WIRE_ALGOS = [("swarm", {}), ("adpsgd", {}), ("allreduce", {})]  # p2p-heavy, and a control
+
+
+def wire_comparison(steps: int, reps: int) -> None:
+    """Samples/s with the wire of before, the current one, and the current one over TLS."""
+    from relaxsgd.algorithms import ALGORITHMS
+    from relaxsgd.dist.testing import make_test_certs, run_jobs
+
+    algos = [(n, o) for n, o in WIRE_ALGOS if n in ALGORITHMS]
+    cfgs = [config(n, o, steps) for n, o in algos]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as d:
+        legacy = os.path.join(d, "legacy_wire.py")
+        src = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:src/relaxsgd/dist/wire.py"],
+                             cwd=root, capture_output=True, text=True, check=True).stdout
+        with open(legacy, "w", encoding="utf-8") as f:
+            f.write(src)
+        modes = {"before (pickle)": {"RELAXSGD_BENCH_LEGACY_WIRE": legacy},
+                 "after (safe+HMAC)": {}, "after + TLS": make_test_certs(d)}
+        got: dict[str, dict[str, list[float]]] = {m: {n: [] for n, _ in algos} for m in modes}
+        t0 = time.perf_counter()
+        for rep in range(reps):
+            for mode, env in modes.items():
+                runs = run_jobs(cfgs, N, os.path.join(d, f"{rep}-{len(got[mode])}"),
+                                timeout=1800, env={"RELAXSGD_SAVE_MODELS": "0", **env})
+                if any(runs[0].codes):
+                    raise SystemExit(f"{mode} failed:\n" + "\n".join(runs[0].logs))
+                for (algo, _), r in zip(algos, runs, strict=True):
+                    f = r.result["final"]
+                    got[mode][algo].append(f["samples_total"] / f["virtual_time_s"])
+    name, topts, _ = task()
+    print(f"{N} processes, gloo on loopback, {name} {topts['model']}, batch 32, {steps} steps "
+          f"per worker, median of {reps} interleaved repetitions (samples/s, all workers)")
+    names = list(modes)
+    print(f"{'algorithm':<10} " + " ".join(f"{m:>18}" for m in names)
+          + f" {'after/before':>12} {'TLS/after':>9}")
+    for algo, _ in algos:
+        med = [statistics.median(got[m][algo]) for m in names]
+        print(f"{algo:<10} " + " ".join(f"{v:>18.0f}" for v in med)
+              + f" {med[1] / med[0]:>12.3f} {med[2] / med[1]:>9.3f}")
+    print(f"({time.perf_counter() - t0:.0f} s; spread over repetitions: "
+          + ", ".join(f"{m} {algo} {min(v):.0f}-{max(v):.0f}"
+                      for m in names for algo, v in got[m].items() if algo == algos[0][0])
+          + ")")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="40 steps per worker, not 200")
+    ap.add_argument("--wire", action="store_true",
+                    help="compare the wire format of before, the current one, and TLS")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of --wire")
     ap.add_argument("--calibrate-worker", metavar="OUT", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.calibrate_worker:
         calibrate_worker(a.calibrate_worker)
+        return
+    if a.wire:
+        wire_comparison(40 if a.quick else 200, a.reps)
         return
     import torch
 

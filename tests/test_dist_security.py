@@ -200,3 +200,26 @@ def test_a_failed_evaluation_shows_in_the_status(tmp_path) -> None:
     assert r.codes[0] != 0, r.logs[0]
     assert r.result["status"] == "failed"
     assert "evaluation failed: injected evaluation failure" in r.result["message"]
+
+
+@pytest.mark.timeout(60)
+def test_tls_protects_the_links_and_a_plain_stranger_is_refused(tmp_path) -> None:
+    import shutil
+
+    from relaxsgd.dist.testing import make_test_certs
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not available to make certificates")
+    tls = make_test_certs(str(tmp_path))
+    cfg = {**SYNC, "steps": 40}
+    got: dict[str, bytes] = {}
+
+    def attack(job: Any) -> None:  # a plain-TCP hello to a TLS port
+        got["reply"] = _send(_store_addr(job.port, 0), _hello(1))
+
+    r = run_job(cfg, 2, str(tmp_path / "job"), timeout=50, env={**ENV, **tls}, after=attack)
+    assert r.codes == [0, 0], r.logs
+    assert r.result["dist"]["tls"] is True and r.result["dist"]["authenticated"] is True
+    assert got["reply"] == b""  # no handshake answer
+    assert "refused a connection" in r.logs[0]
+    torch.testing.assert_close(r.models, _sim_models(cfg), rtol=1e-5, atol=2e-6)

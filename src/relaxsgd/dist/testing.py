@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +55,10 @@ from ..algorithms.base import (
 )
 from ..registry import Entry
 from .launch import LocalJob
+from .testing_hooks import _Marker, install_hooks, make_test_certs
+
+__all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "wait_for_rows", "_Marker",
+           "make_test_certs"]
 
 
 @dataclass(frozen=True)
@@ -326,93 +329,6 @@ def wait_for_rows(out: str, rows: int, timeout: float = 60.0) -> bool:
     return False
 
 
-def _install_kill() -> None:
-    spec = os.environ.get("RELAXSGD_TEST_KILL_AT")
-    if not spec:
-        return
-    rank, step = (int(x) for x in spec.split(":"))
-    if int(os.environ.get("RANK", -1)) != rank:
-        return
-    from ..worker import LocalWorker
-
-    orig_note, orig_apply = LocalWorker.note_steps, LocalWorker.apply_grad
-
-    def check(w: LocalWorker) -> None:
-        if w.step >= step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def note_steps(self: LocalWorker, steps: int) -> None:
-        orig_note(self, steps)
-        check(self)
-
-    def apply_grad(self: LocalWorker, grad: torch.Tensor) -> None:
-        orig_apply(self, grad)
-        check(self)
-
-    LocalWorker.note_steps = note_steps  # type: ignore[method-assign]
-    LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
-
-
-class _Marker:
-    """Unpickling this creates a file: the pickled payload of the fault tests."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.path, "w"))
-
-
-def _install_wire_fault() -> None:
-    spec = os.environ.get("RELAXSGD_TEST_WIRE_FAULT")
-    if not spec:
-        return
-    rank, kind, k = spec.split(":")
-    if int(os.environ.get("RANK", -1)) != int(rank):
-        return
-    import pickle
-
-    from . import auth as A
-    from .transport import HEADER, Transport
-
-    orig = Transport._send_frame
-    sent: dict[int, list] = {}
-
-    def send_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
-        past = sent.setdefault(id(sock), [])
-        past.append(b"".join(bytes(f) for f in frames))
-        if seq != int(k):
-            return orig(self, sock, key, seq, frames)
-        if kind == "garble":
-            header = HEADER.pack(len(past[-1]))
-            mac = A.frame_mac(key, seq, header, [past[-1]])
-            body = bytearray(past[-1])
-            body[len(body) // 2] ^= 0x40
-            sock.sendall(header + bytes(body) + mac)
-        elif kind == "replay":
-            orig(self, sock, key, seq - 1, [past[-2]])  # the previous frame, verbatim
-        elif kind == "oversize":
-            sock.sendall(HEADER.pack(1 << 40))
-        elif kind == "pickle":
-            body = pickle.dumps(("msg", 0, _Marker(os.environ["RELAXSGD_TEST_MARKER"])))
-            orig(self, sock, key, seq, [body])
-        else:
-            raise ValueError(f"unknown RELAXSGD_TEST_WIRE_FAULT kind {kind!r}")
-
-    Transport._send_frame = send_frame  # type: ignore[method-assign]
-
-
-def _install_eval_fail() -> None:
-    if os.environ.get("RELAXSGD_TEST_EVAL_FAIL") != "1":
-        return
-    from .evaluation import Evaluator
-
-    def record(self: Evaluator, snaps: list[dict]) -> None:
-        raise RuntimeError("injected evaluation failure (RELAXSGD_TEST_EVAL_FAIL)")
-
-    Evaluator._record = record  # type: ignore[method-assign]
-
-
 def _multi(paths: list[str]) -> int:
     """Run configs one after the other in this process (each run meets the others under
     its own prefix of the same store: see ``runtime.run_store``)."""
@@ -428,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _install_kill()
-    _install_wire_fault()
-    _install_eval_fail()
+    install_hooks()
     ALGORITHMS._entries.setdefault("probe", PROBE)
     ALGORITHMS._entries.setdefault("ping", PING)
     ALGORITHMS._entries.setdefault("gossip", GOSSIP)

@@ -345,7 +345,8 @@ class Transport:
                 break
             except Exception as e:  # noqa: BLE001 - any bad input drops this peer only
                 if not self._closing:
-                    self.mark_dead(src, f"it sent an invalid message ({e})"[:400])
+                    why = str(e) if isinstance(e, WireError) else f"{type(e).__name__}: {e}"
+                    self.mark_dead(src, f"it sent an invalid message ({why})"[:400])
                 break
         conn.close()
 

@@ -1,0 +1,180 @@
+"""Fault injection for the tests and benchmarks of the distributed runtime.
+
+Environment variables read by ``python -m relaxsgd.dist.testing`` (see that module):
+``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_WIRE_FAULT``, ``RELAXSGD_TEST_EVAL_FAIL`` and
+``RELAXSGD_BENCH_LEGACY_WIRE``. Nothing here runs unless one of them is set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+
+
+def install_hooks() -> None:
+    """Install every hook whose environment variable is set (in this process)."""
+    _install_kill()
+    _install_wire_fault()
+    _install_eval_fail()
+    _install_legacy_wire()
+
+
+def _install_kill() -> None:
+    spec = os.environ.get("RELAXSGD_TEST_KILL_AT")
+    if not spec:
+        return
+    rank, step = (int(x) for x in spec.split(":"))
+    if int(os.environ.get("RANK", -1)) != rank:
+        return
+    from ..worker import LocalWorker
+
+    orig_note, orig_apply = LocalWorker.note_steps, LocalWorker.apply_grad
+
+    def check(w: LocalWorker) -> None:
+        if w.step >= step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def note_steps(self: LocalWorker, steps: int) -> None:
+        orig_note(self, steps)
+        check(self)
+
+    def apply_grad(self: LocalWorker, grad: torch.Tensor) -> None:
+        orig_apply(self, grad)
+        check(self)
+
+    LocalWorker.note_steps = note_steps  # type: ignore[method-assign]
+    LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
+
+
+class _Marker:
+    """Unpickling this creates a file: the pickled payload of the fault tests."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
+
+
+def _install_wire_fault() -> None:
+    spec = os.environ.get("RELAXSGD_TEST_WIRE_FAULT")
+    if not spec:
+        return
+    rank, kind, k = spec.split(":")
+    if int(os.environ.get("RANK", -1)) != int(rank):
+        return
+    import pickle
+
+    from . import auth as A
+    from .transport import HEADER, Transport
+
+    orig = Transport._send_frame
+    sent: dict[int, list] = {}
+
+    def send_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
+        past = sent.setdefault(id(sock), [])
+        past.append(b"".join(bytes(f) for f in frames))
+        if seq != int(k):
+            return orig(self, sock, key, seq, frames)
+        if kind == "garble":
+            header = HEADER.pack(len(past[-1]))
+            mac = A.frame_mac(key, seq, header, [past[-1]])
+            body = bytearray(past[-1])
+            body[len(body) // 2] ^= 0x40
+            sock.sendall(header + bytes(body) + mac)
+        elif kind == "replay":
+            orig(self, sock, key, seq - 1, [past[-2]])  # the previous frame, verbatim
+        elif kind == "oversize":
+            sock.sendall(HEADER.pack(1 << 40))
+        elif kind == "pickle":
+            body = pickle.dumps(("msg", 0, _Marker(os.environ["RELAXSGD_TEST_MARKER"])))
+            orig(self, sock, key, seq, [body])
+        else:
+            raise ValueError(f"unknown RELAXSGD_TEST_WIRE_FAULT kind {kind!r}")
+
+    Transport._send_frame = send_frame  # type: ignore[method-assign]
+
+
+def make_test_certs(folder: str) -> dict[str, str]:
+    """A throw-away CA and one worker certificate signed by it (the ``openssl`` command),
+    as the RELAXSGD_TLS_* environment of a test or benchmark job."""
+    import subprocess
+
+    def sh(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sh("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+       "-subj", "/CN=relaxsgd test CA")
+    sh("req", *ec, "-keyout", "worker.key", "-out", "worker.csr", "-subj", "/CN=worker")
+    sh("x509", "-req", "-in", "worker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+       "-CAcreateserial", "-out", "worker.pem", "-days", "1")
+    return {"RELAXSGD_TLS_CERT": os.path.join(folder, "worker.pem"),
+            "RELAXSGD_TLS_KEY": os.path.join(folder, "worker.key"),
+            "RELAXSGD_TLS_CA": os.path.join(folder, "ca.pem")}
+
+
+def _install_legacy_wire() -> None:
+    """Benchmarks only: ``RELAXSGD_BENCH_LEGACY_WIRE=<file>`` (the pickle wire.py of
+    before issue 10) puts that format back on the point-to-point links and all-gathers,
+    without frame MACs: the "before" of ``benchmarks/dist_throughput.py --wire``."""
+    path = os.environ.get("RELAXSGD_BENCH_LEGACY_WIRE")
+    if not path:
+        return
+    import importlib.util
+
+    from . import collectives, transport
+    from .auth import recv_exact
+    from .transport import HEADER, Transport, _recv_into
+
+    spec = importlib.util.spec_from_file_location("relaxsgd_legacy_wire", path)
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+
+    def send(self: Transport, peer: int, msg: tuple, done: Any = None) -> int:
+        frames = old.encode(msg)
+        size = old.wire_size(frames)
+        if peer in self.dead:
+            if done is not None:
+                done(ConnectionError(self.dead[peer]))
+            return 0
+        self._queues[peer].put((frames, done), size, self.peer_timeout)
+        with self._lock:
+            self.wire_bytes += size
+            self.messages += 1
+        return size
+
+    def legacy_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
+        if old.wire_size(frames) <= 1 << 16:
+            sock.sendall(b"".join(frames))
+        else:
+            for f in frames:
+                sock.sendall(f)
+
+    def read_frame(self: Transport, conn: Any, key: bytes, seq: int, src: int) -> tuple:
+        (size,) = HEADER.unpack(recv_exact(conn, HEADER.size))
+        buf = bytearray(size)
+        _recv_into(conn, buf)
+        return old.decode(buf, self.device)
+
+    Transport.send = send  # type: ignore[method-assign]
+    Transport._send_frame = legacy_frame  # type: ignore[method-assign]
+    Transport._read_frame = read_frame  # type: ignore[method-assign]
+    transport.encode = old.encode  # (the goodbye of close())
+    collectives.encode = lambda obj: old.encode(obj)[1:]  # (without the length header)
+    collectives.decode = old.decode
+
+
+def _install_eval_fail() -> None:
+    if os.environ.get("RELAXSGD_TEST_EVAL_FAIL") != "1":
+        return
+    from .evaluation import Evaluator
+
+    def record(self: Evaluator, snaps: list[dict]) -> None:
+        raise RuntimeError("injected evaluation failure (RELAXSGD_TEST_EVAL_FAIL)")
+
+    Evaluator._record = record  # type: ignore[method-assign]
