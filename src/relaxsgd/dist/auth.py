@@ -37,6 +37,7 @@ import secrets
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -54,7 +55,12 @@ _ENV_HINT = ("set RELAXSGD_SECRET to the same random string (16+ characters) on 
 
 
 class HandshakeError(Exception):
-    """A connection failed to authenticate; the message names why (for one log line)."""
+    """A connection failed to authenticate; the message names why (for one log line).
+    ``retry``: the other side hung up before answering (busy, say): worth another try."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -151,10 +157,17 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return h.digest()
 
 
-def recv_exact(sock: socket.socket, k: int) -> bytes:
+def recv_exact(sock: socket.socket, k: int, deadline: float | None = None) -> bytes:
+    """``k`` bytes; EOFError if the connection closes first, TimeoutError past
+    ``deadline`` (time.monotonic(); a peer dripping bytes cannot stretch it)."""
     buf = bytearray(k)
     view, got = memoryview(buf), 0
     while got < k:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the handshake took too long")
+            sock.settimeout(left)
         r = sock.recv_into(view[got:], k - got)
         if r == 0:
             raise EOFError("the connection closed")
@@ -167,13 +180,14 @@ def client_handshake(sock: socket.socket, auth: Auth, src: int, dst: int,
     """Connector side (see the module docstring); returns the session key."""
     hello = HELLO.pack(MAGIC, VERSION, int(auth.tls), src, dst, world,
                        secrets.token_bytes(NONCE))
+    deadline = time.monotonic() + HANDSHAKE_S
     sock.sendall(hello)
     try:
-        got = recv_exact(sock, NONCE + MAC_SIZE)
+        got = recv_exact(sock, NONCE + MAC_SIZE, deadline)
     except EOFError:
         raise HandshakeError(f"worker {dst} closed the connection during the handshake "
-                             "(it refused us: different secret, TLS setting or world "
-                             "size?)") from None
+                             "(it refused us: different TLS setting or world size?)",
+                             retry=True) from None
     nonce_b, proof = got[:NONCE], got[NONCE:]
     if not hmac.compare_digest(proof, _mac(auth.key, b"acceptor", hello, nonce_b)):
         raise HandshakeError(f"worker {dst} did not prove the job secret (its "
@@ -181,7 +195,7 @@ def client_handshake(sock: socket.socket, auth: Auth, src: int, dst: int,
                              "published address)")
     sock.sendall(_mac(auth.key, b"connector", hello, nonce_b))
     try:
-        ok = recv_exact(sock, 1)
+        ok = recv_exact(sock, 1, deadline)
     except EOFError:
         ok = b""
     if ok != b"\x01":
@@ -194,8 +208,9 @@ def server_handshake(sock: socket.socket, auth: Auth, me: int, world: int,
                      is_free: object) -> tuple[int, bytes]:
     """Acceptor side: (the peer's rank, session key), or :class:`HandshakeError`.
     ``is_free(rank)`` tells whether that rank may still connect."""
+    deadline = time.monotonic() + HANDSHAKE_S
     try:
-        hello = recv_exact(sock, HELLO.size)
+        hello = recv_exact(sock, HELLO.size, deadline)
     except EOFError:
         raise HandshakeError("closed before saying hello") from None
     magic, version, flags, src, dst, n, _ = HELLO.unpack(hello)
@@ -213,7 +228,7 @@ def server_handshake(sock: socket.socket, auth: Auth, me: int, world: int,
     nonce_b = secrets.token_bytes(NONCE)
     sock.sendall(nonce_b + _mac(auth.key, b"acceptor", hello, nonce_b))
     try:
-        proof = recv_exact(sock, MAC_SIZE)
+        proof = recv_exact(sock, MAC_SIZE, deadline)
     except EOFError:
         raise HandshakeError(f"claimed rank {src}, then closed without a proof") from None
     if not hmac.compare_digest(proof, _mac(auth.key, b"connector", hello, nonce_b)):

@@ -182,27 +182,30 @@ class Transport:
 
     def _connect(self, peer: int, addr: tuple[str, int],
                  wait: float) -> tuple[socket.socket, bytes]:
+        """An authenticated connection to ``peer``; retried until ``wait`` runs out while
+        the peer is not listening yet or hangs up before answering (busy with strangers)."""
         deadline = time.monotonic() + wait
         while True:
+            s: socket.socket | None = None
             try:
                 s = socket.create_connection(addr, timeout=A.HANDSHAKE_S)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if self.auth.client_ctx is not None:
-                s = self.auth.client_ctx.wrap_socket(s)
-            key = A.client_handshake(s, self.auth, self.rank, peer, self.n)
-        except (A.HandshakeError, OSError) as e:
-            s.close()
-            hint = "" if isinstance(e, A.HandshakeError) else " during the handshake (see its log)"
-            raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:{addr[1]}: "
-                           f"{e}{hint}") from None
-        s.settimeout(self.timeout)
-        return s, key
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.auth.client_ctx is not None:
+                    s = self.auth.client_ctx.wrap_socket(s)
+                key = A.client_handshake(s, self.auth, self.rank, peer, self.n)
+                s.settimeout(self.timeout)
+                return s, key
+            except (A.HandshakeError, OSError) as e:
+                if s is not None:
+                    s.close()
+                # (the address is published once listening: refused means gone, not early)
+                again = isinstance(e, TimeoutError) or getattr(e, "retry", False)
+                if not again or time.monotonic() > deadline:
+                    hint = "" if isinstance(e, A.HandshakeError) else \
+                        " (during the handshake: see its log)"
+                    raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:"
+                                   f"{addr[1]}: {e}{hint}") from None
+                time.sleep(0.05 if s is None else 0.5)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

@@ -95,6 +95,9 @@ def _load_builtin_payloads() -> None:
 
 
 # -- encoding --------------------------------------------------------------------------
+_STR_CACHE: dict[str, bytes] = {}
+
+
 class _Enc:
     def __init__(self) -> None:
         self.out = bytearray()
@@ -104,7 +107,22 @@ class _Enc:
         if depth > MAX_DEPTH:
             raise WireError(f"message nested deeper than {MAX_DEPTH}")
         out = self.out
-        if x is None:
+        t = type(x)
+        if t is str and len(x) <= 32:  # keys and tags: the commonest values, cached
+            enc = _STR_CACHE.get(x)
+            if enc is None:
+                enc = b"s" + _U32.pack(len(x.encode("utf-8"))) + x.encode("utf-8")
+                if len(_STR_CACHE) < 4096:
+                    _STR_CACHE[x] = enc
+            out += enc
+        elif t is dict:
+            out += b"d" + _U32.pack(len(x))
+            for k, v in x.items():
+                self.value(k, depth + 1)
+                self.value(v, depth + 1)
+        elif t is torch.Tensor:
+            self._tensor(x)
+        elif x is None:
             out += b"N"
         elif x is True or x is False:
             out += b"T" if x else b"F"
@@ -208,19 +226,23 @@ def wire_size(frames: list[memoryview | bytes]) -> int:
 
 # -- decoding --------------------------------------------------------------------------
 class _Dec:
+    """Reads ``meta`` (a small copy) with one index; tensors are views into ``buf``."""
+
     def __init__(self, buf: bytearray, meta_end: int, device: torch.device | None) -> None:
-        self.buf, self.pos, self.end, self.device = buf, 4, meta_end, device
+        self.buf, self.meta, self.pos, self.device = buf, bytes(buf[4:meta_end]), 0, device
+        self.end = len(self.meta)
         self.data_off = meta_end  # where the next tensor's bytes start (before padding)
 
-    def take(self, k: int) -> memoryview:
-        if k < 0 or self.pos + k > self.end:
+    def need(self, k: int) -> int:
+        """The position of the next ``k`` bytes (consumed)."""
+        pos = self.pos
+        if pos + k > self.end:
             raise WireError("truncated message")
-        v = memoryview(self.buf)[self.pos:self.pos + k]
-        self.pos += k
-        return v
+        self.pos = pos + k
+        return pos
 
     def unpack(self, s: struct.Struct) -> Any:
-        return s.unpack(self.take(s.size))[0]
+        return s.unpack_from(self.meta, self.need(s.size))[0]
 
     def count(self) -> int:
         k = self.unpack(_U32)
@@ -231,23 +253,16 @@ class _Dec:
     def value(self, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
             raise WireError(f"message nested deeper than {MAX_DEPTH}")
-        tag = bytes(self.take(1))
-        if tag == b"N":
-            return None
-        if tag in (b"T", b"F"):
-            return tag == b"T"
-        if tag == b"i":
+        tag = self.meta[self.need(1)]
+        if tag == 0x69:  # i
             return self.unpack(_I64)
-        if tag == b"f":
-            return self.unpack(_F64)
-        if tag == b"s":
-            return bytes(self.take(self.count())).decode("utf-8")
-        if tag == b"b":
-            return bytes(self.take(self.count()))
-        if tag in (b"l", b"t"):
+        if tag == 0x73:  # s
+            k = self.count()
+            return self.meta[self.need(k):self.pos].decode("utf-8")
+        if tag in (0x6C, 0x74):  # l t
             items = [self.value(depth + 1) for _ in range(self.count())]
-            return items if tag == b"l" else tuple(items)
-        if tag == b"d":
+            return items if tag == 0x6C else tuple(items)
+        if tag == 0x64:  # d
             out = {}
             for _ in range(self.count()):
                 k = self.value(depth + 1)
@@ -255,15 +270,22 @@ class _Dec:
                     raise WireError(f"a dict key of type {type(k).__name__}")
                 out[k] = self.value(depth + 1)
             return out
-        if tag == b"X":
+        if tag == 0x58:  # X
             return self.tensor()
-        if tag == b"Z":
+        if tag in _CONST:
+            return _CONST[tag]
+        if tag == 0x66:  # f
+            return self.unpack(_F64)
+        if tag == 0x62:  # b
+            k = self.count()
+            return self.meta[self.need(k):self.pos]
+        if tag == 0x5A:  # Z
             return torch.Size(self.shape())
-        if tag == b"Y":
+        if tag == 0x59:  # Y
             return self.dtype()
-        if tag == b"C":
+        if tag == 0x43:  # C
             return self.dataclass(depth)
-        raise WireError(f"unknown value tag {tag!r}")
+        raise WireError(f"unknown value tag {bytes([tag])!r}")
 
     def dtype(self) -> torch.dtype:
         code = self.unpack(_U8)
@@ -289,17 +311,21 @@ class _Dec:
             t = torch.empty(shape, dtype=dtype)
         else:
             t = torch.frombuffer(self.buf, dtype=dtype, count=numel, offset=off)
-            t = t.reshape(shape)
+            t = t.view(shape)
         return t.to(self.device) if self.device is not None else t
 
     def dataclass(self, depth: int) -> Any:
-        name = bytes(self.take(self.unpack(_U8))).decode("ascii")
+        k = self.unpack(_U8)
+        name = self.meta[self.need(k):self.pos].decode("ascii")
         cls = _payload_class(name)
         fs = [f for f in dataclasses.fields(cls) if f.init]
         k = self.unpack(_U8)
         if k != len(fs):
             raise WireError(f"{name} has {len(fs)} fields, the message gives {k}")
         return cls(*(self.value(depth + 1) for _ in range(k)))
+
+
+_CONST = {0x4E: None, 0x54: True, 0x46: False}  # N T F
 
 
 def _hashable(k: Any) -> bool:
