@@ -121,7 +121,7 @@ LEGACY_COMMIT = "b0b4b94"  # the last commit with the pickle wire format
 WIRE_ALGOS = [("swarm", {}), ("adpsgd", {}), ("allreduce", {})]  # p2p-heavy, and a control
 
 
-def wire_comparison(steps: int, reps: int) -> None:
+def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> None:
     """Samples/s with the wire of before, the current one, and the current one over TLS."""
     from relaxsgd.algorithms import ALGORITHMS
     from relaxsgd.dist.testing import make_test_certs, run_jobs
@@ -130,11 +130,12 @@ def wire_comparison(steps: int, reps: int) -> None:
     cfgs = [config(n, o, steps) for n, o in algos]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as d:
-        legacy = os.path.join(d, "legacy_wire.py")
-        src = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:src/relaxsgd/dist/wire.py"],
-                             cwd=root, capture_output=True, text=True, check=True).stdout
-        with open(legacy, "w", encoding="utf-8") as f:
-            f.write(src)
+        legacy = legacy_file or os.path.join(d, "legacy_wire.py")
+        if legacy_file is None:
+            src = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:src/relaxsgd/dist/wire.py"],
+                                 cwd=root, capture_output=True, text=True, check=True).stdout
+            with open(legacy, "w", encoding="utf-8") as f:
+                f.write(src)
         modes = {"before (pickle)": {"RELAXSGD_BENCH_LEGACY_WIRE": legacy},
                  "after (safe+HMAC)": {}, "after + TLS": make_test_certs(d)}
         got: dict[str, dict[str, list[float]]] = {m: {n: [] for n, _ in algos} for m in modes}
@@ -170,13 +171,15 @@ def main() -> None:
     ap.add_argument("--wire", action="store_true",
                     help="compare the wire format of before, the current one, and TLS")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of --wire")
+    ap.add_argument("--legacy-wire", metavar="FILE",
+                    help=f"the old wire.py (default: git show {LEGACY_COMMIT}:...)")
     ap.add_argument("--calibrate-worker", metavar="OUT", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.calibrate_worker:
         calibrate_worker(a.calibrate_worker)
         return
     if a.wire:
-        wire_comparison(40 if a.quick else 200, a.reps)
+        wire_comparison(40 if a.quick else 200, a.reps, a.legacy_wire)
         return
     import torch
 
