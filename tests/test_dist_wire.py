@@ -293,3 +293,28 @@ def test_a_worker_without_a_secret_stops_with_one_line_before_connecting(tmp_pat
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("relaxsgd: error: no job secret: set RELAXSGD_SECRET")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# -- snapshots to rank 0 ---------------------------------------------------------------
+def test_rank_0_accepts_only_well_formed_snapshots_of_the_sender_itself() -> None:
+    from relaxsgd.dist.evaluation import SnapshotSpec
+
+    spec = SnapshotSpec(2, (torch.Size([7]), torch.float32),
+                        {"bn.running_mean": (torch.Size([3]), torch.float32)}, 4)
+    good = {"rank": 1, "indices": [0, 1], "final": False, "status": "", "step": 3,
+            "samples": 24, "wall": 0.5, "params": torch.randn(7),
+            "buffers": {"bn.running_mean": torch.zeros(3)}, "loss": (1.5, 3),
+            "counters": {"a": 1.0}, "obs_sum": {}, "obs_count": {}, "bytes": 10.0,
+            "messages": 2, "wire": 99.0, "server_bytes": 0.0, "server_messages": 0,
+            "stall": 0.1, "compute_time": 0.2, "units": 3, "program_s": None}
+    assert spec.check(dict(good), 1) is not None
+    bad = [({}, 1), (good, 0),  # another worker's snapshot
+           ({**good, "params": torch.randn(8)}, 1),
+           ({**good, "params": torch.randn(7).double()}, 1),
+           ({**good, "buffers": {}}, 1), ({**good, "indices": [5]}, 1),
+           ({**good, "indices": [0] * 9}, 1), ({**good, "loss": (1.0,)}, 1),
+           ({**good, "counters": {1: 2.0}}, 1), ({**good, "step": "3"}, 1),
+           ({**good, "extra": 1}, 1)]
+    for snap, src in bad:
+        with pytest.raises(WireError):
+            spec.check(snap, src)
