@@ -68,30 +68,29 @@ def _install_wire_fault() -> None:
         return
     import pickle
 
-    from . import auth as A
     from .transport import HEADER, Transport
 
     orig = Transport._send_frame
     sent: dict[int, list] = {}
 
-    def send_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
+    def send_frame(self: Transport, sock: Any, mac: Any, seq: int, frames: list) -> None:
         past = sent.setdefault(id(sock), [])
         past.append(b"".join(bytes(f) for f in frames))
         if seq != int(k):
-            return orig(self, sock, key, seq, frames)
+            return orig(self, sock, mac, seq, frames)
         if kind == "garble":
             header = HEADER.pack(len(past[-1]))
-            mac = A.frame_mac(key, seq, header, [past[-1]])
+            tag = mac.tag(seq, header, [past[-1]])
             body = bytearray(past[-1])
             body[len(body) // 2] ^= 0x40
-            sock.sendall(header + bytes(body) + mac)
+            sock.sendall(header + bytes(body) + tag)
         elif kind == "replay":
-            orig(self, sock, key, seq - 1, [past[-2]])  # the previous frame, verbatim
+            orig(self, sock, mac, seq - 1, [past[-2]])  # the previous frame, verbatim
         elif kind == "oversize":
             sock.sendall(HEADER.pack(1 << 40))
         elif kind == "pickle":
             body = pickle.dumps(("msg", 0, _Marker(os.environ["RELAXSGD_TEST_MARKER"])))
-            orig(self, sock, key, seq, [body])
+            orig(self, sock, mac, seq, [body])
         else:
             raise ValueError(f"unknown RELAXSGD_TEST_WIRE_FAULT kind {kind!r}")
 
@@ -148,14 +147,14 @@ def _install_legacy_wire() -> None:
             self.messages += 1
         return size
 
-    def legacy_frame(self: Transport, sock: Any, key: bytes, seq: int, frames: list) -> None:
+    def legacy_frame(self: Transport, sock: Any, mac: Any, seq: int, frames: list) -> None:
         if old.wire_size(frames) <= 1 << 16:
             sock.sendall(b"".join(frames))
         else:
             for f in frames:
                 sock.sendall(f)
 
-    def read_frame(self: Transport, conn: Any, key: bytes, seq: int, src: int) -> tuple:
+    def read_frame(self: Transport, conn: Any, mac: Any, seq: int, src: int) -> tuple:
         (size,) = HEADER.unpack(recv_exact(conn, HEADER.size))
         buf = bytearray(size)
         _recv_into(conn, buf)

@@ -162,11 +162,11 @@ class Transport:
             if peer == self.rank:
                 continue
             addr = parse_address(store.get(f"{prefix}/{peer}").decode("utf-8", "replace"))
-            sock, key = self._connect(peer, addr, wait)
+            sock, mac = self._connect(peer, addr, wait)
             self._out[peer] = sock
             q = _SendQueue(self.queue_bytes)
             self._queues[peer] = q
-            t = threading.Thread(target=self._send_loop, args=(peer, sock, key, q),
+            t = threading.Thread(target=self._send_loop, args=(peer, sock, mac, q),
                                  daemon=True, name=f"relax-send{peer}")
             t.start()
             self._senders.append(t)
@@ -181,7 +181,7 @@ class Transport:
                 self._joined.wait(min(left, 0.5))
 
     def _connect(self, peer: int, addr: tuple[str, int],
-                 wait: float) -> tuple[socket.socket, bytes]:
+                 wait: float) -> tuple[socket.socket, A.FrameMac]:
         """An authenticated connection to ``peer``; retried until ``wait`` runs out while
         the peer is not listening yet or hangs up before answering (busy with strangers)."""
         deadline = time.monotonic() + wait
@@ -192,9 +192,9 @@ class Transport:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.auth.client_ctx is not None:
                     s = self.auth.client_ctx.wrap_socket(s)
-                key = A.client_handshake(s, self.auth, self.rank, peer, self.n)
+                mac = A.client_handshake(s, self.auth, self.rank, peer, self.n)
                 s.settimeout(self.timeout)
-                return s, key
+                return s, mac
             except (A.HandshakeError, OSError) as e:
                 if s is not None:
                     s.close()
@@ -232,7 +232,7 @@ class Transport:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.auth.server_ctx is not None:
                 conn = self.auth.server_ctx.wrap_socket(conn, server_side=True)
-            src, key = A.server_handshake(conn, self.auth, self.rank, self.n, self._free)
+            src, mac = A.server_handshake(conn, self.auth, self.rank, self.n, self._free)
             with self._joined:
                 if not self._free(src):
                     raise A.HandshakeError(f"claims rank {src}, which is already connected")
@@ -250,7 +250,7 @@ class Transport:
             return
         finally:
             self._handshakes.release()
-        self._read_loop(src, conn, key)
+        self._read_loop(src, conn, mac)
 
     def _free(self, rank: int) -> bool:
         return rank not in self._incoming and rank not in self.dead
@@ -292,7 +292,8 @@ class Transport:
             self.messages += 1
         return size
 
-    def _send_loop(self, peer: int, sock: socket.socket, key: bytes, q: _SendQueue) -> None:
+    def _send_loop(self, peer: int, sock: socket.socket, mac: A.FrameMac,
+                   q: _SendQueue) -> None:
         seq = 0
         while True:
             item = q.get()
@@ -304,7 +305,7 @@ class Transport:
                 err = ConnectionError(self.dead[peer])
             else:
                 try:
-                    self._send_frame(sock, key, seq, frames)
+                    self._send_frame(sock, mac, seq, frames)
                     seq += 1
                 except OSError as e:
                     err = e
@@ -316,11 +317,12 @@ class Transport:
         except OSError:
             pass
 
-    def _send_frame(self, sock: socket.socket, key: bytes, seq: int, frames: list) -> None:
+    def _send_frame(self, sock: socket.socket, mac: A.FrameMac, seq: int,
+                    frames: list) -> None:
         header = HEADER.pack(wire_size(frames))
         parts = [header, *frames]
         if not self.auth.tls:
-            parts.append(A.frame_mac(key, seq, header, frames))
+            parts.append(mac.tag(seq, header, frames))
         if wire_size(parts) <= 1 << 16:
             sock.sendall(b"".join(parts))
         else:
@@ -328,11 +330,11 @@ class Transport:
                 sock.sendall(f)
 
     # -- receiving -----------------------------------------------------------------
-    def _read_loop(self, src: int, conn: socket.socket, key: bytes) -> None:
+    def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
         seq = 0
         while src not in self.dead:
             try:
-                msg = self._read_frame(conn, key, seq, src)
+                msg = self._read_frame(conn, mac, seq, src)
                 seq += 1
                 self.last_heard[src] = time.monotonic()
                 if msg[0] == "bye":
@@ -353,7 +355,8 @@ class Transport:
                 break
         conn.close()
 
-    def _read_frame(self, conn: socket.socket, key: bytes, seq: int, src: int) -> tuple:
+    def _read_frame(self, conn: socket.socket, mac: A.FrameMac, seq: int,
+                    src: int) -> tuple:
         header = A.recv_exact(conn, HEADER.size)
         (size,) = HEADER.unpack(header)
         if size > self.max_frame:  # refused before allocating anything
@@ -362,8 +365,8 @@ class Transport:
         buf = bytearray(size)
         _recv_into(conn, buf)
         if not self.auth.tls:
-            mac = A.recv_exact(conn, A.MAC_SIZE)
-            if not hmac.compare_digest(mac, A.frame_mac(key, seq, header, [buf])):
+            tag = A.recv_exact(conn, mac.size)
+            if not hmac.compare_digest(tag, mac.tag(seq, header, [buf])):
                 raise WireError("a frame failed authentication (garbled, replayed or "
                                 "forged)")
         return check_message(decode(buf, self.device))
