@@ -43,8 +43,10 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
+from .sockets import local_address
 
 try:  # optional: a fast one-time MAC (see the module docstring)
     from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -131,6 +133,16 @@ def from_env(hosts: tuple[str, ...] = ()) -> Auth:
                           "(e.g. 64 hex digits from secrets.token_hex(32))")
     server, client = tls_from_env()
     return Auth(key, insecure, server, client)
+
+
+def listen_host(opts: Any) -> str:
+    """The address this worker listens on for point-to-point messages."""
+    return opts.host or local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+
+
+def job_auth(opts: Any) -> Auth:
+    """The job's credentials (:mod:`.auth`); a ConfigError before any connection."""
+    return from_env((listen_host(opts), os.environ.get("MASTER_ADDR", "127.0.0.1")))
 
 
 def tls_from_env() -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:

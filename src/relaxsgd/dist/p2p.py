@@ -229,6 +229,15 @@ def finish_together(ex: Any, done_from: set[int]) -> None:
         time.sleep(0.02)
 
 
+def lost_workers_check(tr: Transport, collectives: int) -> None:
+    """A run that issued collectives (a synchronous algorithm: every worker's model is in
+    every step) and lost a worker did not complete, whatever the survivors managed."""
+    if tr.dead and collectives:
+        parts = "; ".join(f"worker {r}: {why}" for r, why in sorted(tr.dead.items()))
+        raise PeerLost(f"lost worker(s) {sorted(tr.dead)} in a run with collectives: it "
+                       f"cannot complete without them; {parts}")
+
+
 def tell_abort(tr: Transport, why: str) -> None:
     """Tell every live worker that this one stops (they fail fast, naming it)."""
     for r in range(tr.n):

@@ -42,10 +42,12 @@ from ..errors import ConfigError, Diverged, RelaxError
 from ..metrics import Recorder, aggregate_worker_metrics
 from ..sim.compute import ComputeModel
 from . import auth as A
+from .auth import job_auth, listen_host
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, DistOptions, from_env
-from .transport import PeerLost, Transport, local_address
+from .p2p import lost_workers_check
+from .transport import PeerLost, Transport
 from .wire import WireError
 
 
@@ -173,25 +175,6 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
             _hard_exit(e)
     dist.destroy_process_group()
     return result
-
-
-def listen_host(opts: DistOptions) -> str:
-    """The address this worker listens on for point-to-point messages."""
-    return opts.host or local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
-
-
-def job_auth(opts: DistOptions) -> A.Auth:
-    """The job's credentials (:mod:`.auth`); a ConfigError before any connection."""
-    return A.from_env((listen_host(opts), os.environ.get("MASTER_ADDR", "127.0.0.1")))
-
-
-def lost_workers_check(tr: Transport, collectives: int) -> None:
-    """A run that issued collectives (a synchronous algorithm: every worker's model is in
-    every step) and lost a worker did not complete, whatever the survivors managed."""
-    if tr.dead and collectives:
-        parts = "; ".join(f"worker {r}: {why}" for r, why in sorted(tr.dead.items()))
-        raise PeerLost(f"lost worker(s) {sorted(tr.dead)} in a run with collectives: it "
-                       f"cannot complete without them; {parts}")
 
 
 def _hard_exit(e: BaseException) -> None:

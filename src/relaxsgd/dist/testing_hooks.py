@@ -127,7 +127,8 @@ def _install_legacy_wire() -> None:
 
     from . import collectives, transport
     from .auth import recv_exact
-    from .transport import HEADER, Transport, _recv_into
+    from .sockets import recv_into
+    from .transport import HEADER, Transport
 
     spec = importlib.util.spec_from_file_location("relaxsgd_legacy_wire", path)
     assert spec is not None and spec.loader is not None
@@ -157,7 +158,7 @@ def _install_legacy_wire() -> None:
     def read_frame(self: Transport, conn: Any, mac: Any, seq: int, src: int) -> tuple:
         (size,) = HEADER.unpack(recv_exact(conn, HEADER.size))
         buf = bytearray(size)
-        _recv_into(conn, buf)
+        recv_into(conn, buf)
         return old.decode(buf, self.device)
 
     Transport.send = send  # type: ignore[method-assign]

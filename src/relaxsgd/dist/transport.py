@@ -35,75 +35,18 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..errors import RelaxError
 from . import auth as A
+from .sockets import PeerLost, SendQueue, local_address, parse_address, recv_into
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
 MAX_HANDSHAKES = 32
 MAX_WARNINGS = 20
-
-
-class PeerLost(RelaxError):
-    """A worker that a synchronous step needs is gone (or stuck); names the rank(s)."""
-
-    exit_code = 5
-
-
-def local_address(master_addr: str) -> str:
-    """The address of the interface that reaches ``master_addr`` (127.0.0.1 locally)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master_addr, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` as published in the store (which anyone may write): checked."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or len(host) > 255 or not port.isdigit() or any(
-            c.isspace() for c in host) or not 0 < int(port) < 65536:
-        raise PeerLost(f"the store holds {text[:80]!r} as a worker's address, not host:port")
-    return host, int(port)
-
-
-class _SendQueue:
-    """A FIFO bounded in bytes (one item always fits): ``put`` waits for room."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap, self.size = cap, 0
-        self.items: deque = deque()
-        self.cond = threading.Condition()
-
-    def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool:
-        with self.cond:
-            end = time.monotonic() + timeout
-            while not force and self.items and self.size + size > self.cap:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-            self.items.append((item, size))
-            self.size += size
-            self.cond.notify_all()
-            return True
-
-    def get(self) -> Any:
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            item, size = self.items.popleft()
-            self.size -= size
-            self.cond.notify_all()
-            return item
 
 
 _STOP = object()
@@ -134,7 +77,7 @@ class Transport:
         self.refused = 0
         self.last_heard: dict[int, float] = {}
         self._lock = threading.Lock()
-        self._queues: dict[int, _SendQueue] = {}
+        self._queues: dict[int, SendQueue] = {}
         self._senders: list[threading.Thread] = []
         self._out: dict[int, socket.socket] = {}
         self._listener: socket.socket | None = None
@@ -164,7 +107,7 @@ class Transport:
             addr = parse_address(store.get(f"{prefix}/{peer}").decode("utf-8", "replace"))
             sock, mac = self._connect(peer, addr, wait)
             self._out[peer] = sock
-            q = _SendQueue(self.queue_bytes)
+            q = SendQueue(self.queue_bytes)
             self._queues[peer] = q
             t = threading.Thread(target=self._send_loop, args=(peer, sock, mac, q),
                                  daemon=True, name=f"relax-send{peer}")
@@ -293,7 +236,7 @@ class Transport:
         return size
 
     def _send_loop(self, peer: int, sock: socket.socket, mac: A.FrameMac,
-                   q: _SendQueue) -> None:
+                   q: SendQueue) -> None:
         seq = 0
         while True:
             item = q.get()
@@ -363,7 +306,7 @@ class Transport:
             raise WireError(f"a frame of {size} bytes, above the limit of {self.max_frame} "
                             "(RELAXSGD_MAX_MESSAGE_MB)")
         buf = bytearray(size)
-        _recv_into(conn, buf)
+        recv_into(conn, buf)
         if not self.auth.tls:
             tag = A.recv_exact(conn, mac.size)
             if not hmac.compare_digest(tag, mac.tag(seq, header, [buf])):
@@ -413,13 +356,3 @@ class Transport:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-
-
-def _recv_into(conn: socket.socket, buf: bytearray) -> None:
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        r = conn.recv_into(view[got:], min(len(buf) - got, 1 << 22))
-        if r == 0:
-            raise EOFError
-        got += r

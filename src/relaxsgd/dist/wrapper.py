@@ -54,7 +54,8 @@ from ..training import bind_params, flat_params, seeded_generator
 from ..worker import SALT_ALGO
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
-from .runtime import job_auth, listen_host, pick_backend
+from .auth import job_auth, listen_host
+from .runtime import pick_backend
 from .transport import Transport
 
 _WRAPS = itertools.count()  # the k-th wrap of a process meets the k-th of the others

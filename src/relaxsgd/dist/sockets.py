@@ -1,0 +1,81 @@
+"""Socket helpers of the point-to-point transport: addresses, a bounded send queue, reads.
+
+Kept apart from :mod:`.transport` so that each module stays small; :class:`PeerLost` is
+re-exported by :mod:`.transport`, where callers import it from.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ..errors import RelaxError
+
+
+class PeerLost(RelaxError):
+    """A worker that a synchronous step needs is gone (or stuck); names the rank(s)."""
+
+    exit_code = 5
+
+
+def local_address(master_addr: str) -> str:
+    """The address of the interface that reaches ``master_addr`` (127.0.0.1 locally)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` as published in the store (which anyone may write): checked."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or len(host) > 255 or not port.isdigit() or any(
+            c.isspace() for c in host) or not 0 < int(port) < 65536:
+        raise PeerLost(f"the store holds {text[:80]!r} as a worker's address, not host:port")
+    return host, int(port)
+
+
+class SendQueue:
+    """A FIFO bounded in bytes (one item always fits): ``put`` waits for room."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.size = cap, 0
+        self.items: deque = deque()
+        self.cond = threading.Condition()
+
+    def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool:
+        with self.cond:
+            end = time.monotonic() + timeout
+            while not force and self.items and self.size + size > self.cap:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            self.items.append((item, size))
+            self.size += size
+            self.cond.notify_all()
+            return True
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item, size = self.items.popleft()
+            self.size -= size
+            self.cond.notify_all()
+            return item
+
+
+def recv_into(conn: socket.socket, buf: bytearray) -> None:
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        r = conn.recv_into(view[got:], min(len(buf) - got, 1 << 22))
+        if r == 0:
+            raise EOFError
+        got += r
