@@ -63,6 +63,14 @@ def config(algo: str, opts: dict[str, Any], steps: int) -> dict[str, Any]:
             "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9}}
 
 
+def param_count(cfg: dict[str, Any]) -> int:
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare
+
+    model = prepare(from_dict({**cfg, "workers": N})).spec.model_fn()
+    return sum(p.numel() for p in model.parameters())
+
+
 # -- calibration of the loopback network ------------------------------------------------
 def calibrate_worker(out: str) -> None:
     """One of the 4 calibration processes: time gloo all-reduces of two sizes."""
@@ -121,6 +129,53 @@ LEGACY_COMMIT = "b0b4b94"  # the last commit with the pickle wire format
 WIRE_ALGOS = [("swarm", {}), ("adpsgd", {}), ("allreduce", {})]  # p2p-heavy, and a control
 
 
+def message_costs(legacy: str, d: int, rounds: int = 7, iters: int = 200) -> dict[str, float]:
+    """Seconds of CPU per message of a d-parameter model, sender and receiver together
+    (encode, tag, join, check the tag, decode), in this process, interleaved rounds:
+    the wire of before, the current one with each frame tag. Median of ``rounds``."""
+    import importlib.util
+
+    import torch
+
+    from relaxsgd.dist import auth as A
+    from relaxsgd.dist import wire
+    from relaxsgd.dist.transport import HEADER
+
+    spec = importlib.util.spec_from_file_location("legacy_wire", legacy)
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    msg = ("xreq", 12, {"kind": "full", "data": torch.randn(d), "op": "avg", "stale": 3,
+                        "seq": 7})
+
+    def before() -> None:
+        frames = old.encode(msg)
+        old.decode(bytearray(b"".join(bytes(f) for f in frames[1:])))
+
+    def after(mac: Any) -> Any:
+        def run() -> None:
+            frames = wire.encode(msg)
+            header = HEADER.pack(wire.wire_size(frames))
+            mac.tag(1, header, frames)
+            buf = bytearray(b"".join(bytes(f) for f in frames))
+            mac.tag(1, header, [buf])
+            wire.check_message(wire.decode(buf))
+        return run
+
+    ways = {"before": before, "after, HMAC-SHA256": after(A.FrameMac(b"k" * 32, False))}
+    if A.Poly1305 is not None:
+        ways["after, Poly1305"] = after(A.FrameMac(b"k" * 32, True))
+    got: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, fn in ways.items():
+            fn()
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            got[k].append((time.perf_counter() - t) / iters)
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
 def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> None:
     """Samples/s with the wire of before, the current one, and the current one over TLS."""
     from relaxsgd.algorithms import ALGORITHMS
@@ -137,7 +192,7 @@ def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> No
             with open(legacy, "w", encoding="utf-8") as f:
                 f.write(src)
         modes = {"before (pickle)": {"RELAXSGD_BENCH_LEGACY_WIRE": legacy},
-                 "after (safe+HMAC)": {}, "after + TLS": make_test_certs(d)}
+                 "after (safe+MAC)": {}, "after + TLS": make_test_certs(d)}
         got: dict[str, dict[str, list[float]]] = {m: {n: [] for n, _ in algos} for m in modes}
         t0 = time.perf_counter()
         for rep in range(reps):
@@ -149,6 +204,7 @@ def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> No
                 for (algo, _), r in zip(algos, runs, strict=True):
                     f = r.result["final"]
                     got[mode][algo].append(f["samples_total"] / f["virtual_time_s"])
+        costs = message_costs(legacy, d=param_count(cfgs[0]))
     name, topts, _ = task()
     print(f"{N} processes, gloo on loopback, {name} {topts['model']}, batch 32, {steps} steps "
           f"per worker, median of {reps} interleaved repetitions (samples/s, all workers)")
@@ -159,10 +215,18 @@ def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> No
         med = [statistics.median(got[m][algo]) for m in names]
         print(f"{algo:<10} " + " ".join(f"{v:>18.0f}" for v in med)
               + f" {med[1] / med[0]:>12.3f} {med[2] / med[1]:>9.3f}")
-    print(f"({time.perf_counter() - t0:.0f} s; spread over repetitions: "
+    print(f"({time.perf_counter() - t0:.0f} s; range over repetitions: "
           + ", ".join(f"{m} {algo} {min(v):.0f}-{max(v):.0f}"
                       for m in names for algo, v in got[m].items() if algo == algos[0][0])
           + ")")
+    per_step = N * 32 / statistics.median(got[names[0]][algos[0][0]])  # s per worker step
+    print(f"CPU per message of the whole model ({param_count(cfgs[0])} parameters), "
+          "sender + receiver, median of interleaved rounds in one process:")
+    for k, v in costs.items():
+        extra = v - costs["before"]
+        print(f"  {k:<20} {v * 1e6:7.0f} us   extra {extra * 1e6:6.0f} us = "
+              f"{100 * extra / per_step:4.1f}% of a {per_step * 1e3:.1f} ms worker step "
+              "(swarm, H=2: one message sent and one received per step)")
 
 
 def main() -> None:
