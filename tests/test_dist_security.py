@@ -179,7 +179,9 @@ def test_a_frozen_worker_is_dropped_and_asynchronous_gossip_goes_on_at_full_spee
     assert res["status"] == "completed"
     assert list(res["dist"]["lost_workers"]) == ["1"]
     assert "RELAXSGD_PEER_TIMEOUT" in res["dist"]["lost_workers"]["1"]
-    assert res["dist"]["program_time_s_per_worker"]["0"] < steps * st * 1.6 + 2 + 3
+    # 3 s of paced steps + one 2 s peer timeout (+ slack for a loaded machine); without
+    # the drop, every exchange with the frozen worker waits its 2 s: ~150 of them
+    assert res["dist"]["program_time_s_per_worker"]["0"] < 3 * steps * st + 2 + 5
 
 
 @pytest.mark.timeout(60)
