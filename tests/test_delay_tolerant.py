@@ -10,60 +10,19 @@ from typing import Any
 
 import pytest
 import torch
-from torch.func import functional_call
 
+from refkit import LR, Reference, mean
 from relaxsgd.algorithms.diloco import fragment_bounds
-from relaxsgd.bank import SALT_DATA
 from relaxsgd.cli import main
 from relaxsgd.run import prepare, run, simulate
-from relaxsgd.training import Sampler, flat_params, seeded_generator
 from simkit import tiny
 
 FAMILY = ["olco3", "efsgd", "qsparse", "pipesgd", "cocod", "overlap-local", "diloco",
           "streaming-diloco"]
-LR = 0.1
 
 
 def sim(algo: str, opts: dict[str, Any], **over: Any) -> Any:
     return simulate(prepare(tiny(algo=algo, algo_options=opts, **over)))
-
-
-class Reference:
-    """Plain per-worker SGD (no momentum) on the same data order as the simulator."""
-
-    def __init__(self, algo: str, **over: Any) -> None:
-        self.prep = prepare(tiny(algo=algo, **over))
-        cfg, spec = self.prep.cfg, self.prep.spec
-        torch.manual_seed(cfg.seed)
-        self.model = spec.model_fn()
-        self.x0, self.layout = flat_params(self.model)
-        self.n, self.b = cfg.workers, cfg.train.batch_size
-        self.samplers = [Sampler(self.prep.shards[r], seeded_generator(cfg.seed, r, SALT_DATA))
-                         for r in range(self.n)]
-
-    def grad(self, r: int, x: torch.Tensor) -> torch.Tensor:
-        idx = self.samplers[r].next(self.b)
-        xb, yb = self.prep.spec.data.x_train[idx], self.prep.spec.data.y_train[idx]
-        x = x.detach().clone().requires_grad_(True)
-        params, off = {}, 0
-        for name, shape in self.layout:
-            params[name] = x[off:off + shape.numel()].view(shape)
-            off += shape.numel()
-        loss = self.prep.spec.loss_fn(functional_call(self.model, params, (xb,)), yb)
-        return torch.autograd.grad(loss, x)[0]
-
-    def local(self, X: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-        for _ in range(steps):
-            X = [x - LR * self.grad(r, x) for r, x in enumerate(X)]
-        return X
-
-    def check(self, X: list[torch.Tensor]) -> None:
-        out = simulate(self.prep)
-        torch.testing.assert_close(out.bank.X, torch.stack(X), rtol=1e-5, atol=2e-6)
-
-
-def mean(X: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(X).mean(0)
 
 
 def test_efsgd_with_identity_is_allreduce_sgd() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from refkit import COMPRESSORS, Reference, mean
 from relaxsgd.algorithms.efsgd import make_aggregator
 from relaxsgd.algorithms.olco3 import OLCO3Config
 from relaxsgd.errors import ConfigError
@@ -158,3 +159,78 @@ def test_config_errors_are_one_line() -> None:
     # ef(...) in the spec turns error feedback on
     assert make_aggregator("olco3", OLCO3Config(compressor="ef(sign)", error_feedback=False),
                            0).ef
+
+
+# -- an independent reference of the whole algorithm, with real gradient steps ---------------
+
+
+def olco3_reference(ref: Reference, comp: Any, p: int, s: int, sc: bool, cc: bool,
+                    ps: bool, rounds: int, server_comp: bool = False) -> list[torch.Tensor]:
+    """OLCO3 in a few plain lines: p local steps, worker error feedback, (ps:) a server
+    that compresses the mean with its own error feedback, the aggregate of round k applied
+    at the end of round k + s, start model xg - SC * own messages in flight - CC * e_i
+    (- the server's residual of the applied round, with server compensation); drained."""
+    n = ref.n
+    X = [ref.x0.clone() for _ in range(n)]
+    xg, E = ref.x0.clone(), torch.zeros_like(ref.x0)
+    e = [torch.zeros_like(ref.x0) for _ in range(n)]
+    flight: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+    E_applied = torch.zeros_like(ref.x0)
+
+    def start(i: int) -> torch.Tensor:
+        x = xg - (E_applied if server_comp else 0) - (cc * e[i])
+        for own, _, _ in flight:
+            x = x - sc * own[i]
+        return x
+
+    for k in range(rounds + s):
+        if k < rounds:
+            Y = ref.local(X, p)
+            msgs = []
+            for i in range(n):
+                v = (X[i] - Y[i]) + e[i]
+                msgs.append(comp(v))
+                e[i] = v - msgs[i]
+            agg = mean(msgs)
+            if ps:
+                sv = agg + E
+                agg = comp(sv)
+                E = sv - agg
+            flight.append((msgs, agg, E.clone()))
+        if len(flight) > s or k >= rounds:
+            _, agg, E_k = flight.pop(0)
+            xg = xg - agg
+            E_applied = E_k
+        X = [start(i) for i in range(n)]
+    return X
+
+
+PS_CASES = [(c, s, sc, cc) for c in ("topk:ratio=0.25", "sign") for s in (0, 1, 2)
+            for sc, cc in ((True, False), (False, True), (True, True))
+            if not (s == 0 and (sc, cc) == (True, False))]
+
+
+@pytest.mark.parametrize("comp,s,sc,cc", PS_CASES)
+def test_ps_mode_matches_an_independent_reference(comp: str, s: int, sc: bool,
+                                                  cc: bool) -> None:
+    p, rounds = 2, 5
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": comp, "aggregation": "ps",
+        "staleness_compensation": sc, "compression_compensation": cc})
+    X = olco3_reference(ref, COMPRESSORS[comp], p, s, sc, cc, ps=True, rounds=rounds)
+    out = ref.check(X)
+    srv = out.workers[0].state["agg"]["server"]["residual"]
+    assert float(srv.norm()) > 1e-3  # the server's compression did bite
+
+
+@pytest.mark.parametrize("s,sc,cc", [(1, True, False), (2, True, False), (2, True, True),
+                                     (1, False, True)])
+def test_allreduce_mode_with_topk_matches_the_reference(s: int, sc: bool, cc: bool) -> None:
+    """Staleness (and compression) compensation with a real compressor."""
+    p, rounds = 2, 5
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": "topk:ratio=0.25",
+        "staleness_compensation": sc, "compression_compensation": cc})
+    X = olco3_reference(ref, COMPRESSORS["topk:ratio=0.25"], p, s, sc, cc, ps=False,
+                        rounds=rounds)
+    ref.check(X)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from gossipkit import cd, conf, gossip_run
-from relaxsgd.algorithms.swarm import SwarmConfig, SwarmSGD
+from refkit import Reference
+from relaxsgd.algorithms.base import Deferred
+from relaxsgd.algorithms.swarm import SwarmConfig, SwarmSGD, absorb
+from relaxsgd.bank import Bank
 from relaxsgd.cli import main
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
+from relaxsgd.training import seeded_generator
+from relaxsgd.worker import SALT_ALGO, LocalWorker
 from simkit import tiny
 
 SUM_CASES = [
@@ -215,3 +221,115 @@ def test_cli_run_writes_the_family_metrics(tmp_path, capsys) -> None:
         assert final[key] is not None
     assert final["bytes_per_worker_per_step"] == pytest.approx(
         float(rows[-1]["bytes_per_worker_per_step"]))
+
+
+# -- independent references with real gradient steps ----------------------------------------
+
+
+def lattice_q(x: torch.Tensor, eps: float, gen: torch.Generator,
+              sizes: list[int]) -> torch.Tensor:
+    """Stochastic rounding to the grid eps * Z, per parameter tensor (what a lattice message
+    decodes to when decoding succeeds), drawing from the sender's stream."""
+    e = float(torch.tensor(eps, dtype=torch.float32))
+    parts = []
+    for part in x.split(sizes):
+        y = part.double() / e
+        low = torch.floor(y)
+        u = torch.rand(y.shape, generator=gen, dtype=torch.float64)
+        parts.append(((low + (u < y - low).double()) * e).float())
+    return torch.cat(parts)
+
+
+def swarm_reference(ref: Reference, steps: int, nonblocking: bool, exact_mean: bool,
+                    eps: float | None) -> list[torch.Tensor]:
+    """The sequential model in plain lines: interaction t on edge (i, j): both take their
+    local steps, then (non-blocking) x_i <- (Q(xhat_i) + Q(xhat_j)) / 2 - S_i with
+    S_i = xhat_i - x_i, or (blocking) x_i <- (Q(x_i) + Q(x_j)) / 2; exact_mean instead adds
+    (Q(c_j) - Q(c_i)) / 2; then each publishes xhat_i = x_i."""
+    n = ref.n
+    plans = {i: ref.prep.algo.plan(i, steps) for i in range(n)}
+    by_t: dict[int, dict[int, tuple[int, int]]] = {}
+    for i in range(n):
+        for t, j, h, _ in plans[i]:
+            by_t.setdefault(t, {})[i] = (j, h)
+    X = [ref.x0.clone() for _ in range(n)]
+    P = [ref.x0.clone() for _ in range(n)]
+    gens = [seeded_generator(ref.prep.cfg.seed, r, SALT_ALGO) for r in range(n)]
+    sizes = [s.numel() for _, s in ref.layout]
+    for t in sorted(by_t):
+        (i, (j, hi)), (_, (_, hj)) = sorted(by_t[t].items())
+        X[i], X[j] = ref.step(i, X[i], hi), ref.step(j, X[j], hj)
+        c = {a: (P[a] if nonblocking else X[a]) for a in (i, j)}
+        q = {a: (c[a] if eps is None else lattice_q(c[a], eps, gens[a], sizes)) for a in (i, j)}
+        for a, b in ((i, j), (j, i)):
+            if exact_mean:
+                X[a] = X[a] + (q[b] - q[a]) / 2
+            else:
+                X[a] = (q[a] + q[b]) / 2 - (c[a] - X[a])
+        P[i], P[j] = X[i].clone(), X[j].clone()
+    return X
+
+
+@pytest.mark.parametrize("averaging", ["nonblocking", "blocking"])
+@pytest.mark.parametrize("lattice,exact_mean", [(False, True), (True, True), (True, False)])
+def test_sequential_schedule_with_training_matches_the_reference(averaging, lattice,
+                                                                 exact_mean) -> None:
+    steps, eps = 12, 1e-2
+    opts = {"schedule": "sequential", "H": 2, "steps_dist": "fixed", "averaging": averaging,
+            "exact_mean": exact_mean}
+    if lattice:
+        opts.update(quantizer="lattice", bits=8, eps=eps)
+    ref = Reference("swarm", workers=5, steps=steps, topology="ring", split="shards",
+                    algo_options=opts)
+    X = swarm_reference(ref, steps, averaging == "nonblocking", exact_mean,
+                        eps if lattice else None)
+    out = ref.check(X)
+    assert out.result["final"].get("decode_failures", 0) == 0
+    # the run really trained, and the copies really were stale
+    assert float((out.bank.X.mean(0) - ref.x0).abs().max()) > 1e-2
+
+
+def _workers(opts: dict, n: int = 3) -> tuple[Any, list[LocalWorker]]:
+    prep = prepare(tiny(algo="swarm", workers=n, topology="complete", algo_options=opts))
+    bank = Bank(prep.spec, prep.cfg.train, list(range(n)), prep.shards, prep.cfg.seed,
+                prep.total_steps)
+    bank.X.add_(torch.randn(bank.X.shape, generator=torch.Generator().manual_seed(5)))
+    ws = [LocalWorker(bank, r, n, prep.cfg.seed, prep.total_steps) for r in range(n)]
+    for w in ws:
+        prep.algo.init_worker(w)
+    return prep.algo, ws
+
+
+def test_async_nonblocking_answers_from_the_published_copy_while_training() -> None:
+    """The partner answers with xhat_j (its model at its last interaction), not its model
+    after the local steps it took since, and both end on (xhat_i + xhat_j) / 2 - S."""
+    algo, ws = _workers({"averaging": "nonblocking"})
+    bank = ws[0].bank
+    for rows, steps in (([0, 1], 2), ([1], 1)):
+        bank.local_steps(rows, steps)  # real local steps after the copies were published
+    x0, x1 = ws[0].params.clone(), ws[1].params.clone()
+    p0, p1 = ws[0].state["xhat"].clone(), ws[1].state["xhat"].clone()
+    assert float((x1 - p1).abs().max()) > 1e-3
+    c, q_own, msg, _ = algo._request(ws[0], 1)
+    reply = algo.on_exchange(ws[1], 0, msg)
+    torch.testing.assert_close(reply.payload["data"], p1, rtol=0, atol=0)
+    assert list(algo._finish(ws[0], 1, c, q_own, reply.payload)) == []  # no fallback
+    absorb(ws[1])
+    avg = (p0 + p1) / 2
+    torch.testing.assert_close(ws[0].params, avg - (p0 - x0))
+    torch.testing.assert_close(ws[1].params, avg - (p1 - x1))
+    torch.testing.assert_close(ws[0].state["xhat"], ws[0].params)  # published
+    torch.testing.assert_close(ws[1].state["xhat"], avg)  # its own progress stays unpublished
+
+
+def test_async_blocking_averages_the_current_models_at_the_step_boundary() -> None:
+    algo, ws = _workers({"averaging": "blocking"})
+    ws[0].bank.local_steps([0, 1], 2)
+    x0, x1 = ws[0].params.clone(), ws[1].params.clone()
+    c, q_own, msg, _ = algo._request(ws[0], 1)
+    deferred = algo.on_exchange(ws[1], 0, msg)
+    assert isinstance(deferred, Deferred)
+    reply = deferred.fn(ws[1])
+    list(algo._finish(ws[0], 1, c, q_own, reply.payload))
+    for w in ws[:2]:
+        torch.testing.assert_close(w.params, (x0 + x1) / 2)
