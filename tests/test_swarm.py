@@ -12,6 +12,7 @@ import torch
 
 from gossipkit import cd, conf, gossip_run
 from refkit import Reference
+from relaxsgd import salts
 from relaxsgd.algorithms.base import Deferred
 from relaxsgd.algorithms.swarm import SwarmConfig, SwarmSGD, absorb
 from relaxsgd.bank import Bank
@@ -333,3 +334,21 @@ def test_async_blocking_averages_the_current_models_at_the_step_boundary() -> No
     list(algo._finish(ws[0], 1, c, q_own, reply.payload))
     for w in ws[:2]:
         torch.testing.assert_close(w.params, (x0 + x1) / 2)
+
+
+def test_every_random_stream_has_its_own_salt() -> None:
+    """Issue 9: SwarmSGD's handler stream was CIFAR-10's augmentation stream."""
+    vals = list(salts.ALL.values())
+    assert len(set(vals)) == len(vals)
+    torch_streams = [salts.DATA, salts.ALGO, salts.AUGMENT, salts.SWARM_HANDLER]
+    for seed, rank in ((0, 0), (3, 5)):
+        draws = {float(torch.rand((), generator=seeded_generator(seed, rank, s)))
+                 for s in torch_streams}
+        assert len(draws) == len(torch_streams)
+    # the modules really use them
+    algo, ws = _workers({})
+    h = ws[1].state["hrng"]
+    assert torch.equal(h.get_state(), seeded_generator(0, 1, salts.SWARM_HANDLER).get_state())
+    assert torch.equal(ws[1].bank.aug_gens[1].get_state(),
+                       seeded_generator(0, 1, salts.AUGMENT).get_state())
+    assert not torch.equal(h.get_state(), ws[1].bank.aug_gens[1].get_state())

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import salts
 from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
@@ -43,7 +44,7 @@ from ..errors import ConfigError
 from .base import Algorithm, AllGather, AllReduce, Grad, Handle, Program, Spawn, Wait, Worker
 
 AGGREGATIONS = ("allreduce", "ps")
-SALT_SERVER = 7_777
+SALT_SERVER = salts.SERVER
 
 
 class Delivered(NamedTuple):

@@ -91,6 +91,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import salts
 from ..errors import ConfigError
 from ..training import seeded_generator
 from .base import (
@@ -117,7 +118,6 @@ AVERAGING = ("nonblocking", "blocking")
 UPDATES = ("symmetric", "pull")
 QUANTIZERS = ("none", "lattice", "qsgd")
 SMALL = 8  # bytes of a control message (op code and a sequence number)
-SALT_HANDLER = 11
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -271,7 +271,7 @@ class SwarmSGD(Algorithm):
         plans: list[list[tuple[int, int, int, bool]]] = [[] for _ in range(n)]
         if not edges:
             return plans
-        rng = np.random.default_rng([self.info.seed, 0x5A4A])
+        rng = np.random.default_rng([self.info.seed, salts.SWARM_PLAN])
         done, left, t = [0] * n, n, 0
         while left:
             e = rng.integers(len(edges), size=4096)
@@ -305,7 +305,7 @@ class SwarmSGD(Algorithm):
     # -- per-worker state ----------------------------------------------------------
     def init_worker(self, w: Worker) -> None:
         w.state.update(pending={}, pub_step=0,
-                       hrng=seeded_generator(self.info.seed, w.rank, SALT_HANDLER))
+                       hrng=seeded_generator(self.info.seed, w.rank, salts.SWARM_HANDLER))
         if self.cfg.averaging == "nonblocking":
             w.state["xhat"] = w.params.clone()
         self.codec.init(w)
