@@ -234,3 +234,47 @@ def test_allreduce_mode_with_topk_matches_the_reference(s: int, sc: bool, cc: bo
     X = olco3_reference(ref, COMPRESSORS["topk:ratio=0.25"], p, s, sc, cc, ps=False,
                         rounds=rounds)
     ref.check(X)
+
+
+def _ps(opts: dict[str, Any], steps: int = 13) -> tuple[Any, Any]:
+    prep = prepare(tiny(algo="olco3", steps=steps, train=MOMENTUM, split="shards",
+                        algo_options={"p": 2, "compressor": "topk:ratio=0.1",
+                                      "aggregation": "ps", **opts}))
+    return prep, simulate(prep)
+
+
+@pytest.mark.parametrize("s", [0, 1, 2])
+@pytest.mark.parametrize("drain", [True, False])
+def test_ps_mean_model_is_the_delay_free_trajectory_plus_the_servers_residual(
+        s: int, drain: bool) -> None:
+    prep, out = _ps({"s": s, "drain": drain})
+    torch.manual_seed(prep.cfg.seed)
+    x0, _ = flat_params(prep.spec.model_fn())
+    u = torch.stack([w.state["update_sum"] for w in out.workers]).mean(0)
+    E = out.workers[0].state["server_residual"]  # E^(k-s): of the last applied round
+    assert float(E.norm()) > 1e-3
+    gap = out.bank.X.mean(0) - (x0 - u)
+    torch.testing.assert_close(gap, E, rtol=0, atol=2e-6)
+    if drain:  # after the drain, that is the server's latest residual
+        torch.testing.assert_close(E, out.workers[0].state["agg"]["server"]["residual"])
+    # with server compensation the gap closes, and the models are identity-server's
+    prep, comp = _ps({"s": s, "drain": drain, "server_compensation": True})
+    assert delay_free_gap(comp, prep) < 2e-6
+    _, ident = _ps({"s": s, "drain": drain, "server_compressor": "identity"})
+    torch.testing.assert_close(comp.bank.X, ident.bank.X, rtol=1e-5, atol=2e-6)
+
+
+def test_server_compensation_bills_the_residual_on_the_downlink() -> None:
+    n, steps, p = 4, 12, 3
+    opts = {"p": p, "s": 1, "compressor": "topk:k=5", "aggregation": "ps"}
+    a = sim("olco3", opts, steps=steps)
+    b = sim("olco3", {**opts, "server_compensation": True}, steps=steps)
+    d = a.bank.d
+    rounds = steps // p
+    assert a.engine.server_bytes == rounds * n * 8 * 5
+    assert b.engine.server_bytes == rounds * n * (8 * 5 + 4 * d)
+    for bad in ({"server_compensation": True},
+                {"server_compensation": True, "aggregation": "ps",
+                 "server_error_feedback": False}):
+        with pytest.raises(ConfigError, match="server_compensation"):
+            OLCO3Config(**bad)

@@ -109,7 +109,7 @@ from .base import (
     Wait,
     Worker,
 )
-from .swarm_codec import Codec
+from .swarm_codec import MIN_SAFETY, Codec, safety_cap
 from .swarm_codec import effective_safety as effective_safety  # re-exported
 
 SCHEDULES = ("async", "sequential")
@@ -143,7 +143,7 @@ class SwarmConfig:
     bits: bits per coordinate of the quantizer (lattice 2..32, qsgd 2..16).
     eps: fixed lattice step; None chooses it from the observed spread of the models.
     safety: lattice margin: eps = safety * expected gap / (2^(bits-1) - 1) (capped at
-        (2^(bits-1) - 1) / 8, see :func:`effective_safety`).
+        (2^(bits-1) - 1) / 4.5, see :func:`effective_safety`; adaptive eps needs bits >= 4).
     bucket_size: qsgd coordinates per float32 scale.
     per_tensor: lattice: one eps (and checksum) per parameter tensor, each from that
         tensor's own spread (layers disagree by different amounts); False: one for all.
@@ -188,6 +188,11 @@ class SwarmConfig:
                               f"models' spread), got {self.eps}")
         if not (self.safety > 0 and math.isfinite(self.safety)):
             raise ConfigError(f"swarm option safety must be > 0, got {self.safety}")
+        if self.quantizer == "lattice" and self.eps is None and safety_cap(self.bits) < MIN_SAFETY:
+            raise ConfigError(f"swarm option bits={self.bits} is too few for the lattice "
+                              f"with adaptive eps (its rounding noise would outgrow the "
+                              f"decode radius; measured: 3 bits diverged); use bits >= 4 "
+                              f"or a fixed eps")
         if not 0 <= self.spread_decay < 1:
             raise ConfigError(f"swarm option spread_decay must be in [0, 1), "
                               f"got {self.spread_decay}")
