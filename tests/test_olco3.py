@@ -278,3 +278,13 @@ def test_server_compensation_bills_the_residual_on_the_downlink() -> None:
                  "server_error_feedback": False}):
         with pytest.raises(ConfigError, match="server_compensation"):
             OLCO3Config(**bad)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_ps_mode_with_server_compensation_matches_the_reference(s: int) -> None:
+    p, rounds, comp = 2, 5, "topk:ratio=0.25"
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": comp, "aggregation": "ps", "server_compensation": True})
+    X = olco3_reference(ref, COMPRESSORS[comp], p, s, True, True, ps=True, rounds=rounds,
+                        server_comp=True)
+    ref.check(X)

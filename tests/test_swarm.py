@@ -53,6 +53,19 @@ def test_symmetric_averaging_preserves_the_sum_of_the_models(opts) -> None:
     assert all(w.step == 24 for w in r.workers)
 
 
+@pytest.mark.parametrize("opts", SUM_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in
+                                                                 o.items()) or "default")
+def test_under_training_the_sum_is_n_x0_plus_the_local_progress(opts) -> None:
+    """sum_i x_i = sum_i x_i^0 + (what the local steps moved), with real gradient steps:
+    averaging, stale copies, quantization and fallbacks move no mass."""
+    r = gossip_run("swarm", {"H": 2, **opts}, workers=6, steps=12, topology="ring",
+                   scale=0.1, train={"lr": 0.1, "momentum": 0.5})
+    moved = r.progress.sum(0)
+    assert float(moved.abs().max()) > 0.05  # the local steps did move the models
+    err = r.X.double().sum(0) - r.X0.double().sum(0) - moved
+    assert float(err.abs().max()) < 2e-5
+
+
 def test_the_textbook_update_keeps_the_sum_only_in_expectation() -> None:
     """exact_mean=False (x_i <- (Q(c_i) + Q(c_j)) / 2 - S_i) moves the sum by the rounding
     noise, so the invariant above is a real check of the exact_mean form."""
