@@ -126,17 +126,20 @@ class OLCO3(CompressedAlgorithm):
     name = "olco3"
     Config = OLCO3Config
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    shared_model_state = "xg"  # every worker holds xg: evaluated beside the mean model
 
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)
         w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
         # ps mode: the server's residual after the last applied round, E^(k-s)
         w.state["server_residual"] = w.params.new_zeros(w.params.numel())
+        w.state["xg"] = w.params.clone()
 
     def program(self, w: Worker) -> Program:
         cfg: OLCO3Config = self.cfg
         x = w.params
-        xg = x.clone()
+        xg = w.state["xg"]  # the shared model, the same on every worker
+        xg.copy_(x)
         flight: deque[_Round] = deque()
         e_done = x.new_zeros(x.numel())  # e_i after the last aggregated round's message
         done = 0
