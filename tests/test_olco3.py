@@ -12,6 +12,7 @@ import torch
 from refkit import COMPRESSORS, Reference, mean
 from relaxsgd.algorithms.efsgd import make_aggregator
 from relaxsgd.algorithms.olco3 import OLCO3Config
+from relaxsgd.bank import evaluate
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
 from relaxsgd.sim.network import ring_allgather_time
@@ -288,3 +289,23 @@ def test_ps_mode_with_server_compensation_matches_the_reference(s: int) -> None:
     X = olco3_reference(ref, COMPRESSORS[comp], p, s, True, True, ps=True, rounds=rounds,
                         server_comp=True)
     ref.check(X)
+
+
+def test_runs_report_the_workers_own_models_and_the_shared_model() -> None:
+    """Issue 9: no claim may rest on the mean model alone, which nobody holds."""
+    out = sim("olco3", {"p": 2, "s": 2, "compressor": "topk:ratio=0.1", "aggregation": "ps",
+                        "drain": False}, steps=12, split="shards")
+    spec, f = out.bank.spec, out.result["final"]
+    x, y = spec.data.x_test, spec.data.y_test
+    model = spec.model_fn()
+    own = [evaluate(spec, model, out.bank.X[k], {}, x, y) for k in range(4)]
+    assert f["accuracy_workers_mean"] == pytest.approx(sum(a for _, a in own) / 4)
+    assert f["loss_workers_mean"] == pytest.approx(sum(lo for lo, _ in own) / 4)
+    lg, ag = evaluate(spec, model, out.workers[0].state["xg"], {}, x, y)
+    assert (f["loss_shared_model"], f["accuracy_shared_model"]) == pytest.approx((lg, ag))
+    assert len({round(lo, 6) for lo, _ in own} | {round(f["loss_mean_model"], 6)}) == 5
+    assert out.rows[-1]["accuracy_workers_mean"] == f["accuracy_workers_mean"]
+    # an algorithm without a shared model has no such column; identical workers = worker 0
+    ar = sim("localsgd", {"p": 3}, steps=12)
+    assert "accuracy_shared_model" not in ar.result["final"]
+    assert ar.result["final"]["accuracy_workers_mean"] == ar.result["final"]["accuracy_worker0"]
