@@ -17,6 +17,7 @@ from relaxsgd.algorithms.base import Deferred
 from relaxsgd.algorithms.swarm import SwarmConfig, SwarmSGD, absorb
 from relaxsgd.bank import Bank
 from relaxsgd.cli import main
+from relaxsgd.config import from_dict, load_yaml
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
 from relaxsgd.training import seeded_generator
@@ -233,8 +234,17 @@ def test_cli_run_writes_the_family_metrics(tmp_path, capsys) -> None:
     for key in ("consensus_distance", "bytes_per_worker_per_step", "interactions_per_worker",
                 "staleness_mean"):
         assert final[key] is not None
-    assert final["bytes_per_worker_per_step"] == pytest.approx(
-        float(rows[-1]["bytes_per_worker_per_step"]))
+    # the options reached the run: the same job in process gives the same figures, and the
+    # lattice really compressed (fewer bytes than the unquantized copies both ways)
+    cfg = load_yaml(str(out / "config.yaml"))
+    assert cfg["algo_options"]["quantizer"] == "lattice" and cfg["algo_options"]["H"] == 2
+    cfg.pop("steps_per_worker", None)  # (informative: written beside steps)
+    same = simulate(prepare(from_dict(cfg)))
+    for key in ("bytes_sent_total", "interactions_per_worker", "accuracy_mean_model"):
+        assert final[key] == pytest.approx(same.result["final"][key]), key
+    d = same.bank.d
+    unquantized = final["interactions_per_worker"] * 4 / 2 * 8 * d
+    assert 0 < final["lattice_eps_mean"] and final["bytes_sent_total"] < 0.6 * unquantized
 
 
 # -- independent references with real gradient steps ----------------------------------------
