@@ -32,7 +32,7 @@ from ..quantize.qsgd_diff import QSGDDiffQuantizer
 from .base import Worker, tensor_nbytes
 
 if TYPE_CHECKING:
-    from .swarm import SwarmConfig
+    from .swarm_config import SwarmConfig
 
 
 # The lattice's rounding noise becomes part of the models' disagreement, which sets the
