@@ -1,6 +1,7 @@
-"""Pure-gossip runs for the decentralized family: distinct random initial models, no
-effective gradient steps (lr 1e-30 changes no float32 parameter), so what is left is the
-algorithm's averaging alone."""
+"""Gossip runs for the decentralized family from distinct random initial models: by default
+pure gossip (lr 1e-30 changes no float32 parameter), so what is left is the algorithm's
+averaging alone; with ``train=`` real local steps, whose displacement of each worker's
+model is recorded beside the algorithm (``progress``), for invariants under training."""
 
 from __future__ import annotations
 
@@ -30,15 +31,34 @@ class GossipRun:
     bank: Bank
     algo: Any
     metrics: dict[str, float]
+    progress: torch.Tensor  # per worker: the sum of what its local steps moved its model
+
+
+def record_progress(bank: Bank) -> torch.Tensor:
+    """Wrap ``bank.local_steps`` so that each row's displacement by local steps adds up in
+    the returned tensor (the simulator computes eagerly, so nothing else moves the rows
+    during the call)."""
+    progress = torch.zeros_like(bank.X, dtype=torch.float64)
+    inner = bank.local_steps
+
+    def local_steps(rows, steps):
+        before = bank.X[list(rows)].double()
+        loss = inner(rows, steps)
+        progress[list(rows)] += bank.X[list(rows)].double() - before
+        return loss
+
+    bank.local_steps = local_steps
+    return progress
 
 
 def gossip_run(algo: str, options: dict | None = None, *, workers: int = 6,
                steps: int = 20, topology: str = "ring", topology_options: dict | None = None,
-               seed: int = 0, scale: float = 1.0, **over: Any) -> GossipRun:
+               seed: int = 0, scale: float = 1.0, train: dict | None = None,
+               **over: Any) -> GossipRun:
     """Run ``algo`` from models ``x0 + scale * N(0, I)`` (one draw per worker)."""
     cfg = tiny(algo=algo, algo_options=options or {}, workers=workers, steps=steps,
                topology=topology, topology_options=topology_options or {}, seed=seed,
-               train=NO_STEP, **over)
+               train=train or NO_STEP, **over)
     prep = prepare(cfg)
     bank = Bank(prep.spec, cfg.train, list(range(workers)), prep.shards, cfg.seed,
                 prep.total_steps, batching=cfg.batching)
@@ -46,6 +66,7 @@ def gossip_run(algo: str, options: dict | None = None, *, workers: int = 6,
     g = torch.Generator().manual_seed(1234 + seed)
     bank.X.add_(scale * torch.randn(bank.X.shape, generator=g))
     X0 = bank.X.clone()
+    progress = record_progress(bank)
     ws = [LocalWorker(bank, r, workers, cfg.seed, prep.total_steps) for r in range(workers)]
     for w in ws:
         prep.algo.init_worker(w)
@@ -54,7 +75,7 @@ def gossip_run(algo: str, options: dict | None = None, *, workers: int = 6,
     engine = Engine(prep.algo, ws, bank, net, comp)
     engine.run()
     return GossipRun(X0, bank.X.clone(), ws, engine, bank, prep.algo,
-                     aggregate_worker_metrics(ws))
+                     aggregate_worker_metrics(ws), progress)
 
 
 def conf(**over: Any) -> Any:

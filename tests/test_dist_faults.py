@@ -131,7 +131,6 @@ def test_torchrun_runs_relaxsgd_run_and_matches_the_simulator(tmp_path) -> None:
     sim = simulate(prepare(from_dict(cfg)))
     torch.testing.assert_close(torch.load(out / "models.pt")["X"], sim.bank.X,
                                rtol=1e-5, atol=2e-6)
-    assert sys.executable  # (the workers ran under torchrun's own interpreter)
 
 
 @pytest.mark.timeout(60)

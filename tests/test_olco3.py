@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from refkit import COMPRESSORS, Reference, mean
 from relaxsgd.algorithms.efsgd import make_aggregator
 from relaxsgd.algorithms.olco3 import OLCO3Config
+from relaxsgd.bank import evaluate
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
 from relaxsgd.sim.network import ring_allgather_time
@@ -158,3 +160,152 @@ def test_config_errors_are_one_line() -> None:
     # ef(...) in the spec turns error feedback on
     assert make_aggregator("olco3", OLCO3Config(compressor="ef(sign)", error_feedback=False),
                            0).ef
+
+
+# -- an independent reference of the whole algorithm, with real gradient steps ---------------
+
+
+def olco3_reference(ref: Reference, comp: Any, p: int, s: int, sc: bool, cc: bool,
+                    ps: bool, rounds: int, server_comp: bool = False) -> list[torch.Tensor]:
+    """OLCO3 in a few plain lines: p local steps, worker error feedback, (ps:) a server
+    that compresses the mean with its own error feedback, the aggregate of round k applied
+    at the end of round k + s, start model xg - SC * own messages in flight - CC * e_i
+    (- the server's residual of the applied round, with server compensation); drained."""
+    n = ref.n
+    X = [ref.x0.clone() for _ in range(n)]
+    xg, E = ref.x0.clone(), torch.zeros_like(ref.x0)
+    e = [torch.zeros_like(ref.x0) for _ in range(n)]
+    flight: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+    E_applied = torch.zeros_like(ref.x0)
+
+    def start(i: int) -> torch.Tensor:
+        x = xg - (E_applied if server_comp else 0) - (cc * e[i])
+        for own, _, _ in flight:
+            x = x - sc * own[i]
+        return x
+
+    for k in range(rounds + s):
+        if k < rounds:
+            Y = ref.local(X, p)
+            msgs = []
+            for i in range(n):
+                v = (X[i] - Y[i]) + e[i]
+                msgs.append(comp(v))
+                e[i] = v - msgs[i]
+            agg = mean(msgs)
+            if ps:
+                sv = agg + E
+                agg = comp(sv)
+                E = sv - agg
+            flight.append((msgs, agg, E.clone()))
+        if len(flight) > s or k >= rounds:
+            _, agg, E_k = flight.pop(0)
+            xg = xg - agg
+            E_applied = E_k
+        X = [start(i) for i in range(n)]
+    return X
+
+
+PS_CASES = [(c, s, sc, cc) for c in ("topk:ratio=0.25", "sign") for s in (0, 1, 2)
+            for sc, cc in ((True, False), (False, True), (True, True))
+            if not (s == 0 and (sc, cc) == (True, False))]
+
+
+@pytest.mark.parametrize("comp,s,sc,cc", PS_CASES)
+def test_ps_mode_matches_an_independent_reference(comp: str, s: int, sc: bool,
+                                                  cc: bool) -> None:
+    p, rounds = 2, 5
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": comp, "aggregation": "ps",
+        "staleness_compensation": sc, "compression_compensation": cc})
+    X = olco3_reference(ref, COMPRESSORS[comp], p, s, sc, cc, ps=True, rounds=rounds)
+    out = ref.check(X)
+    srv = out.workers[0].state["agg"]["server"]["residual"]
+    assert float(srv.norm()) > 1e-3  # the server's compression did bite
+
+
+@pytest.mark.parametrize("s,sc,cc", [(1, True, False), (2, True, False), (2, True, True),
+                                     (1, False, True)])
+def test_allreduce_mode_with_topk_matches_the_reference(s: int, sc: bool, cc: bool) -> None:
+    """Staleness (and compression) compensation with a real compressor."""
+    p, rounds = 2, 5
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": "topk:ratio=0.25",
+        "staleness_compensation": sc, "compression_compensation": cc})
+    X = olco3_reference(ref, COMPRESSORS["topk:ratio=0.25"], p, s, sc, cc, ps=False,
+                        rounds=rounds)
+    ref.check(X)
+
+
+def _ps(opts: dict[str, Any], steps: int = 13) -> tuple[Any, Any]:
+    prep = prepare(tiny(algo="olco3", steps=steps, train=MOMENTUM, split="shards",
+                        algo_options={"p": 2, "compressor": "topk:ratio=0.1",
+                                      "aggregation": "ps", **opts}))
+    return prep, simulate(prep)
+
+
+@pytest.mark.parametrize("s", [0, 1, 2])
+@pytest.mark.parametrize("drain", [True, False])
+def test_ps_mean_model_is_the_delay_free_trajectory_plus_the_servers_residual(
+        s: int, drain: bool) -> None:
+    prep, out = _ps({"s": s, "drain": drain})
+    torch.manual_seed(prep.cfg.seed)
+    x0, _ = flat_params(prep.spec.model_fn())
+    u = torch.stack([w.state["update_sum"] for w in out.workers]).mean(0)
+    E = out.workers[0].state["server_residual"]  # E^(k-s): of the last applied round
+    assert float(E.norm()) > 1e-3
+    gap = out.bank.X.mean(0) - (x0 - u)
+    torch.testing.assert_close(gap, E, rtol=0, atol=2e-6)
+    if drain:  # after the drain, that is the server's latest residual
+        torch.testing.assert_close(E, out.workers[0].state["agg"]["server"]["residual"])
+    # with server compensation the gap closes, and the models are identity-server's
+    prep, comp = _ps({"s": s, "drain": drain, "server_compensation": True})
+    assert delay_free_gap(comp, prep) < 2e-6
+    _, ident = _ps({"s": s, "drain": drain, "server_compressor": "identity"})
+    torch.testing.assert_close(comp.bank.X, ident.bank.X, rtol=1e-5, atol=2e-6)
+
+
+def test_server_compensation_bills_the_residual_on_the_downlink() -> None:
+    n, steps, p = 4, 12, 3
+    opts = {"p": p, "s": 1, "compressor": "topk:k=5", "aggregation": "ps"}
+    a = sim("olco3", opts, steps=steps)
+    b = sim("olco3", {**opts, "server_compensation": True}, steps=steps)
+    d = a.bank.d
+    rounds = steps // p
+    assert a.engine.server_bytes == rounds * n * 8 * 5
+    assert b.engine.server_bytes == rounds * n * (8 * 5 + 4 * d)
+    for bad in ({"server_compensation": True},
+                {"server_compensation": True, "aggregation": "ps",
+                 "server_error_feedback": False}):
+        with pytest.raises(ConfigError, match="server_compensation"):
+            OLCO3Config(**bad)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_ps_mode_with_server_compensation_matches_the_reference(s: int) -> None:
+    p, rounds, comp = 2, 5, "topk:ratio=0.25"
+    ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
+        "p": p, "s": s, "compressor": comp, "aggregation": "ps", "server_compensation": True})
+    X = olco3_reference(ref, COMPRESSORS[comp], p, s, True, True, ps=True, rounds=rounds,
+                        server_comp=True)
+    ref.check(X)
+
+
+def test_runs_report_the_workers_own_models_and_the_shared_model() -> None:
+    """Issue 9: no claim may rest on the mean model alone, which nobody holds."""
+    out = sim("olco3", {"p": 2, "s": 2, "compressor": "topk:ratio=0.1", "aggregation": "ps",
+                        "drain": False}, steps=12, split="shards")
+    spec, f = out.bank.spec, out.result["final"]
+    x, y = spec.data.x_test, spec.data.y_test
+    model = spec.model_fn()
+    own = [evaluate(spec, model, out.bank.X[k], {}, x, y) for k in range(4)]
+    assert f["accuracy_workers_mean"] == pytest.approx(sum(a for _, a in own) / 4)
+    assert f["loss_workers_mean"] == pytest.approx(sum(lo for lo, _ in own) / 4)
+    lg, ag = evaluate(spec, model, out.workers[0].state["xg"], {}, x, y)
+    assert (f["loss_shared_model"], f["accuracy_shared_model"]) == pytest.approx((lg, ag))
+    assert len({round(lo, 6) for lo, _ in own} | {round(f["loss_mean_model"], 6)}) == 5
+    assert out.rows[-1]["accuracy_workers_mean"] == f["accuracy_workers_mean"]
+    # an algorithm without a shared model has no such column; identical workers = worker 0
+    ar = sim("localsgd", {"p": 3}, steps=12)
+    assert "accuracy_shared_model" not in ar.result["final"]
+    assert ar.result["final"]["accuracy_workers_mean"] == ar.result["final"]["accuracy_worker0"]

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from . import salts
 from .tasks.base import TaskSpec
 from .training import Sampler, TrainConfig, bind_params, flat_params, lr_at, seeded_generator
 from .training import sgd_update as _sgd
 
-SALT_DATA = 1
+SALT_DATA, SALT_AUGMENT = salts.DATA, salts.AUGMENT
 
 
 class Bank:
@@ -44,7 +45,7 @@ class Bank:
         self.samples = [0] * rows  # training samples processed, per row
         self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
                          for r in self.ranks]
-        self.aug_gens = [seeded_generator(seed, r, SALT_DATA + 10) for r in self.ranks]
+        self.aug_gens = [seeded_generator(seed, r, SALT_AUGMENT) for r in self.ranks]
         self.xdata = spec.data.x_train.to(self.device)
         self.ydata = spec.data.y_train.to(self.device)
         has_buffers = any(True for _ in self.template.buffers())

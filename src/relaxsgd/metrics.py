@@ -6,15 +6,24 @@ loss and accuracy on the test set, the training loss since the previous row, the
 distance (mean squared distance of the worker models to their mean), and the algorithm's
 own counters (summed over workers) and observations (averaged). The mean model is
 evaluated with the workers' BatchNorm statistics averaged.
+
+The mean model is a model nobody holds: with compression compensation it contains
+residuals no worker ever received (issue 9). So every row also gives the average, over the
+workers, of the loss and accuracy of each worker's OWN model (``loss_workers_mean``,
+``accuracy_workers_mean``, each with its own BatchNorm statistics), and, for an algorithm
+whose workers all hold one shared model (OLCO3's ``xg``: ``Algorithm.shared_model_state``
+names it in ``w.state``), that model's (``loss_shared_model``, ``accuracy_shared_model``).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .bank import evaluate
@@ -25,7 +34,9 @@ BASE_COLUMNS = [
     "bytes_sent_total", "bytes_sent_per_worker_max", "messages_total", "stall_time_s_mean",
     "bits_per_param_per_step", "bytes_per_worker_per_step", "train_loss", "loss_mean_model",
     "accuracy_mean_model", "loss_worker0", "accuracy_worker0", "consensus_distance",
+    "loss_workers_mean", "accuracy_workers_mean",
 ]
+SHARED_COLUMNS = ["loss_shared_model", "accuracy_shared_model"]
 
 
 @dataclass
@@ -47,14 +58,16 @@ class Recorder:
     """Evaluates and writes rows; keeps the last row for ``result.json``."""
 
     def __init__(self, spec: TaskSpec, csv_path: str | None, n: int, d: int, n_train: int,
-                 extra_columns: list[str], eval_samples: int = 0) -> None:
+                 extra_columns: list[str], eval_samples: int = 0,
+                 shared_model: bool = False) -> None:
         self.spec, self.n, self.d, self.n_train = spec, n, d, n_train
         self.model = spec.model_fn()
         x, y = spec.data.x_test, spec.data.y_test
         if eval_samples and eval_samples < x.shape[0]:
             x, y = x[:eval_samples], y[:eval_samples]
         self.x_test, self.y_test = x, y
-        self.columns = BASE_COLUMNS + [c for c in extra_columns if c not in BASE_COLUMNS]
+        base = BASE_COLUMNS + (SHARED_COLUMNS if shared_model else [])
+        self.columns = base + [c for c in extra_columns if c not in base]
         self.rows: list[dict[str, Any]] = []
         self._file = None
         self._writer = None
@@ -67,13 +80,18 @@ class Recorder:
 
     def record(self, *, step: float, samples: int, virtual_time: float, wall_time: float,
                X: Tensor, mean_buffers: dict[str, Tensor], w0_buffers: dict[str, Tensor],
-               comm: CommStats, train_loss: float, extra: dict[str, float]) -> dict[str, Any]:
+               comm: CommStats, train_loss: float, extra: dict[str, float],
+               buffers_of: Callable[[int], dict[str, Tensor]] | None = None,
+               shared: Tensor | None = None) -> dict[str, Any]:
+        """Evaluate and write one row. ``buffers_of(k)``: worker k's BatchNorm statistics
+        (None: worker 0's for all); ``shared``: the model every worker holds, if any."""
         mean = X.mean(0)
         lm, am = evaluate(self.spec, self.model, mean, mean_buffers, self.x_test, self.y_test)
         if self.n > 1:
             l0, a0 = evaluate(self.spec, self.model, X[0], w0_buffers, self.x_test, self.y_test)
         else:
             l0, a0 = lm, am
+        lw, aw = self._workers_mean(X, (l0, a0), buffers_of or (lambda k: w0_buffers))
         steps_done = max(step, 1e-12)
         row = {
             "eval": len(self.rows), "step": round(step, 3),
@@ -89,13 +107,33 @@ class Recorder:
             "train_loss": train_loss, "loss_mean_model": lm, "accuracy_mean_model": am,
             "loss_worker0": l0, "accuracy_worker0": a0,
             "consensus_distance": consensus_distance(X),
+            "loss_workers_mean": lw, "accuracy_workers_mean": aw,
         }
+        if shared is not None:
+            row["loss_shared_model"], row["accuracy_shared_model"] = evaluate(
+                self.spec, self.model, shared, mean_buffers, self.x_test, self.y_test)
         row.update(extra)
         self.rows.append(row)
         if self._writer is not None:
             self._writer.writerow({k: _fmt(v) for k, v in row.items()})
             self._file.flush()
         return row
+
+    def _workers_mean(self, X: Tensor, first: tuple[float, float],
+                      buffers_of: Callable[[int], dict[str, Tensor]]) -> tuple[float, float]:
+        """Mean over workers of (loss, metric) of each one's own model; ``first`` is worker
+        0's. Workers whose parameters and statistics equal worker 0's are not re-evaluated
+        (all of them, after a synchronous average)."""
+        b0 = buffers_of(0)
+        loss, metric = first
+        for k in range(1, X.shape[0]):
+            bk = buffers_of(k)
+            if torch.equal(X[k], X[0]) and all(torch.equal(bk[n], b0[n]) for n in b0):
+                lk, mk = first
+            else:
+                lk, mk = evaluate(self.spec, self.model, X[k], bk, self.x_test, self.y_test)
+            loss, metric = loss + lk, metric + mk
+        return loss / X.shape[0], metric / X.shape[0]
 
     def close(self) -> None:
         if self._file is not None:

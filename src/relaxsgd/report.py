@@ -49,15 +49,23 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} PB"
 
 
+def _fmt_acc(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """A fixed-width table of final figures, one line per run."""
-    head = ["algorithm", "acc mean", "acc w0", "loss mean", "virtual s", "wall s",
-            "bytes total", "stall s", "consensus", "status"]
+    """A fixed-width table of final figures, one line per run: the mean model's accuracy
+    next to what the workers really hold (``acc workers``: the mean over workers of their
+    own models' accuracy; ``acc shared``: the shared model ``xg`` where there is one)."""
+    head = ["algorithm", "acc mean", "acc workers", "acc shared", "acc w0", "loss mean",
+            "virtual s", "wall s", "bytes total", "stall s", "consensus", "status"]
     lines = []
     for r in results:
         f = r["final"]
         lines.append([
-            r["algorithm"], f"{f['accuracy_mean_model']:.4f}", f"{f['accuracy_worker0']:.4f}",
+            r["algorithm"], f"{f['accuracy_mean_model']:.4f}",
+            _fmt_acc(f.get("accuracy_workers_mean")), _fmt_acc(f.get("accuracy_shared_model")),
+            f"{f['accuracy_worker0']:.4f}",
             f"{f['loss_mean_model']:.4f}", f"{f['virtual_time_s']:.2f}",
             f"{f['wall_time_s']:.1f}", _fmt_bytes(f["bytes_sent_total"]),
             f"{f['stall_time_s_mean']:.2f}", f"{f['consensus_distance']:.3g}", r["status"],

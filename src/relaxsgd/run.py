@@ -201,7 +201,9 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     comp = ComputeModel(cfg.compute, n, cfg.seed, step_time)
     rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
                    prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
-                   cfg.eval_samples)
+                   cfg.eval_samples,
+                   shared_model=getattr(prep.algo, "shared_model_state", None) is not None)
+    shared_key = getattr(prep.algo, "shared_model_state", None)
     every = max(1, math.ceil(total / cfg.evals)) * n
     next_eval = [0]
     bar = Progress(total * n, f"{cfg.algo} on {cfg.task}", progress)
@@ -228,7 +230,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
                           wall_time=time.perf_counter() - wall0, X=bank.X,
                           mean_buffers=bank.mean_buffers(), w0_buffers=bank.buffers_of(0),
                           comm=comm, train_loss=bank.take_train_loss(),
-                          extra=aggregate_worker_metrics(workers))
+                          extra=aggregate_worker_metrics(workers), buffers_of=bank.buffers_of,
+                          shared=workers[0].state.get(shared_key) if shared_key else None)
 
     def between(now: float) -> None:
         if done[0] >= next_eval[0]:
@@ -281,10 +284,14 @@ def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_t
     cfg = prep.cfg
     last = rec.rows[-1] if rec.rows else {}
     keys = ["accuracy_mean_model", "accuracy_worker0", "loss_mean_model", "loss_worker0",
+            "accuracy_workers_mean", "loss_workers_mean", "accuracy_shared_model",
+            "loss_shared_model",
             "virtual_time_s", "wall_time_s", "bytes_sent_total", "bytes_sent_per_worker_max",
             "messages_total", "stall_time_s_mean", "consensus_distance",
             "bits_per_param_per_step", "samples", "epoch"]
     final = {k: last.get(k) for k in keys}
+    if "accuracy_shared_model" not in last:  # only for an algorithm with a shared model
+        del final["accuracy_shared_model"], final["loss_shared_model"]
     final["steps_per_worker"] = steps
     final["samples_total"] = final.pop("samples")
     final["epochs"] = final.pop("epoch")
@@ -299,6 +306,8 @@ def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_t
         "step_time_s": step_time, "batching": batching,
         "algo_options": prep.resolved["algo_options"], "final": final,
         "best_accuracy_mean_model": best,
+        "best_accuracy_workers_mean": max((r["accuracy_workers_mean"] for r in rec.rows),
+                                          default=None),
     }
 
 

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from .bank import Bank
+from .salts import ALGO as SALT_ALGO
 from .training import seeded_generator
-
-SALT_ALGO = 2
 
 
 class LocalWorker:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import salts
 from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
@@ -43,16 +44,20 @@ from ..errors import ConfigError
 from .base import Algorithm, AllGather, AllReduce, Grad, Handle, Program, Spawn, Wait, Worker
 
 AGGREGATIONS = ("allreduce", "ps")
-SALT_SERVER = 7_777
+SALT_SERVER = salts.SERVER
 
 
 class Delivered(NamedTuple):
     """What a finished aggregation gives: the aggregate, this worker's own decoded message,
-    and its error-feedback residual after the message (None without error feedback)."""
+    its error-feedback residual after the message (None without error feedback), and in ps
+    mode with server error feedback the server's residual after this round (what the
+    server's compression has held back so far; it reaches the workers, and is billed on the
+    downlink, only with ``server_compensation``)."""
 
     mean: Tensor
     own: Tensor
     residual: Tensor | None
+    server_residual: Tensor | None = None
 
 
 class Pending(NamedTuple):
@@ -109,7 +114,7 @@ class Aggregator:
 
     def __init__(self, inner: Compressor, error_feedback: bool, aggregation: str = "allreduce",
                  server: Compressor | None = None, server_error_feedback: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, server_compensation: bool = False) -> None:
         self.inner = inner
         self.ef = error_feedback
         self.wire: Compressor = ErrorFeedback(inner) if error_feedback else inner
@@ -119,6 +124,8 @@ class Aggregator:
         self.server_wire = (ErrorFeedback(server) if server is not None and server_error_feedback
                             else server)
         self.seed = seed
+        # ps: the server's residual travels with every reply (dense float32, billed)
+        self.send_server_residual = server_compensation
         self._last: dict[int, Handle | None] = {}  # per worker: its latest aggregation
 
     # -- state -------------------------------------------------------------------------
@@ -133,6 +140,8 @@ class Aggregator:
                                              self.server.init_state(numel, layout),
                                              torch.Generator().manual_seed(0))
             st["down_nbytes"] = self.server.nbytes(sprobe)
+            if self.send_server_residual:
+                st["down_nbytes"] += 4 * numel  # the residual, in full precision
             st["server_round"] = 0  # seeds the server's generator, the same on every worker
         return st
 
@@ -180,7 +189,8 @@ class Aggregator:
         if self.mode == "ps":
             payloads = yield AllGather(payload, nbytes=nb, pattern="ps",
                                        down_nbytes=st["down_nbytes"])
-            return Delivered(self._serve(st, payloads), own, res)
+            reply, server_res = self._serve(st, payloads)
+            return Delivered(reply, own, res, server_res)
         if self.inner.summable:
             mean = yield AllReduce(own, nbytes=nb)
         else:
@@ -188,14 +198,16 @@ class Aggregator:
             mean = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
         return Delivered(mean, own, res)
 
-    def _serve(self, st: dict[str, Any], payloads: list[Any]) -> Tensor:
-        """The (replicated) parameter server: average, compress with its own error feedback."""
+    def _serve(self, st: dict[str, Any], payloads: list[Any]) -> tuple[Tensor, Tensor | None]:
+        """The (replicated) parameter server: average, compress with its own error feedback;
+        returns the decoded reply and the server's residual after it (None without EF)."""
         agg = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
         gen = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + SALT_SERVER * 7_919 + st["server_round"]) % 2**62)
         st["server_round"] += 1
         reply, st["server"] = self.server_wire.compress(agg, st["server"], gen)
-        return self.server_wire.decompress(reply)
+        res = st["server"]["residual"] if isinstance(self.server_wire, ErrorFeedback) else None
+        return self.server_wire.decompress(reply), None if res is None else res.clone()
 
     def _protocol(self, w: Worker, st: dict[str, Any], x: Tensor, prev: Handle | None
                   ) -> Program:
@@ -212,7 +224,8 @@ def make_aggregator(who: str, cfg: Any, seed: int) -> Aggregator:
     agg = getattr(cfg, "aggregation", "allreduce")
     inner, ef, server = parse_compression(who, cfg.compressor, cfg.error_feedback, agg,
                                           getattr(cfg, "server_compressor", ""))
-    return Aggregator(inner, ef, agg, server, getattr(cfg, "server_error_feedback", True), seed)
+    return Aggregator(inner, ef, agg, server, getattr(cfg, "server_error_feedback", True), seed,
+                      getattr(cfg, "server_compensation", False))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,23 @@ special cases s=0 without compression (Local SGD), s=0 with error feedback and n
 (Qsparse-local-SGD), p=1 without compensation (Pipe-SGD) and s=1 without compression with
 SC only (CoCoD-SGD) are tests too.
 
+What ``aggregation: ps`` guarantees. The server replies C_s(mean_i m_i + E) and keeps the
+rest, E (its error-feedback residual). Its replies telescope, so the shared model is
+xg = x^0 - sum_(r <= k-s) mean_i m_i^r + E^(k-s), and with both compensations the mean of
+the workers' models is the delay-free trajectory PLUS E^(k-s), the server's residual of the
+last applied round: exactly that, no more (a test checks it at every s, drained or not).
+E^(k-s) is what no worker has received; with top-k at small ratios it can be large, and the
+mean model then holds information nobody holds (issue 9 measured the mean model 1.4 points
+above worker 0's), so runs report the workers' own accuracy next to it.
+``server_compensation`` closes that gap: the server also sends E with each reply, in full
+precision (4 d bytes more on the downlink, billed), workers start from xg - E^(k-s) - ...,
+and the mean model is the delay-free trajectory exactly. Since E only ever holds what the
+server's compressor dropped, the workers' models are then exactly those of
+``server_compressor: identity`` (a test checks it) at a higher downlink cost: the option
+states the guarantee and measures what the server's compression costs; it does not save
+bytes. Without server error feedback nothing is kept, the dropped part is lost, and no
+such identity holds (the option then refuses to run).
+
 Communication schedule. A worker computes; at a round's end it compresses its update and
 hands the message to its communication thread (aggregations run one after another, in
 FIFO order, the same on every worker), then waits only for the aggregate of round k - s:
@@ -70,7 +87,11 @@ class OLCO3Config(CompressionOptions):
     staleness in rounds (the aggregate of round k is applied at the end of round k + s);
     staleness_compensation: subtract the worker's own messages still in flight from its
     start model; compression_compensation: subtract its error-feedback residual too; drain:
-    after the last round, wait for and apply the aggregates still in flight."""
+    after the last round, wait for and apply the aggregates still in flight;
+    server_compensation (ps mode, with server error feedback): the server also sends its
+    residual E (full precision, billed on the downlink) and workers start from
+    xg - E - ..., so the mean model is the delay-free trajectory again (see the module
+    docstring for what that costs)."""
 
     compressor: str = "powersgd:rank=2"
     p: int = 4
@@ -78,6 +99,7 @@ class OLCO3Config(CompressionOptions):
     staleness_compensation: bool = True
     compression_compensation: bool = True
     drain: bool = True
+    server_compensation: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.p, int) or self.p < 1:
@@ -87,6 +109,11 @@ class OLCO3Config(CompressionOptions):
             raise ConfigError(f"olco3 option s (staleness in rounds) must be >= 0, "
                               f"got {self.s!r}")
         self.check_compression("olco3")
+        if self.server_compensation and not (self.aggregation == "ps"
+                                             and self.server_error_feedback):
+            raise ConfigError("olco3 option server_compensation needs aggregation=ps and "
+                              "server_error_feedback=true (it compensates the server's "
+                              "error-feedback residual)")
 
 
 class _Round(NamedTuple):
@@ -99,15 +126,20 @@ class OLCO3(CompressedAlgorithm):
     name = "olco3"
     Config = OLCO3Config
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    shared_model_state = "xg"  # every worker holds xg: evaluated beside the mean model
 
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)
         w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
+        # ps mode: the server's residual after the last applied round, E^(k-s)
+        w.state["server_residual"] = w.params.new_zeros(w.params.numel())
+        w.state["xg"] = w.params.clone()
 
     def program(self, w: Worker) -> Program:
         cfg: OLCO3Config = self.cfg
         x = w.params
-        xg = x.clone()
+        xg = w.state["xg"]  # the shared model, the same on every worker
+        xg.copy_(x)
         flight: deque[_Round] = deque()
         e_done = x.new_zeros(x.numel())  # e_i after the last aggregated round's message
         done = 0
@@ -123,19 +155,26 @@ class OLCO3(CompressedAlgorithm):
             while len(flight) > cfg.s:
                 w.observe("staleness", done - flight[0].step)
                 e_done = yield from self._apply_oldest(w, flight, xg, e_done)
-            comp = yield from self._compensation(flight, e_done)
-            x.copy_(xg - comp if comp is not None else xg)
+            yield from self._restart(w, flight, xg, e_done)
         if cfg.drain:
             while flight:
                 e_done = yield from self._apply_oldest(w, flight, xg, e_done)
-            comp = yield from self._compensation(flight, e_done)
-            x.copy_(xg - comp if comp is not None else xg)
+            yield from self._restart(w, flight, xg, e_done)
+
+    def _restart(self, w: Worker, flight: deque[_Round], xg: Tensor, e_done: Tensor
+                 ) -> Program:
+        """The next start model: xg - SC * (own messages in flight) - CC * e_i (- E)."""
+        comp = yield from self._compensation(flight, e_done)
+        base = xg - w.state["server_residual"] if self.cfg.server_compensation else xg
+        w.params.copy_(base - comp if comp is not None else base)
 
     def _apply_oldest(self, w: Worker, flight: deque[_Round], xg: Tensor,
                       e_done: Tensor) -> Program:
         """Wait for the oldest aggregate in flight, apply it to xg; returns e_i after it."""
         got = yield from self.agg.receive(w, flight.popleft().pending)
         xg.sub_(got.mean)
+        if got.server_residual is not None:
+            w.state["server_residual"].copy_(got.server_residual)
         return got.residual if got.residual is not None else e_done
 
     def _compensation(self, flight: deque[_Round], e_done: Tensor) -> Program:

@@ -79,19 +79,20 @@ Metrics (``metric_keys``): ``interactions_per_worker`` (each side of an interact
 had done since it published the copy that was used; in the simulator a partner in the
 middle of ``Compute(H)`` counts its whole block as done, so this is exact at step
 boundaries and an upper bound inside a block), ``lattice_eps_mean``.
+
+Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
+the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from .. import salts
 from ..training import seeded_generator
 from .base import (
     Algorithm,
@@ -110,133 +111,12 @@ from .base import (
 )
 from .swarm_codec import Codec
 from .swarm_codec import effective_safety as effective_safety  # re-exported
-
-SCHEDULES = ("async", "sequential")
-STEP_DISTS = ("fixed", "geometric")
-AVERAGING = ("nonblocking", "blocking")
-UPDATES = ("symmetric", "pull")
-QUANTIZERS = ("none", "lattice", "qsgd")
-SMALL = 8  # bytes of a control message (op code and a sequence number)
-SALT_HANDLER = 11
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"swarm option {name}={value!r} is unknown; choose one of: "
-                          f"{', '.join(choices)}")
-
-
-@dataclass(frozen=True)
-class SwarmConfig:
-    """Options of SwarmSGD (see the module docstring for the math).
-
-    schedule: "async" (each worker picks a random neighbour after its local steps) or
-        "sequential" (a shared seeded stream of random edges; the analysed model).
-    H: local steps per interaction (the mean when ``steps_dist`` is "geometric").
-    steps_dist: "geometric" (H_i ~ Geometric(1/H) on 1, 2, ..., the default: it keeps the
-        workers out of lockstep, see the module docstring) or "fixed" (exactly H).
-    averaging: "nonblocking" (average published copies, keep own progress) or "blocking"
-        (the partner averages its current model at its next step boundary).
-    update: "symmetric" (both sides update) or "pull" (only the initiator updates).
-    quantizer: "none", "lattice" (decoded against the receiver's copy) or "qsgd" (b-bit
-        difference to a per-pair reference).
-    bits: bits per coordinate of the quantizer (lattice 2..32, qsgd 2..16).
-    eps: fixed lattice step; None chooses it from the observed spread of the models.
-    safety: lattice margin: eps = safety * expected gap / (2^(bits-1) - 1) (capped at
-        (2^(bits-1) - 1) / 8, see :func:`effective_safety`).
-    bucket_size: qsgd coordinates per float32 scale.
-    per_tensor: lattice: one eps (and checksum) per parameter tensor, each from that
-        tensor's own spread (layers disagree by different amounts); False: one for all.
-    spread_decay: lattice: the spread is max(last gap seen, spread_decay * previous
-        spread), a decaying maximum over partners (0: the last gap only).
-    exact_mean: update by (Q(c_j) - Q(c_i)) / 2, which keeps the sum of the models exactly
-        under quantization; False uses (Q(c_i) + Q(c_j)) / 2 - c_i.
-    overlap: async non-blocking only: the initiator computes its next local steps while
-        its exchange is in flight and applies the average at their end.
-    """
-
-    schedule: str = "async"
-    H: int = 2
-    steps_dist: str = "geometric"
-    averaging: str = "nonblocking"
-    update: str = "symmetric"
-    quantizer: str = "none"
-    bits: int = 8
-    eps: float | None = None
-    safety: float = 2.0
-    bucket_size: int = 512
-    per_tensor: bool = True
-    spread_decay: float = 0.9
-    exact_mean: bool = True
-    overlap: bool = False
-
-    def __post_init__(self) -> None:
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("steps_dist", self.steps_dist, STEP_DISTS)
-        _choice("averaging", self.averaging, AVERAGING)
-        _choice("update", self.update, UPDATES)
-        _choice("quantizer", self.quantizer, QUANTIZERS)
-        if self.H < 1:
-            raise ConfigError(f"swarm option H (local steps per interaction) must be >= 1, "
-                              f"got {self.H}")
-        hi = 16 if self.quantizer == "qsgd" else 32
-        if not 2 <= self.bits <= hi:
-            raise ConfigError(f"swarm option bits must be in 2..{hi} for quantizer "
-                              f"{self.quantizer!r}, got {self.bits}")
-        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ConfigError(f"swarm option eps must be > 0 (or null: chosen from the "
-                              f"models' spread), got {self.eps}")
-        if not (self.safety > 0 and math.isfinite(self.safety)):
-            raise ConfigError(f"swarm option safety must be > 0, got {self.safety}")
-        if not 0 <= self.spread_decay < 1:
-            raise ConfigError(f"swarm option spread_decay must be in [0, 1), "
-                              f"got {self.spread_decay}")
-        if self.bucket_size < 1:
-            raise ConfigError(f"swarm option bucket_size must be >= 1, got {self.bucket_size}")
-        if self.overlap and (self.schedule != "async" or self.averaging != "nonblocking"):
-            raise ConfigError("swarm option overlap needs schedule=async and "
-                              "averaging=nonblocking")
-
-
-def undirected_neighbors(topology: Any, n: int) -> list[list[int]]:
-    """Neighbour lists of the union of the topology's edges over one period (a
-    time-varying or directed graph becomes the undirected graph of all its links)."""
-    adj: list[set[int]] = [set() for _ in range(n)]
-    for s in range(getattr(topology, "period", 1)):
-        for a, b in topology.edges(s):
-            adj[a].add(b)
-            adj[b].add(a)
-    return [sorted(a) for a in adj]
-
-
-def add_later(w: Worker, delta: Tensor) -> None:
-    """Handler side: add ``delta`` to the worker's model at its next step boundary.
-
-    A handler that answers at once must not write ``w.params`` (the distributed runtime
-    runs it on its communication thread while the main thread may be taking local steps),
-    so the delta waits in ``w.state["acc"]`` until the program calls :func:`absorb`; after
-    the program has finished (:func:`finish`) it is applied at once. Additive updates
-    commute, so the result is the same as applying it at arrival.
-    """
-    if w.state.get("finished"):
-        w.params.add_(delta)
-    elif w.state.get("acc") is None:
-        w.state["acc"] = delta.clone()
-    else:
-        w.state["acc"].add_(delta)
-
-
-def absorb(w: Worker) -> None:
-    """Program side: apply the deltas handlers left since the last boundary."""
-    acc = w.state.pop("acc", None)
-    if acc is not None:
-        w.params.add_(acc)
-
-
-def finish(w: Worker) -> None:
-    """Program side, at its end: absorb, and let handlers write the model from now on."""
-    absorb(w)
-    w.state["finished"] = True
+from .swarm_config import SMALL, SwarmConfig
+from .swarm_state import absorb as absorb  # re-exported (AD-PSGD, tests)
+from .swarm_state import add_later as add_later
+from .swarm_state import finish as finish
+from .swarm_state import sequential_plans
+from .swarm_state import undirected_neighbors as undirected_neighbors
 
 
 class SwarmSGD(Algorithm):
@@ -268,32 +148,8 @@ class SwarmSGD(Algorithm):
     def _make_plans(self, total: int) -> list[list[tuple[int, int, int, bool]]]:
         n = self.info.n
         edges = sorted({(min(i, j), max(i, j)) for i in range(n) for j in self.neighbors(i)})
-        plans: list[list[tuple[int, int, int, bool]]] = [[] for _ in range(n)]
-        if not edges:
-            return plans
-        rng = np.random.default_rng([self.info.seed, 0x5A4A])
-        done, left, t = [0] * n, n, 0
-        while left:
-            e = rng.integers(len(edges), size=4096)
-            flip = rng.random(4096) < 0.5
-            if self.cfg.steps_dist == "geometric":
-                hs = rng.geometric(1.0 / self.cfg.H, size=(4096, 2))
-            else:
-                hs = np.full((4096, 2), self.cfg.H)
-            for k in range(4096):
-                i, j = edges[int(e[k])]
-                if flip[k]:
-                    i, j = j, i
-                for a, b, h, init in ((i, j, int(hs[k, 0]), True), (j, i, int(hs[k, 1]), False)):
-                    h = min(h, total - done[a])
-                    if done[a] < total and done[a] + h >= total:
-                        left -= 1
-                    done[a] += h
-                    plans[a].append((t, b, h, init))
-                t += 1
-                if not left:
-                    break
-        return plans
+        return sequential_plans(edges, n, total, self.info.seed, self.cfg.H,
+                                self.cfg.steps_dist == "geometric")
 
     def _draw_h(self, w: Worker, remaining: int) -> int:
         h = self.cfg.H
@@ -305,7 +161,7 @@ class SwarmSGD(Algorithm):
     # -- per-worker state ----------------------------------------------------------
     def init_worker(self, w: Worker) -> None:
         w.state.update(pending={}, pub_step=0,
-                       hrng=seeded_generator(self.info.seed, w.rank, SALT_HANDLER))
+                       hrng=seeded_generator(self.info.seed, w.rank, salts.SWARM_HANDLER))
         if self.cfg.averaging == "nonblocking":
             w.state["xhat"] = w.params.clone()
         self.codec.init(w)
@@ -313,7 +169,7 @@ class SwarmSGD(Algorithm):
     def _copy(self, w: Worker) -> Tensor:
         """What this worker sends: its published copy (non-blocking) or its model."""
         if self.cfg.averaging == "nonblocking":
-            return w.state["xhat"].clone()
+            return w.params.clone()
         return w.params.clone()
 
     def _stale(self, w: Worker) -> int:

@@ -220,4 +220,5 @@ class Evaluator:
                         samples=sum(s["samples"] for s in snaps), virtual_time=wall,
                         wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
                         comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
-                        extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]))
+                        extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]),
+                        buffers_of=lambda k: snaps[k]["buffers"])
