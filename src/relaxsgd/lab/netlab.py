@@ -124,7 +124,7 @@ class Lab:
         check_available()
         fds = []
         try:
-            for i in range(self.n):
+            for _ in range(self.n):
                 self.holders.append(self._holder())
             for i, h in enumerate(self.holders):
                 fds.append(self._tun(self.device(i)))
@@ -223,11 +223,12 @@ class Lab:
                                      "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "1",
                                      "MASTER_ADDR": self.address(0),
                                      "MASTER_PORT": str(port),
-                                     "RELAXSGD_HOST": self.address(i)})
+                                     "RELAXSGD_HOST": self.address(i),
+                                     "GLOO_SOCKET_IFNAME": self.device(i)})
         self._write_state()
         procs = self.workers[-self.n:]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):
             if any(p.returncode not in (None, 0) for p in procs):
                 self._stop(procs, grace=5.0)
                 break
