@@ -1,4 +1,4 @@
-"""The ``relaxsgd`` command line: ``run``, ``compare``, ``list``.
+"""The ``relaxsgd`` command line: ``run``, ``compare``, ``list``, ``lab``, ``calibrate``.
 
 Every bad input ends in one line ``relaxsgd: error: ...`` on stderr and exit status 2;
 a diverged run exits 3 after writing what it measured; Ctrl-C exits 130 after the same.
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    + ",".join(DEFAULT_COMPARE) + ", those available)")
     _common(c)
     sub.add_parser("list", help="every registered plug-in with a one-line description")
+    from .lab.cli import add_calibrate_parser, add_lab_parser
+
+    add_lab_parser(sub)
+    add_calibrate_parser(sub, _common)
     return ap
 
 
@@ -268,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.cmd == "compare":
             return cmd_compare(args)
+        if args.cmd in ("lab", "calibrate"):
+            from .lab import cli as lab_cli
+
+            if args.cmd == "lab":
+                return lab_cli.cmd_lab(args)
+            return lab_cli.cmd_calibrate(args, config_dict(args, None))
         return cmd_list()
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")

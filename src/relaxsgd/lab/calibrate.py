@@ -13,10 +13,12 @@ Every worker measures at the same time (so cores are shared as in the real run):
   counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
 - point-to-point latency and bandwidth between workers 0 and 1 over plain TCP (what the
   dist runtime's messages use): half the median round trip of 64-byte pings, and a 4 MiB
-  transfer timed to its acknowledgement minus one round trip;
+  transfer (the second of two, TCP's window open) timed to its acknowledgement minus one
+  round trip;
 - gloo all-reduce and all-gather at the sizes the algorithms use (8 bytes, 1 KiB, the
   model, 4x the model), median of repeats after a barrier, and a least-squares fit
-  ``t(B) = a + b B`` per collective.
+  ``t(B) = a + b B`` per collective over the sizes from 1 KiB (gloo takes fewer steps
+  for a tensor of a few elements).
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import struct
 import time
 from typing import Any
 
@@ -56,7 +57,7 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
     from ..sim.compute import count_flops
 
     prep = prepare(cfg)
-    bank = Bank(prep.spec, cfg.train, [rank], [prep.shards[rank]], cfg.seed, 10**9,
+    bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
                 batching="loop")
     bank.local_steps([0], 3)
     dist.barrier()
@@ -120,8 +121,9 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(repeats):
             c.sendall(_recv_exact(c, PING_BYTES))
-        _recv_exact(c, BULK_BYTES)
-        c.sendall(b"k")
+        for _ in range(2):
+            _recv_exact(c, BULK_BYTES)
+            c.sendall(b"k")
         c.close()
         srv.close()
     elif rank == 0:
@@ -134,10 +136,11 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
             _recv_exact(c, PING_BYTES)
             rtts.append(time.perf_counter() - t)
         rtt = statistics.median(rtts[1:])
-        t = time.perf_counter()
-        c.sendall(bytes(BULK_BYTES))
-        _recv_exact(c, 1)
-        el = time.perf_counter() - t
+        for _ in range(2):  # the second with TCP's window already open: the link's rate
+            t = time.perf_counter()
+            c.sendall(bytes(BULK_BYTES))
+            _recv_exact(c, 1)
+            el = time.perf_counter() - t
         lat, bw = rtt / 2, BULK_BYTES / max(el - rtt, 1e-9)
         c.close()
     vals = torch.tensor([lat, bw], dtype=torch.float64)
@@ -158,7 +161,8 @@ def calibrate(cfg: RunConfig, rank: int, host: str, repeats: int = 7) -> dict[st
     d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
     sizes = sorted({8, 1024, 4 * d, 16 * d})
     coll = collective_times(sizes, repeats)
-    fits = {k: {str(n): list(fit_line(v))} for k, v in coll.items()}
+    fits = {k: {str(n): list(fit_line([p for p in v if p[0] >= 1024]))}
+            for k, v in coll.items()}
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
                     "flops_per_step": flops, "task": cfg.task,
@@ -172,6 +176,3 @@ def calibrate(cfg: RunConfig, rank: int, host: str, repeats: int = 7) -> dict[st
                               f"1; gloo collectives of {n} workers"},
     }
 
-
-def pack_float(x: float) -> bytes:
-    return struct.pack("!d", x)

@@ -214,7 +214,8 @@ class Lab:
         return p
 
     def run_workers(self, argv: list[str], port: int = 29500,
-                    timeout_s: float | None = None) -> list[int]:
+                    timeout_s: float | None = None,
+                    extra_env: dict[str, str] | None = None) -> list[int]:
         """Run ``argv`` once per worker as a torchrun-style job (RANK, WORLD_SIZE,
         MASTER_ADDR = worker 0, RELAXSGD_HOST = own address); their exit statuses. A
         worker that fails (status not 0) ends the others (SIGTERM, then SIGKILL)."""
@@ -224,7 +225,8 @@ class Lab:
                                      "MASTER_ADDR": self.address(0),
                                      "MASTER_PORT": str(port),
                                      "RELAXSGD_HOST": self.address(i),
-                                     "GLOO_SOCKET_IFNAME": self.device(i)})
+                                     "GLOO_SOCKET_IFNAME": self.device(i),
+                                     **(extra_env or {})})
         self._write_state()
         procs = self.workers[-self.n:]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
