@@ -235,6 +235,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_list() -> int:
     from .algorithms import ALGORITHMS
+    from .sim.compute import PROFILES as COMPUTE_PROFILES
     from .sim.network import PROFILE_DESCRIPTIONS
     from .tasks import TASKS
 
@@ -243,6 +244,9 @@ def cmd_list() -> int:
         ("tasks", [(e.name, e.description) for e in TASKS.entries()]),
         ("network profiles", list(PROFILE_DESCRIPTIONS.items())
          + [("custom", "cloud's numbers with network.latency_s/bandwidth_Bps/... set")]),
+        ("compute profiles", [(p.name, f"{p.flops_per_s / 1e9:g} GFLOP/s sustained, "
+                               f"{p.overhead_s * 1e3:g} ms per step")
+                              for p in COMPUTE_PROFILES.values()]),
         ("splits", [("iid", "uniformly at random, equal sizes"),
                     ("shards", "sorted by label, a few label shards per worker "
                      "(split.shards_per_worker)"),
