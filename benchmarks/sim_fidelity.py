@@ -70,36 +70,73 @@ def fidelity(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
     lab(n, link, ["calibrate", *TASK, "--out", prof])
     rows = []
     for algo, opts in ALGOS:
-        common = [*TASK, "--algo", algo, "--workers", str(n), "--steps", str(steps),
-                  "--evals", "1", "-q", *opts]
+        common = _common(algo, opts, n, steps)
         real_out = os.path.join(work, f"real-{link}-n{n}-{algo}")
         lab(n, link, ["run", "--runtime", "dist", *common, "--out", real_out])
         sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
         subprocess.run([*RELAX, "run", *common, "--network", prof, "--compute", prof,
                         "--out", sim_out], check=True, capture_output=True)
-        real, sim = result(real_out), result(sim_out)
-        rows.append({"algo": algo, "real_s": real["final"]["virtual_time_s"],
-                     "sim_s": sim["final"]["virtual_time_s"],
-                     "startup_s": real["dist"]["startup_s"].get("total_s")})
+        rows.append(compare_run(real_out, sim_out, common, prof))
         print(f"  {link} n={n} {algo}: real {rows[-1]['real_s']:.2f} s, "
               f"sim {rows[-1]['sim_s']:.2f} s ({load()})", file=sys.stderr, flush=True)
     return rows
 
 
+def _common(algo: str, opts: list[str], n: int, steps: int) -> list[str]:
+    return [*TASK, "--algo", algo, "--workers", str(n), "--steps", str(steps), "--evals",
+            "1", "-q", *opts]
+
+
+def resim(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
+    """The rows of runs already made in ``work`` (the simulator is run again)."""
+    prof = os.path.join(work, f"{link}-n{n}.yaml")
+    rows = []
+    for algo, opts in ALGOS:
+        real_out = os.path.join(work, f"real-{link}-n{n}-{algo}")
+        if not os.path.exists(os.path.join(real_out, "result.json")):
+            continue
+        sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
+        subprocess.run([*RELAX, "run", *_common(algo, opts, n, steps), "--network", prof,
+                        "--compute", prof, "--out", sim_out], check=True, capture_output=True)
+        rows.append(compare_run(real_out, sim_out, _common(algo, opts, n, steps), prof))
+    return rows
+
+
+def compare_run(real_out: str, sim_out: str, common: list[str], prof: str) -> dict[str, Any]:
+    """One row: the real run, the simulator from the profile, and the simulator with the
+    step time the real run measured (which separates the network model's error from the
+    machine's CPU contention)."""
+    real, sim = result(real_out), result(sim_out)
+    steps = real["dist"]["step_time_s_per_worker"]
+    own = sum(steps.values()) / len(steps)
+    own_out = sim_out + "-own-step"
+    subprocess.run([*RELAX, "run", *common, "--network", prof, "--step-time", str(own),
+                    "--out", own_out], check=True, capture_output=True)
+    return {"algo": real["algorithm"], "real_s": real["final"]["virtual_time_s"],
+            "sim_s": sim["final"]["virtual_time_s"],
+            "own_s": result(own_out)["final"]["virtual_time_s"],
+            "cal_step_ms": sim["step_time_s"] * 1e3, "real_step_ms": own * 1e3,
+            "startup_s": real["dist"]["startup_s"].get("total_s")}
+
+
 def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: int) -> None:
     print(f"\nmnist1d MLP, batch 32, {steps} local steps per worker; times after start-up; "
           f"{load()}")
-    head = (f"{'link':<9} {'n':>2} {'algorithm':<10} {'real s':>8} {'sim s':>8} "
-            f"{'sim/real':>8} {'real x AR':>9} {'sim x AR':>9} {'start-up s':>10}")
+    head = (f"{'link':<9} {'n':>2} {'algorithm':<10} {'real s':>7} {'sim s':>7} "
+            f"{'sim/real':>8} {'real xAR':>8} {'sim xAR':>7} {'step ms cal/real':>16} "
+            f"{'own-step sim/real':>17} {'own xAR':>7} {'start-up s':>10}")
     print(head)
     print("-" * len(head))
     for (link, n), rows in table.items():
         ar = rows[0]
         for r in rows:
             xr, xs = ar["real_s"] / r["real_s"], ar["sim_s"] / r["sim_s"]
+            xo = ar["own_s"] / r["own_s"]
             su = f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "?"
-            print(f"{link:<9} {n:>2} {r['algo']:<10} {r['real_s']:>8.2f} {r['sim_s']:>8.2f} "
-                  f"{r['sim_s'] / r['real_s']:>8.2f} {xr:>9.2f} {xs:>9.2f} {su:>10}")
+            steps = f"{r['cal_step_ms']:.2f}/{r['real_step_ms']:.2f}"
+            print(f"{link:<9} {n:>2} {r['algo']:<10} {r['real_s']:>7.2f} {r['sim_s']:>7.2f} "
+                  f"{r['sim_s'] / r['real_s']:>8.2f} {xr:>8.2f} {xs:>7.2f} {steps:>16} "
+                  f"{r['own_s'] / r['real_s']:>17.2f} {xo:>7.2f} {su:>10}")
 
 
 GLOO = """
@@ -175,10 +212,17 @@ def forwarder_table() -> None:
               f"{pps:>8.0f} {late:>12.3f} {st['late_max_s'] * 1e3:>11.2f}", flush=True)
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, MB (Linux)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def scale_table(quick: bool) -> None:
     """256 and 1024 simulated workers: worker-steps/s against the no-protocol limit, and
-    the resident memory each simulated worker adds."""
-    import resource
+    the resident memory each simulated worker adds (current RSS with the finished run
+    still held, minus before it, over n)."""
+    import gc
 
     import torch
 
@@ -194,18 +238,18 @@ def scale_table(quick: bool) -> None:
     for label, task, opts in [("logreg", "logreg", {"n_train": 20000, "n_test": 500}),
                               ("mlp", "mnist1d", {"model": "mlp", "num_samples": 40000})]:
         for n in [256, 1024]:
-            steps = 4 if quick else 10
+            steps = 6 if quick else 12
             for algo in ["swarm", "allreduce"]:
                 cfg = from_dict({"algo": algo, "task": task, "task_options": opts,
                                  "workers": n, "steps": steps, "evals": 1,
                                  "eval_samples": 200, "network": "cloud",
                                  "train": {"batch_size": 16, "lr": 0.05}})
-                rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                gc.collect()
+                rss0 = rss_mb()
                 out = simulate(prepare(cfg))
-                rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                per = (rss_mb() - rss0) / n
                 rate = n * steps / out.engine_wall_s
                 limit = limit_rate(cfg)
-                per = (rss1 - rss0) / 1024 / n
                 print(f"{label:<8} {n:>5} {algo:<9} {steps:>5} {limit:>8.0f} {rate:>8.0f} "
                       f"{rate / limit:>6.2f} {per:>9.3f}", flush=True)
                 del out
@@ -220,6 +264,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="local steps per worker (default 200, "
                     "quick 60)")
     ap.add_argument("--work", default=None, help="folder for profiles and runs")
+    ap.add_argument("--resim", action="store_true", help="only the table, from the real "
+                    "runs and profiles already in --work (re-running the simulator)")
     args = ap.parse_args()
     if args.gloo:
         return gloo_table()
@@ -234,7 +280,10 @@ def main() -> None:
     table = {}
     t = time.perf_counter()
     for link, n in cases:
-        table[(link, n)] = fidelity(n, link, steps, work)
+        table[(link, n)] = (resim(n, link, steps, work) if args.resim
+                            else fidelity(n, link, steps, work))
+        if not table[(link, n)]:
+            del table[(link, n)]
     print_fidelity(table, steps)
     print(f"({time.perf_counter() - t:.0f} s; runs and profiles in {work})")
 

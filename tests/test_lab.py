@@ -125,7 +125,8 @@ def test_a_failed_worker_stops_the_others_at_once() -> None:
 
 
 @needs_lab
-def test_everything_is_gone_after_the_lab_process_is_killed() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_everything_is_gone_after_the_lab_process_is_killed_or_interrupted(sig: int) -> None:
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "rl*-state-*.json")))
     lab = subprocess.Popen([sys.executable, "-m", "relaxsgd.cli", "lab", "--workers", "2",
                             "--latency", "0.01", "--", "sleep", "120"],
@@ -145,8 +146,9 @@ def test_everything_is_gone_after_the_lab_process_is_killed() -> None:
         time.sleep(0.1)
     assert state, "the lab did not start"
     assert all(_alive(p) for p in state["pids"])
-    lab.send_signal(signal.SIGKILL)
-    lab.wait()
+    lab.send_signal(sig)
+    code = lab.wait(timeout=60)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     _assert_gone(state)
 
 

@@ -52,7 +52,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, interrupt)
+    # both, explicitly: a process started in the background by a shell ignores SIGINT
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     lab = Lab(args.workers, link)
     try:
         with lab:
@@ -61,7 +62,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
             codes = lab.run_workers(cmd, port=args.port, timeout_s=args.timeout,
                                     extra_env={"RELAXSGD_LAB": env_desc})
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         stats = lab.forwarder_stats()
         if stats:
             sys.stderr.write(f"relaxsgd lab: forwarder {json.dumps(stats)}\n")
