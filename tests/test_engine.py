@@ -53,7 +53,7 @@ def run_program(body: Any, handler: Any = None, **over: Any) -> Any:
     return simulate(prep)
 
 
-def test_compute_takes_step_time_and_allreduce_its_ring_cost() -> None:
+def test_compute_takes_step_time_and_allreduce_its_gloo_cost() -> None:
     times: dict[int, list[float]] = {}
 
     def body(self: Any, w: Any) -> Any:
@@ -66,7 +66,7 @@ def test_compute_takes_step_time_and_allreduce_its_ring_cost() -> None:
     out = run_program(body, network="custom",
                       network_options={"latency_s": 0.001, "bandwidth_Bps": 1e6})
     n, b = 4, 4000
-    cost = 2 * (n - 1) * 0.001 + 2 * (n - 1) / n * b / 1e6
+    cost = 4 * (n - 1) * 0.001 + 2 * (n - 1) / n * b / 1e6  # gloo: two latencies a step
     for r in range(4):
         t0, t1, mean = times[r]
         assert t0 == pytest.approx(12 * STEP)
@@ -88,6 +88,34 @@ def test_nonblocking_allreduce_overlaps_compute_without_stall() -> None:
     out = run_program(body)
     assert seen == {r: 10.0 for r in range(4)}
     assert out.result["final"]["stall_time_s_mean"] == 0.0
+
+
+def test_collectives_of_two_spawns_are_in_flight_together() -> None:
+    """Two all-reduces issued at once (two spawns, as on two process groups) overlap
+    their latencies but share the links: earlier than in sequence, not before the link."""
+    ends: dict[str, float] = {}
+
+    def reduce_once(w: Any) -> Any:
+        yield AllReduce(torch.ones(25_000))  # 100 kB
+        ends[f"w{w.rank}"] = yield Now()
+
+    def body(self: Any, w: Any) -> Any:
+        hs = []
+        for _ in range(2):
+            hs.append((yield Spawn(reduce_once(w))))
+        yield Wait(hs)
+        if w.rank == 0:
+            ends["both"] = yield Now()
+        yield Compute(w.total_steps)
+
+    n, lat, bw, b = 4, 0.01, 1e6, 100_000
+    run_program(body, network="custom",
+                network_options={"latency_s": lat, "bandwidth_Bps": bw})
+    one = 4 * (n - 1) * lat + 2 * (n - 1) / n * b / bw
+    tx = 2 * (n - 1) / n * b / bw
+    assert ends["both"] < 2 * one - 1e-6  # in sequence it would take 2 * one
+    assert ends["both"] >= 2 * tx  # both transmissions crossed the same links
+    assert ends["both"] == pytest.approx(one + tx)
 
 
 def test_slow_worker_makes_others_stall_at_the_collective() -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from relaxsgd.errors import ConfigError
+from relaxsgd.sim.collectives import allgather_cost, allreduce_cost
 from relaxsgd.sim.network import (
     PROFILES,
     Network,
     NetworkConfig,
     make_network_config,
+    network_model_info,
     ps_time,
     ring_allgather_time,
     ring_allreduce_time,
@@ -46,7 +50,79 @@ def test_ring_allreduce_matches_its_formula() -> None:
 def test_collectives_wait_for_busy_links() -> None:
     net = Network(NetworkConfig(0.0, 100.0), n=2, seed=0)
     net.p2p(1, 500, t=0.0)  # link 1 busy until 5 s
-    assert net.collective(1.0, 2.0) == pytest.approx(7.0)
+    assert net.collective(1.0, 0.5, 2.0) == pytest.approx(5.0 + 2.0 + 0.5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_gloo_costs_follow_the_measured_latency_counts(n: int) -> None:
+    """gloo (measured in the lab, see sim/collectives.py): all-reduce 4(n-1) latencies and
+    the ring's bytes; all-gather 2(n-1) latencies; the dist AllGather is two of them."""
+    lat, bw, b = 0.025, 1e7, 4_000_000
+    cfg = NetworkConfig(lat, bw)
+    assert cfg.backend == "gloo"
+    a, t = allreduce_cost(cfg, n, b)
+    assert a == pytest.approx(4 * (n - 1) * lat)
+    assert t == pytest.approx(2 * (n - 1) / n * b / bw)
+    a, t, server = allgather_cost(cfg, n, [b // 2, b], "ring")
+    assert not server
+    assert a == pytest.approx(2 * 2 * (n - 1) * lat + (n - 1) * 8 / bw)
+    assert t == pytest.approx((n - 1) * b / bw)
+    assert allgather_cost(cfg, n, [b, b], "ps")[:2] == allgather_cost(cfg, n, [b, b], "ring")[:2]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_nccl_and_ideal_costs_follow_their_formulas(n: int) -> None:
+    lat, bw, b = 0.001, 1e9, 8_000_000
+    ring = NetworkConfig(lat, bw, backend="nccl-ring")
+    tree = NetworkConfig(lat, bw, backend="nccl-tree")
+    ideal = NetworkConfig(lat, bw, backend="ideal")
+    assert allreduce_cost(ring, n, b) == pytest.approx(
+        (2 * (n - 1) * lat, 2 * (n - 1) / n * b / bw))
+    hops = {2: 1, 3: 2, 4: 2, 8: 3}[n]
+    assert allreduce_cost(tree, n, b)[0] == pytest.approx(2 * hops * lat)
+    assert sum(allreduce_cost(ideal, n, b)) == pytest.approx(ring_allreduce_time(b, n, lat, bw))
+    a, t, server = allgather_cost(ideal, n, [100] * n, "ps", 50)
+    assert server and a + t == pytest.approx(ps_time([100] * n, 50, lat, bw))
+    assert sum(allgather_cost(ideal, n, [100] * n, "ring")[:2]) == pytest.approx(
+        ring_allgather_time(100, n, lat, bw))
+    assert allreduce_cost(ring, 1, b) == (0.0, 0.0)
+
+
+def test_two_overlapping_collectives_finish_earlier_than_in_sequence_but_not_before_the_link(
+        ) -> None:
+    lat_part, tx = 0.3, 0.1
+    net = Network(NetworkConfig(0.05, 1e6), n=4, seed=0)
+    first = net.collective(0.0, lat_part, tx)
+    second = net.collective(0.0, lat_part, tx)  # issued together (another process group)
+    assert first == pytest.approx(tx + lat_part)
+    in_sequence = 2 * (tx + lat_part)
+    assert second < in_sequence - 1e-9
+    assert second >= 2 * tx  # both transmissions went through the same links
+    assert second == pytest.approx(2 * tx + lat_part)
+    # a message sent meanwhile waits for the transmissions, not for the latencies
+    left, _, _ = net.p2p(2, 0, t=0.0)
+    assert left == pytest.approx(2 * tx)
+
+
+def test_a_calibrated_file_sets_latency_bandwidth_and_measured_collective_lines(
+        tmp_path: Any) -> None:
+    f = tmp_path / "lab.yaml"
+    f.write_text("network: {latency_s: 0.02, bandwidth_Bps: 1.0e7, backend: gloo, "
+                 "collectives: {allreduce: {'2': [0.09, 1.0e-7]}}}\n")
+    cfg = make_network_config(str(f))
+    assert (cfg.latency_s, cfg.bandwidth_Bps) == (0.02, 1e7)
+    assert allreduce_cost(cfg, 2, 1000) == pytest.approx((0.09, 1e-4))  # the fit
+    assert allreduce_cost(cfg, 3, 1000)[0] == pytest.approx(8 * 0.02)  # no fit: formula
+    info = network_model_info(cfg, 2)
+    assert info["collectives"]["fits_used"] == {"allreduce@2": [0.09, 1e-7]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("network: {latency_s: fast}\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*latency_s"):
+        make_network_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        make_network_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="backend.*gloo"):
+        make_network_config("cloud", backend="mpi")
 
 
 def test_loss_retransmits_and_jitter_varies_latency_deterministically() -> None:

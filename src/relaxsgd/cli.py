@@ -1,4 +1,4 @@
-"""The ``relaxsgd`` command line: ``run``, ``compare``, ``list``.
+"""The ``relaxsgd`` command line: ``run``, ``compare``, ``list``, ``lab``, ``calibrate``.
 
 Every bad input ends in one line ``relaxsgd: error: ...`` on stderr and exit status 2;
 a diverged run exits 3 after writing what it measured; Ctrl-C exits 130 after the same.
@@ -30,7 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task name (see 'relaxsgd list')")
     p.add_argument("--workers", type=int, help="number of workers n")
     p.add_argument("--topology", help="graph for decentralized algorithms")
-    p.add_argument("--network", help="network profile: datacenter, cloud, wan, mobile, custom")
+    p.add_argument("--network", help="network profile: datacenter, cloud, wan, mobile, custom,"
+                   " or a profile file written by 'relaxsgd calibrate'")
     p.add_argument("--steps", type=int, help="local steps per worker")
     p.add_argument("--epochs", type=float, help="passes over the training set, all workers "
                    "together")
@@ -42,8 +43,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "default $RELAXSGD_DATA_DIR")
     p.add_argument("--runtime", help="sim (default) or dist (under torchrun)")
     p.add_argument("--evals", type=int, help="number of evaluations over the run")
-    p.add_argument("--step-time", type=float, help="virtual seconds per local step "
-                   "(default: measured)")
+    p.add_argument("--step-time", help="virtual seconds per local step, or 'measure' (time "
+                   "this machine); default: derived from the model's FLOPs and --compute")
+    p.add_argument("--compute", help="compute profile: laptop-core (default), server-core, "
+                   "t4, v100, a100, h100, or a profile file written by 'relaxsgd calibrate'")
     p.add_argument("--out", help="output folder (default: runs/<time>-<algo>-<task>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any option: algo.p=8, task.model=cnn, split.alpha=0.1, "
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    + ",".join(DEFAULT_COMPARE) + ", those available)")
     _common(c)
     sub.add_parser("list", help="every registered plug-in with a one-line description")
+    from .lab.cli import add_calibrate_parser, add_lab_parser
+
+    add_lab_parser(sub)
+    add_calibrate_parser(sub, _common)
     return ap
 
 
@@ -100,12 +107,22 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
     if args.lr is not None:
         train["lr"] = args.lr
     if args.step_time is not None:
-        d.setdefault("compute", {})["step_time_s"] = args.step_time
+        d.setdefault("compute", {})["step_time_s"] = _step_time_flag(args.step_time)
+    if args.compute is not None:
+        d.setdefault("compute", {})["profile"] = args.compute
     names = {"algo": algorithm_options(d.get("algo", "localsgd")),
              "task": task_options(d.get("task", "mnist1d"))}
     for item in args.set:
         apply_set(d, item, names)
     return d
+
+
+def _step_time_flag(text: str) -> float | str:
+    """``--step-time``: a number of seconds, or 'measure' (checked by ComputeConfig)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -218,6 +235,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_list() -> int:
     from .algorithms import ALGORITHMS
+    from .sim.compute import PROFILES as COMPUTE_PROFILES
     from .sim.network import PROFILE_DESCRIPTIONS
     from .tasks import TASKS
 
@@ -226,6 +244,9 @@ def cmd_list() -> int:
         ("tasks", [(e.name, e.description) for e in TASKS.entries()]),
         ("network profiles", list(PROFILE_DESCRIPTIONS.items())
          + [("custom", "cloud's numbers with network.latency_s/bandwidth_Bps/... set")]),
+        ("compute profiles", [(p.name, f"{p.flops_per_s / 1e9:g} GFLOP/s sustained, "
+                               f"{p.overhead_s * 1e3:g} ms per step")
+                              for p in COMPUTE_PROFILES.values()]),
         ("splits", [("iid", "uniformly at random, equal sizes"),
                     ("shards", "sorted by label, a few label shards per worker "
                      "(split.shards_per_worker)"),
@@ -255,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.cmd == "compare":
             return cmd_compare(args)
+        if args.cmd in ("lab", "calibrate"):
+            from .lab import cli as lab_cli
+
+            if args.cmd == "lab":
+                return lab_cli.cmd_lab(args)
+            return lab_cli.cmd_calibrate(args, config_dict(args, None))
         return cmd_list()
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")

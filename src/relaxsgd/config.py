@@ -14,7 +14,7 @@ A config file has the shape of the resolved ``config.yaml`` a run writes::
     topology: complete
     topology_options: {}
     train: {batch_size: 32, lr: 0.05, momentum: 0.9}  # over the task's TRAIN_DEFAULTS
-    compute: {step_time_s: null} # null: measured on this machine
+    compute: {profile: laptop-core, step_time_s: null}  # null: FLOPs / the profile's rate
     epochs: 5                    # or steps: local steps per worker
     evals: 20
     seed: 0

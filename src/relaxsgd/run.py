@@ -27,9 +27,9 @@ from .bank import Bank
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError
 from .metrics import CommStats, Recorder, aggregate_worker_metrics
-from .sim.compute import ComputeModel
+from .sim.compute import ComputeModel, resolve_step_time
 from .sim.engine import Engine
-from .sim.network import Network, make_network_config
+from .sim.network import Network, make_network_config, network_model_info
 from .tasks import TASKS
 from .tasks.base import TaskSpec
 from .worker import LocalWorker
@@ -187,7 +187,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
         # step 100x slower whenever another process is busy (measured: 0.4 ms -> 140 ms
         # for the MNIST-1D MLP), which would corrupt the measured step time.
         torch.set_num_threads(cfg.threads)
-    step_time = cfg.compute.step_time_s or measure_step_time(prep)
+    step_time, compute_info = resolve_step_time(
+        cfg.compute, prep.spec, cfg.train.batch_size, lambda: measure_step_time(prep))
     bank = Bank(prep.spec, cfg.train, list(range(n)), prep.shards, cfg.seed, total,
                 batching=cfg.batching)
     prep.info.dim = bank.d
@@ -197,7 +198,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
                for r in range(n)]
     for w in workers:
         prep.algo.init_worker(w)
-    net = Network(make_network_config(cfg.network, **cfg.network_options), n, cfg.seed)
+    net_cfg = make_network_config(cfg.network, **cfg.network_options)
+    net = Network(net_cfg, n, cfg.seed)
     comp = ComputeModel(cfg.compute, n, cfg.seed, step_time)
     rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
                    prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
@@ -259,6 +261,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     result = make_result(prep, rec, status, message, step_time, bank.batching,
                          aggregate_worker_metrics(workers), done[0] / n)
     result["final"]["virtual_time_s"] = vtime
+    result["compute_model"] = compute_info
+    result["network_model"] = network_model_info(net_cfg, n)
     if out:
         write_result(out, result, rec)
     if status == "diverged":

@@ -107,9 +107,13 @@ class Aggregator:
     Per-worker state lives in a dict of tensors and ints (``init_state``; checkpointable):
     the compressor's (with the error-feedback residual), and in ps mode the replicated
     server's (its residual, and a round counter that seeds its generator identically on
-    every worker). Every aggregation of a worker is chained behind its previous one (FIFO),
-    so that all workers issue their collectives in the same order, as the distributed
-    runtime's communication thread runs them.
+    every worker). An aggregation of one collective (all-reduce, or all-gather without a
+    server) starts at once, so several are in flight together (each spawn runs on its own
+    process group in the distributed runtime) and s rounds of staleness can hide an
+    aggregation up to s rounds long; one with state that must advance in order (the
+    server's, in ps mode) or of several collectives (PowerSGD's protocol) is chained
+    behind the worker's previous one (FIFO), so that all workers issue their collectives
+    in the same order.
     """
 
     def __init__(self, inner: Compressor, error_feedback: bool, aggregation: str = "allreduce",
@@ -163,7 +167,8 @@ class Aggregator:
             w.count("payload_bytes", nb)
             res = self.residual(st)
             res = None if res is None else res.clone()
-            h = yield Spawn(self._send(st, payload, own, res, nb, prev))
+            chain = prev if self.mode == "ps" else None
+            h = yield Spawn(self._send(st, payload, own, res, nb, chain))
             pend = Pending(h, own, res)
         self._last[w.rank] = pend.handle
         return pend

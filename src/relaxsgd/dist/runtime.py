@@ -159,8 +159,10 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
                           f"processes; launch {cfg.workers} or pass --workers {world}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    clock = {"entered": time.perf_counter()}
     prep = prepare(cfg)  # config errors end every rank before any connection
     auth = job_auth(opts)
+    clock["prepared"] = time.perf_counter()
     backend, device = pick_backend(opts, local_rank)
     startup = max(opts.timeout_s, STARTUP_S)
     with _Signals():
@@ -169,12 +171,41 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
             # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=startup))
+            clock["group"] = time.perf_counter()
             job = _Job(cfg, prep, opts, rank, world, backend, device, auth)
+            job.clock = clock
             result = job.run(store, progress, write)
         except (KeyboardInterrupt, RelaxError) as e:
             _hard_exit(e)
     dist.destroy_process_group()
     return result
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def startup_report(clock: dict[str, float]) -> dict[str, float | None]:
+    """Rank 0's start-up, apart from the run's wall time (which starts after it): Python
+    and imports up to the run, data and config, rendezvous (process groups, transport)."""
+    if "started" not in clock:
+        return {}
+    age = process_age_s()
+    before = None if age is None else age - (time.perf_counter() - clock["entered"])
+    data = clock["prepared"] - clock["entered"] + clock["built"] - clock["group"]
+    return {"imports_s": before, "data_s": data,
+            "rendezvous_s": clock["started"] - clock["prepared"] - (clock["built"]
+                                                                 - clock["group"]),
+            "total_s": None if before is None else before + clock["started"]
+            - clock["entered"]}
 
 
 def _hard_exit(e: BaseException) -> None:
@@ -230,7 +261,8 @@ class _Job:
         self.compute_time = 0.0
         self.units = 0
         self.program_s: float | None = None  # when this worker's program ended
-        paced = cfg.compute.heterogeneity != "none" or cfg.compute.step_time_s is not None
+        paced = cfg.compute.heterogeneity != "none" or cfg.compute.fixed_step_time is not None
+        self.clock: dict[str, float] = {}
         self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
 
     # -- messages ------------------------------------------------------------------
@@ -273,8 +305,10 @@ class _Job:
             self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
         self.tr.start(store, listen_host(self.opts), startup_s=STARTUP_S)
+        self.clock["built"] = time.perf_counter()
         dist.barrier()
         self.ex.t0 = time.perf_counter()
+        self.clock["started"] = self.ex.t0
         snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals, self._ship)
         bar = Progress(prep.total_steps, f"{cfg.algo} on {cfg.task} (dist, rank 0)",
                        progress and self.rank == 0)
@@ -345,7 +379,7 @@ class _Job:
         self.compute_time += el
         self.units += units
         if self.pace is not None:  # the compute model, realised by sleeping
-            per = self.cfg.compute.step_time_s or el / units
+            per = self.cfg.compute.fixed_step_time or el / units
             extra = self.pace.duration(self.rank, units) * per - el
             if extra > 0:
                 time.sleep(extra)
@@ -389,8 +423,16 @@ class _Job:
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
                                        for s in finals},
             "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in finals},
+            "startup_s": startup_report(self.clock),
         }
         result["dist"].update(self._security())
+        # what was really used, not the config's simulated defaults
+        result["network"] = "real"
+        result["network_model"] = {"kind": "real", "backend": self.backend,
+                                   "lab": os.environ.get("RELAXSGD_LAB") or None,
+                                   "master_addr": os.environ.get("MASTER_ADDR")}
+        result["compute_model"] = {"kind": "real", "paced": self.pace is not None,
+                                   "step_time_s": step_time}
         if self.out:
             result["out"] = self.out
             write_result(self.out, result, rec)

@@ -1,8 +1,22 @@
 """The simulator's compute model: the virtual duration of local steps, per worker.
 
-``step_time_s`` is one local step of the reference worker: measured on this machine at the
-start of the run (median of a few real steps of worker 0's model and batch) unless the
-config sets it ("what if each step took 0.2 s on a V100"). Heterogeneity multiplies it:
+The step time of the reference worker is, by default, **derived, not measured**, so a run
+gives the same result on any machine whatever its load::
+
+    step_time_s = (overhead_s + flops_per_sample * batch_size / flops_per_s) * max(1, wpc)
+
+``flops_per_sample`` is the model's forward + backward cost, counted once with
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions; the
+elementwise work and the optimizer's update are in ``overhead_s``), ``flops_per_s`` and
+``overhead_s`` come from a named compute profile (:data:`PROFILES`) or a calibrated
+profile file (``relaxsgd calibrate``), and ``wpc`` is ``compute.workers_per_core``: when a
+real run puts k worker processes on each core, each gets 1/k of it.
+
+Other sources of the step time, each an explicit choice: ``step_time_s: <seconds>`` ("what
+if each step took 0.2 s") and ``step_time_s: measure`` (median of a few real steps of
+worker 0's model on this machine, at the start of the run: machine- and load-dependent).
+
+Heterogeneity multiplies the step time:
 
 - ``none``: all workers equal;
 - ``fixed``: ``speed_factors[i]`` per worker (2.0 = twice as slow); a list shorter than n
@@ -17,15 +31,53 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 
 KINDS = ("none", "fixed", "lognormal", "stragglers")
+DEFAULT_PROFILE = "laptop-core"
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Sustained throughput a small model really gets on one device, and where from."""
+
+    name: str
+    flops_per_s: float
+    overhead_s: float  # per local step: Python, kernel launches, elementwise, optimizer
+    source: str
+
+
+# Sustained numbers for small models (MLPs, small CNNs, batch 32-128) in eager PyTorch,
+# fp32. CPU: one core, one torch thread (the simulator's and the dist runtime's default).
+PROFILES: dict[str, ComputeProfile] = {p.name: p for p in [
+    ComputeProfile("laptop-core", 20e9, 3e-4,
+                   "one core of a recent laptop CPU (AVX2, ~3.5 GHz: 112 GFLOP/s fp32 "
+                   "peak); ~20% of peak, the share the 'server-core' measurement gets"),
+    ComputeProfile("server-core", 35e9, 2.5e-4,
+                   "one core of the AMD EPYC VM this project is developed on, measured "
+                   "with --step-time measure (batch 32, one thread): logreg 0.24 ms, "
+                   "MNIST-1D MLP 0.55 ms (14.4 MFLOP), its CNN 2.2 ms (56 MFLOP)"),
+    ComputeProfile("t4", 2.5e12, 1.0e-3,
+                   "NVIDIA T4: 8.1 TFLOP/s fp32 peak (datasheet); ~30% sustained, ~1 ms "
+                   "of launches per eager step (~100 kernels x ~10 us)"),
+    ComputeProfile("v100", 5e12, 6e-4,
+                   "NVIDIA V100 SXM2: 15.7 TFLOP/s fp32 peak (datasheet); ~30% sustained"),
+    ComputeProfile("a100", 20e12, 5e-4,
+                   "NVIDIA A100: 19.5 TFLOP/s fp32, 156 TF32 peak (datasheet); TF32 "
+                   "matmuls at ~13% of the TF32 peak for small layers"),
+    ComputeProfile("h100", 50e12, 4e-4,
+                   "NVIDIA H100 SXM: 67 TFLOP/s fp32, 495 TF32 dense peak (datasheet); "
+                   "~10% of TF32 peak for small layers"),
+]}
 
 
 @dataclass(frozen=True)
 class ComputeConfig:
-    step_time_s: float | None = None
+    step_time_s: float | str | None = None  # None: from the profile; "measure"; seconds
+    profile: str = DEFAULT_PROFILE  # a name in PROFILES or a calibrated profile file
+    workers_per_core: float = 1.0
     heterogeneity: str = "none"
     speed_factors: tuple[float, ...] = field(default=())
     sigma: float = 0.5
@@ -33,9 +85,18 @@ class ComputeConfig:
     straggler_f: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.step_time_s is not None and not self.step_time_s > 0:
-            raise ConfigError(f"compute.step_time_s must be > 0 seconds (or null to measure),"
-                              f" got {self.step_time_s}")
+        st = self.step_time_s
+        if isinstance(st, str):
+            if st != "measure":
+                raise ConfigError(f"compute.step_time_s must be a number of seconds > 0, "
+                                  f"'measure' or null (the compute profile), got {st!r}")
+        elif st is not None and not (isinstance(st, (int, float)) and st > 0
+                                     and math.isfinite(st)):
+            raise ConfigError(f"compute.step_time_s must be > 0 seconds, 'measure' or null "
+                              f"(the compute profile), got {st}")
+        if not (self.workers_per_core > 0 and math.isfinite(self.workers_per_core)):
+            raise ConfigError(f"compute.workers_per_core must be > 0, got "
+                              f"{self.workers_per_core}")
         if self.heterogeneity not in KINDS:
             raise ConfigError(f"unknown compute.heterogeneity {self.heterogeneity!r}; "
                               f"choose one of: {', '.join(KINDS)}")
@@ -47,6 +108,41 @@ class ComputeConfig:
                               f"{list(self.speed_factors)}")
         if not 0 <= self.straggler_p <= 1 or self.straggler_f < 1:
             raise ConfigError("stragglers need 0 <= straggler_p <= 1 and straggler_f >= 1")
+
+    @property
+    def fixed_step_time(self) -> float | None:
+        """The step time in seconds when the config sets one, else None."""
+        st = self.step_time_s
+        return float(st) if isinstance(st, (int, float)) else None
+
+
+def load_profile(name: str) -> tuple[ComputeProfile, dict[str, Any]]:
+    """A named profile, or the ``compute`` section of a calibrated profile file (with the
+    file's own measured step time, returned in the second value)."""
+    if name in PROFILES:
+        return PROFILES[name], {}
+    from .profile_file import read_section
+
+    sec = read_section(name, "compute", what="compute profile",
+                       choices=", ".join(PROFILES))
+    try:
+        prof = ComputeProfile(f"file:{name}", float(sec["flops_per_s"]),
+                              float(sec.get("overhead_s", 0.0)),
+                              str(sec.get("source", "calibrated")))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"compute profile file {name!r} needs compute.flops_per_s (a "
+                          "number) as written by 'relaxsgd calibrate'") from None
+    if not (prof.flops_per_s > 0 and prof.overhead_s >= 0):
+        raise ConfigError(f"compute profile file {name!r}: flops_per_s must be > 0 and "
+                          "overhead_s >= 0")
+    return prof, sec
+
+
+def profile_step_time(flops_per_sample: float, batch_size: int, prof: ComputeProfile,
+                      workers_per_core: float = 1.0) -> float:
+    """Seconds of one local step: ``(overhead + flops x batch / throughput) x max(1, wpc)``."""
+    return ((prof.overhead_s + flops_per_sample * batch_size / prof.flops_per_s)
+            * max(1.0, workers_per_core))
 
 
 class ComputeModel:
@@ -69,3 +165,42 @@ class ComputeModel:
         r, p, f = self.rngs[rank], self.cfg.straggler_p, self.cfg.straggler_f
         slow = sum(1 for _ in range(steps) if r.random() < p)
         return base * (steps + (f - 1) * slow)
+
+
+def count_flops(spec: Any, batch_size: int) -> float:
+    """Forward + backward FLOPs per sample of ``spec``'s model on one training batch
+    (``torch.utils.flop_counter``: matrix products and convolutions, exact for them)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = spec.model_fn()
+    x, y = spec.data.x_train[:batch_size], spec.data.y_train[:batch_size]
+    with FlopCounterMode(display=False) as counter:
+        spec.loss_fn(model(x), y).backward()
+    return counter.get_total_flops() / max(int(x.shape[0]), 1)
+
+
+def resolve_step_time(cfg: ComputeConfig, spec: Any, batch_size: int,
+                      measure: Any) -> tuple[float, dict[str, Any]]:
+    """The reference step time of a run and what it came from (``result.json``'s
+    ``compute_model``). ``measure()`` times this machine, called only when asked for."""
+    info: dict[str, Any] = {"workers_per_core": cfg.workers_per_core,
+                            "heterogeneity": cfg.heterogeneity}
+    if cfg.fixed_step_time is not None:
+        return cfg.fixed_step_time, {"kind": "fixed", "step_time_s": cfg.fixed_step_time,
+                                     **info}
+    if cfg.step_time_s == "measure":
+        st = float(measure()) * max(1.0, cfg.workers_per_core)
+        return st, {"kind": "measured", "step_time_s": st, **info}
+    prof, sec = load_profile(cfg.profile)
+    fps = count_flops(spec, batch_size)
+    st = profile_step_time(fps, batch_size, prof, cfg.workers_per_core)
+    measured = sec.get("step_time_s")
+    # a calibrated file's own measurement wins for the very model and batch it timed
+    if isinstance(measured, (int, float)) and measured > 0 and math.isclose(
+            float(sec.get("flops_per_step", -1)), fps * batch_size, rel_tol=1e-6):
+        st = float(measured)  # timed with the real run's own core sharing
+    return st, {"kind": "profile", "profile": prof.name, "flops_per_s": prof.flops_per_s,
+                "overhead_s": prof.overhead_s, "flops_per_sample": fps,
+                "batch_size": batch_size, "step_time_s": st, "source": prof.source, **info}

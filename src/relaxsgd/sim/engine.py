@@ -44,8 +44,9 @@ from ..algorithms.base import (
 from ..bank import Bank
 from ..errors import Deadlock, Diverged
 from ..worker import LocalWorker
+from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
-from .network import Network, ps_time, ring_allgather_time, ring_allreduce_time
+from .network import Network
 
 
 class _Coro:
@@ -263,12 +264,11 @@ class Engine:
         kinds = {type(e).__name__ + getattr(e, "pattern", "") for e in effs}
         if len(kinds) != 1:
             raise Deadlock(f"collective #{seq} mismatched across workers: {sorted(kinds)}")
-        n, lat, bw = self.n, self.net.cfg.latency_s, self.net.cfg.bandwidth_Bps
-        e0 = effs[0]
+        n, e0, server = self.n, effs[0], False
         if isinstance(e0, AllReduce):
             sizes = [e.nbytes if e.nbytes is not None else tensor_nbytes(e.tensors)
                      for e in effs]
-            dur = ring_allreduce_time(max(sizes), n, lat, bw)
+            lat, tx = allreduce_cost(self.net.cfg, n, max(sizes))
             if isinstance(e0.tensors, (list, tuple)):
                 value = [torch.stack([e.tensors[k] for e in effs]).mean(0)
                          for k in range(len(e0.tensors))]
@@ -283,22 +283,22 @@ class Engine:
         else:
             sizes = [e.nbytes for e in effs]
             payloads = [e.payload for e in effs]
+            if e0.pattern not in ("ps", "ring"):
+                raise ValueError(f"unknown AllGather pattern {e0.pattern!r}; use ring or ps")
+            lat, tx, server = allgather_cost(self.net.cfg, n, sizes, e0.pattern,
+                                             e0.down_nbytes)
             if e0.pattern == "ps":
                 down = e0.down_nbytes if e0.down_nbytes is not None else max(sizes)
-                dur = ps_time(sizes, down, lat, bw)
                 for r, s in enumerate(sizes):
                     self._count(self.procs[r], s, 1)
                 self.server_bytes += n * down
                 self.server_messages += n
-            elif e0.pattern == "ring":
-                dur = ring_allgather_time(max(sizes), n, lat, bw)
+            else:
                 total = sum(sizes)
                 for r in range(n):
                     self._count(self.procs[r], (n - 1) / n * total, n - 1)
-            else:
-                raise ValueError(f"unknown AllGather pattern {e0.pattern!r}; use ring or ps")
             results = [list(payloads) for _ in range(n)]
-        end = self.net.collective(c["t"], dur)
+        end = self.net.collective(c["t"], lat, tx, server)
         for r in range(n):
             self.at(end, self._resolve, c["members"][r][1], results[r])
 

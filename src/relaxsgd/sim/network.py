@@ -7,11 +7,13 @@ what it sends), and arrives ``latency`` later (times a log-normal jitter factor 
 again after a retransmission timeout of ``max(0.2 s, 3 * latency)`` (TCP's minimum RTO).
 The receiver's downlink is not modelled.
 
-Collectives cost what their real algorithm costs and occupy every link meanwhile:
-ring all-reduce ``2(n-1) * latency + 2(n-1)/n * B / bandwidth`` (Patarasuk & Yuan 2009);
-ring all-gather ``(n-1) * latency + (n-1) * B_max / bandwidth``; parameter server
-``2 * latency + sum(B_i) / bw + n * B_down / bw`` (gather through, then broadcast from,
-the server's link, which has the workers' bandwidth).
+Collectives cost what the real backend's algorithm costs (``network.backend``, see
+:mod:`.collectives`: gloo by default, as the dist runtime uses on CPU; NCCL ring and tree;
+``ideal`` for the textbook ring and parameter server). A collective's cost is split into
+a latency part and a transmission part: the transmission occupies every worker's link
+(after what is already queued there), the latency part does not, so several collectives
+and messages are in flight together and share the links as the dist runtime's process
+groups do; two overlapping collectives end no earlier than their transmissions allow.
 
 Profiles (one-way latency, per-worker bandwidth):
 
@@ -26,6 +28,9 @@ wan         40 ms      100 Mbit/s     sites on different continents: 60-120 ms r
 mobile      60 ms      10 Mbit/s      4G/LTE uplink: 5-20 Mbit/s, 40-80 ms latency;
                                       jitter 0.3 and 1% loss
 ==========  =========  =============  =====================================================
+
+``--network FILE`` loads the ``network`` section of a profile file written by ``relaxsgd
+calibrate`` (measured latency, bandwidth and fitted collective costs).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -44,6 +50,9 @@ class NetworkConfig:
     jitter: float = 0.0  # sigma of a log-normal factor on the latency
     loss: float = 0.0  # probability that a transmission is lost and retransmitted
     profile: str = "custom"
+    backend: str = "gloo"  # whose collective algorithms: see .collectives.BACKENDS
+    # measured (kind, n, seconds, seconds per byte) from a calibrated profile file
+    fits: tuple[tuple[str, int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
@@ -54,6 +63,11 @@ class NetworkConfig:
             raise ConfigError(f"network jitter must be >= 0, got {self.jitter}")
         if not 0 <= self.loss < 1:
             raise ConfigError(f"network loss must be in [0, 1), got {self.loss}")
+        from .collectives import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown network backend {self.backend!r}; choose one of: "
+                              f"{', '.join(BACKENDS)}")
 
 
 GBIT = 1e9 / 8
@@ -74,22 +88,62 @@ PROFILE_DESCRIPTIONS = {
 }
 
 
-def make_network_config(profile: str, **overrides: float) -> NetworkConfig:
-    """A named profile with some fields overridden (``custom`` starts from ``cloud``)."""
+def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
+    """A named profile or a profile file, with some fields overridden (``custom`` starts
+    from ``cloud``)."""
     if profile == "custom":
         base = replace(PROFILES["cloud"], profile="custom")
     elif profile in PROFILES:
         base = PROFILES[profile]
     else:
-        raise ConfigError(f"unknown network profile {profile!r}; choose one of: "
-                          f"{', '.join([*PROFILES, 'custom'])}")
-    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss"}
+        base = load_network_file(profile)
+    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss", "backend"}
     for k in overrides:
         if k not in fields:
             raise ConfigError(f"unknown network option {k!r}; choose one of: "
                               f"{', '.join(sorted(fields))}")
-    vals = {k: float(v) for k, v in overrides.items() if v is not None}
+    vals: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k == "backend":
+            vals[k] = str(v)
+            continue
+        try:
+            vals[k] = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"network.{k} must be a number, got {v!r}") from None
     return replace(base, **vals) if vals else base
+
+
+def load_network_file(path: str) -> NetworkConfig:
+    """The ``network`` section of a calibrated profile file (see ``relaxsgd calibrate``)."""
+    from .profile_file import read_section
+
+    sec = read_section(path, "network", what="network profile",
+                       choices=", ".join([*PROFILES, "custom"]))
+    fits = []
+    try:
+        for kind, per_n in (sec.get("collectives") or {}).items():
+            for n, (a, b) in per_n.items():
+                fits.append((str(kind), int(n), float(a), float(b)))
+        return NetworkConfig(float(sec["latency_s"]), float(sec["bandwidth_Bps"]),
+                             float(sec.get("jitter", 0.0)), float(sec.get("loss", 0.0)),
+                             profile=f"file:{path}", backend=str(sec.get("backend", "gloo")),
+                             fits=tuple(sorted(fits)))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigError(f"network profile file {path!r} needs network.latency_s and "
+                          "network.bandwidth_Bps (numbers) and collectives as {kind: {n: "
+                          "[a, b]}}, as written by 'relaxsgd calibrate'") from None
+
+
+def network_model_info(cfg: NetworkConfig, n: int) -> dict[str, Any]:
+    """What ``result.json`` records of the network model a run used, with its numbers."""
+    from .collectives import describe
+
+    return {"profile": cfg.profile, "latency_s": cfg.latency_s,
+            "bandwidth_Bps": cfg.bandwidth_Bps, "jitter": cfg.jitter, "loss": cfg.loss,
+            "backend": cfg.backend, "collectives": describe(cfg, n)}
 
 
 def ring_allreduce_time(nbytes: float, n: int, latency: float, bandwidth: float) -> float:
@@ -138,9 +192,13 @@ class Network:
         self.link_free[src] = left
         return left, left + (attempts - 1) * rto + self._latency(), attempts
 
-    def collective(self, t_ready: float, duration: float) -> float:
-        """A collective that may start at ``t_ready`` and takes ``duration``: its end."""
-        start = max(t_ready, max(self.link_free))
-        end = start + duration
-        self.link_free = [end] * (self.n + 1)
-        return end
+    def collective(self, t_ready: float, latency_s: float, transmit_s: float,
+                   server: bool = False) -> float:
+        """A collective ready at ``t_ready``: its transmissions (``transmit_s``) take every
+        worker's link (and the server's, for ``server``) after what is queued there; its
+        ``latency_s`` overlaps with anything else. Returns its end."""
+        links = self.n + 1 if server else self.n
+        start = max(t_ready, max(self.link_free[:links]))
+        sent = start + transmit_s
+        self.link_free[:links] = [sent] * links
+        return sent + latency_s

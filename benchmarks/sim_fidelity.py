@@ -1,0 +1,292 @@
+"""Does the simulator predict real runs? Real dist runs in the network lab next to the
+simulator's prediction from a profile calibrated on the same lab; and its own scale.
+
+Modes (run as root for the lab ones):
+
+    python benchmarks/sim_fidelity.py              # the fidelity table (lab; ~30 min)
+    python benchmarks/sim_fidelity.py --quick      # fewer steps, 2 workers, shaped only
+    python benchmarks/sim_fidelity.py --gloo       # gloo collective times in the lab
+    python benchmarks/sim_fidelity.py --forwarder  # the delay forwarder's rate and CPU
+    python benchmarks/sim_fidelity.py --scale      # 256 and 1024 simulated workers
+
+Fidelity: for a shaped link (25 ms one way, 80 Mbit/s per worker uplink) and an unshaped
+control (the forwarder alone, no delay, no rate limit), with 2 and 4 workers: ``relaxsgd
+calibrate`` in the lab writes a profile; each algorithm (allreduce, localsgd p=8, swarm,
+olco3 p=8 s=2, diloco p=8) runs for real in the lab (``--runtime dist``; its wall time
+after start-up, ``final.virtual_time_s``) and in the simulator with ``--network FILE
+--compute FILE``. Printed: both times, predicted/real, and each algorithm's throughput
+relative to all-reduce SGD, real and predicted. Goal: 0.8-1.25 and within 20%.
+
+The machine's load (``os.getloadavg``) is printed with every table: on a shared machine
+the real times move with it; the simulator's do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+RELAX = [sys.executable, "-m", "relaxsgd.cli"]
+TASK = ["--task", "mnist1d", "--batch-size", "32", "--set", "eval_samples=200"]
+ALGOS: list[tuple[str, list[str]]] = [
+    ("allreduce", []),
+    ("localsgd", ["--set", "algo.p=8"]),
+    ("swarm", []),
+    ("olco3", ["--set", "algo.p=8", "--set", "algo.s=2"]),
+    ("diloco", ["--set", "algo.p=8"]),
+]
+LINKS = {"shaped": ["--latency", "0.025", "--rate", "80e6"], "unshaped": []}
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load average {a:.2f} {b:.2f} {c:.2f} on {os.cpu_count()} cores"
+
+
+def lab(n: int, link: str, cmd: list[str], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``cmd`` (a relaxsgd subcommand) on n lab workers; the forwarder's statistics."""
+    stats = tempfile.mktemp(suffix=".json")
+    r = subprocess.run([*RELAX, "lab", "--workers", str(n), *LINKS[link], "--stats", stats,
+                        "--", *RELAX, *cmd], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"lab run failed ({r.returncode}): {r.stderr[-1500:]}")
+    with open(stats, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def result(out: str) -> dict[str, Any]:
+    with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def fidelity(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
+    prof = os.path.join(work, f"{link}-n{n}.yaml")
+    lab(n, link, ["calibrate", *TASK, "--out", prof])
+    rows = []
+    for algo, opts in ALGOS:
+        common = _common(algo, opts, n, steps)
+        real_out = os.path.join(work, f"real-{link}-n{n}-{algo}")
+        lab(n, link, ["run", "--runtime", "dist", *common, "--out", real_out])
+        sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
+        subprocess.run([*RELAX, "run", *common, "--network", prof, "--compute", prof,
+                        "--out", sim_out], check=True, capture_output=True)
+        rows.append(compare_run(real_out, sim_out, common, prof))
+        print(f"  {link} n={n} {algo}: real {rows[-1]['real_s']:.2f} s, "
+              f"sim {rows[-1]['sim_s']:.2f} s ({load()})", file=sys.stderr, flush=True)
+    return rows
+
+
+def _common(algo: str, opts: list[str], n: int, steps: int) -> list[str]:
+    return [*TASK, "--algo", algo, "--workers", str(n), "--steps", str(steps), "--evals",
+            "1", "-q", *opts]
+
+
+def resim(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
+    """The rows of runs already made in ``work`` (the simulator is run again)."""
+    prof = os.path.join(work, f"{link}-n{n}.yaml")
+    rows = []
+    for algo, opts in ALGOS:
+        real_out = os.path.join(work, f"real-{link}-n{n}-{algo}")
+        if not os.path.exists(os.path.join(real_out, "result.json")):
+            continue
+        sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
+        subprocess.run([*RELAX, "run", *_common(algo, opts, n, steps), "--network", prof,
+                        "--compute", prof, "--out", sim_out], check=True, capture_output=True)
+        rows.append(compare_run(real_out, sim_out, _common(algo, opts, n, steps), prof))
+    return rows
+
+
+def compare_run(real_out: str, sim_out: str, common: list[str], prof: str) -> dict[str, Any]:
+    """One row: the real run, the simulator from the profile, and the simulator with the
+    step time the real run measured (which separates the network model's error from the
+    machine's CPU contention)."""
+    real, sim = result(real_out), result(sim_out)
+    steps = real["dist"]["step_time_s_per_worker"]
+    own = sum(steps.values()) / len(steps)
+    own_out = sim_out + "-own-step"
+    subprocess.run([*RELAX, "run", *common, "--network", prof, "--step-time", str(own),
+                    "--out", own_out], check=True, capture_output=True)
+    return {"algo": real["algorithm"], "real_s": real["final"]["virtual_time_s"],
+            "sim_s": sim["final"]["virtual_time_s"],
+            "own_s": result(own_out)["final"]["virtual_time_s"],
+            "cal_step_ms": sim["step_time_s"] * 1e3, "real_step_ms": own * 1e3,
+            "startup_s": real["dist"]["startup_s"].get("total_s")}
+
+
+def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: int) -> None:
+    print(f"\nmnist1d MLP, batch 32, {steps} local steps per worker; times after start-up; "
+          f"{load()}")
+    head = (f"{'link':<9} {'n':>2} {'algorithm':<10} {'real s':>7} {'sim s':>7} "
+            f"{'sim/real':>8} {'real xAR':>8} {'sim xAR':>7} {'step ms cal/real':>16} "
+            f"{'own-step sim/real':>17} {'own xAR':>7} {'start-up s':>10}")
+    print(head)
+    print("-" * len(head))
+    for (link, n), rows in table.items():
+        ar = rows[0]
+        for r in rows:
+            xr, xs = ar["real_s"] / r["real_s"], ar["sim_s"] / r["sim_s"]
+            xo = ar["own_s"] / r["own_s"]
+            su = f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "?"
+            steps = f"{r['cal_step_ms']:.2f}/{r['real_step_ms']:.2f}"
+            print(f"{link:<9} {n:>2} {r['algo']:<10} {r['real_s']:>7.2f} {r['sim_s']:>7.2f} "
+                  f"{r['sim_s'] / r['real_s']:>8.2f} {xr:>8.2f} {xs:>7.2f} {steps:>16} "
+                  f"{r['own_s'] / r['real_s']:>17.2f} {xo:>7.2f} {su:>10}")
+
+
+GLOO = """
+import json, sys, torch, torch.distributed as dist
+from relaxsgd.lab.calibrate import collective_times
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+r = collective_times([int(x) for x in sys.argv[1].split(",")], 5)
+if dist.get_rank() == 0:
+    print(json.dumps({"n": dist.get_world_size(), **r}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def gloo_table() -> None:
+    """gloo all-reduce/all-gather times, L = 25 ms (the source of sim/collectives.py)."""
+    print(f"gloo collectives in the lab, one-way latency 25 ms; median of 5; {load()}")
+    for n, rate, sizes in [(2, "0", "8,1024,65536"), (3, "0", "8,1024,65536"),
+                           (4, "0", "8,1024,65536"), (8, "0", "8,1024,65536"),
+                           (2, "80e6", "1048576,4194304"), (4, "80e6", "1048576,4194304")]:
+        r = subprocess.run([*RELAX, "lab", "--workers", str(n), "--latency", "0.025",
+                            "--rate", rate, "--", sys.executable, "-c", GLOO, sizes],
+                           capture_output=True, text=True, timeout=900)
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if line:
+            d = json.loads(line[0])
+            for kind in ("allreduce", "allgather"):
+                cells = " ".join(f"{int(b)} B: {t:.3f} s ({t / 0.025:.1f} L)"
+                                 for b, t in d[kind])
+                print(f"n={n} rate={rate:>5} {kind:<9} {cells}", flush=True)
+
+
+BULK = """
+import socket, sys, time
+if sys.argv[1] == "server":
+    s = socket.create_server((sys.argv[2], 5002)); c, _ = s.accept(); n = 0
+    while True:
+        d = c.recv(1 << 20)
+        if not d: break
+        n += len(d)
+else:
+    for _ in range(100):
+        try:
+            c = socket.create_connection((sys.argv[2], 5002)); break
+        except OSError:
+            time.sleep(0.05)
+    buf = bytes(1 << 20); t = time.perf_counter(); sent = 0
+    while time.perf_counter() - t < float(sys.argv[3]):
+        c.sendall(buf); sent += len(buf)
+    c.close(); print(sent * 8 / (time.perf_counter() - t) / 1e6)
+"""
+
+
+def forwarder_table() -> None:
+    """Sustained rate and CPU of the delay forwarder: one TCP stream for 8 s."""
+    from relaxsgd.lab.netlab import Lab, LinkSpec
+
+    print(f"delay forwarder, one TCP stream for 8 s between 2 lab workers; {load()}")
+    print(f"{'latency':>8} {'rate limit':>11} {'Mbit/s':>8} {'fwd CPU %':>9} "
+          f"{'pkts/s':>8} {'late mean ms':>12} {'late max ms':>11}")
+    for lat, rate in [(0.025, 80e6), (0.025, 0.0), (0.0, 0.0)]:
+        with Lab(2, LinkSpec(latency_s=lat, rate_bps=rate)) as lb:
+            srv = lb.spawn(1, [sys.executable, "-c", BULK, "server", lb.address(1)])
+            cli = lb.spawn(0, [sys.executable, "-c", BULK, "client", lb.address(1), "8"],
+                           stdout=subprocess.PIPE, text=True)
+            mbit = float(cli.communicate(timeout=120)[0])
+            srv.wait(timeout=30)
+        st = lb.forwarder_stats()
+        cpu = 100 * st["cpu_s"] / st["wall_s"]
+        pps = st["packets"] / st["wall_s"]
+        late = 1e3 * st["late_sum_s"] / max(st["packets"], 1)
+        print(f"{lat * 1e3:>6.0f}ms {rate / 1e6:>8.0f} Mb {mbit:>8.1f} {cpu:>9.1f} "
+              f"{pps:>8.0f} {late:>12.3f} {st['late_max_s'] * 1e3:>11.2f}", flush=True)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MB (Linux)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def scale_table(quick: bool) -> None:
+    """256 and 1024 simulated workers: worker-steps/s against the no-protocol limit, and
+    the resident memory each simulated worker adds (current RSS with the finished run
+    still held, minus before it, over n)."""
+    import gc
+
+    import torch
+
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare, simulate
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sim_overhead import limit_rate
+
+    torch.set_num_threads(1)
+    print(f"simulator scale; worker-steps/s; ratio = simulator / tight loop; {load()}")
+    print(f"{'model':<8} {'n':>5} {'algorithm':<9} {'steps':>5} {'limit':>8} {'sim':>8} "
+          f"{'ratio':>6} {'MB/worker':>9}")
+    for label, task, opts in [("logreg", "logreg", {"n_train": 20000, "n_test": 500}),
+                              ("mlp", "mnist1d", {"model": "mlp", "num_samples": 40000})]:
+        for n in [256, 1024]:
+            steps = 6 if quick else 12
+            for algo in ["swarm", "allreduce"]:
+                cfg = from_dict({"algo": algo, "task": task, "task_options": opts,
+                                 "workers": n, "steps": steps, "evals": 1,
+                                 "eval_samples": 200, "network": "cloud",
+                                 "train": {"batch_size": 16, "lr": 0.05}})
+                gc.collect()
+                rss0 = rss_mb()
+                out = simulate(prepare(cfg))
+                per = (rss_mb() - rss0) / n
+                rate = n * steps / out.engine_wall_s
+                limit = limit_rate(cfg)
+                print(f"{label:<8} {n:>5} {algo:<9} {steps:>5} {limit:>8.0f} {rate:>8.0f} "
+                      f"{rate / limit:>6.2f} {per:>9.3f}", flush=True)
+                del out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gloo", action="store_true")
+    ap.add_argument("--forwarder", action="store_true")
+    ap.add_argument("--scale", action="store_true")
+    ap.add_argument("--steps", type=int, help="local steps per worker (default 200, "
+                    "quick 60)")
+    ap.add_argument("--work", default=None, help="folder for profiles and runs")
+    ap.add_argument("--resim", action="store_true", help="only the table, from the real "
+                    "runs and profiles already in --work (re-running the simulator)")
+    args = ap.parse_args()
+    if args.gloo:
+        return gloo_table()
+    if args.forwarder:
+        return forwarder_table()
+    if args.scale:
+        return scale_table(args.quick)
+    steps = args.steps or (60 if args.quick else 200)
+    work = args.work or tempfile.mkdtemp(prefix="sim-fidelity-")
+    cases = [("shaped", 2)] if args.quick else [("shaped", 2), ("shaped", 4),
+                                                ("unshaped", 2), ("unshaped", 4)]
+    table = {}
+    t = time.perf_counter()
+    for link, n in cases:
+        table[(link, n)] = (resim(n, link, steps, work) if args.resim
+                            else fidelity(n, link, steps, work))
+        if not table[(link, n)]:
+            del table[(link, n)]
+    print_fidelity(table, steps)
+    print(f"({time.perf_counter() - t:.0f} s; runs and profiles in {work})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The network lab (emulated links between namespaces) and calibration against it."""

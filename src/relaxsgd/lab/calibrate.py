@@ -1,0 +1,178 @@
+"""``relaxsgd calibrate``: measure a real set of workers, write a profile the simulator loads.
+
+Run it like a dist run, one process per worker (under ``relaxsgd lab ... --`` or
+``torchrun``), with the run's own task, model and batch::
+
+    relaxsgd lab --workers 2 --latency 0.025 --rate 80e6 -- \\
+        relaxsgd calibrate --task mnist1d --workers 2 --out lab.yaml
+
+Every worker measures at the same time (so cores are shared as in the real run):
+
+- the step time of the run's model and batch (median of timed local steps after a
+  warm-up; the slowest worker's), and from it the throughput ``flops_per_s`` that the
+  counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
+- point-to-point latency and bandwidth between workers 0 and 1 over plain TCP (what the
+  dist runtime's messages use): half the median round trip of 64-byte pings, and a 4 MiB
+  transfer (the second of two, TCP's window open) timed to its acknowledgement minus one
+  round trip;
+- gloo all-reduce and all-gather at the sizes the algorithms use (8 bytes, 1 KiB, the
+  model, 4x the model), median of repeats after a barrier, and a least-squares fit
+  ``t(B) = a + b B`` per collective over the sizes from 1 KiB (gloo takes fewer steps
+  for a tensor of a few elements).
+
+Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
+``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+
+PING_BYTES = 64
+BULK_BYTES = 4 << 20
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, float]:
+    """(median seconds of one local step of this rank's model, FLOPs per step)."""
+    from ..bank import Bank
+    from ..run import prepare
+    from ..sim.compute import count_flops
+
+    prep = prepare(cfg)
+    bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
+                batching="loop")
+    bank.local_steps([0], 3)
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        bank.local_steps([0], 1)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), count_flops(prep.spec, cfg.train.batch_size) * \
+        cfg.train.batch_size
+
+
+def collective_times(sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
+    """{kind: [[bytes, median seconds], ...]} for gloo all-reduce and all-gather."""
+    n = dist.get_world_size()
+    out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": []}
+    for b in sizes:
+        t = torch.zeros(max(b // 4, 1))
+        out["allreduce"].append([float(b), _median_time(lambda t=t: dist.all_reduce(t),
+                                                         repeats)])
+        u = torch.zeros(max(b, 1), dtype=torch.uint8)
+        outs = [torch.zeros_like(u) for _ in range(n)]
+        out["allgather"].append([float(b), _median_time(
+            lambda u=u, outs=outs: dist.all_gather(outs, u), repeats)])
+    return out
+
+
+def fit_line(points: list[list[float]]) -> tuple[float, float]:
+    """Least squares ``t = a + b x`` (a, b >= 0) through [[x, t], ...]."""
+    xs, ts = [p[0] for p in points], [p[1] for p in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (t - mt) for x, t in zip(xs, ts, strict=True)) / var if var else 0.0
+    b = max(b, 0.0)
+    return max(mt - b * mx, 0.0), b
+
+
+def _recv_exact(s: socket.socket, k: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < k:
+        chunk = s.recv(min(k - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("peer closed during calibration")
+        buf += chunk
+    return bytes(buf)
+
+
+def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
+    """(one-way latency s, bandwidth bytes/s) between ranks 0 and 1 over TCP."""
+    srv = None
+    addr: list[Any] = [None]
+    if rank == 1:
+        srv = socket.create_server((host, 0))
+        addr = [srv.getsockname()[:2]]
+    got: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, addr[0])
+    lat = bw = 0.0
+    if rank == 1:
+        assert srv is not None
+        c, _ = srv.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(repeats):
+            c.sendall(_recv_exact(c, PING_BYTES))
+        for _ in range(2):
+            _recv_exact(c, BULK_BYTES)
+            c.sendall(b"k")
+        c.close()
+        srv.close()
+    elif rank == 0:
+        c = socket.create_connection(tuple(got[1]))
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rtts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            c.sendall(b"p" * PING_BYTES)
+            _recv_exact(c, PING_BYTES)
+            rtts.append(time.perf_counter() - t)
+        rtt = statistics.median(rtts[1:])
+        for _ in range(2):  # the second with TCP's window already open: the link's rate
+            t = time.perf_counter()
+            c.sendall(bytes(BULK_BYTES))
+            _recv_exact(c, 1)
+            el = time.perf_counter() - t
+        lat, bw = rtt / 2, BULK_BYTES / max(el - rtt, 1e-9)
+        c.close()
+    vals = torch.tensor([lat, bw], dtype=torch.float64)
+    dist.broadcast(vals, 0)
+    return float(vals[0]), float(vals[1])
+
+
+def calibrate(cfg: RunConfig, rank: int, host: str, repeats: int = 7) -> dict[str, Any]:
+    """Measure on every worker (a process group must be up); the profile (all ranks)."""
+    n = dist.get_world_size()
+    st, flops = step_time(cfg, rank)
+    t = torch.tensor([st], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    st = float(t)
+    lat, bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
+    from ..run import prepare
+
+    d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
+    sizes = sorted({8, 1024, 4 * d, 16 * d})
+    coll = collective_times(sizes, repeats)
+    fits = {k: {str(n): list(fit_line([p for p in v if p[0] >= 1024]))}
+            for k, v in coll.items()}
+    return {
+        "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
+                    "flops_per_step": flops, "task": cfg.task,
+                    "batch_size": cfg.train.batch_size,
+                    "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
+                              "worker"},
+        "network": {"latency_s": lat, "bandwidth_Bps": bw, "backend": "gloo",
+                    "collectives": fits, "measured": {k: {str(n): v}
+                                                      for k, v in coll.items()},
+                    "source": f"relaxsgd calibrate: TCP ping/bulk between workers 0 and "
+                              f"1; gloo collectives of {n} workers"},
+    }
+
