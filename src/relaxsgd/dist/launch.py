@@ -31,6 +31,14 @@ from collections.abc import Sequence
 SECRET_VARS = ("RELAXSGD_SECRET", "RELAXSGD_SECRET_FILE", "RELAXSGD_INSECURE")
 
 
+def job_secret_env(base: dict[str, str]) -> dict[str, str]:
+    """A fresh job secret for the workers' environment, unless ``base`` names one (or
+    opts out): what a launcher of a single-machine or lab job hands its workers."""
+    if any(base.get(k) for k in SECRET_VARS):
+        return {}
+    return {"RELAXSGD_SECRET": secrets.token_hex(32)}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -47,8 +55,7 @@ class LocalJob:
         self.n, self.port = n, port or free_port()
         self.procs: list[subprocess.Popen] = []
         base = {**os.environ, **(env or {})}
-        job_secret = {} if any(base.get(k) for k in SECRET_VARS) else {
-            "RELAXSGD_SECRET": secrets.token_hex(32)}
+        job_secret = job_secret_env(base)
         self.logs: list[str | None] = []
         for r in range(n):
             e = {**base, **job_secret, **(rank_env or {}).get(r, {})}

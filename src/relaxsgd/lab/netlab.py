@@ -217,8 +217,12 @@ class Lab:
                     timeout_s: float | None = None,
                     extra_env: dict[str, str] | None = None) -> list[int]:
         """Run ``argv`` once per worker as a torchrun-style job (RANK, WORLD_SIZE,
-        MASTER_ADDR = worker 0, RELAXSGD_HOST = own address); their exit statuses. A
-        worker that fails (status not 0) ends the others (SIGTERM, then SIGKILL)."""
+        MASTER_ADDR = worker 0, RELAXSGD_HOST = own address, a fresh job secret unless the
+        environment names one); their exit statuses. A worker that fails (status not 0)
+        ends the others (SIGTERM, then SIGKILL)."""
+        from ..dist.launch import job_secret_env
+
+        secret = job_secret_env({**os.environ, **(extra_env or {})})
         for i in range(self.n):
             self.spawn(i, argv, env={"RANK": str(i), "WORLD_SIZE": str(self.n),
                                      "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "1",
@@ -226,7 +230,7 @@ class Lab:
                                      "MASTER_PORT": str(port),
                                      "RELAXSGD_HOST": self.address(i),
                                      "GLOO_SOCKET_IFNAME": self.device(i),
-                                     **(extra_env or {})})
+                                     **secret, **(extra_env or {})})
         self._write_state()
         procs = self.workers[-self.n:]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
