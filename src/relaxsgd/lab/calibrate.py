@@ -95,6 +95,9 @@ def fit_line(points: list[list[float]]) -> tuple[float, float]:
     return max(mt - b * mx, 0.0), b
 
 
+ADDR_BYTES = 64  # an IPv4/IPv6 address, a space and a port
+
+
 def _recv_exact(s: socket.socket, k: int) -> bytes:
     buf = bytearray()
     while len(buf) < k:
@@ -108,12 +111,16 @@ def _recv_exact(s: socket.socket, k: int) -> bytes:
 def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
     """(one-way latency s, bandwidth bytes/s) between ranks 0 and 1 over TCP."""
     srv = None
-    addr: list[Any] = [None]
+    # rank 1's listening address, as fixed-size bytes broadcast from it (no pickle between
+    # workers, as everywhere in the runtime)
+    buf = torch.zeros(ADDR_BYTES, dtype=torch.uint8)
     if rank == 1:
         srv = socket.create_server((host, 0))
-        addr = [srv.getsockname()[:2]]
-    got: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(got, addr[0])
+        h, port = srv.getsockname()[:2]
+        raw = f"{h} {port}".encode("ascii")
+        buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    dist.broadcast(buf, 1)
+    peer_host, peer_port = bytes(buf.tolist()).rstrip(b"\0").decode("ascii").split()
     lat = bw = 0.0
     if rank == 1:
         assert srv is not None
@@ -127,7 +134,7 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
         c.close()
         srv.close()
     elif rank == 0:
-        c = socket.create_connection(tuple(got[1]))
+        c = socket.create_connection((peer_host, int(peer_port)))
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rtts = []
         for _ in range(repeats):

@@ -93,7 +93,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
 
     from ..config import from_dict
     from ..dist.runtime import job_env
-    from ..dist.transport import local_address
+    from ..dist.sockets import local_address
     from ..sim.profile_file import write_profile
     from .calibrate import calibrate
 
