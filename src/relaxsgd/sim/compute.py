@@ -18,6 +18,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from ..checks import require_float
 from ..errors import ConfigError
 
 KINDS = ("none", "fixed", "lognormal", "stragglers")
@@ -33,20 +34,20 @@ class ComputeConfig:
     straggler_f: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.step_time_s is not None and not self.step_time_s > 0:
-            raise ConfigError(f"compute.step_time_s must be > 0 seconds (or null to measure),"
-                              f" got {self.step_time_s}")
+        if self.step_time_s is not None:
+            require_float(self.step_time_s, "compute.step_time_s (seconds; null to measure)",
+                          above=0)
         if self.heterogeneity not in KINDS:
             raise ConfigError(f"unknown compute.heterogeneity {self.heterogeneity!r}; "
                               f"choose one of: {', '.join(KINDS)}")
         if self.heterogeneity == "fixed" and not self.speed_factors:
             raise ConfigError("compute.heterogeneity 'fixed' needs compute.speed_factors, "
                               "e.g. [1, 1, 3]")
-        if any(not f > 0 for f in self.speed_factors):
-            raise ConfigError(f"compute.speed_factors must be > 0, got "
-                              f"{list(self.speed_factors)}")
-        if not 0 <= self.straggler_p <= 1 or self.straggler_f < 1:
-            raise ConfigError("stragglers need 0 <= straggler_p <= 1 and straggler_f >= 1")
+        for f in self.speed_factors:
+            require_float(f, "each of compute.speed_factors", above=0)
+        require_float(self.sigma, "compute.sigma", at_least=0)
+        require_float(self.straggler_p, "compute.straggler_p", at_least=0, at_most=1)
+        require_float(self.straggler_f, "compute.straggler_f", at_least=1)
 
 
 class ComputeModel:

@@ -34,6 +34,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 
+from ..checks import require_float
 from ..errors import ConfigError
 
 
@@ -74,6 +75,12 @@ PROFILE_DESCRIPTIONS = {
 }
 
 
+# The valid range of each network option (the simulator loops forever on a NaN delay).
+NETWORK_RANGES: dict[str, dict[str, float]] = {
+    "latency_s": {"at_least": 0.0}, "bandwidth_Bps": {"above": 0.0},
+    "jitter": {"at_least": 0.0}, "loss": {"at_least": 0.0, "below": 1.0}}
+
+
 def make_network_config(profile: str, **overrides: float) -> NetworkConfig:
     """A named profile with some fields overridden (``custom`` starts from ``cloud``)."""
     if profile == "custom":
@@ -88,7 +95,8 @@ def make_network_config(profile: str, **overrides: float) -> NetworkConfig:
         if k not in fields:
             raise ConfigError(f"unknown network option {k!r}; choose one of: "
                               f"{', '.join(sorted(fields))}")
-    vals = {k: float(v) for k, v in overrides.items() if v is not None}
+    vals = {k: require_float(v, f"network.{k}", **NETWORK_RANGES[k])
+            for k, v in overrides.items() if v is not None}
     return replace(base, **vals) if vals else base
 
 
