@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "setting, plots) to FILE")
     rp.add_argument("--force", action="store_true", help="write over --out / --markdown")
     sub.add_parser("list", help="every registered plug-in with a one-line description")
+    ap.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
     return ap
 
 
@@ -229,7 +230,10 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser, whose --help lists its flags
+            parser.subcommands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
         if args.cmd == "run":
             return cmd_run(args)
         if args.cmd == "compare":

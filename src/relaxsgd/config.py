@@ -168,6 +168,8 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
             if not isinstance(v, str):
                 raise ValueError
             return v
+    except ConfigError:
+        raise  # require_float's own line (NaN, infinity)
     except (TypeError, ValueError):
         want = t.replace(" | None", "")
         raise ConfigError(f"{key} must be a {want}, got {v!r}") from None

@@ -74,11 +74,11 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "use fewer workers")
     shards = split_indices(spec.data.y_train, cfg.workers, cfg.split, cfg.seed,
                            **cfg.split_options)
-    smallest = min(int(s.numel()) for s in shards)
-    if cfg.train.batch_size > smallest:  # a batch would wrap around the shard many times
+    share = n_train // cfg.workers  # the mean shard (non-iid splits vary around it)
+    if cfg.train.batch_size > share:  # each batch would wrap around the shard
         raise ConfigError(f"batch size {cfg.train.batch_size} is larger than a worker's share "
-                          f"of the training set ({smallest} samples: {n_train} over "
-                          f"{cfg.workers} workers); use --batch-size {smallest} or less")
+                          f"of the training set ({n_train} samples over {cfg.workers} workers"
+                          f" = {share}); use --batch-size {share} or less, or fewer workers")
     if cfg.steps is not None:
         total = cfg.steps
     else:
