@@ -75,12 +75,12 @@ def check_choice(task: str, key: str, value: Any, choices: tuple[str, ...]) -> s
 
 def check_int(task: str, key: str, value: Any, minimum: int) -> int:
     """``value`` as an int if it is an integer >= ``minimum``, else one ConfigError."""
-    return require_int(value, f"option {key} of task {task!r}", at_least=minimum)
+    return require_int(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
 
 
 def check_float(task: str, key: str, value: Any, minimum: float) -> float:
     """``value`` as a float if it is a number >= ``minimum``, else one ConfigError."""
-    return require_float(value, f"option {key} of task {task!r}", at_least=minimum)
+    return require_float(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
 
 
 def check_hidden(task: str, value: Any) -> tuple[int, ...]:
