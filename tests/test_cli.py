@@ -294,11 +294,14 @@ def _csv_without_wall(path: os.PathLike) -> list[dict[str, str]]:
 def test_a_runs_config_yaml_reruns_the_same_run_into_a_new_folder(tmp_path, capsys,
                                                                    monkeypatch) -> None:
     first = tmp_path / "first"
-    # no --step-time: the measured one is written into config.yaml, so the rerun matches
-    args = [a for a in QUICK if a not in ("--step-time", "0.01")]
-    code, _, _ = run_cli(capsys, "run", "--algo", "swarm", *args, "--steps", "6",
-                         "--set", "H=2", "--out", str(first))
+    # a config file without a step time: it is measured, and config.yaml must record it
+    job = tmp_path / "job.yaml"
+    job.write_text("algo: swarm\nalgo_options: {H: 2}\ntask: logreg\ntask_options: "
+                   "{n_train: 128, n_test: 64}\nworkers: 2\nsteps: 6\nevals: 2\n")
+    code, _, _ = run_cli(capsys, "run", "--config", str(job), "-q", "--out", str(first))
     assert code == 0
+    measured = json.loads((first / "result.json").read_text())["step_time_s"]
+    assert f"step_time_s: {measured}" in (first / "config.yaml").read_text()
     cfg = (first / "config.yaml").read_text()
     assert "steps_per_worker" in cfg and "out:" not in cfg
     (first / "config.yaml").write_text(cfg + f"out: {first}\n")  # an old out: key
@@ -338,7 +341,7 @@ def test_compare_goes_on_after_a_divergence_and_its_progress_reaches_100(tmp_pat
                                                                          capsys) -> None:
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(capsys, "compare", "--algos", "diloco,localsgd", "--task",
-                                "quadratic", "--workers", "2", "--steps", "60", "--evals", "3",
+                                "quadratic", "--workers", "2", "--steps", "61", "--evals", "3",
                                 "--step-time", "0.01", "--set", "diloco.outer_lr=1000",
                                 "--set", "diloco.p=2", "--out", str(out))
     assert code == 0
@@ -348,7 +351,8 @@ def test_compare_goes_on_after_a_divergence_and_its_progress_reaches_100(tmp_pat
     assert lines["diloco"].rstrip().endswith("diverged")
     assert lines["localsgd"].rstrip().endswith("completed")
     assert (out / "accuracy_vs_time.png").is_file() and "diloco" in stdout
-    assert "localsgd on quadratic: 100%" in err  # progress lines end at 100%, not 90-95%
+    # progress lines end at 100% (61 steps, 3 evaluations: the last one is at 68%)
+    assert "localsgd on quadratic: 100%" in err
 
 
 def _start(args: list[str], **kw: object) -> subprocess.Popen:
