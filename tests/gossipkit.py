@@ -55,7 +55,12 @@ def gossip_run(algo: str, options: dict | None = None, *, workers: int = 6,
                steps: int = 20, topology: str = "ring", topology_options: dict | None = None,
                seed: int = 0, scale: float = 1.0, train: dict | None = None,
                **over: Any) -> GossipRun:
-    """Run ``algo`` from models ``x0 + scale * N(0, I)`` (one draw per worker)."""
+    """Run ``algo`` from models ``x0 + scale * N(0, I)`` (one draw per worker).
+
+    SwarmSGD runs unquantized unless ``options`` name a quantizer (its default is the
+    8-bit lattice since issue 11; these tests check exact averaging)."""
+    if algo == "swarm":
+        options = {"quantizer": "none", **(options or {})}
     cfg = tiny(algo=algo, algo_options=options or {}, workers=workers, steps=steps,
                topology=topology, topology_options=topology_options or {}, seed=seed,
                train=train or NO_STEP, **over)

@@ -1,7 +1,10 @@
-"""The ``relaxsgd`` command line: ``run``, ``compare``, ``list``, ``lab``, ``calibrate``.
+"""The ``relaxsgd`` command line: ``run``, ``compare``, ``report``, ``list``, ``lab``,
+``calibrate``.
 
 Every bad input ends in one line ``relaxsgd: error: ...`` on stderr and exit status 2;
 a diverged run exits 3 after writing what it measured; Ctrl-C exits 130 after the same.
+Nothing heavy (torch) is imported at module level, so that a Ctrl-C during start-up is
+caught by :func:`main` like any other.
 """
 
 from __future__ import annotations
@@ -12,16 +15,15 @@ import os
 import sys
 from typing import Any
 
-from .config import apply_set, from_dict, load_yaml
+from .compare import DEFAULT_COMPARE
 from .errors import ConfigError, RelaxError
 
-DEFAULT_COMPARE = ["allreduce", "localsgd", "swarm", "olco3"]
+__all__ = ["DEFAULT_COMPARE", "build_parser", "config_dict", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + error
-        sys.stderr.write(f"relaxsgd: error: {message} (see 'relaxsgd {self.prog.split()[-1]}"
-                         " --help')\n")
+        sys.stderr.write(f"relaxsgd: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
 
@@ -47,7 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "this machine); default: derived from the model's FLOPs and --compute")
     p.add_argument("--compute", help="compute profile: laptop-core (default), server-core, "
                    "t4, v100, a100, h100, or a profile file written by 'relaxsgd calibrate'")
-    p.add_argument("--out", help="output folder (default: runs/<time>-<algo>-<task>)")
+    p.add_argument("--out", help="output folder, new or empty (default: "
+                   "runs/<time>-<algo>-<task>-n<workers>)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out: the "
+                   "files an earlier run wrote there are replaced")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any option: algo.p=8, task.model=cnn, split.alpha=0.1, "
                         "train.momentum=0.9, network.latency_s=0.05, ...")
@@ -58,36 +63,55 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="relaxsgd", description="Communication-efficient distributed training:"
                  " SwarmSGD, OLCO3 and their baselines, simulated or on torch.distributed.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    r = sub.add_parser("run", help="train one algorithm")
+    job = ("Without --config, the default job fills in what the flags leave unset: "
+           "16 workers, the wan profile, 50 ms of virtual time per local step, iid split, 15 "
+           "evaluations, and the task's recipe (MNIST-1D, the default task: its CNN on "
+           "10,000 samples, 30 epochs, lr 0.1, momentum 0.9); algorithms take their own "
+           "defaults (swarm: H=4 with the 8-bit lattice; olco3: p=4, s=1, top-k 1% "
+           "through a parameter server) but localsgd averages every p=8 steps. With "
+           "--config, the file and the dataclass defaults are the run.")
+    r = sub.add_parser("run", help="train one algorithm", description="Train one "
+                       "algorithm. " + job)
     r.add_argument("--algo", help="algorithm name (see 'relaxsgd list')")
     _common(r)
     c = sub.add_parser("compare", help="train several algorithms on the same setting; one "
                        "table and one set of plots",
-                       description="Train several algorithms on the same setting. Without "
-                       "--config, the embedded default job fills in what the flags leave "
-                       "unset: MNIST-1D with its CNN, 16 workers, the wan profile, 50 ms of "
-                       "virtual time per local step, 30 epochs, lr 0.1, momentum 0.9, and "
-                       "per-algorithm options (localsgd p=8; swarm H=4 with an 8-bit "
-                       "lattice; olco3 p=8, s=2, top-k 1% through a parameter server). "
-                       "--set <algo>.<key>=value sets one algorithm's option.")
-    c.add_argument("--algos", help="comma-separated algorithm names (default: "
+                       description="Train several algorithms on the same setting. " + job
+                       + " --set <algo>.<key>=value sets one algorithm's option.")
+    c.add_argument("--algos", help="comma-separated algorithm names, each once (default: "
                    + ",".join(DEFAULT_COMPARE) + ", those available)")
     _common(c)
+    rp = sub.add_parser("report", help="the table and plots of finished or stopped runs, "
+                        "read back from their folders",
+                        description="Read runs back from their folders (run folders, or "
+                        "compare folders: every algorithm in them) and print one summary "
+                        "table; --out writes the plots side by side, --markdown a report.")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or compare folders")
+    rp.add_argument("--out", help="folder for the plots and summary.txt (new or empty)")
+    rp.add_argument("--markdown", metavar="FILE", help="write a Markdown report (table, "
+                    "setting, plots) to FILE")
+    rp.add_argument("--force", action="store_true", help="write over --out / --markdown")
     sub.add_parser("list", help="every registered plug-in with a one-line description")
     from .lab.cli import add_calibrate_parser, add_lab_parser
 
     add_lab_parser(sub)
     add_calibrate_parser(sub, _common)
+    ap.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
     return ap
 
 
 def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
-    """The raw config dict: file, then flags, then --set items."""
+    """The raw config dict: the file (or, without one, the default job), flags, --set."""
+    from .config import apply_set, load_yaml
     from .run import algorithm_options, task_options
 
+    if args.steps is not None and args.epochs is not None:
+        raise ConfigError("give --steps (local steps per worker) or --epochs (passes over "
+                          "the training set), not both")
     d: dict[str, Any] = load_yaml(args.config) if args.config else {}
     if not isinstance(d, dict):
         raise ConfigError(f"config file {args.config!r} must hold a mapping of keys to values")
+    _drop_used_out(d, args)
     flags = {"algo": algo, "task": args.task, "workers": args.workers,
              "topology": args.topology, "network": args.network, "steps": args.steps,
              "epochs": args.epochs, "split": args.split, "seed": args.seed,
@@ -100,6 +124,13 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
         d.pop("epochs", None)
     if args.epochs is not None:
         d.pop("steps", None)
+    if not args.config:
+        from .defaults import algorithm_options as job_options
+        from .defaults import fill_defaults
+
+        d = fill_defaults(d)
+        d["algo_options"] = {**job_options(d.get("algo") or "localsgd"),
+                             **(d.get("algo_options") or {})}
     train = d.setdefault("train", {}) or {}
     d["train"] = train
     if args.batch_size is not None:
@@ -107,9 +138,10 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
     if args.lr is not None:
         train["lr"] = args.lr
     if args.step_time is not None:
-        d.setdefault("compute", {})["step_time_s"] = _step_time_flag(args.step_time)
+        d["compute"] = {**(d.get("compute") or {}),
+                        "step_time_s": _step_time_flag(args.step_time)}
     if args.compute is not None:
-        d.setdefault("compute", {})["profile"] = args.compute
+        d["compute"] = {**(d.get("compute") or {}), "profile": args.compute}
     names = {"algo": algorithm_options(d.get("algo", "localsgd")),
              "task": task_options(d.get("task", "mnist1d"))}
     for item in args.set:
@@ -125,15 +157,45 @@ def _step_time_flag(text: str) -> float | str:
         return text
 
 
+def _drop_used_out(d: dict[str, Any], args: argparse.Namespace) -> None:
+    """A config file's ``out:`` never sends a new run into a folder that holds one (a run's
+    own config.yaml fed back, say): without --out/--force it is dropped, with a note."""
+    out = d.get("out")
+    if out is None or args.out is not None or args.force:
+        return
+    if isinstance(out, str) and os.path.isdir(out) and os.listdir(out):
+        sys.stderr.write(f"relaxsgd: note: the config's out: {out!r} already holds a run; "
+                         "writing to a new folder (give --out, or --force to reuse it)\n")
+        d.pop("out")
+
+
+def _is_writer() -> bool:
+    """True unless this is a worker of rank > 0 of --runtime dist (rank 0 writes)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def output_folder(args: argparse.Namespace, cfg: Any) -> str:
+    """The run's output folder, checked (and cleaned with --force) before anything runs."""
+    from .outputs import prepare_out_dir
+    from .run import default_out_dir
+
+    out = cfg.out or default_out_dir(cfg)
+    if _is_writer():
+        prepare_out_dir(out, args.force)
+        _STARTED.append(out)
+    return out
+
+
+_STARTED: list[str] = []  # output folders this process has started (for the Ctrl-C line)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .config import from_dict
     from .report import summary_table
     from .run import run
 
     cfg = from_dict(config_dict(args, args.algo))
-    if cfg.out is None:  # dist: only rank 0 writes there
-        from .run import default_out_dir
-
-        cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
+    cfg = dataclasses.replace(cfg, out=output_folder(args, cfg))
     result = run(cfg, progress=not args.quiet)
     if result is not None:
         print(summary_table([result]))
@@ -141,96 +203,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# The embedded default job of `relaxsgd compare` (the README's first command): MNIST-1D
-# (generated), its 1-D CNN, 16 workers over a WAN, each local step taking 50 ms of virtual
-# time (a mid-size model on a GPU), so that compute and communication are of one order.
-DEFAULT_JOB: dict[str, Any] = {
-    "task": "mnist1d", "task_options": {"model": "cnn", "num_samples": 10000},
-    "workers": 16, "network": "wan", "epochs": 30, "split": "iid", "evals": 15,
-    "compute": {"step_time_s": 0.05},
-    "train": {"lr": 0.1, "momentum": 0.9},
-}
-DEFAULT_JOB_OPTIONS: dict[str, dict[str, Any]] = {
-    "localsgd": {"p": 8},
-    "swarm": {"H": 4, "quantizer": "lattice", "bits": 8},
-    "olco3": {"p": 8, "s": 2, "compressor": "topk:ratio=0.01", "aggregation": "ps"},
-}
-
-
-def _per_algorithm_sets(items: list[str], algos: list[str]
-                        ) -> tuple[list[str], dict[str, list[str]]]:
-    """Split --set items into shared ones and ``<algo>.<key>=value`` ones."""
-    shared: list[str] = []
-    per: dict[str, list[str]] = {a: [] for a in algos}
-    for item in items:
-        head, dot, rest = item.partition(".")
-        if dot and head in per:
-            per[head].append(f"algo.{rest}")
-        else:
-            shared.append(item)
-    return shared, per
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    import csv
+    from .compare import compare
 
-    from .algorithms import ALGORITHMS
-    from .config import _typed, parse_value
-    from .report import plot_runs, summary_table
-    from .run import default_out_dir, run
+    return compare(args)
 
-    if args.algos:
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-        for a in algos:
-            ALGORITHMS.entry(a)  # unknown name: one line with the choices
-    else:
-        algos = [a for a in DEFAULT_COMPARE if a in ALGORITHMS]
-    shared, per = _per_algorithm_sets(args.set, algos)
-    args.set = [s for s in shared if not s.startswith("algo.")]
-    common_algo = [s for s in shared if s.startswith("algo.")]
-    base = config_dict(args, algos[0])
-    if not args.config:
-        for k, v in DEFAULT_JOB.items():
-            if k == "epochs" and base.get("steps") is not None:
-                continue  # --steps given: the job's run length is the user's
-            if isinstance(v, dict):
-                base[k] = {**v, **(base.get(k) or {})}
-            else:
-                base.setdefault(k, v)
-        if args.task and args.task != DEFAULT_JOB["task"]:
-            base["task_options"] = {k: v for k, v in base["task_options"].items()
-                                    if k not in DEFAULT_JOB["task_options"]}
-    out = base.get("out") or default_out_dir(from_dict({**base, "algo": "compare"}))
-    configs = []
-    for a in algos:
-        opts = dict(DEFAULT_JOB_OPTIONS.get(a, {})) if not args.config else {}
-        if a == algos[0]:
-            opts.update(base.get("algo_options") or {})
-        for item in common_algo + per[a]:
-            key, _, text = item[len("algo."):].partition("=")
-            opts[key] = parse_value(text)
-        cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": os.path.join(out, a)})
-        # every algorithm's options are checked before the first run starts
-        _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
-        configs.append(cfg)
-    os.makedirs(out, exist_ok=True)
-    results, runs = [], []
-    for cfg in configs:
-        res = run(cfg, progress=not args.quiet)
-        if res is None:  # a worker of rank > 0 in --runtime dist: rank 0 writes
-            continue
-        results.append(res)
-        with open(os.path.join(cfg.out, "metrics.csv"), encoding="utf-8") as f:
-            runs.append((cfg.algo, list(csv.DictReader(f))))
-    if not results:
-        return 0
-    table = summary_table(results)
-    with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    plot_runs(runs, out)
-    print(table)
-    print(f"outputs in {out} (summary.txt, accuracy_vs_time.png, accuracy_vs_bytes.png)")
-    return 0
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runs import report
+
+    return report(args.run_dirs, args.out, args.markdown, args.force)
 
 
 def cmd_list() -> int:
@@ -270,8 +252,11 @@ def cmd_list() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser, whose --help lists its flags
+            parser.subcommands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
         if args.cmd == "run":
             return cmd_run(args)
         if args.cmd == "compare":
@@ -282,12 +267,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "lab":
                 return lab_cli.cmd_lab(args)
             return lab_cli.cmd_calibrate(args, config_dict(args, None))
+        if args.cmd == "report":
+            return cmd_report(args)
         return cmd_list()
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
+        where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED
+                 else " before anything was written")
+        sys.stderr.write(f"relaxsgd: interrupted{where}\n")
         return 130
 
 

@@ -28,13 +28,13 @@ the top level). Values are parsed as YAML (numbers, booleans, lists).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from .checks import require_float, require_int
 from .errors import ConfigError
 from .sim.compute import ComputeConfig
 from .training import TrainConfig
@@ -42,6 +42,18 @@ from .training import TrainConfig
 RUNTIMES = ("sim", "dist")
 BATCHING = ("auto", "vmap", "loop")
 SPLITS = ("iid", "shards", "dirichlet")
+# The options each split takes (a misplaced one, e.g. split.alpha with iid, is refused
+# rather than ignored), with the check of its value.
+SPLIT_OPTIONS: dict[str, dict[str, Any]] = {
+    "iid": {},
+    "shards": {"shards_per_worker": lambda v, w: require_int(v, w, at_least=1),
+               "min_size": lambda v, w: require_int(v, w, at_least=0)},
+    "dirichlet": {"alpha": lambda v, w: require_float(v, w, above=0),
+                  "min_size": lambda v, w: require_int(v, w, at_least=0)},
+}
+# Keys a run writes into its config.yaml for the reader that are not options; a config
+# file holding them is read as if they were absent (so a run's config.yaml reruns it).
+DERIVED_KEYS = ("steps_per_worker",)
 SECTIONS = {"algo": "algo_options", "task": "task_options", "split": "split_options",
             "network": "network_options", "topology": "topology_options"}
 
@@ -73,27 +85,26 @@ class RunConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"steps (local steps per worker) must be a positive integer, "
-                              f"got {self.steps!r}")
-        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ConfigError(f"epochs must be a positive number, got {self.epochs!r}")
+        require_int(self.workers, "workers", at_least=1)
+        if self.steps is not None:
+            require_int(self.steps, "steps (local steps per worker)", at_least=1)
+        if self.epochs is not None:
+            require_float(self.epochs, "epochs", above=0)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
-        if not isinstance(self.evals, int) or self.evals < 1:
-            raise ConfigError(f"evals must be a positive integer, got {self.evals!r}")
+        require_int(self.evals, "evals", at_least=1)
+        require_int(self.seed, "seed", at_least=0, at_most=2**63 - 1)
+        require_int(self.threads, "threads", at_least=0)
+        require_int(self.eval_samples, "eval_samples", at_least=0)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {self.runtime!r}; choose one of: "
                               f"{', '.join(RUNTIMES)}")
         if self.batching not in BATCHING:
             raise ConfigError(f"unknown batching {self.batching!r}; choose one of: "
                               f"{', '.join(BATCHING)}")
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise ConfigError(f"threads must be an integer >= 0, got {self.threads!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split_options(self.split, self.split_options)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise ConfigError(f"data directory {self.data_dir!r} does not exist; give the "
                               "folder that holds the data set's files")
@@ -103,6 +114,17 @@ class RunConfig:
         d["train"]["milestones"] = list(self.train.milestones)
         d["compute"]["speed_factors"] = list(self.compute.speed_factors)
         return d
+
+
+def check_split_options(split: str, options: dict[str, Any]) -> None:
+    """ConfigError if ``options`` has a key ``split`` does not take or a bad value."""
+    known = SPLIT_OPTIONS.get(split, {})
+    for key, value in options.items():
+        if key not in known:
+            takes = ", ".join(f"split.{k}" for k in known) or "no options"
+            raise ConfigError(f"split {split!r} has no option {key!r} (it takes {takes}); "
+                              f"e.g. --split dirichlet --set split.alpha=0.1")
+        known[key](value, f"split.{key}")
 
 
 def _typed(cls: type, values: dict[str, Any], what: str) -> Any:
@@ -135,9 +157,9 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
                 raise ValueError
             return int(v)
         if t in ("float", "float | None"):
-            if isinstance(v, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError
-            return float(v)
+            return require_float(v, key)  # NaN and infinities are refused everywhere
         if t == "bool":
             if not isinstance(v, bool):
                 raise ValueError
@@ -146,6 +168,8 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
             if not isinstance(v, str):
                 raise ValueError
             return v
+    except ConfigError:
+        raise  # require_float's own line (NaN, infinity)
     except (TypeError, ValueError):
         want = t.replace(" | None", "")
         raise ConfigError(f"{key} must be a {want}, got {v!r}") from None
@@ -156,7 +180,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a plain dict (a YAML file's content)."""
     if not isinstance(d, dict):
         raise ConfigError("a config file must hold a mapping of keys to values")
-    d = dict(d)
+    d = {k: v for k, v in d.items() if k not in DERIVED_KEYS}
     train_d = dict(d.pop("train", None) or {})
     task = d.get("task", RunConfig.task)
     if isinstance(task, str):
@@ -175,11 +199,19 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder; give a YAML file, e.g. "
+                          f"{os.path.join(path, 'config.yaml')!r}")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
+    except (UnicodeDecodeError, ValueError):  # binary files, NUL bytes
+        raise ConfigError(f"config file {path!r} is not a text file; give a YAML "
+                          "file such as a run's config.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -188,6 +220,10 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
+    """A --set value as YAML (``nan``/``inf`` are read as the numbers, to be refused by the
+    option's check with a clear line rather than as a string of the wrong type)."""
+    if text.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(text.strip().lower().replace("infinity", "inf"))
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -230,5 +266,7 @@ def apply_set(d: dict[str, Any], item: str, option_names: dict[str, list[str]]) 
 
 
 def dump_yaml(d: dict[str, Any], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
+    """Write ``d`` as YAML to ``path`` atomically (a temporary file, then a rename)."""
+    from .outputs import atomic_write
+
+    atomic_write(path, yaml.safe_dump(d, sort_keys=False))

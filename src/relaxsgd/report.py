@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
+
+from .outputs import atomic_write
 
 Rows = list[dict[str, Any]]
 
 
-def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "") -> list[str]:
-    """Write accuracy-vs-virtual-time and accuracy-vs-bytes PNGs; returns their paths."""
+def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "",
+              title: str = "") -> list[str]:
+    """Write accuracy-vs-virtual-time and accuracy-vs-bytes PNGs (atomically); returns
+    their paths. ``title`` names the setting (:func:`plot_title`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,10 +38,14 @@ def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "") -> list[
         ax.set_ylabel("test accuracy of the mean model")
         ax.grid(alpha=0.3)
         ax.legend()
+        if title:
+            ax.set_title(title, fontsize=10)
         fig.tight_layout()
         path = os.path.join(out, prefix + fname)
-        fig.savefig(path, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
         plt.close(fig)
+        atomic_write(path, buf.getvalue())
         paths.append(path)
     return paths
 
@@ -49,26 +58,33 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} PB"
 
 
-def _fmt_acc(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _num(v: Any, spec: str) -> str:
+    """``v`` formatted, or "-" when it is missing (null in strict JSON: NaN, inf, none)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-"
+    return format(v, spec)
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """A fixed-width table of final figures, one line per run: the mean model's accuracy
-    next to what the workers really hold (``acc workers``: the mean over workers of their
-    own models' accuracy; ``acc shared``: the shared model ``xg`` where there is one)."""
+    """A fixed-width table of final figures, one line per run ("-": not measured): the
+    mean model's accuracy next to what the workers really hold (``acc workers``: the mean
+    over workers of their own models' accuracy; ``acc shared``: the shared model ``xg``
+    where there is one)."""
     head = ["algorithm", "acc mean", "acc workers", "acc shared", "acc w0", "loss mean",
             "virtual s", "wall s", "bytes total", "stall s", "consensus", "status"]
     lines = []
     for r in results:
-        f = r["final"]
+        f = r.get("final") or {}
+        b = f.get("bytes_sent_total")
         lines.append([
-            r["algorithm"], f"{f['accuracy_mean_model']:.4f}",
-            _fmt_acc(f.get("accuracy_workers_mean")), _fmt_acc(f.get("accuracy_shared_model")),
-            f"{f['accuracy_worker0']:.4f}",
-            f"{f['loss_mean_model']:.4f}", f"{f['virtual_time_s']:.2f}",
-            f"{f['wall_time_s']:.1f}", _fmt_bytes(f["bytes_sent_total"]),
-            f"{f['stall_time_s_mean']:.2f}", f"{f['consensus_distance']:.3g}", r["status"],
+            str(r.get("algorithm")), _num(f.get("accuracy_mean_model"), ".4f"),
+            _num(f.get("accuracy_workers_mean"), ".4f"),
+            _num(f.get("accuracy_shared_model"), ".4f"),
+            _num(f.get("accuracy_worker0"), ".4f"), _num(f.get("loss_mean_model"), ".4f"),
+            _num(f.get("virtual_time_s"), ".2f"), _num(f.get("wall_time_s"), ".1f"),
+            _fmt_bytes(b) if isinstance(b, (int, float)) else "-",
+            _num(f.get("stall_time_s_mean"), ".2f"), _num(f.get("consensus_distance"), ".3g"),
+            str(r.get("status")),
         ])
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -82,3 +98,38 @@ def time_to_target(rows: Rows, target: float, key: str = "virtual_time_s") -> fl
         if float(r["accuracy_mean_model"]) >= target:
             return float(r[key])
     return None
+
+
+def plot_title(result: dict[str, Any], others: list[dict[str, Any]] | None = None) -> str:
+    """The setting in a plot's title: task, workers, network (and runtime if dist);
+    "mixed" where the runs of a report differ."""
+    runs = others or [result]
+
+    def one(key: str) -> str:
+        vals = {str(r.get(key)) for r in runs}
+        return vals.pop() if len(vals) == 1 else "mixed"
+
+    title = f"{one('task')}, {one('workers')} workers, network {one('network')}"
+    return title + (", dist runtime" if one("runtime") == "dist" else "")
+
+
+def markdown_report(results: list[dict[str, Any]], folders: list[str],
+                    plots: list[str]) -> str:
+    """A Markdown report of runs: setting, table (with each run's folder), plots."""
+    lines = ["# relaxsgd report", "", f"Setting: {plot_title(results[0], results)}.", "",
+             "| algorithm | acc mean | acc w0 | loss mean | virtual s | bytes total | "
+             "status | folder |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, folder in zip(results, folders, strict=True):
+        f = r.get("final") or {}
+        b = f.get("bytes_sent_total")
+        cells = [str(r.get("algorithm")), _num(f.get("accuracy_mean_model"), ".4f"),
+                 _num(f.get("accuracy_worker0"), ".4f"), _num(f.get("loss_mean_model"), ".4f"),
+                 _num(f.get("virtual_time_s"), ".2f"),
+                 _fmt_bytes(b) if isinstance(b, (int, float)) else "-",
+                 str(r.get("status")), f"`{folder}`"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    notes = [f"- {r.get('algorithm')}: {r['message']}" for r in results if r.get("message")]
+    if notes:
+        lines += ["", *notes]
+    lines += ["", *(f"![{os.path.basename(p)}]({p})" for p in plots)]
+    return "\n".join(lines) + "\n"

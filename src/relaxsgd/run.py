@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import os
 import statistics
@@ -27,6 +26,7 @@ from .bank import Bank
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError
 from .metrics import CommStats, Recorder, aggregate_worker_metrics
+from .outputs import models_payload, save_models, shield_interrupts, write_json
 from .sim.compute import ComputeModel, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
@@ -74,6 +74,11 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "use fewer workers")
     shards = split_indices(spec.data.y_train, cfg.workers, cfg.split, cfg.seed,
                            **cfg.split_options)
+    share = n_train // cfg.workers  # the mean shard (non-iid splits vary around it)
+    if cfg.train.batch_size > share:  # each batch would wrap around the shard
+        raise ConfigError(f"batch size {cfg.train.batch_size} is larger than a worker's share "
+                          f"of the training set ({n_train} samples over {cfg.workers} workers"
+                          f" = {share}); use --batch-size {share} or less, or fewer workers")
     if cfg.steps is not None:
         total = cfg.steps
     else:
@@ -86,7 +91,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     algo = algo_cls(algo_cfg, info)
     resolved = cfg.to_dict()
     resolved["algo_options"] = dataclasses.asdict(algo_cfg)
-    resolved["steps_per_worker"] = total
+    resolved["steps_per_worker"] = total  # for the reader; ignored when read back
+    resolved.pop("out", None)  # where the run was written is not part of the run
     return Prepared(cfg, spec, shards, total, algo, info, resolved)
 
 
@@ -137,8 +143,12 @@ class Progress:
             sys.stderr.write(f"{self.label}: {pct}% ({el:.1f}s) {extra}\n")
         self.last = pct
 
+    def finish(self, extra: str = "") -> None:
+        """The 100% line of a completed run (the last evaluation may come before it)."""
+        self.update(self.total, extra)
+
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.enabled and self.tty and self.last >= 0:
             sys.stderr.write("\n")
 
 
@@ -154,7 +164,15 @@ def run(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict[str, 
         out = cfg.out or default_out_dir(cfg)
         os.makedirs(out, exist_ok=True)
         dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
-    return run_sim(prep, out, progress)
+    try:
+        return run_sim(prep, out, progress)
+    except KeyboardInterrupt:
+        if out and not os.path.exists(os.path.join(out, "result.json")):
+            with shield_interrupts():  # Ctrl-C before the first step: say so, in JSON
+                write_json(os.path.join(out, "result.json"), {
+                    **result_header(cfg), "status": "interrupted", "final": None,
+                    "message": "interrupted during start-up, before the first local step"})
+        raise
 
 
 @dataclass
@@ -189,6 +207,10 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
         torch.set_num_threads(cfg.threads)
     step_time, compute_info = resolve_step_time(
         cfg.compute, prep.spec, cfg.train.batch_size, lambda: measure_step_time(prep))
+    if out and compute_info["kind"] == "measured":
+        # config.yaml gets the measured step time, so that it reruns this very run
+        prep.resolved["compute"]["step_time_s"] = step_time
+        dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
     bank = Bank(prep.spec, cfg.train, list(range(n)), prep.shards, cfg.seed, total,
                 batching=cfg.batching)
     prep.info.dim = bank.d
@@ -240,6 +262,15 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
             row = snapshot(now)
             next_eval[0] = (done[0] // every + 1) * every
             bar.update(done[0], f"acc {row['accuracy_mean_model']:.4f}")
+            checkpoint_result(row)
+
+    def checkpoint_result(row: dict[str, Any]) -> None:
+        """result.json after every evaluation (status "running"): a run killed at any
+        moment leaves a valid one with the figures measured so far."""
+        if out:
+            res = make_result(prep, rec, "running", "", step_time, bank.batching,
+                              aggregate_worker_metrics(workers), row["step"])
+            write_json(os.path.join(out, "result.json"), res)
 
     engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
     status, message, vtime, t_run = "completed", "", 0.0, 0.0
@@ -250,27 +281,44 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     except Diverged as e:
         status, message, vtime = "diverged", str(e), engine.now
     except KeyboardInterrupt:
-        status, message, vtime = "interrupted", "interrupted by the user", engine.now
-    finally:
-        bar.close()
+        status, message, vtime = "interrupted", INTERRUPTED, engine.now
     last = rec.rows[-1] if rec.rows else None
-    if (last is None or status != "completed" or last["step"] != round(done[0] / n, 3)
-            or last["virtual_time_s"] != vtime):
-        snapshot(vtime)  # the final state, with the communication after the last step
-    rec.close()
+    if status != "interrupted" and (last is None or last["step"] != round(done[0] / n, 3)
+                                    or last["virtual_time_s"] != vtime):
+        try:  # the final state, with the communication after the last step
+            snapshot(vtime)
+        except KeyboardInterrupt:  # a long final evaluation must not hold up Ctrl-C
+            status, message = "interrupted", INTERRUPTED_FINAL
+    if status == "completed":
+        bar.finish(f"acc {rec.rows[-1]['accuracy_mean_model']:.4f}")
+    bar.close()
+    stopped = status == "interrupted" and rec.rows  # figures of the last evaluation
     result = make_result(prep, rec, status, message, step_time, bank.batching,
-                         aggregate_worker_metrics(workers), done[0] / n)
-    result["final"]["virtual_time_s"] = vtime
+                         aggregate_worker_metrics(workers),
+                         rec.rows[-1]["step"] if stopped else done[0] / n)
+    if not stopped:
+        result["final"]["virtual_time_s"] = vtime
     result["compute_model"] = compute_info
     result["network_model"] = network_model_info(net_cfg, n)
-    if out:
-        write_result(out, result, rec)
+    with shield_interrupts() as held:  # a second Ctrl-C must not leave half the outputs
+        rec.close()
+        if out:
+            write_result(out, result, rec)
+            save_models(os.path.join(out, "models.pt"), models_payload(
+                bank.template, bank.X, [bank.buffers_of(i) for i in range(n)],
+                bank.mean_buffers(), list(range(n))))
     if status == "diverged":
         raise DivergedAfterWrite(message, out)
-    if status == "interrupted":
+    if status == "interrupted" or held:
         raise KeyboardInterrupt
     return SimOutcome(result, bank, workers, engine, rec.rows,
                       engine_wall_s=max(t_run - eval_wall[0], 0.0))
+
+
+INTERRUPTED = "interrupted by the user (Ctrl-C); the final figures are those of the last " \
+    "evaluation"
+INTERRUPTED_FINAL = "interrupted by the user (Ctrl-C) during the final evaluation; the " \
+    "final figures are those of the evaluation before it"
 
 
 class DivergedAfterWrite(RelaxError):
@@ -304,9 +352,7 @@ def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_t
     final.update(worker_metrics)
     best = max((r["accuracy_mean_model"] for r in rec.rows), default=None)
     return {
-        "algorithm": cfg.algo, "task": cfg.task, "workers": cfg.workers,
-        "runtime": cfg.runtime, "seed": cfg.seed, "status": status, "message": message,
-        "network": cfg.network, "split": cfg.split, "topology": cfg.topology,
+        **result_header(cfg), "status": status, "message": message,
         "step_time_s": step_time, "batching": batching,
         "algo_options": prep.resolved["algo_options"], "final": final,
         "best_accuracy_mean_model": best,
@@ -315,12 +361,19 @@ def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_t
     }
 
 
-def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
-    with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=float)
-    try:
-        from .report import plot_runs
+def result_header(cfg: RunConfig) -> dict[str, Any]:
+    """What result.json says about the setting (also when the run never started)."""
+    return {"algorithm": cfg.algo, "task": cfg.task, "workers": cfg.workers,
+            "runtime": cfg.runtime, "seed": cfg.seed, "network": cfg.network,
+            "split": cfg.split, "topology": cfg.topology}
 
-        plot_runs([(result["algorithm"], rec.rows)], out)
+
+def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
+    """result.json (strict JSON, atomically) and the plots of one run."""
+    write_json(os.path.join(out, "result.json"), result)
+    try:
+        from .report import plot_runs, plot_title
+
+        plot_runs([(result["algorithm"], rec.rows)], out, title=plot_title(result))
     except Exception as e:  # a plot must never lose the measured results
         print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .checks import require_float, require_int
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -39,20 +40,17 @@ class TrainConfig:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        require_int(self.batch_size, "batch size (train.batch_size)", at_least=1)
+        require_float(self.lr, "learning rate (train.lr)", above=0)
+        require_float(self.momentum, "momentum (train.momentum)", at_least=0, below=1)
+        require_float(self.weight_decay, "weight decay (train.weight_decay)", at_least=0)
+        require_float(self.gamma, "train.gamma", above=0)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: "
                               f"{', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if any(not 0 < m < 1 for m in self.milestones):
+        require_int(self.warmup_steps, "train.warmup_steps", at_least=0)
+        if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 1
+               for m in self.milestones):
             raise ConfigError(f"milestones are fractions of the run in (0, 1), "
                               f"got {list(self.milestones)}")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..checks import require_int
 from .base import AllReduce, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -44,9 +44,7 @@ class CoCoDConfig(CompressionOptions):
     final_average: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.p, int) or self.p < 1:
-            raise ConfigError(f"cocod option p (local steps per round) must be >= 1, "
-                              f"got {self.p!r}")
+        require_int(self.p, "cocod option p (local steps per round)", at_least=1)
         self.check_compression("cocod")
 
 

@@ -35,14 +35,14 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 from .base import Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, Pending, parse_compression
 
 
 def _check_outer(who: str, p: int, outer_lr: float, outer_momentum: float) -> None:
-    if not isinstance(p, int) or p < 1:
-        raise ConfigError(f"{who} option p (inner steps per round) must be >= 1, got {p!r}")
+    require_int(p, f"{who} option p (inner steps per round)", at_least=1)
     if not outer_lr > 0:
         raise ConfigError(f"{who} option outer_lr must be > 0, got {outer_lr}")
     if not 0.0 <= outer_momentum < 1.0:
@@ -122,13 +122,11 @@ class StreamingDiLoCoConfig:
     def __post_init__(self) -> None:
         who = "streaming-diloco"
         _check_outer(who, self.p, self.outer_lr, self.outer_momentum)
-        if not isinstance(self.tau, int) or not 0 <= self.tau <= self.p:
-            raise ConfigError(f"{who} option tau must be an integer in [0, p={self.p}], "
-                              f"got {self.tau!r}")
+        require_int(self.tau, f"{who} option tau (with p={self.p})", 0, self.p)
         if not 0.0 < self.alpha <= 1.0:
             raise ConfigError(f"{who} option alpha must be in (0, 1], got {self.alpha}")
-        if not isinstance(self.fragments, int) or self.fragments < 1 \
-                or self.p % self.fragments:
+        if require_int(self.fragments, f"{who} option fragments", at_least=1) \
+                and self.p % self.fragments:
             raise ConfigError(f"{who} option fragments must be a positive divisor of "
                               f"p={self.p}, got {self.fragments!r}")
         parse_compression(who, self.compressor, self.error_feedback, "allreduce", "")

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import require_int
 from ..errors import ConfigError
 from .base import AllReduce, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
@@ -53,9 +54,7 @@ class OverlapLocalConfig(CompressionOptions):
     final: str = "average"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.p, int) or self.p < 1:
-            raise ConfigError(f"overlap-local option p (local steps per round) must be >= 1, "
-                              f"got {self.p!r}")
+        require_int(self.p, "overlap-local option p (local steps per round)", at_least=1)
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"overlap-local option alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.beta < 1.0:

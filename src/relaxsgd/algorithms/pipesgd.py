@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..checks import require_int
 from .base import Grad, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -40,9 +40,7 @@ class PipeSGDConfig(CompressionOptions):
     s: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.s, int) or self.s < 0:
-            raise ConfigError(f"pipesgd option s (staleness in steps) must be >= 0, "
-                              f"got {self.s!r}")
+        require_int(self.s, "pipesgd option s (staleness in steps)", at_least=0)
         self.check_compression("pipesgd")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..checks import require_int
 from .base import Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -37,9 +37,7 @@ class QsparseConfig(CompressionOptions):
     p: int = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.p, int) or self.p < 1:
-            raise ConfigError(f"qsparse option p (local steps per round) must be >= 1, "
-                              f"got {self.p!r}")
+        require_int(self.p, "qsparse option p (local steps per round)", at_least=1)
         self.check_compression("qsparse")
 
 

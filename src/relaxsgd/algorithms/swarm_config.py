@@ -53,11 +53,13 @@ class SwarmConfig:
     """
 
     schedule: str = "async"
-    H: int = 2
+    # Defaults: the paper's whole system (non-blocking averaging of published copies,
+    # quantized by the 8-bit lattice), with H = 4 as in relaxsgd compare's default job.
+    H: int = 4
     steps_dist: str = "geometric"
     averaging: str = "nonblocking"
     update: str = "symmetric"
-    quantizer: str = "none"
+    quantizer: str = "lattice"
     bits: int = 8
     eps: float | None = None
     safety: float = 2.0

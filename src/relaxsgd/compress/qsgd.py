@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 from .base import Compressor, check_flat, pack_bits, unpack_bits
 
@@ -49,10 +50,8 @@ class QSGD(Compressor):
     summable = False
 
     def __init__(self, bits: int = 8, bucket: int = 512, norm: str = "max") -> None:
-        if not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ConfigError(f"qsgd: bits={bits} is not an integer in 1..16; use e.g. bits=8")
-        if not isinstance(bucket, int) or bucket < 1:
-            raise ConfigError(f"qsgd: bucket={bucket} must be a positive integer, e.g. 512")
+        require_int(bits, "qsgd: bits (e.g. bits=8)", 1, 16)
+        require_int(bucket, "qsgd: bucket (e.g. bucket=512)", at_least=1)
         if norm not in ("max", "l2"):
             raise ConfigError(f"qsgd: norm={norm!r} is unknown; use norm=max or norm=l2")
         self.bits = bits

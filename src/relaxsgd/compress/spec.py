@@ -39,15 +39,22 @@ def make_compressor(spec: str | Compressor) -> Compressor:
         if not s.endswith(")"):
             raise ConfigError(f"compressor spec {spec!r}: error feedback is written "
                               "ef(<spec>), e.g. ef(topk:ratio=0.01)")
-        return ErrorFeedback(make_compressor(s[3:-1]))
+        return _error_feedback(spec, make_compressor(s[3:-1]))
     if s.startswith("ef:"):
-        return ErrorFeedback(make_compressor(s[3:]))
+        return _error_feedback(spec, make_compressor(s[3:]))
     name, _, rest = (part.strip() for part in s.partition(":"))
     if name not in COMPRESSORS:
         raise ConfigError(f"unknown compressor {name!r}; choose one of: "
                           f"{', '.join(COMPRESSORS.names())} (or ef(<spec>) for error feedback)")
     cls = COMPRESSORS.get(name)
     return cls(**_parse_options(cls, name, rest))
+
+
+def _error_feedback(spec: str, inner: Compressor) -> ErrorFeedback:
+    if isinstance(inner, ErrorFeedback):  # two residuals would feed back the error twice
+        raise ConfigError(f"compressor spec {spec!r}: error feedback is applied once; "
+                          f"write {inner.spec}")
+    return ErrorFeedback(inner)
 
 
 def _parse_options(cls: type[Compressor], name: str, text: str) -> dict[str, Any]:
@@ -65,6 +72,9 @@ def _parse_options(cls: type[Compressor], name: str, text: str) -> dict[str, Any
         if key in kwargs:
             raise ConfigError(f"compressor {name}: option {key!r} is given twice")
         kwargs[key] = _convert(name, key, value, hints.get(key, type(options[key])))
+    if "ratio" in kwargs and kwargs.get("k") is not None:  # k would silently win
+        raise ConfigError(f"compressor {name}: give ratio or k, not both "
+                          f"(e.g. {name}:ratio={kwargs['ratio']} or {name}:k={kwargs['k']})")
     return kwargs
 
 

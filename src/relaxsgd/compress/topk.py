@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..checks import require_int
 from .base import Compressor, check_flat, check_ratio, count_k
 
 
@@ -42,8 +42,8 @@ class SparsePayload:
 
 def check_k(who: str, ratio: float, k: int | None) -> None:
     check_ratio(ratio, who)
-    if k is not None and (not isinstance(k, int) or k < 1):
-        raise ConfigError(f"{who}: k={k} must be a positive integer (or omit it to use ratio)")
+    if k is not None:
+        require_int(k, f"{who}: k (or omit it to use ratio)", at_least=1)
 
 
 class TopK(Compressor):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from ..algorithms.base import Compute, Effect, Grad
 from ..config import RunConfig, dump_yaml
+from ..outputs import final_models, save_models
 from ..errors import ConfigError, Diverged, RelaxError
 from ..metrics import Recorder, aggregate_worker_metrics
 from ..sim.compute import ComputeModel
@@ -436,8 +437,7 @@ class _Job:
         if self.out:
             result["out"] = self.out
             write_result(self.out, result, rec)
-            if self.opts.save_models and finals:
-                torch.save({"ranks": [s["rank"] for s in finals],
-                            "X": torch.stack([s["params"] for s in finals])},
-                           os.path.join(self.out, "models.pt"))
+            if finals:  # every run saves its final models (format: relaxsgd.outputs)
+                save_models(os.path.join(self.out, "models.pt"),
+                            final_models(self.bank.template, finals))
         return result

@@ -301,7 +301,7 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
     if kill is not None:
         e["RELAXSGD_TEST_KILL_AT"] = f"{kill[0]}:{kill[1]}"
     cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "run", "--config", path,
-           "--runtime", "dist", "--out", out, "-q"]
+           "--runtime", "dist", "--out", out, "--force", "-q"]  # out holds job.yaml
     t = time.perf_counter()
     job = LocalJob(cmd, n, env=e, rank_env=rank_env, log_dir=os.path.join(out, "logs"))
     try:

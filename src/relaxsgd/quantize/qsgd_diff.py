@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 from .lattice import pack_bits, unpack_bits
 
@@ -57,11 +58,8 @@ class QSGDDiffQuantizer:
     unbiased = True
 
     def __init__(self, bits: int = 8, bucket_size: int = 512, norm: str = "max") -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ConfigError(f"qsgd bits must be an integer in 2..16, got {bits!r}")
-        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) \
-                or bucket_size < 1:
-            raise ConfigError(f"qsgd bucket_size must be an integer >= 1, got {bucket_size!r}")
+        require_int(bits, "qsgd bits", 2, 16)
+        require_int(bucket_size, "qsgd bucket_size", at_least=1)
         if norm not in NORMS:
             raise ConfigError(f"qsgd norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.bits, self.bucket_size, self.norm = bits, bucket_size, norm

@@ -33,6 +33,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import require_float
 from ..errors import ConfigError
 
 KINDS = ("none", "fixed", "lognormal", "stragglers")
@@ -90,24 +91,21 @@ class ComputeConfig:
             if st != "measure":
                 raise ConfigError(f"compute.step_time_s must be a number of seconds > 0, "
                                   f"'measure' or null (the compute profile), got {st!r}")
-        elif st is not None and not (isinstance(st, (int, float)) and st > 0
-                                     and math.isfinite(st)):
-            raise ConfigError(f"compute.step_time_s must be > 0 seconds, 'measure' or null "
-                              f"(the compute profile), got {st}")
-        if not (self.workers_per_core > 0 and math.isfinite(self.workers_per_core)):
-            raise ConfigError(f"compute.workers_per_core must be > 0, got "
-                              f"{self.workers_per_core}")
+        elif st is not None:
+            require_float(st, "compute.step_time_s (seconds; 'measure' or null for the "
+                          "compute profile)", above=0)
+        require_float(self.workers_per_core, "compute.workers_per_core", above=0)
         if self.heterogeneity not in KINDS:
             raise ConfigError(f"unknown compute.heterogeneity {self.heterogeneity!r}; "
                               f"choose one of: {', '.join(KINDS)}")
         if self.heterogeneity == "fixed" and not self.speed_factors:
             raise ConfigError("compute.heterogeneity 'fixed' needs compute.speed_factors, "
                               "e.g. [1, 1, 3]")
-        if any(not f > 0 for f in self.speed_factors):
-            raise ConfigError(f"compute.speed_factors must be > 0, got "
-                              f"{list(self.speed_factors)}")
-        if not 0 <= self.straggler_p <= 1 or self.straggler_f < 1:
-            raise ConfigError("stragglers need 0 <= straggler_p <= 1 and straggler_f >= 1")
+        for f in self.speed_factors:
+            require_float(f, "each of compute.speed_factors", above=0)
+        require_float(self.sigma, "compute.sigma", at_least=0)
+        require_float(self.straggler_p, "compute.straggler_p", at_least=0, at_most=1)
+        require_float(self.straggler_f, "compute.straggler_f", at_least=1)
 
     @property
     def fixed_step_time(self) -> float | None:

@@ -40,6 +40,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..checks import require_float
 from ..errors import ConfigError
 
 
@@ -88,6 +89,13 @@ PROFILE_DESCRIPTIONS = {
 }
 
 
+# The valid range of each numeric network option (the simulator loops forever on a NaN
+# delay).
+NETWORK_RANGES: dict[str, dict[str, float]] = {
+    "latency_s": {"at_least": 0.0}, "bandwidth_Bps": {"above": 0.0},
+    "jitter": {"at_least": 0.0}, "loss": {"at_least": 0.0, "below": 1.0}}
+
+
 def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
     """A named profile or a profile file, with some fields overridden (``custom`` starts
     from ``cloud``)."""
@@ -108,11 +116,8 @@ def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
             continue
         if k == "backend":
             vals[k] = str(v)
-            continue
-        try:
-            vals[k] = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"network.{k} must be a number, got {v!r}") from None
+        else:
+            vals[k] = require_float(v, f"network.{k}", **NETWORK_RANGES.get(k, {}))
     return replace(base, **vals) if vals else base
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import require_float, require_int
 from ..errors import ConfigError, DataError
 
 DATA_ENV = "RELAXSGD_DATA_DIR"
@@ -74,18 +75,12 @@ def check_choice(task: str, key: str, value: Any, choices: tuple[str, ...]) -> s
 
 def check_int(task: str, key: str, value: Any, minimum: int) -> int:
     """``value`` as an int if it is an integer >= ``minimum``, else one ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"option {key}={value!r} of task {task!r} must be an integer "
-                          f">= {minimum}")
-    return int(value)
+    return require_int(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
 
 
 def check_float(task: str, key: str, value: Any, minimum: float) -> float:
     """``value`` as a float if it is a number >= ``minimum``, else one ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ConfigError(f"option {key}={value!r} of task {task!r} must be a number "
-                          f">= {minimum}")
-    return float(value)
+    return require_float(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
 
 
 def check_hidden(task: str, value: Any) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 
 SPLITS = ("iid", "shards", "dirichlet")
@@ -61,21 +62,18 @@ def _validate(total: int, n: int, kind: str, alpha: float, shards_per_worker: in
               min_size: int) -> None:
     if kind not in SPLITS:
         raise ConfigError(f"unknown split {kind!r}; choose one of: {', '.join(SPLITS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"number of workers must be an integer >= 1, not {n!r}")
+    require_int(n, "number of workers", at_least=1)
     if n > total:
         raise ConfigError(f"cannot split {total} training samples over {n} workers; "
                           f"use at most {total} workers or a larger training set")
     if not alpha > 0:
         raise ConfigError(f"Dirichlet alpha must be > 0 (e.g. 0.1 skewed, 100 near iid), "
                           f"not {alpha!r}")
-    if not isinstance(shards_per_worker, int) or shards_per_worker < 1:
-        raise ConfigError(f"shards_per_worker must be an integer >= 1, "
-                          f"not {shards_per_worker!r}")
+    require_int(shards_per_worker, "shards_per_worker", at_least=1)
     if kind == "shards" and n * shards_per_worker > total:
         raise ConfigError(f"cannot cut {total} samples into {n} x {shards_per_worker} "
                           f"shards; use fewer workers or shards_per_worker")
-    if not isinstance(min_size, int) or min_size < 0 or n * min_size > total:
+    if require_int(min_size, "min_size", at_least=0) * n > total:
         raise ConfigError(f"min_size={min_size!r} per worker is impossible with {total} "
                           f"samples over {n} workers; use 0 <= min_size <= {total // n}")
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..errors import ConfigError
 
 
@@ -58,9 +59,7 @@ class Topology:
 
 def require_int(value: Any, what: str, at_least: int) -> int:
     """``value`` as an int >= ``at_least``, else a one-line ConfigError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
-        raise ConfigError(f"{what} must be an integer >= {at_least}, got {value!r}")
-    return value
+    return checks.require_int(value, what, at_least=at_least)
 
 
 def components(n: int, adjacency: list[list[int]]) -> list[list[int]]:

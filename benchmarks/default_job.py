@@ -1,0 +1,52 @@
+"""The default job's accuracy per algorithm, and the OLCO3 options its default was chosen from.
+
+Runs ``relaxsgd run``'s (and ``compare``'s) default job (``relaxsgd.defaults``: MNIST-1D with
+its CNN on 10,000 samples, 16 workers, ``wan``, 50 ms of virtual time per local step, 30
+epochs, lr 0.1, momentum 0.9) for Local SGD (p = 8), SwarmSGD and OLCO3 with their
+defaults, and OLCO3 with the other configurations it was compared with. Deterministic
+(virtual time), so the figures do not depend on the machine; the README quotes them.
+
+    python benchmarks/default_job.py          # 8 runs, 30-60 min on 2 cores under load
+    python benchmarks/default_job.py --quick  # 3 epochs: a smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from relaxsgd.config import from_dict
+from relaxsgd.defaults import algorithm_options, fill_defaults
+from relaxsgd.run import prepare, simulate
+
+TOPK, PSGD = "topk:ratio=0.01", "powersgd:rank=2"
+RUNS: list[tuple[str, dict[str, Any]]] = [
+    ("localsgd", {}),
+    ("swarm", {}),
+    ("olco3", {}),  # the default: top-k 1% through a parameter server, p = 4, s = 1
+    ("olco3", {"p": 8, "s": 2, "compressor": TOPK, "aggregation": "ps"}),
+    ("olco3", {"p": 8, "s": 1, "compressor": TOPK, "aggregation": "allreduce"}),
+    ("olco3", {"p": 4, "s": 1, "compressor": PSGD, "aggregation": "allreduce"}),
+    ("olco3", {"p": 8, "s": 1, "compressor": PSGD, "aggregation": "allreduce"}),
+    ("olco3", {"p": 8, "s": 2, "compressor": PSGD, "aggregation": "allreduce"}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 epochs instead of 30")
+    args = ap.parse_args()
+    print(f"{'algorithm':<10} {'options':<62} {'acc':>6} {'acc w0':>6} {'vtime s':>8} "
+          f"{'MB/worker':>9}")
+    for algo, opts in RUNS:
+        d = fill_defaults({"algo": algo, **({"epochs": 3} if args.quick else {})})
+        d["algo_options"] = {**algorithm_options(algo), **opts}
+        res = simulate(prepare(from_dict(d))).result
+        f = res["final"]
+        print(f"{algo:<10} {str(opts or '(defaults)'):<62} {f['accuracy_mean_model']:>6.4f} "
+              f"{f['accuracy_worker0']:>6.4f} {f['virtual_time_s']:>8.1f} "
+              f"{f['bytes_sent_total'] / res['workers'] / 1e6:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""``relaxsgd compare``: several algorithms on one setting, one table and one set of plots.
+
+Every algorithm's config is built and checked before the first run starts (a bad option is
+one line and nothing is written). The runs follow each other, each into ``<out>/<algo>``;
+an algorithm that diverges does not stop the comparison (its row says ``diverged``), and
+Ctrl-C stops it after writing the summary and the plots of what was measured so far
+(the interrupted algorithm included), then exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .errors import ConfigError, RelaxError
+
+DEFAULT_COMPARE = ["allreduce", "localsgd", "swarm", "olco3"]
+
+
+def parse_algos(text: str | None) -> list[str]:
+    """The --algos list: known names, no duplicates, not empty (else one ConfigError)."""
+    from .algorithms import ALGORITHMS
+
+    if text is None:
+        return [a for a in DEFAULT_COMPARE if a in ALGORITHMS]
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos:
+        raise ConfigError(f"--algos {text!r} names no algorithm; give comma-separated names, "
+                          f"e.g. --algos {','.join(DEFAULT_COMPARE[:2])}")
+    for a in algos:
+        ALGORITHMS.entry(a)  # unknown name: one line with the choices
+    dups = sorted({a for a in algos if algos.count(a) > 1})
+    if dups:
+        raise ConfigError(f"--algos names {', '.join(dups)} more than once; each algorithm "
+                          "runs once (into its own folder)")
+    return algos
+
+
+def _per_algorithm_sets(items: list[str], algos: list[str]
+                        ) -> tuple[list[str], dict[str, list[str]]]:
+    """Split --set items into shared ones and ``<algo>.<key>=value`` ones."""
+    shared: list[str] = []
+    per: dict[str, list[str]] = {a: [] for a in algos}
+    for item in items:
+        head, dot, rest = item.partition(".")
+        if dot and head in per:
+            per[head].append(f"algo.{rest}")
+        else:
+            shared.append(item)
+    return shared, per
+
+
+def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str, Any], list]:
+    """The shared config dict and one checked RunConfig per algorithm (``out`` unset)."""
+    from .algorithms import ALGORITHMS
+    from .cli import config_dict
+    from .config import _typed, from_dict, parse_value
+    from .defaults import algorithm_options
+
+    shared, per = _per_algorithm_sets(args.set, algos)
+    args.set = [s for s in shared if not s.startswith("algo.")]
+    common_algo = [s for s in shared if s.startswith("algo.")]
+    base = config_dict(args, algos[0])
+    configs = []
+    for a in algos:
+        opts = algorithm_options(a) if not args.config else {}
+        if a == algos[0]:
+            opts.update(base.get("algo_options") or {})
+        for item in common_algo + per[a]:
+            key, _, text = item[len("algo."):].partition("=")
+            opts[key] = parse_value(text)
+        cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": None})
+        # every algorithm's options are checked before the first run starts
+        _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
+        configs.append(cfg)
+    return base, configs
+
+
+def compare(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .cli import output_folder
+    from .config import from_dict
+
+    algos = parse_algos(args.algos)
+    base, configs = build_configs(args, algos)
+    out = output_folder(args, from_dict({**base, "algo": "compare", "algo_options": {}}))
+    done: list[tuple[dict[str, Any], str]] = []  # (result, folder) of the runs made
+    try:
+        for cfg in configs:
+            cfg = dataclasses.replace(cfg, out=os.path.join(out, cfg.algo))
+            res = _run_one(cfg, not args.quiet)
+            if res is not None:
+                done.append((res, cfg.out))
+    except KeyboardInterrupt:
+        _collect_interrupted(done, out, [c.algo for c in configs])
+        _write_summary(done, out, interrupted=True)
+        raise
+    if not done:  # a worker of rank > 0 in --runtime dist: rank 0 writes
+        return 0
+    _write_summary(done, out, interrupted=False)
+    return 0
+
+
+def _run_one(cfg: Any, progress: bool) -> dict[str, Any] | None:
+    """One algorithm's run; a divergence is reported and its written result returned."""
+    from .run import run
+    from .runs import read_result
+
+    try:
+        return run(cfg, progress=progress)
+    except RelaxError as e:
+        if e.exit_code != 3:  # divergence only: anything else stops the comparison
+            raise
+        sys.stderr.write(f"relaxsgd: warning: {cfg.algo} {e}; the comparison goes on\n")
+        return read_result(cfg.out)
+
+
+def _collect_interrupted(done: list, out: str, algos: list[str]) -> None:
+    """Add the run that was interrupted (it wrote its result.json) to ``done``."""
+    from .runs import read_result
+
+    ran = {r["algorithm"] for r, _ in done}
+    for a in algos:
+        folder = os.path.join(out, a)
+        if a not in ran and os.path.isfile(os.path.join(folder, "result.json")):
+            try:
+                done.append((read_result(folder), folder))
+            except ConfigError:
+                pass  # nothing readable: the row is left out
+
+
+def _write_summary(done: list, out: str, interrupted: bool) -> None:
+    """summary.txt and the plots of the runs made; printed; Ctrl-C held meanwhile."""
+    from .outputs import atomic_write, shield_interrupts
+    from .report import plot_runs, plot_title, summary_table
+    from .runs import read_rows
+
+    if not done:
+        return
+    with shield_interrupts():
+        table = summary_table([r for r, _ in done])
+        note = "\n(interrupted: the table holds the runs made so far)" if interrupted else ""
+        atomic_write(os.path.join(out, "summary.txt"), table + note + "\n")
+        runs = [(r["algorithm"], read_rows(folder)) for r, folder in done]
+        try:
+            plot_runs(runs, out, title=plot_title(done[0][0]))
+        except Exception as e:  # noqa: BLE001 - a plot must never lose the table
+            print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)
+    print(table + note)
+    print(f"outputs in {out} (summary.txt, accuracy_vs_time.png, accuracy_vs_bytes.png)")
