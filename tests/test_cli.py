@@ -116,9 +116,8 @@ def test_list_names_every_kind(capsys) -> None:
     (["run", "--set", "compute.sigma=-1"], "compute.sigma must be a finite number >= 0, got -1"),
     (["run", "--set", "compute.straggler_f=0.5"], "compute.straggler_f must be a finite "
      "number >= 1, got 0.5"),
-    (["run", "--step-time", "inf"], "compute.step_time_s must be a finite number, got inf"),
-    (["run", "--step-time", "-1"], "compute.step_time_s (seconds; null to measure) must be "
-     "a finite number > 0, got -1.0"),
+    (["run", "--step-time", "inf"], "compute.step_time_s must be a finite number > 0, got inf"),
+    (["run", "--step-time", "-1"], "compute.step_time_s must be a finite number > 0, got -1.0"),
     (["run", "--seed", "-1"], "seed must be an integer in 0..9223372036854775807, got -1"),
     (["run", "--evals", "0"], "evals must be an integer >= 1, got 0"),
 ])
@@ -294,14 +293,15 @@ def _csv_without_wall(path: os.PathLike) -> list[dict[str, str]]:
 def test_a_runs_config_yaml_reruns_the_same_run_into_a_new_folder(tmp_path, capsys,
                                                                    monkeypatch) -> None:
     first = tmp_path / "first"
-    # a config file without a step time: it is measured, and config.yaml must record it
+    # a config file without a step time: the compute profile gives it, from the model's
+    # FLOPs, and config.yaml must name the profile
     job = tmp_path / "job.yaml"
     job.write_text("algo: swarm\nalgo_options: {H: 2}\ntask: logreg\ntask_options: "
                    "{n_train: 128, n_test: 64}\nworkers: 2\nsteps: 6\nevals: 2\n")
     code, _, _ = run_cli(capsys, "run", "--config", str(job), "-q", "--out", str(first))
     assert code == 0
-    measured = json.loads((first / "result.json").read_text())["step_time_s"]
-    assert f"step_time_s: {measured}" in (first / "config.yaml").read_text()
+    profile = json.loads((first / "result.json").read_text())["compute_model"]["profile"]
+    assert f"profile: {profile}" in (first / "config.yaml").read_text()
     cfg = (first / "config.yaml").read_text()
     assert "steps_per_worker" in cfg and "out:" not in cfg
     (first / "config.yaml").write_text(cfg + f"out: {first}\n")  # an old out: key
@@ -320,6 +320,17 @@ def test_a_runs_config_yaml_reruns_the_same_run_into_a_new_folder(tmp_path, caps
     assert code == 0 and "already holds a run; writing to a new folder" in err
     assert sorted(os.listdir(first)) == before
     assert "outputs in runs/" in stdout
+
+
+def test_a_measured_step_time_is_recorded_in_config_yaml(tmp_path, capsys) -> None:
+    out = tmp_path / "m"
+    code, _, err = run_cli(capsys, "run", "--algo", "localsgd", "--task", "logreg",
+                           "--workers", "2", "--steps", "4", "--evals", "1", "-q",
+                           "--step-time", "measure", "--out", str(out))
+    assert code == 0, err
+    res = json.loads((out / "result.json").read_text())
+    assert res["compute_model"]["kind"] == "measured"
+    assert f"step_time_s: {res['step_time_s']}" in (out / "config.yaml").read_text()
 
 
 def test_divergence_writes_strict_json_with_the_reason(tmp_path, capsys) -> None:

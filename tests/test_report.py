@@ -95,4 +95,4 @@ def test_plots_are_titled_with_task_workers_and_network(runs, monkeypatch, tmp_p
 
 def test_summary_table_shows_missing_figures_as_dashes() -> None:
     table = summary_table([{"algorithm": "x", "status": "interrupted", "final": None}])
-    assert table.splitlines()[2].split() == ["x", *["-"] * 8, "interrupted"]
+    assert table.splitlines()[2].split() == ["x", *["-"] * 10, "interrupted"]

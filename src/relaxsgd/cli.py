@@ -142,6 +142,10 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
                         "step_time_s": _step_time_flag(args.step_time)}
     if args.compute is not None:
         d["compute"] = {**(d.get("compute") or {}), "profile": args.compute}
+        if args.step_time is None:
+            # --compute names the device: its step time, not a fixed one from the default
+            # job or the config file
+            d["compute"].pop("step_time_s", None)
     names = {"algo": algorithm_options(d.get("algo", "localsgd")),
              "task": task_options(d.get("task", "mnist1d"))}
     for item in args.set:

@@ -27,7 +27,7 @@ from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError
 from .metrics import CommStats, Recorder, aggregate_worker_metrics
 from .outputs import models_payload, save_models, shield_interrupts, write_json
-from .sim.compute import ComputeModel, resolve_step_time
+from .sim.compute import ComputeModel, load_profile, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
 from .tasks import TASKS
@@ -65,6 +65,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     algo_cls = ALGORITHMS.get(cfg.algo)
     algo_cfg = _typed(algo_cls.Config, cfg.algo_options, f"algorithm {cfg.algo!r}")
     make_network_config(cfg.network, **cfg.network_options)  # validate early
+    load_profile(cfg.compute.profile)  # a bad --compute is an error even with a step time
     spec: TaskSpec = TASKS.get(cfg.task)(dict(cfg.task_options), cfg.data_dir, cfg.seed)
     from .tasks.splits import split_indices
 

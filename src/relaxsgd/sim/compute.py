@@ -92,8 +92,7 @@ class ComputeConfig:
                 raise ConfigError(f"compute.step_time_s must be a number of seconds > 0, "
                                   f"'measure' or null (the compute profile), got {st!r}")
         elif st is not None:
-            require_float(st, "compute.step_time_s (seconds; 'measure' or null for the "
-                          "compute profile)", above=0)
+            require_float(st, "compute.step_time_s", above=0)
         require_float(self.workers_per_core, "compute.workers_per_core", above=0)
         if self.heterogeneity not in KINDS:
             raise ConfigError(f"unknown compute.heterogeneity {self.heterogeneity!r}; "
