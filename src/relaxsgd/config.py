@@ -41,7 +41,7 @@ from .training import TrainConfig
 
 RUNTIMES = ("sim", "dist")
 BATCHING = ("auto", "vmap", "loop")
-SPLITS = ("iid", "shards", "dirichlet")
+SPLITS = ("iid", "shards", "dirichlet", "play")
 SECTIONS = {"algo": "algo_options", "task": "task_options", "split": "split_options",
             "network": "network_options", "topology": "topology_options"}
 
