@@ -66,6 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3, "betas": (0.
                                   "schedule": "cosine", "batch_size": 16}
 
 OPTIONS: dict[str, Any] = {
+    "model": "transformer",  # the only one: tasks/transformer.py
     "context": 128,          # characters of context (window length)
     "stride": 0,             # characters between training windows; 0 = context
     "d_model": 128,          # width
@@ -140,6 +141,8 @@ def split_works(text: str) -> list[tuple[str, str]]:
             raise DataError(f"Shakespeare file: two '{MARKER}' lines without text between "
                             f"them (line {i + 1}); expected {_EXPECTED}")
         starts.append((title or f"WORK {len(starts) + 1}", start))
+    if not starts:
+        return []
     ends = [s for _, s in starts[1:]] + [len(text)]
     return [(t, text[s:e]) for (t, s), e in zip(starts, ends, strict=True)]
 
@@ -224,6 +227,7 @@ def _sampler(tok: CharTokenizer, prompt: str, chars: int, seed: int):
 def build(opts: dict[str, Any], data_dir: str | None, seed: int) -> TaskSpec:
     """The Shakespeare task (see the module docstring); the model's sizes are options."""
     o = check_options(NAME, opts, OPTIONS)
+    check_choice(NAME, "model", o["model"], ("transformer",))
     context = check_int(NAME, "context", o["context"], 2)
     stride = check_int(NAME, "stride", o["stride"], 0) or context
     d = check_int(NAME, "d_model", o["d_model"], 1)
