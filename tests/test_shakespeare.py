@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from lmkit import TINY_LM, write_corpus
 
+from lmkit import TINY_LM, write_corpus
 from relaxsgd.config import from_dict
 from relaxsgd.errors import ConfigError, DataError
 from relaxsgd.run import prepare, simulate
@@ -217,22 +214,29 @@ def test_option_errors(corpus) -> None:
         _spec(folder, positions="alibi")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "relaxsgd.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    from relaxsgd.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
 
 
-def test_cli_errors_exit_2_with_one_line(corpus, tmp_path: Path) -> None:
+def test_cli_errors_exit_2_with_one_line(corpus, tmp_path: Path, capsys) -> None:
     folder, _ = corpus
-    r = _cli("run", "--task", "shakespeare", "--data-dir", str(tmp_path), "--steps", "1")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("relaxsgd: error: Shakespeare file plays.txt.gz")
-    r = _cli("run", "--task", "shakespeare", "--data-dir", str(folder), "--split", "play",
-             "--workers", "9", "--steps", "1", "--set", "task.context=16")
-    assert r.returncode == 2 and "use at most 6 workers" in r.stderr, r.stderr
-    r = _cli("run", "--task", "logreg", "--split", "play", "--steps", "1")
-    assert r.returncode == 2 and "split 'play' deals whole works" in r.stderr, r.stderr
+    code, err = _cli(capsys, "run", "--task", "shakespeare", "--data-dir", str(tmp_path),
+                     "--steps", "1", "--out", str(tmp_path / "o1"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("relaxsgd: error: Shakespeare file plays.txt.gz")
+    code, err = _cli(capsys, "run", "--task", "shakespeare", "--data-dir", str(folder),
+                     "--split", "play", "--workers", "9", "--steps", "1", "--set",
+                     "task.context=16", "--out", str(tmp_path / "o2"))
+    assert code == 2 and err.count("\n") == 1 and "use at most 6 workers" in err, err
+    code, err = _cli(capsys, "run", "--task", "logreg", "--split", "play", "--steps", "1",
+                     "--out", str(tmp_path / "o3"))
+    assert code == 2 and "split 'play' deals whole works" in err, err
 
 
 def test_defaults_are_adamw_and_about_a_million_parameters(corpus) -> None:
