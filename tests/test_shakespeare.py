@@ -160,7 +160,7 @@ def test_short_run_beats_the_unigram_entropy_and_writes_a_sample(corpus, tmp_pat
     unigram = _unigram_bits(out.bank.spec.data.y_test)
     assert final["bpc_mean_model"] < 0.75 * unigram, (final["bpc_mean_model"], unigram)
     assert final["bpc_mean_model"] == pytest.approx(final["loss_mean_model"] / math.log(2))
-    assert final["accuracy_mean_model"] > 0.3  # next-character accuracy, a fraction
+    assert 0.3 < final["accuracy_mean_model"] < 0.9  # next-character accuracy, a fraction
     head = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert head.endswith("bpc_mean_model,bpc_workers")
     sample = (tmp_path / "sample.txt").read_text()
