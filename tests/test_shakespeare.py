@@ -279,3 +279,20 @@ def test_gzip_bomb_is_refused(tmp_path: Path, monkeypatch) -> None:
         f.write("x" * 5000)
     with pytest.raises(DataError, match="more than"):
         _spec(tmp_path)
+
+
+def test_compare_on_shakespeare_keeps_the_tasks_adamw(corpus, tmp_path, capsys) -> None:
+    import yaml
+
+    folder, _ = corpus
+    sets = [x for k, v in TINY_LM.items() for x in ("--set", f"task.{k}={v}")]
+    code, err = _cli(capsys, "compare", "--task", "shakespeare", "--data-dir", str(folder),
+                     "--algos", "allreduce,diloco", "--workers", "2", "--steps", "4",
+                     "--split", "play", "--evals", "1", "-q", "--out", str(tmp_path),
+                     "--set", "eval_samples=8", *sets)
+    assert code == 0, err
+    for algo in ("allreduce", "diloco"):
+        cfg = yaml.safe_load((tmp_path / algo / "config.yaml").read_text())
+        assert cfg["train"]["optimizer"] == "adamw" and cfg["train"]["momentum"] == 0
+        assert (tmp_path / algo / "sample.txt").is_file()
+    assert (tmp_path / "summary.txt").is_file()
