@@ -154,6 +154,15 @@ def _per_algorithm_sets(items: list[str], algos: list[str]
     return shared, per
 
 
+def _task_optimizer(task: Any) -> str:
+    """The local optimizer a task trains with by default (its TRAIN_DEFAULTS)."""
+    from .tasks import TASKS
+
+    if not isinstance(task, str) or task not in TASKS:
+        return "sgd"
+    return str(getattr(TASKS.module(task), "TRAIN_DEFAULTS", {}).get("optimizer", "sgd"))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
@@ -176,6 +185,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for k, v in DEFAULT_JOB.items():
             if k == "epochs" and base.get("steps") is not None:
                 continue  # --steps given: the job's run length is the user's
+            if k == "train" and _task_optimizer(base.get("task")) != "sgd":
+                continue  # the job's SGD settings do not fit a task trained with AdamW
             if isinstance(v, dict):
                 base[k] = {**v, **(base.get(k) or {})}
             else:
