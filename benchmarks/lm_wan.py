@@ -22,7 +22,8 @@ worker, the reduction in bytes against all-reduce, and the mean model's bits per
 at equal virtual time (the earliest end among all methods; the last evaluation at or
 before it). Main rows (all-reduce, Local SGD and DiLoCo) give mean +- std over 3 seeds.
 
-    nice python benchmarks/lm_wan.py            # full (see the note for the wall time)
+    nice python benchmarks/lm_wan.py            # full: 16 runs, 23 min with 2 processes
+                                                # on 2 cores at load average 10-15
     nice python benchmarks/lm_wan.py --quick    # a smoke version: 40 steps, 1 seed
 """
 
