@@ -89,7 +89,8 @@ def test_measure_is_an_explicit_choice_and_a_calibrated_file_is_used(tmp_path: P
     (["--step-time", "-1"], "compute.step_time_s must be a finite number > 0"),
     (["--compute", "tpu"], "unknown compute profile 'tpu'; choose one of: laptop-core"),
     (["--compute", "nofile.yaml"], "compute profile file 'nofile.yaml' not found"),
-    (["--set", "compute.workers_per_core=0"], "compute.workers_per_core must be a finite number > 0"),
+    (["--set", "compute.workers_per_core=0"],
+     "compute.workers_per_core must be a finite number > 0"),
     (["--network", "nofile.yaml"], "network profile file 'nofile.yaml' not found"),
 ])
 def test_bad_compute_flags_are_one_line_and_exit_2(args: list[str], msg: str, tmp_path: Path,

@@ -1,7 +1,10 @@
 """The parameter bank: the models of the workers one process holds, as rows of one tensor.
 
 Row ``k`` of ``X`` (shape ``(rows, d)``) is the flat parameter vector of worker
-``ranks[k]``; ``M`` holds their momentum. The simulator holds every worker (rows = n); the
+``ranks[k]``; the local optimizer's state is rows too, so that both runtimes and
+checkpoints find it: ``M`` holds SGD's momentum or AdamW's first moment, ``V`` AdamW's
+second moment (``(rows, 0)`` under SGD), and ``steps[k]`` the local steps done (AdamW's
+step count for its bias corrections). The simulator holds every worker (rows = n); the
 distributed runtime holds one. Gradients of several workers are computed either with
 ``torch.func.vmap`` over the stacked rows (one batched call: pays for small buffer-free
 models on a CPU) or with a loop over per-worker modules whose parameters are views of the
@@ -19,7 +22,15 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from . import salts
 from .tasks.base import TaskSpec
-from .training import Sampler, TrainConfig, bind_params, flat_params, lr_at, seeded_generator
+from .training import (
+    Sampler,
+    TrainConfig,
+    adamw_update,
+    bind_params,
+    flat_params,
+    lr_at,
+    seeded_generator,
+)
 from .training import sgd_update as _sgd
 
 SALT_DATA, SALT_AUGMENT = salts.DATA, salts.AUGMENT
@@ -41,6 +52,7 @@ class Bank:
         rows = len(self.ranks)
         self.X = x0.to(self.device).repeat(rows, 1)
         self.M = torch.zeros_like(self.X)
+        self.V = torch.zeros_like(self.X) if train.optimizer == "adamw" else self.X[:, :0]
         self.steps = [0] * rows
         self.samples = [0] * rows  # training samples processed, per row
         self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
@@ -127,9 +139,21 @@ class Bank:
     def lr(self, k: int) -> float:
         return lr_at(self.train, self.steps[k], self.total_steps)
 
+    def _update(self, x: Tensor, m: Tensor, v: Tensor, g: Tensor, lr: float | Tensor,
+                step: int | Tensor) -> None:
+        """The configured optimizer's step on rows (or one row) ``x`` with their state."""
+        if self.train.optimizer == "adamw":
+            adamw_update(x, m, v, g, lr, step, self.train)
+        else:
+            _sgd(x, m, g, lr, self.train)
+
+    def optimizer_state(self, k: int) -> dict[str, Tensor | int]:
+        """Row ``k``'s optimizer state (views; ``exp_avg_sq`` is empty under SGD)."""
+        return {"exp_avg": self.M[k], "exp_avg_sq": self.V[k], "step": self.steps[k]}
+
     def apply_grad(self, k: int, g: Tensor) -> None:
         """One local optimizer step of row ``k`` with gradient ``g``."""
-        _sgd(self.X[k], self.M[k], g, self.lr(k), self.train)
+        self._update(self.X[k], self.M[k], self.V[k], g, self.lr(k), self.steps[k] + 1)
         self.steps[k] += 1
 
     def local_steps(self, rows: Sequence[int], steps: int) -> Tensor:
@@ -143,13 +167,15 @@ class Bank:
             if self.batching == "vmap" and len(rows) > 1:
                 lrs = torch.tensor([self.lr(k) for k in rows],
                                    device=self.device).unsqueeze(1)
+                nth = torch.tensor([self.steps[k] + 1 for k in rows],
+                                   device=self.device).unsqueeze(1)
                 if self._rows(rows) is self.X:
-                    _sgd(self.X, self.M, g, lrs, self.train)
+                    self._update(self.X, self.M, self.V, g, lrs, nth)
                 else:
                     rl = list(rows)
-                    x, m = self.X[rl], self.M[rl]
-                    _sgd(x, m, g, lrs, self.train)
-                    self.X[rl], self.M[rl] = x, m
+                    x, m, v = self.X[rl], self.M[rl], self.V[rl]
+                    self._update(x, m, v, g, lrs, nth)
+                    self.X[rl], self.M[rl], self.V[rl] = x, m, v
                 for k in rows:
                     self.steps[k] += 1
             else:
@@ -188,7 +214,10 @@ class Bank:
 @torch.no_grad()
 def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, Tensor],
              x: Tensor, y: Tensor, batch: int = 2000) -> tuple[float, float]:
-    """(loss, metric) of the model with these flat parameters and buffers on (x, y)."""
+    """(loss, metric) of the model with these flat parameters and buffers on (x, y).
+
+    Accuracy counts every target: for a language model (targets (B, T), logits (B, V, T))
+    it is next-token accuracy over all positions."""
     bind = {}
     off = 0
     for name, p in model.named_parameters():
@@ -196,14 +225,17 @@ def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, 
         off += p.numel()
     bind.update(buffers)
     model.eval()
-    total, correct, n = 0.0, 0.0, 0
+    total, correct, n, targets = 0.0, 0.0, 0, 0
+    if y.dim() > 1 and spec.bits_per_token:  # sequences: ``batch`` counts tokens
+        batch = max(1, batch // int(y[0].numel()))
     for i in range(0, x.shape[0], batch):
         xb, yb = x[i:i + batch], y[i:i + batch]
         out = functional_call(model, bind, (xb,))
         total += float(spec.loss_fn(out, yb)) * xb.shape[0]
         if spec.metric == "accuracy":
             correct += float((out.argmax(1) == yb).sum())
+            targets += yb.numel()
         n += xb.shape[0]
     loss = total / max(n, 1)
-    metric = correct / max(n, 1) if spec.metric == "accuracy" else -loss
+    metric = correct / max(targets, 1) if spec.metric == "accuracy" else -loss
     return loss, metric

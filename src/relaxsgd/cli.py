@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "together")
     p.add_argument("--batch-size", type=int, help="batch size per worker")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--split", help="data split over workers: iid, shards, dirichlet")
+    p.add_argument("--split", help="data split over workers: iid, shards, dirichlet, play")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", help="folder of the data set's files (MNIST, CIFAR-10); "
                    "default $RELAXSGD_DATA_DIR")
@@ -236,7 +236,8 @@ def cmd_list() -> int:
         ("splits", [("iid", "uniformly at random, equal sizes"),
                     ("shards", "sorted by label, a few label shards per worker "
                      "(split.shards_per_worker)"),
-                    ("dirichlet", "per-class proportions ~ Dirichlet(split.alpha)")]),
+                    ("dirichlet", "per-class proportions ~ Dirichlet(split.alpha)"),
+                    ("play", "whole works per worker (shakespeare), near-equal sizes")]),
     ]
     for mod, attr, title in [("relaxsgd.compress", "COMPRESSORS", "compressors"),
                              ("relaxsgd.topology", "TOPOLOGIES", "topologies"),

@@ -41,7 +41,7 @@ from .training import TrainConfig
 
 RUNTIMES = ("sim", "dist")
 BATCHING = ("auto", "vmap", "loop")
-SPLITS = ("iid", "shards", "dirichlet")
+SPLITS = ("iid", "shards", "dirichlet", "play")
 # The options each split takes (a misplaced one, e.g. split.alpha with iid, is refused
 # rather than ignored), with the check of its value.
 SPLIT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -50,6 +50,7 @@ SPLIT_OPTIONS: dict[str, dict[str, Any]] = {
                "min_size": lambda v, w: require_int(v, w, at_least=0)},
     "dirichlet": {"alpha": lambda v, w: require_float(v, w, above=0),
                   "min_size": lambda v, w: require_int(v, w, at_least=0)},
+    "play": {},
 }
 # Keys a run writes into its config.yaml for the reader that are not options; a config
 # file holding them is read as if they were absent (so a run's config.yaml reruns it).

@@ -25,7 +25,7 @@ from .algorithms.base import Algorithm, RunInfo
 from .bank import Bank
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError
-from .metrics import CommStats, Recorder, aggregate_worker_metrics
+from .metrics import LM_COLUMNS, CommStats, Recorder, aggregate_worker_metrics, write_sample
 from .outputs import models_payload, save_models, shield_interrupts, write_json
 from .sim.compute import ComputeModel, load_profile, resolve_step_time
 from .sim.engine import Engine
@@ -73,8 +73,11 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.workers > n_train:
         raise ConfigError(f"{cfg.workers} workers but only {n_train} training samples; "
                           "use fewer workers")
-    shards = split_indices(spec.data.y_train, cfg.workers, cfg.split, cfg.seed,
-                           **cfg.split_options)
+    if cfg.split == "play" and spec.groups is None:
+        raise ConfigError(f"split 'play' deals whole works and task {cfg.task!r} has none; "
+                          "use it with task shakespeare, or split iid, shards or dirichlet")
+    labels = spec.groups if spec.groups is not None else spec.data.y_train
+    shards = split_indices(labels, cfg.workers, cfg.split, cfg.seed, **cfg.split_options)
     share = n_train // cfg.workers  # the mean shard (non-iid splits vary around it)
     if cfg.train.batch_size > share:  # each batch would wrap around the shard
         raise ConfigError(f"batch size {cfg.train.batch_size} is larger than a worker's share "
@@ -351,6 +354,7 @@ def make_result(prep: Prepared, rec: Recorder, status: str, message: str, step_t
     final["bytes_per_worker_per_step"] = (
         (final["bytes_sent_total"] or 0) / cfg.workers / steps if steps else 0.0)
     final.update(worker_metrics)
+    final.update({k: last[k] for k in LM_COLUMNS if k in last})
     best = max((r["accuracy_mean_model"] for r in rec.rows), default=None)
     return {
         **result_header(cfg), "status": status, "message": message,
@@ -372,6 +376,10 @@ def result_header(cfg: RunConfig) -> dict[str, Any]:
 def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
     """result.json (strict JSON, atomically) and the plots of one run."""
     write_json(os.path.join(out, "result.json"), result)
+    try:
+        write_sample(out, rec)
+    except Exception as e:  # a sample must never lose the measured results
+        print(f"relaxsgd: warning: sample.txt not written: {e}", file=sys.stderr)
     try:
         from .report import plot_runs, plot_title
 

@@ -17,11 +17,18 @@ from .checks import require_float, require_int
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The local optimizer of every worker: SGD with momentum and weight decay.
+    """The local optimizer of every worker: SGD with momentum, or AdamW.
+
+    ``optimizer`` is "sgd" (momentum, ``nesterov``; ``weight_decay`` added to the gradient,
+    as torch.optim.SGD) or "adamw" (Loshchilov and Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019, as torch.optim.AdamW: ``betas``, ``eps``, and
+    ``weight_decay`` decoupled, x <- x (1 - lr wd)). Either optimizer's state (momentum;
+    AdamW's two moments and its step count) is the worker's own, in the parameter bank.
 
     ``lr`` is the peak learning rate; ``warmup_steps`` ramps it linearly from lr/10...lr
     (Goyal et al. 2017); ``schedule`` is "constant", "step" (multiply by ``gamma`` at each
@@ -38,6 +45,9 @@ class TrainConfig:
     warmup_steps: int = 0
     milestones: tuple[float, ...] = field(default=(0.5, 0.75))
     gamma: float = 0.1
+    optimizer: str = "sgd"
+    betas: tuple[float, ...] = field(default=(0.9, 0.999))
+    eps: float = 1e-8
 
     def __post_init__(self) -> None:
         require_int(self.batch_size, "batch size (train.batch_size)", at_least=1)
@@ -49,6 +59,18 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: "
                               f"{', '.join(SCHEDULES)}")
         require_int(self.warmup_steps, "train.warmup_steps", at_least=0)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: "
+                              f"{', '.join(OPTIMIZERS)}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.999], "
+                              f"got {list(self.betas)}")
+        for b in self.betas:
+            require_float(b, "each of train.betas", at_least=0, below=1)
+        require_float(self.eps, "train.eps", above=0)
+        if self.optimizer == "adamw" and (self.momentum or self.nesterov):
+            raise ConfigError("momentum and nesterov are SGD's options; AdamW's momentum is "
+                              "betas[0] (set train.momentum=0 or train.optimizer=sgd)")
         if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 1
                for m in self.milestones):
             raise ConfigError(f"milestones are fractions of the run in (0, 1), "
@@ -84,6 +106,29 @@ def sgd_update(x: Tensor, m: Tensor, g: Tensor, lr: float | Tensor, cfg: TrainCo
         x.sub_(lr * d)
     else:
         x.add_(d, alpha=-lr)
+
+
+def adamw_update(x: Tensor, m: Tensor, v: Tensor, g: Tensor, lr: float | Tensor,
+                 step: int | Tensor, cfg: TrainConfig) -> None:
+    """In-place AdamW step on ``x`` with moments ``m``, ``v``, as torch.optim.AdamW does it.
+
+    ``step`` counts this update (1 for the first); with rows of several workers, ``lr``
+    and ``step`` are (rows, 1) tensors. ``g`` is not modified.
+    """
+    b1, b2 = cfg.betas
+    x.mul_(1 - lr * cfg.weight_decay)  # decoupled weight decay, before the moments
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if isinstance(step, Tensor):
+        bc1 = 1 - b1 ** step.to(x.dtype)
+        bc2 = (1 - b2 ** step.to(x.dtype)).sqrt()
+    else:
+        bc1, bc2 = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+    denom = (v.sqrt() / bc2).add_(cfg.eps)
+    if isinstance(lr, Tensor) or isinstance(step, Tensor):
+        x.sub_((lr / bc1) * m / denom)
+    else:
+        x.addcdiv_(m, denom, value=-lr / bc1)
 
 
 Layout = list[tuple[str, torch.Size]]

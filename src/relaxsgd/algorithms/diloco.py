@@ -9,7 +9,9 @@ optionally compressed with error feedback); the outer optimizer, SGD with Nester
 as in torch.optim.SGD, takes one step: buf <- mu buf + Delta, xg <- xg - outer_lr *
 (Delta + mu buf) (or buf without Nesterov); every worker restarts from xg. Defaults from
 the paper: outer_lr = 0.7, mu = 0.9, Nesterov. With outer_lr = 1 and mu = 0 this is Local
-SGD (a test). Communication: one blocking aggregation per round.
+SGD (a test). Communication: one blocking aggregation per round. The inner optimizer is
+the run's local optimizer (``train.optimizer``): the papers' AdamW on the ``shakespeare``
+task, whose defaults select it; its moments stay local to each worker across rounds.
 
 Streaming DiLoCo. The parameters are cut into ``fragments`` groups of whole tensors
 (balanced by size, in flat order); fragment f is synchronised every p inner steps, the

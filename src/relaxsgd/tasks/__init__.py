@@ -13,3 +13,5 @@ TASKS.add("mnist1d", "relaxsgd.tasks.mnist1d:build",
 TASKS.add("mnist", "relaxsgd.tasks.mnist:build", "MNIST from the standard IDX files in --data-dir")
 TASKS.add("cifar10", "relaxsgd.tasks.cifar10:build",
           "CIFAR-10 from the standard python batches in --data-dir (ResNet-20)")
+TASKS.add("shakespeare", "relaxsgd.tasks.shakespeare:build",
+          "character-level transformer language model on Shakespeare's 42 works in --data-dir")
