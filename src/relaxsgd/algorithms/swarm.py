@@ -169,7 +169,7 @@ class SwarmSGD(Algorithm):
     def _copy(self, w: Worker) -> Tensor:
         """What this worker sends: its published copy (non-blocking) or its model."""
         if self.cfg.averaging == "nonblocking":
-            return w.params.clone()
+            return w.state["xhat"].clone()
         return w.params.clone()
 
     def _stale(self, w: Worker) -> int:
