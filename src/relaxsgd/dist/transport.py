@@ -170,6 +170,11 @@ class Transport:
     def _admit(self, conn: socket.socket, addr: Any) -> None:
         """Handshake a new connection; on success start its reader. Never raises."""
         src = -1
+        # a hard deadline for the whole handshake, TLS included (whose reads each have
+        # the socket timeout, so a peer dripping bytes could stretch it): shut it down
+        timer = threading.Timer(A.HANDSHAKE_S + 1.0, _shut, args=(conn,))
+        timer.daemon = True
+        timer.start()
         try:
             conn.settimeout(A.HANDSHAKE_S)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -192,6 +197,7 @@ class Transport:
             self._warn(f"refused a connection from {addr[0]}:{addr[1]}: {why}"[:300])
             return
         finally:
+            timer.cancel()
             self._handshakes.release()
         self._read_loop(src, conn, mac)
 
@@ -356,3 +362,10 @@ class Transport:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
