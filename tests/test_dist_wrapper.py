@@ -30,7 +30,8 @@ BASE: dict[str, Any] = {
     "train": {"batch_size": 8, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
 }
 CASES = [("allreduce", {}), ("localsgd", {"p": 4, "average_momentum": True}),
-         ("olco3", {"s": 1, "compressor": "powersgd:rank=1"}), ("pipesgd", {})]
+         ("olco3", {"s": 1, "compressor": "powersgd:rank=1", "aggregation": "allreduce"}),
+         ("pipesgd", {})]  # olco3's default aggregation is ps since issue 11: pinned
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

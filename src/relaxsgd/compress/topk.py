@@ -43,7 +43,7 @@ class SparsePayload:
 def check_k(who: str, ratio: float, k: int | None) -> None:
     check_ratio(ratio, who)
     if k is not None:
-        require_int(k, f"{who}: k (or omit it to use ratio)", at_least=1)
+        require_int(k, f"{who}: k (a positive integer, or omit it to use ratio)", at_least=1)
 
 
 class TopK(Compressor):
