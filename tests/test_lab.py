@@ -106,7 +106,7 @@ def test_a_message_round_trip_takes_at_least_twice_the_delay_and_nothing_is_left
                         stdout=subprocess.PIPE, text=True)
         out, _ = cli.communicate(timeout=60)
         rtt = float(out)
-        assert 2 * delay <= rtt < 2 * delay + 0.05
+        assert 2 * delay <= rtt < 2 * delay + 0.1  # the upper bound is loose: load
         state["pids"] += [srv.pid, cli.pid]
     stats = lab.forwarder_stats()
     assert stats["packets"] >= 10 and stats["cpu_s"] >= 0
