@@ -41,11 +41,12 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     assert "forwarder" in r.stderr  # the lab reports its forwarder's statistics
     p = yaml.safe_load(prof.read_text())
     net, comp = p["network"], p["compute"]
-    assert DELAY <= net["latency_s"] < DELAY + 0.01
+    # lower bounds are physics; the upper ones are loose (a loaded machine adds time)
+    assert DELAY <= net["latency_s"] < 3 * DELAY
     a, _ = net["collectives"]["allreduce"]["2"]
-    assert 3.5 * DELAY < a < 5 * DELAY  # gloo, n=2: four one-way latencies
+    assert 3.5 * DELAY < a < 8 * DELAY  # gloo, n=2: four one-way latencies, not two
     a, _ = net["collectives"]["allgather"]["2"]
-    assert 1.5 * DELAY < a < 3 * DELAY  # two
+    assert 1.5 * DELAY < a < 5 * DELAY  # two
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
     out = tmp_path / "sim"
     assert main(["run", "--task", "logreg", "--workers", "2", "--steps", "4", "--algo",

@@ -106,7 +106,7 @@ def test_a_message_round_trip_takes_at_least_twice_the_delay_and_nothing_is_left
                         stdout=subprocess.PIPE, text=True)
         out, _ = cli.communicate(timeout=60)
         rtt = float(out)
-        assert 2 * delay <= rtt < 2 * delay + 0.05
+        assert 2 * delay <= rtt < 2 * delay + 0.1  # the upper bound is loose: load
         state["pids"] += [srv.pid, cli.pid]
     stats = lab.forwarder_stats()
     assert stats["packets"] >= 10 and stats["cpu_s"] >= 0
@@ -137,7 +137,8 @@ def test_everything_is_gone_after_the_lab_process_is_killed_or_interrupted(sig: 
         new = set(glob.glob(os.path.join(tempfile.gettempdir(),
                                          f"rl{lab.pid % 100000}-state-*.json"))) - before
         if new:
-            with open(new.pop(), encoding="utf-8") as f:
+            state_file = new.pop()
+            with open(state_file, encoding="utf-8") as f:
                 text = f.read()
             if text:
                 state = json.loads(text)
@@ -150,6 +151,8 @@ def test_everything_is_gone_after_the_lab_process_is_killed_or_interrupted(sig: 
     code = lab.wait(timeout=60)
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     _assert_gone(state)
+    if os.path.exists(state_file):  # a killed lab cannot remove its own state file
+        os.unlink(state_file)
 
 
 def test_without_root_the_lab_says_so_in_one_line(monkeypatch: Any, capsys: Any) -> None:

@@ -99,6 +99,7 @@ class Lab:
     workers: list[subprocess.Popen] = field(default_factory=list)
     stats_path: str = ""
     state_path: str | None = None
+    _stats: dict[str, Any] = field(default_factory=dict)
 
     def address(self, i: int) -> str:
         return f"{self.link.prefix}.{i + 1}"
@@ -265,11 +266,14 @@ class Lab:
 
     def forwarder_stats(self) -> dict[str, Any]:
         """The forwarder's statistics (after :meth:`close`), or {} when none."""
-        try:
-            with open(self.stats_path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+        if not self._stats and self.stats_path:
+            try:
+                with open(self.stats_path, encoding="utf-8") as f:
+                    self._stats = json.load(f)
+                os.unlink(self.stats_path)  # read once, kept on the Lab
+            except (OSError, ValueError):
+                pass
+        return dict(self._stats)
 
     def close(self) -> None:
         """End every process of the lab; the namespaces and devices go with them."""
@@ -285,6 +289,7 @@ class Lab:
             if h.poll() is None:
                 h.kill()
             h.wait()
+        self.forwarder_stats()  # kept on the Lab; its file removed
         if self.state_path:
             try:
                 os.unlink(self.state_path)
