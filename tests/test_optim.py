@@ -117,8 +117,9 @@ def test_sgd_keeps_no_second_moment() -> None:
 @pytest.mark.parametrize("kw,match", [
     ({"optimizer": "adam"}, "unknown optimizer 'adam'; choose one of: sgd, adamw"),
     ({"optimizer": "adamw", "betas": (0.9,)}, "betas must be two numbers"),
-    ({"optimizer": "adamw", "betas": (0.9, 1.0)}, "betas must be two numbers"),
-    ({"optimizer": "adamw", "eps": 0.0}, "eps must be > 0"),
+    ({"optimizer": "adamw", "betas": (0.9, 1.0)},
+     "each of train.betas must be a finite number >= 0 and < 1, got 1.0"),
+    ({"optimizer": "adamw", "eps": 0.0}, "train.eps must be a finite number > 0"),
     ({"optimizer": "adamw", "momentum": 0.9}, "momentum and nesterov are SGD's"),
 ])
 def test_bad_optimizer_options(kw: dict, match: str) -> None:
