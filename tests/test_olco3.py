@@ -238,7 +238,7 @@ def test_allreduce_mode_with_topk_matches_the_reference(s: int, sc: bool, cc: bo
     """Staleness (and compression) compensation with a real compressor."""
     p, rounds = 2, 5
     ref = Reference("olco3", steps=p * rounds, split="shards", algo_options={
-        "p": p, "s": s, "compressor": "topk:ratio=0.25",
+        "p": p, "s": s, "compressor": "topk:ratio=0.25", "aggregation": "allreduce",
         "staleness_compensation": sc, "compression_compensation": cc})
     X = olco3_reference(ref, COMPRESSORS["topk:ratio=0.25"], p, s, sc, cc, ps=False,
                         rounds=rounds)
@@ -282,7 +282,7 @@ def test_server_compensation_bills_the_residual_on_the_downlink() -> None:
     rounds = steps // p
     assert a.engine.server_bytes == rounds * n * 8 * 5
     assert b.engine.server_bytes == rounds * n * (8 * 5 + 4 * d)
-    for bad in ({"server_compensation": True},
+    for bad in ({"server_compensation": True, "aggregation": "allreduce"},
                 {"server_compensation": True, "aggregation": "ps",
                  "server_error_feedback": False}):
         with pytest.raises(ConfigError, match="server_compensation"):

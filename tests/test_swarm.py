@@ -300,7 +300,7 @@ def test_sequential_schedule_with_training_matches_the_reference(averaging, latt
                                                                  exact_mean) -> None:
     steps, eps = 12, 1e-2
     opts = {"schedule": "sequential", "H": 2, "steps_dist": "fixed", "averaging": averaging,
-            "exact_mean": exact_mean}
+            "exact_mean": exact_mean, "quantizer": "none"}  # (the default is the lattice)
     if lattice:
         opts.update(quantizer="lattice", bits=8, eps=eps)
     ref = Reference("swarm", workers=5, steps=steps, topology="ring", split="shards",
@@ -314,6 +314,7 @@ def test_sequential_schedule_with_training_matches_the_reference(averaging, latt
 
 
 def _workers(opts: dict, n: int = 3) -> tuple[Any, list[LocalWorker]]:
+    opts = {"quantizer": "none", **opts}  # exact averaging unless the test names one
     prep = prepare(tiny(algo="swarm", workers=n, topology="complete", algo_options=opts))
     bank = Bank(prep.spec, prep.cfg.train, list(range(n)), prep.shards, prep.cfg.seed,
                 prep.total_steps)
