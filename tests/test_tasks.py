@@ -134,6 +134,35 @@ def test_cifar10_reads_batches_from_folder_or_parent(tmp_path: Path) -> None:
         _build("cifar10", {}, str(tmp_path / "e"))
 
 
+class _Boom:
+    """Unpickling this would call os.system: the loader must refuse it before it runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_batch_that_names_a_function_is_refused_and_nothing_runs(
+        tmp_path: Path) -> None:
+    folder = _fake_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    with (folder / "data_batch_3").open("wb") as f:
+        pickle.dump({b"data": _Boom(marker), b"labels": [0]}, f)
+    with pytest.raises(DataError, match=r"data_batch_3.*names posix\.system"):
+        _build("cifar10", {}, str(tmp_path))
+    assert not marker.exists()
+    # a file far larger than any batch is refused before it is read
+    big = folder / "data_batch_3"
+    with big.open("wb") as f:
+        f.truncate(cifar_mod.MAX_BATCH_BYTES + 1)
+    with pytest.raises(DataError, match="more than a batch"):
+        _build("cifar10", {}, str(tmp_path))
+
+
 def _is_crop_or_flip(out: torch.Tensor, img: torch.Tensor) -> bool:
     padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
     for dy in range(9):

@@ -16,11 +16,13 @@ Effects (``result = yield Effect(...)``):
   Apply it with :meth:`Worker.apply_grad`.
 - :class:`AllReduce` ``(tensors, nbytes)``: the mean over all workers, of a tensor or a
   list of tensors (same shapes on every worker). ``nbytes`` is the size of what each
-  worker contributes as it would travel (default: the tensors' own size). Costed as a
-  ring all-reduce.
-- :class:`AllGather` ``(payload, nbytes)``: the list of every worker's payload (any
-  picklable object), by rank. ``pattern="ring"`` or ``"ps"`` (through a parameter server,
-  whose reply of ``down_nbytes`` is broadcast).
+  worker contributes as it would travel (default: the tensors' own size). Costed as the
+  backend's all-reduce (:mod:`relaxsgd.sim.collectives`).
+- :class:`AllGather` ``(payload, nbytes)``: the list of every worker's payload, by rank.
+  Payloads (here and in Send/Exchange) are what the distributed runtime's wire format
+  encodes (:mod:`relaxsgd.dist.wire`: None, numbers, str, bytes, lists, tuples, dicts,
+  tensors and registered payload dataclasses; never pickle). ``pattern="ring"`` or
+  ``"ps"`` (through a parameter server, whose reply of ``down_nbytes`` is broadcast).
 - :class:`Send` ``(peer, payload, nbytes, tag)``: one-way message into the peer's inbox;
   resolves when it has left the sender's link. :class:`Recv` ``(src, tag)`` waits for it.
 - :class:`Exchange` ``(peer, payload, nbytes)``: request/response; the peer's

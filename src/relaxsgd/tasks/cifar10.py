@@ -5,9 +5,12 @@ Reads ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` of the
 https://www.cs.toronto.edu/~kriz/cifar.html); ``data_dir`` (else
 ``$RELAXSGD_DATA_DIR``) may be that folder, its parent, or a parent holding
 ``cifar10/cifar-10-batches-py``. Each batch is a pickled dict with ``b"data"``, uint8
-``(N, 3072)`` (channel-major 32x32 planes), and ``b"labels"``. The files are unpickled:
-read only files you trust. Inputs are ``(N, 3, 32, 32)`` float32, scaled to [0, 1] and
-normalised per channel with the usual CIFAR-10 training mean and std.
+``(N, 3072)`` (channel-major 32x32 planes), and ``b"labels"``. The format is a pickle, so
+the files are read with an unpickler that resolves only numpy's array reconstruction (no
+other global: a file that names any, e.g. ``os.system``, is refused before it runs) and
+files over 200 MB are refused before they are read. Inputs are ``(N, 3, 32, 32)``
+float32, scaled to [0, 1] and normalised per channel with the usual CIFAR-10 training mean
+and std.
 
 Augmentation (He et al. 2016): a random 32x32 crop of the image padded by 4 on each
 side, then a horizontal flip with probability 1/2, drawn from the given generator,
@@ -63,6 +66,26 @@ _EXPECTED = (f"the CIFAR-10 python batches {', '.join(BATCHES)}, test_batch (fol
              f"{FOLDER} of https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)")
 
 
+MAX_BATCH_BYTES = 200 * 2**20  # a real batch is 31 MB
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: the only globals it resolves are
+    numpy's array reconstruction (what ``pickle.dump`` of a dict of arrays and lists
+    needs), so a file cannot name a function to call."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch "
+                                     "never does")
+
+
 def find_dir(data_dir: str | None) -> Path:
     """The ``cifar-10-batches-py`` folder (see module doc), or a DataError."""
     root = data_root(NAME, data_dir, _EXPECTED)
@@ -75,14 +98,20 @@ def find_dir(data_dir: str | None) -> Path:
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` of one pickled batch."""
+    if path.is_file() and path.stat().st_size > MAX_BATCH_BYTES:
+        raise DataError(f"CIFAR-10 file {str(path)!r} is {path.stat().st_size} bytes, more "
+                        f"than a batch's ~31 MB; re-download {_EXPECTED}")
     if not path.is_file():
         raise DataError(f"CIFAR-10 file {path.name} not found in {str(path.parent)!r}; "
                         f"expected {_EXPECTED}")
     try:
         with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _BatchUnpickler(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d[b"labels"], dtype=np.int64)
+    except pickle.UnpicklingError as e:  # a global outside the allow-list: refused
+        raise DataError(f"CIFAR-10 file {str(path)!r} is not a python batch: {e}; "
+                        f"re-download {_EXPECTED}") from None
     except Exception as e:  # any unpickling or layout problem is a bad file
         raise DataError(f"CIFAR-10 file {str(path)!r} is not a python batch dict with "
                         f"b'data' and b'labels' ({type(e).__name__}); re-download "
