@@ -16,9 +16,9 @@ Every worker measures at the same time (so cores are shared as in the real run):
   transfer (the second of two, TCP's window open) timed to its acknowledgement minus one
   round trip;
 - gloo all-reduce and all-gather at the sizes the algorithms use (8 bytes, 1 KiB, the
-  model, 4x the model), median of repeats after a barrier, and a least-squares fit
-  ``t(B) = a + b B`` per collective over the sizes from 1 KiB (gloo takes fewer steps
-  for a tensor of a few elements).
+  model, 4x the model) and at 64 and 256 KiB, median of repeats after a barrier, and a
+  least-squares fit ``t(B) = a + b B`` per collective over the sizes from 1 KiB (gloo
+  takes fewer steps for a tensor of a few elements).
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -166,7 +166,9 @@ def calibrate(cfg: RunConfig, rank: int, host: str, repeats: int = 7) -> dict[st
     from ..run import prepare
 
     d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
-    sizes = sorted({8, 1024, 4 * d, 16 * d})
+    # the model's sizes, and a spread of others so that the fit is well conditioned
+    # even for a tiny model (whose sizes alone are all close to 1 KiB)
+    sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
     coll = collective_times(sizes, repeats)
     fits = {k: {str(n): list(fit_line([p for p in v if p[0] >= 1024]))}
             for k, v in coll.items()}
