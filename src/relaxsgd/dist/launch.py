@@ -39,6 +39,29 @@ def job_secret_env(base: dict[str, str]) -> dict[str, str]:
     return {"RELAXSGD_SECRET": secrets.token_hex(32)}
 
 
+def signal_groups(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    """Send ``sig`` to the process group of every process still running (each was
+    started with ``start_new_session=True``, so its children get it too)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def stop_groups(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every running process group, SIGKILL what is left after ``grace`` seconds,
+    and reap them all."""
+    signal_groups(procs, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while any(p.poll() is None for p in procs) and time.monotonic() < end:
+        time.sleep(0.02)
+    signal_groups(procs, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -78,13 +101,8 @@ class LocalJob:
         return [p.poll() for p in self.procs]
 
     def signal(self, sig: int, ranks: Sequence[int] | None = None) -> None:
-        for r in ranks if ranks is not None else range(self.n):
-            p = self.procs[r]
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
+        signal_groups([self.procs[r] for r in (ranks if ranks is not None
+                                               else range(self.n))], sig)
 
     def wait(self, timeout: float | None = None, grace: float = 10.0) -> list[int]:
         """Wait for every worker; past ``timeout`` SIGTERM them, past ``grace`` more
@@ -98,13 +116,7 @@ class LocalJob:
         return [p.wait() for p in self.procs]
 
     def stop(self, grace: float = 10.0) -> None:
-        self.signal(signal.SIGTERM)
-        end = time.monotonic() + grace
-        while any(c is None for c in self.poll()) and time.monotonic() < end:
-            time.sleep(0.05)
-        self.signal(signal.SIGKILL)
-        for p in self.procs:
-            p.wait()
+        stop_groups(self.procs, grace)
 
     def output(self, rank: int) -> str:
         path = self.logs[rank]

@@ -247,22 +247,9 @@ class Lab:
 
     @staticmethod
     def _stop(procs: list[subprocess.Popen], grace: float) -> None:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        end = time.monotonic() + grace
-        while time.monotonic() < end and any(p.poll() is None for p in procs):
-            time.sleep(0.02)
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+        from ..dist.launch import stop_groups
+
+        stop_groups(procs, grace)
 
     def forwarder_stats(self) -> dict[str, Any]:
         """The forwarder's statistics (after :meth:`close`), or {} when none."""
