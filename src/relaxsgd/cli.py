@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 from .compare import DEFAULT_COMPARE
@@ -265,12 +263,10 @@ def _import_torch_holding_ctrl_c() -> None:
     measured, an interrupt 0.25-0.35 s after start was lost (the run went on) or ended
     the process by the signal after our message, instead of exit 130. Holding it for the
     ~1 s the import takes costs nothing else."""
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: held.append(1))
-    try:
+    from .outputs import shield_interrupts  # imports no torch
+
+    with shield_interrupts() as held:
         import torch  # noqa: F401
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
 
@@ -281,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:  # reported by the subcommand's parser, whose --help lists its flags
             parser.subcommands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
-        if threading.current_thread() is threading.main_thread():
-            _import_torch_holding_ctrl_c()
+        _import_torch_holding_ctrl_c()
         if args.cmd == "run":
             return cmd_run(args)
         if args.cmd == "compare":
