@@ -227,11 +227,10 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     net_cfg = make_network_config(cfg.network, **cfg.network_options)
     net = Network(net_cfg, n, cfg.seed)
     comp = ComputeModel(cfg.compute, n, cfg.seed, step_time)
+    shared_key = getattr(prep.algo, "shared_model_state", None)  # e.g. OLCO3's "xg"
     rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
                    prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
-                   cfg.eval_samples,
-                   shared_model=getattr(prep.algo, "shared_model_state", None) is not None)
-    shared_key = getattr(prep.algo, "shared_model_state", None)
+                   cfg.eval_samples, shared_model=shared_key is not None)
     every = max(1, math.ceil(total / cfg.evals)) * n
     next_eval = [0]
     bar = Progress(total * n, f"{cfg.algo} on {cfg.task}", progress)
