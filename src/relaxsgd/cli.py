@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Any
 
 from .compare import DEFAULT_COMPARE
-from .errors import ConfigError, RelaxError
+from .errors import ConfigError, RelaxError, StoppedAtCheckpoint
 
 __all__ = ["DEFAULT_COMPARE", "build_parser", "config_dict", "main"]
 
@@ -53,6 +54,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "runs/<time>-<algo>-<task>-n<workers>)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out: the "
                    "files an earlier run wrote there are replaced")
+    p.add_argument("--checkpoint-every", metavar="STEPS|Xmin", help="save a checkpoint every "
+                   "STEPS local steps per worker (in the simulator, a resumed run then equals "
+                   "the uninterrupted one exactly) or every X minutes of wall time ('10min'); "
+                   "Ctrl-C and SIGTERM also save one; continue with 'relaxsgd resume'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any option: algo.p=8, task.model=cnn, split.alpha=0.1, "
                         "train.momentum=0.9, network.latency_s=0.05, ...")
@@ -91,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--markdown", metavar="FILE", help="write a Markdown report (table, "
                     "setting, plots) to FILE")
     rp.add_argument("--force", action="store_true", help="write over --out / --markdown")
+    rs = sub.add_parser("resume", help="continue a stopped run from its checkpoint",
+                        description="Continue the run in RUN_DIR from its checkpoint "
+                        "(checkpoint.pt): the same config, the same folder; metrics.csv "
+                        "goes on from the checkpoint's row. A dist run is resumed under "
+                        "torchrun with the same number of processes.")
+    rs.add_argument("run_dir", metavar="RUN_DIR", help="the folder of the stopped run")
+    rs.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sub.add_parser("list", help="every registered plug-in with a one-line description")
     from .lab.cli import add_calibrate_parser, add_lab_parser
 
@@ -116,7 +128,7 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
              "topology": args.topology, "network": args.network, "steps": args.steps,
              "epochs": args.epochs, "split": args.split, "seed": args.seed,
              "data_dir": args.data_dir, "runtime": args.runtime, "evals": args.evals,
-             "out": args.out}
+             "out": args.out, "checkpoint_every": args.checkpoint_every}
     for k, v in flags.items():
         if v is not None:
             d[k] = v
@@ -207,6 +219,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .config import from_dict, load_yaml
+    from .report import summary_table
+    from .run import run
+
+    folder = args.run_dir
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder!r} is not a run folder (it has no config.yaml); give "
+                          "the folder a run wrote")
+    done = os.path.join(folder, "result.json")
+    status = None
+    try:
+        with open(done, encoding="utf-8") as f:
+            status = json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        pass  # no result yet, or an unreadable one: the checkpoint decides
+    if status == "completed":
+            raise ConfigError(f"the run in {folder!r} already completed; nothing to resume "
+                          f"(start a new one with 'relaxsgd run --config {path}')")
+    cfg = from_dict({**load_yaml(path), "out": folder})
+    _STARTED.append(folder)
+    result = run(cfg, progress=not args.quiet, resume=True)
+    if result is not None and _is_writer():
+        print(summary_table([result]))
+        print(f"outputs in {folder}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -290,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
             return lab_cli.cmd_calibrate(args, config_dict(args, None))
         if args.cmd == "report":
             return cmd_report(args)
+        if args.cmd == "resume":
+            return cmd_resume(args)
         return cmd_list()
+    except StoppedAtCheckpoint as e:
+        sys.stderr.write(f"relaxsgd: {e}\n")
+        return e.exit_code
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
         return e.exit_code

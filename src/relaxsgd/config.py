@@ -83,6 +83,7 @@ class RunConfig:
     eval_samples: int = 0  # 0: the whole test set at every evaluation
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default (see run.py)
     data_dir: str | None = None
+    checkpoint_every: int | str | None = None  # local steps, or "<x>min" (checkpoint.py)
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +98,9 @@ class RunConfig:
         require_int(self.seed, "seed", at_least=0, at_most=2**63 - 1)
         require_int(self.threads, "threads", at_least=0)
         require_int(self.eval_samples, "eval_samples", at_least=0)
+        from .checkpoint import parse_every
+
+        parse_every(self.checkpoint_every)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {self.runtime!r}; choose one of: "
                               f"{', '.join(RUNTIMES)}")

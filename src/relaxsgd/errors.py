@@ -33,3 +33,12 @@ class Deadlock(RelaxError, RuntimeError):
     """The simulator has no event left but some worker still waits: an algorithm bug."""
 
     exit_code = 4
+
+
+class StoppedAtCheckpoint(RelaxError):
+    """The run was stopped by a signal after saving a checkpoint: not an error; the exit
+    status is the signal's (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -134,6 +134,14 @@ class Recorder:
             self._file.flush()
         return row
 
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Take the rows of a checkpoint as the rows so far (written again to the file)."""
+        self.rows = [dict(r) for r in rows]
+        if self._writer is not None:
+            for row in self.rows:
+                self._writer.writerow({k: _fmt(v) for k, v in row.items()})
+            self._file.flush()
+
     def _workers_mean(self, X: Tensor, first: tuple[float, float],
                       buffers_of: Callable[[int], dict[str, Tensor]]) -> tuple[float, float]:
         """Mean over workers of (loss, metric) of each one's own model; ``first`` is worker

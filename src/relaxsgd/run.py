@@ -24,12 +24,13 @@ from .algorithms import ALGORITHMS
 from .algorithms.base import Algorithm, RunInfo
 from .bank import Bank
 from .config import RunConfig, _typed, dump_yaml
-from .errors import ConfigError, Diverged, RelaxError
+from .errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 from .metrics import LM_COLUMNS, CommStats, Recorder, aggregate_worker_metrics, write_sample
 from .outputs import models_payload, save_models, shield_interrupts, write_json
 from .sim.compute import ComputeModel, load_profile, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
+from .sim.saving import SimCheckpoints
 from .tasks import TASKS
 from .tasks.base import TaskSpec
 from .worker import LocalWorker
@@ -156,20 +157,29 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict[str, Any]:
-    """Run one configuration; returns the result dict (also written as result.json)."""
+def run(cfg: RunConfig, progress: bool = True, write: bool = True,
+        resume: bool = False) -> dict[str, Any]:
+    """Run one configuration; returns the result dict (also written as result.json).
+
+    ``resume``: continue the run in ``cfg.out`` from its checkpoint (``relaxsgd resume``)."""
     if cfg.runtime == "dist":
         from .dist.runtime import run_dist  # type: ignore[import-not-found]
 
-        return run_dist(cfg, progress=progress, write=write)
+        return run_dist(cfg, progress=progress, write=write, resume=resume)
     prep = prepare(cfg)
     out = None
-    if write:
+    ck = None
+    if resume:
+        from . import checkpoint
+
+        out = cfg.out
+        ck = checkpoint.load(os.path.join(out, checkpoint.FILE), "sim", prep.resolved)
+    elif write:
         out = cfg.out or default_out_dir(cfg)
         os.makedirs(out, exist_ok=True)
         dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
     try:
-        return run_sim(prep, out, progress)
+        return simulate(prep, out, progress, resume=ck).result
     except KeyboardInterrupt:
         if out and not os.path.exists(os.path.join(out, "result.json")):
             with shield_interrupts():  # Ctrl-C before the first step: say so, in JSON
@@ -195,8 +205,11 @@ def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str,
     return simulate(prep, out, progress).result
 
 
-def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> SimOutcome:
-    """Run ``prep`` in the simulator; a diverged or interrupted run raises after writing."""
+def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
+             resume: dict[str, Any] | None = None) -> SimOutcome:
+    """Run ``prep`` in the simulator; a diverged or interrupted run raises after writing.
+
+    ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from."""
     cfg, n, total = prep.cfg, prep.cfg.workers, prep.total_steps
     # A finished run's bank (and its data set) is freed only by the cyclic garbage collector
     # (vmap closures, generator frames and engine callbacks form cycles), whose thresholds
@@ -235,6 +248,10 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
     next_eval = [0]
     bar = Progress(total * n, f"{cfg.algo} on {cfg.task}", progress)
     engine: Engine | None = None
+    saver = SimCheckpoints(cfg.checkpoint_every, out if prep.algo.resumable else None,
+                           prep.resolved, lambda: {
+                               "done": done[0], "next_eval": next_eval[0], "rows": rec.rows,
+                               "wall_time": time.perf_counter() - wall0})
 
     eval_wall = [0.0]
 
@@ -266,6 +283,7 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
             next_eval[0] = (done[0] // every + 1) * every
             bar.update(done[0], f"acc {row['accuracy_mean_model']:.4f}")
             checkpoint_result(row)
+        saver.poll()
 
     def checkpoint_result(row: dict[str, Any]) -> None:
         """result.json after every evaluation (status "running"): a run killed at any
@@ -276,15 +294,27 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
             write_json(os.path.join(out, "result.json"), res)
 
     engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
+    saver.attach(engine, resume is not None)
+    if resume is not None:
+        saver.restore(resume, engine)
+        r = resume["run"]
+        done[0], next_eval[0] = int(r["done"]), int(r["next_eval"])
+        rec.restore(r["rows"])
+        wall0 -= float(r["wall_time"])
+        bar.update(done[0], "resumed")
     status, message, vtime, t_run = "completed", "", 0.0, 0.0
+    stopped_at: StoppedAtCheckpoint | None = None
     try:
         t_run = time.perf_counter()
-        vtime = engine.run()
+        with saver.signals.installed(saver.path is not None):
+            vtime = engine.run(resume=resume is not None)
         t_run = time.perf_counter() - t_run
     except Diverged as e:
         status, message, vtime = "diverged", str(e), engine.now
     except KeyboardInterrupt:
         status, message, vtime = "interrupted", INTERRUPTED, engine.now
+    except StoppedAtCheckpoint as e:
+        status, message, vtime, stopped_at = "interrupted", str(e), engine.now, e
     last = rec.rows[-1] if rec.rows else None
     if status != "interrupted" and (last is None or last["step"] != round(done[0] / n, 3)
                                     or last["virtual_time_s"] != vtime):
@@ -312,6 +342,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False) -> 
                 bank.mean_buffers(), list(range(n))))
     if status == "diverged":
         raise DivergedAfterWrite(message, out)
+    if stopped_at is not None:
+        raise stopped_at
     if status == "interrupted" or held:
         raise KeyboardInterrupt
     return SimOutcome(result, bank, workers, engine, rec.rows,

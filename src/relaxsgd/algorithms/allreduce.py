@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Algorithm, AllReduce, Grad, Program, Worker
+from .base import Algorithm, AllReduce, Checkpoint, Grad, Program, Worker
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,11 @@ class AllReduceConfig:
 class AllReduceSGD(Algorithm):
     name = "allreduce"
     Config = AllReduceConfig
+    resumable = True
 
     def program(self, w: Worker) -> Program:
-        for _ in range(w.total_steps):
+        while w.step < w.total_steps:
+            yield Checkpoint()
             g = yield Grad()
             mean = yield AllReduce(g)
             w.apply_grad(mean)

@@ -33,11 +33,34 @@ Effects (``result = yield Effect(...)``):
   main one; returns a :class:`Handle` at once; ``yield Wait(handle)`` gives its return value.
 - :class:`Wait` ``(handle or list of handles)``: the result(s); time spent here is stall.
 - :class:`Sleep` ``(seconds)``, :class:`Now` ``()``.
+- :class:`Checkpoint` ``(position)``: a safe point (see "Checkpoints" below).
 
 Every communication effect takes ``blocking``; ``blocking=False`` returns a
 :class:`Handle` at once (non-blocking communication that overlaps computation).
 
 Results of collectives are fresh tensors owned by the receiving worker.
+
+Checkpoints (the rule every algorithm follows). A worker program is a generator, and a
+generator's locals cannot be saved; so everything a program needs to go on lives in
+``w.state`` (plain data: tensors, numbers, lists, dicts, ``torch.Generator``; named tuples
+and dataclasses registered with :func:`relaxsgd.state_tree.register_state_type`), in the
+worker's parameters and optimizer state, or is derived from the config and the seed. A
+program yields ``Checkpoint()`` at the top of its main loop, where that holds; nowhere
+else. When no checkpoint is due the effect returns at once and costs nothing. When one is
+due (the run's ``checkpoint_every`` has been reached at ``position``, or the run was asked
+to stop), the runtime first waits for every handle still in flight in ``w.state`` (their
+results are kept in the finished handles; the time is stall), then holds the worker until
+every worker has reached its own safe point and nothing is in flight, saves, and lets the
+program go on. ``relaxsgd resume`` rebuilds the run from the file and calls ``program(w)``
+again on each unfinished worker; so a program's prologue (the code before its loop) must be
+idempotent and issue no communication, and the loop must re-read everything from
+``w.state``, so that the restarted program does exactly what the running one did after its
+``yield Checkpoint()``. ``position`` (default: ``w.step``) must place the safe points in a
+consistent cut: if every worker stops at its first safe point at or past a position,
+every message a stopped worker waits for has been sent (local steps do it for round-based
+and asynchronous algorithms; a schedule of numbered interactions uses its numbering).
+In the simulator the resumed run equals, bit for bit, the run that was never interrupted
+with the same checkpoint schedule (a conformance test checks every algorithm).
 
 Faults (distributed runtime only; the simulator never raises it): when the peer of an
 :class:`Exchange` or :class:`Recv` is gone (its process died) or does not answer within the
@@ -135,6 +158,16 @@ class Sleep(Effect):
 @dataclass
 class Now(Effect):
     pass
+
+
+@dataclass
+class Checkpoint(Effect):
+    """A safe point of the main program (see "Checkpoints" in the module docstring).
+
+    ``position``: where the worker is, in the unit of the run's ``checkpoint_every`` (local
+    steps; None means ``w.step``)."""
+
+    position: float | None = None
 
 
 @dataclass
@@ -240,6 +273,8 @@ class Algorithm:
     # counters (summed over workers) and observations (``<key>_mean``) that become
     # metrics.csv columns; anything else counted still reaches result.json
     metric_keys: ClassVar[tuple[str, ...]] = ()
+    # True once the program follows the checkpoint rule (module docstring, "Checkpoints")
+    resumable: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:
         self.cfg = cfg

@@ -41,12 +41,14 @@ from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
 from ..errors import ConfigError
+from ..state_tree import register_state_type
 from .base import Algorithm, AllGather, AllReduce, Grad, Handle, Program, Spawn, Wait, Worker
 
 AGGREGATIONS = ("allreduce", "ps")
 SALT_SERVER = salts.SERVER
 
 
+@register_state_type
 class Delivered(NamedTuple):
     """What a finished aggregation gives: the aggregate, this worker's own decoded message,
     its error-feedback residual after the message (None without error feedback), and in ps
@@ -60,6 +62,7 @@ class Delivered(NamedTuple):
     server_residual: Tensor | None = None
 
 
+@register_state_type
 class Pending(NamedTuple):
     """A started aggregation. ``own``/``residual`` are known at once when the compressor
     works locally, else None until the handle's :class:`Delivered` says."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import Algorithm, AllReduce, Compute, Program, Worker
+from .base import Algorithm, AllReduce, Checkpoint, Compute, Program, Worker
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,13 @@ class LocalSGDConfig:
 class LocalSGD(Algorithm):
     name = "localsgd"
     Config = LocalSGDConfig
+    resumable = True
 
     def program(self, w: Worker) -> Program:
         cfg: LocalSGDConfig = self.cfg
-        done = 0
-        while done < w.total_steps:
-            h = min(cfg.p, w.total_steps - done)
-            yield Compute(h)
-            done += h
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(min(cfg.p, w.total_steps - w.step))
             if cfg.average_momentum:
                 mom = w.momentum
                 avg = yield AllReduce([w.params, mom])

@@ -65,14 +65,14 @@ counter ``payload_bytes`` (encoded size of the messages a worker contributed). T
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Compute, Program, Wait, Worker
+from ..state_tree import register_state_type
+from .base import Checkpoint, Compute, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions, Pending
 
 
@@ -122,6 +122,7 @@ class OLCO3Config(CompressionOptions):
                               "error-feedback residual)")
 
 
+@register_state_type
 class _Round(NamedTuple):
     step: int  # local steps done when the round ended
     pending: Pending
@@ -133,57 +134,56 @@ class OLCO3(CompressedAlgorithm):
     Config = OLCO3Config
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     shared_model_state = "xg"  # every worker holds xg: evaluated beside the mean model
+    resumable = True
 
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)
         w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
         # ps mode: the server's residual after the last applied round, E^(k-s)
         w.state["server_residual"] = w.params.new_zeros(w.params.numel())
-        w.state["xg"] = w.params.clone()
+        w.state["xg"] = w.params.clone()  # the shared model, the same on every worker
+        w.state["flight"] = []  # the rounds whose aggregation is not applied yet (_Round)
+        # e_i after the last aggregated round's message
+        w.state["e_done"] = w.params.new_zeros(w.params.numel())
 
     def program(self, w: Worker) -> Program:
+        # the loop's state is all in w.state, so a resumed program goes on from it
         cfg: OLCO3Config = self.cfg
-        x = w.params
-        xg = w.state["xg"]  # the shared model, the same on every worker
-        xg.copy_(x)
-        flight: deque[_Round] = deque()
-        e_done = x.new_zeros(x.numel())  # e_i after the last aggregated round's message
-        done = 0
-        while done < w.total_steps:
-            h = min(cfg.p, w.total_steps - done)
+        x, xg, flight = w.params, w.state["xg"], w.state["flight"]
+        while w.step < w.total_steps:
+            yield Checkpoint()
             start = x.clone()
-            yield Compute(h)
-            done += h
+            yield Compute(min(cfg.p, w.total_steps - w.step))
             u = start - x
             w.state["update_sum"].add_(u)
             pend = yield from self.agg.start(w, w.state["agg"], u)
-            flight.append(_Round(done, pend, u))
+            flight.append(_Round(w.step, pend, u))
             while len(flight) > cfg.s:
-                w.observe("staleness", done - flight[0].step)
-                e_done = yield from self._apply_oldest(w, flight, xg, e_done)
-            yield from self._restart(w, flight, xg, e_done)
+                w.observe("staleness", w.step - flight[0].step)
+                yield from self._apply_oldest(w, flight, xg)
+            yield from self._restart(w, flight, xg)
         if cfg.drain:
             while flight:
-                e_done = yield from self._apply_oldest(w, flight, xg, e_done)
-            yield from self._restart(w, flight, xg, e_done)
+                yield from self._apply_oldest(w, flight, xg)
+            yield from self._restart(w, flight, xg)
 
-    def _restart(self, w: Worker, flight: deque[_Round], xg: Tensor, e_done: Tensor
-                 ) -> Program:
+    def _restart(self, w: Worker, flight: list[_Round], xg: Tensor) -> Program:
         """The next start model: xg - SC * (own messages in flight) - CC * e_i (- E)."""
-        comp = yield from self._compensation(flight, e_done)
+        comp = yield from self._compensation(flight, w.state["e_done"])
         base = xg - w.state["server_residual"] if self.cfg.server_compensation else xg
         w.params.copy_(base - comp if comp is not None else base)
 
-    def _apply_oldest(self, w: Worker, flight: deque[_Round], xg: Tensor,
-                      e_done: Tensor) -> Program:
-        """Wait for the oldest aggregate in flight, apply it to xg; returns e_i after it."""
-        got = yield from self.agg.receive(w, flight.popleft().pending)
+    def _apply_oldest(self, w: Worker, flight: list[_Round], xg: Tensor) -> Program:
+        """Wait for the oldest aggregate in flight, apply it to xg; e_done <- e_i after it."""
+        got = yield from self.agg.receive(w, flight[0].pending)
+        flight.pop(0)
         xg.sub_(got.mean)
         if got.server_residual is not None:
             w.state["server_residual"].copy_(got.server_residual)
-        return got.residual if got.residual is not None else e_done
+        if got.residual is not None:
+            w.state["e_done"] = got.residual
 
-    def _compensation(self, flight: deque[_Round], e_done: Tensor) -> Program:
+    def _compensation(self, flight: list[_Round], e_done: Tensor) -> Program:
         """SC * (own messages in flight) + CC * e_i, or None when it is zero."""
         cfg: OLCO3Config = self.cfg
         sc, cc = cfg.staleness_compensation, cfg.compression_compensation and self.agg.ef

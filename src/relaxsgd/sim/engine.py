@@ -10,12 +10,23 @@ that instant are processed, so that the bank can batch them (vmap). The worker i
 until ``start + duration``; actions that handlers defer to its "next step boundary" run
 then. Evaluation hooks run between instants, after all events at the current time and
 before that instant's computations are flushed.
+
+Checkpoints (the rule is in :mod:`relaxsgd.algorithms.base`). A :class:`Checkpoint` effect
+is a safe point; when a checkpoint is due there (``ckpt_at`` reached), the worker waits for
+the handles in flight in its ``w.state``, then parks. Once every worker is parked or
+finished and nothing is left in flight (no event, computation or collective pending), the
+engine calls ``on_checkpoint(engine)`` (the runner saves :meth:`Engine.state_dict` beside
+the bank and the workers), then releases the parked workers in rank order. A resumed
+engine (:meth:`Engine.run` with ``resume=True``) starts each unfinished worker's program
+afresh at the checkpoint's virtual time, in the same order: the two runs then go on
+identically.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +37,7 @@ from ..algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
+    Checkpoint,
     Compute,
     Deferred,
     Effect,
@@ -44,6 +56,7 @@ from ..algorithms.base import (
 from ..bank import Bank
 from ..errors import Deadlock, Diverged
 from ..worker import LocalWorker
+from .barrier import CheckpointBarrier
 from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
 from .network import Network
@@ -73,9 +86,12 @@ class _Proc:
         self.stall = 0.0
         self.bytes_sent = 0
         self.messages = 0
+        self.parked: _Coro | None = None  # held at a checkpoint's barrier
+        self.last_pos = -math.inf  # position of its latest safe point
+        self.live_spawns = 0
 
 
-class Engine:
+class Engine(CheckpointBarrier):
     """Runs an algorithm's worker programs over a bank, a network and a compute model."""
 
     def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
@@ -92,6 +108,9 @@ class Engine:
         self.server_bytes = 0
         self.server_messages = 0
         self._between = between_instants
+        self.ckpt_at: float | None = None  # a safe point at or past this position parks
+        self.ckpt_every: float | None = None  # then the next is the next multiple
+        self.on_checkpoint: Callable[[Engine], None] | None = None
 
     # -- scheduling ----------------------------------------------------------------
     def at(self, t: float, fn: Callable, *args: Any) -> None:
@@ -106,10 +125,14 @@ class Engine:
     def _resume_later(self, coro: _Coro) -> Callable[[Any], None]:
         return lambda value: self.at(self.now, self._advance, coro, value)
 
-    def run(self) -> float:
-        """Run to completion; returns the virtual time when the last worker finished."""
+    def run(self, resume: bool = False) -> float:
+        """Run to completion; returns the virtual time when the last worker finished.
+
+        ``resume``: the engine's state was loaded (:meth:`load_state_dict`); the programs of
+        the unfinished workers start afresh from their saved state."""
         for p in self.procs:
-            self._advance(_Coro(p, self.algo.program(p.w), main=True), None)
+            if not (resume and p.done):
+                self._advance(_Coro(p, self.algo.program(p.w), main=True), None)
         while True:
             while self._q and self._q[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._q)
@@ -120,15 +143,14 @@ class Engine:
                 self._flush_compute()
                 continue
             if not self._q:
+                if self._barrier_complete():
+                    self._checkpoint()
+                    continue
                 break
             self.now = self._q[0][0]
         stuck = [p for p in self.procs if not p.done]
         if stuck:
-            p = stuck[0]
-            raise Deadlock(f"simulation stuck at t={self.now:.6f}s: {len(stuck)} worker(s) "
-                           f"never finished (first: worker {p.w.rank} at local step "
-                           f"{p.w.step}, {p.coll_seq} collectives issued); an algorithm "
-                           "waits for something no one sends")
+            raise Deadlock(self._stuck_message(stuck))
         return max(p.finish_time for p in self.procs)
 
     # -- coroutines ----------------------------------------------------------------
@@ -143,6 +165,8 @@ class Engine:
                 if coro.main:
                     coro.proc.done = True
                     coro.proc.finish_time = self.now
+                else:
+                    coro.proc.live_spawns -= 1
                 self._resolve(coro.handle, stop.value)
                 return
             blocked, value = self._dispatch(coro, eff)
@@ -172,8 +196,11 @@ class Engine:
             return self._park(coro, h, stall=False)
         if isinstance(eff, Wait):
             return self._wait(coro, eff.handles)
+        if isinstance(eff, Checkpoint):
+            return self._checkpoint_point(coro, eff)
         if isinstance(eff, Spawn):
             child = _Coro(p, eff.program, main=False)
+            p.live_spawns += 1
             self._advance(child, None)
             return self._park(coro, child.handle) if eff.blocking else (False, child.handle)
         if isinstance(eff, (AllReduce, AllGather)):
@@ -348,3 +375,4 @@ class Engine:
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)
+

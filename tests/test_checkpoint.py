@@ -1,0 +1,281 @@
+"""Checkpoints and exact resume in the simulator (issue 11, item 1).
+
+The conformance test: for every registered algorithm (and the variants whose state differs:
+SwarmSGD async and sequential with the lattice, OLCO3 top-k through a parameter server and
+PowerSGD, ...), a run killed right after its k-th checkpoint and resumed from the file
+writes the same metrics.csv (wall times apart) as the same run never interrupted, with the
+same checkpoint schedule. The "kill" raises an exception the runner does not catch, so
+nothing after the checkpoint is written, as after SIGKILL; a real SIGKILL of a
+``relaxsgd run`` process is in :func:`test_sigkill_then_resume_equals_uninterrupted`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from relaxsgd import checkpoint
+from relaxsgd.algorithms import ALGORITHMS
+from relaxsgd.errors import ConfigError
+from relaxsgd.run import run
+from relaxsgd.sim import saving
+from simkit import tiny
+
+# (id, config overrides): every algorithm at least once; the variants with their own state.
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("allreduce", {"algo": "allreduce", "train": {"momentum": 0.9}}),
+    ("localsgd", {"algo": "localsgd", "algo_options": {"p": 3}}),
+    ("olco3-topk-ps", {"algo": "olco3", "algo_options": {"p": 2, "s": 1}}),
+    ("olco3-topk-ps-s2-servercomp", {"algo": "olco3", "algo_options": {
+        "p": 2, "s": 2, "server_compensation": True}}),
+    ("olco3-powersgd", {"algo": "olco3", "algo_options": {
+        "p": 2, "s": 1, "compressor": "powersgd:rank=1", "aggregation": "allreduce"}}),
+    ("efsgd", {"algo": "efsgd"}),
+    ("qsparse", {"algo": "qsparse"}),
+    ("pipesgd", {"algo": "pipesgd"}),
+    ("cocod", {"algo": "cocod"}),
+    ("overlap-local", {"algo": "overlap-local"}),
+    ("diloco", {"algo": "diloco", "algo_options": {"p": 3}}),
+    ("streaming-diloco", {"algo": "streaming-diloco", "algo_options": {"p": 4, "fragments": 2}}),
+    ("swarm-async-lattice", {"algo": "swarm", "topology": "ring"}),
+    ("swarm-async-overlap", {"algo": "swarm", "topology": "ring", "algo_options": {
+        "overlap": True}}),
+    ("swarm-sequential-lattice", {"algo": "swarm", "topology": "ring", "algo_options": {
+        "schedule": "sequential"}}),
+    ("swarm-blocking-qsgd", {"algo": "swarm", "topology": "ring", "algo_options": {
+        "averaging": "blocking", "quantizer": "qsgd"}}),
+    ("dpsgd", {"algo": "dpsgd", "topology": "ring"}),
+    ("adpsgd", {"algo": "adpsgd", "topology": "ring"}),
+    ("sgp", {"algo": "sgp", "topology": "ring"}),
+    ("choco", {"algo": "choco", "topology": "ring"}),
+]
+
+
+def metrics(folder: str) -> list[dict[str, str]]:
+    with open(os.path.join(folder, "metrics.csv"), encoding="utf-8") as f:
+        return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in csv.DictReader(f)]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, so nothing more is written."""
+
+
+def run_killed_after(cfg: Any, k: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run ``cfg`` and stop it dead right after its k-th checkpoint is on disk."""
+    taken = [0]
+    orig = saving.SimCheckpoints._take
+
+    def take(self: Any, engine: Any) -> None:
+        orig(self, engine)
+        taken[0] += 1
+        if taken[0] == k:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(saving.SimCheckpoints, "_take", take)
+        with pytest.raises(Killed):
+            run(cfg, progress=False)
+    return taken[0]
+
+
+def test_every_algorithm_is_resumable_and_has_a_case() -> None:
+    names = {e.name for e in ALGORITHMS.entries()}
+    covered = {d["algo"] for _, d in CASES}
+    assert names <= covered, f"no checkpoint case for {sorted(names - covered)}"
+    not_resumable = sorted(n for n in names if not ALGORITHMS.get(n).resumable)
+    assert not not_resumable, f"algorithms that do not follow the checkpoint rule: " \
+        f"{not_resumable}"
+
+
+@pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_resumed_run_equals_uninterrupted_run(case: dict[str, Any], tmp_path: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny(**case, steps=24, evals=6, network="wan", checkpoint_every=5)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run(dataclasses.replace(cfg, out=whole), progress=False)
+    run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
+    assert os.path.isfile(os.path.join(cut, checkpoint.FILE))
+    res = run(dataclasses.replace(cfg, out=cut), progress=False, resume=True)
+    assert res["status"] == "completed"
+    a, b = metrics(whole), metrics(cut)
+    assert len(a) == len(b) >= 6
+    for ra, rb in zip(a, b, strict=True):
+        assert ra == rb
+    ma = torch.load(os.path.join(whole, "models.pt"), weights_only=True)
+    mb = torch.load(os.path.join(cut, "models.pt"), weights_only=True)
+    assert torch.equal(ma["X"], mb["X"])
+
+
+def test_checkpoints_change_no_parameter_of_a_synchronous_run(tmp_path: Any) -> None:
+    """A barrier only costs time: OLCO3's models with checkpoints equal those without
+    (its aggregations in flight are waited for, not applied early)."""
+    base = tiny(algo="olco3", algo_options={"p": 2, "s": 1}, steps=24, evals=2)
+    finals = []
+    for every in (None, 5):
+        out = str(tmp_path / f"e{every}")
+        run(dataclasses.replace(base, checkpoint_every=every, out=out), progress=False)
+        finals.append(torch.load(os.path.join(out, "models.pt"), weights_only=True)["X"])
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_a_checkpoint_is_a_weights_only_file_with_the_documented_keys(tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    run(dataclasses.replace(tiny(algo="allreduce", steps=12, checkpoint_every=5), out=out),
+        progress=False)  # a safe point at every step: checkpoints at 5 and 10
+    ck = torch.load(os.path.join(out, checkpoint.FILE), weights_only=True)
+    assert ck["format"] == checkpoint.FORMAT and ck["runtime"] == "sim"
+    assert {"config", "position", "virtual_time", "bank", "workers", "engine", "run"} <= set(ck)
+    assert ck["position"] == 10  # the second multiple of 5 local steps
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "garbage"])
+def test_a_damaged_or_foreign_checkpoint_is_one_line(damage: str, tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    cfg = dataclasses.replace(tiny(algo="localsgd", steps=12, checkpoint_every=5), out=out)
+    run(cfg, progress=False)
+    path = os.path.join(out, checkpoint.FILE)
+    data = open(path, "rb").read()
+    if damage == "truncate":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "foreign":
+        torch.save({"format": "something-else", "x": torch.zeros(2)}, path)
+    else:
+        open(path, "wb").write(b"\x80\x04not a checkpoint at all")
+    with pytest.raises(ConfigError) as e:
+        run(cfg, progress=False, resume=True)
+    assert "\n" not in str(e.value) and path in str(e.value)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    cfg = dataclasses.replace(tiny(algo="localsgd", steps=12, checkpoint_every=5), out=out)
+    run(cfg, progress=False)
+    with pytest.raises(ConfigError, match="belongs to another run: seed"):
+        run(dataclasses.replace(cfg, seed=3), progress=False, resume=True)
+
+
+def test_a_pickle_in_a_checkpoint_runs_nothing(tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    cfg = dataclasses.replace(tiny(algo="localsgd", steps=12, checkpoint_every=5), out=out)
+    run(cfg, progress=False)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": checkpoint.FORMAT, "evil": Evil()}, os.path.join(out, checkpoint.FILE))
+    with pytest.raises(ConfigError):
+        run(cfg, progress=False, resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value, ok", [(5, True), ("5", True), ("2.5min", True),
+                                       ("0", False), (-1, False), ("soon", False),
+                                       (True, False), ("nanmin", False)])
+def test_checkpoint_every_is_checked(value: Any, ok: bool) -> None:
+    if ok:
+        tiny(checkpoint_every=value)
+    else:
+        with pytest.raises(ConfigError, match="checkpoint_every"):
+            tiny(checkpoint_every=value)
+
+
+# -- the command line, in real processes ----------------------------------------------------
+
+def _cli(*args: str, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "relaxsgd.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _config_file(tmp_path: Any, **over: Any) -> str:
+    d = {"algo": "olco3", "task": "logreg", "workers": 4, "steps": 400, "evals": 8,
+         "task_options": {"n_train": 512, "n_test": 256, "dim": 8, "classes": 4},
+         "compute": {"step_time_s": 0.01}, "train": {"batch_size": 8, "lr": 0.1},
+         "algo_options": {"p": 2, "s": 1}, "checkpoint_every": 40, **over}
+    path = str(tmp_path / "job.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(d, f)  # JSON is YAML
+    return path
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Any) -> None:
+    job = _config_file(tmp_path)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    p = _cli("run", "--config", job, "--out", whole, "-q")
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    p = _cli("run", "--config", job, "--out", cut, "-q")
+    path = os.path.join(cut, checkpoint.FILE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.exists(path):
+            ck = torch.load(path, weights_only=True)
+            if ck["position"] >= 120:
+                break
+        time.sleep(0.02)
+    if p.poll() is not None:
+        pytest.skip("the run ended before it could be killed (machine too fast)")
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    r = _cli("resume", cut, "-q")
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    assert metrics(whole) == metrics(cut)
+    assert json.load(open(os.path.join(cut, "result.json")))["status"] == "completed"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_resume_finishes(sig: int, tmp_path: Any) -> None:
+    job = _config_file(tmp_path, steps=3000, evals=30, checkpoint_every=None)
+    out = str(tmp_path / "r")
+    p = _cli("run", "--config", job, "--out", out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.exists(os.path.join(out, "metrics.csv")) and \
+                len(open(os.path.join(out, "metrics.csv")).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    if p.poll() is not None:
+        pytest.skip("the run ended before the signal (machine too fast)")
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, err
+    assert "relaxsgd resume" in err.strip().splitlines()[-1]
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["status"] == "interrupted"
+    assert os.path.isfile(os.path.join(out, checkpoint.FILE))
+    assert os.path.isfile(os.path.join(out, "models.pt"))
+    r = _cli("resume", out, "-q")
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["status"] == "completed" and res["final"]["steps_per_worker"] == 3000
+
+
+def test_resume_without_a_checkpoint_or_a_run_folder_is_one_line(tmp_path: Any) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli("resume", str(empty))
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1 and "config.yaml" in err
+    out = str(tmp_path / "r")
+    p = _cli("run", "--config", _config_file(tmp_path, steps=8, checkpoint_every=None),
+             "--out", out, "-q")
+    assert p.wait(timeout=120) == 0
+    r = _cli("resume", out)
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "already completed" in err
+    os.unlink(os.path.join(out, "result.json"))  # as if killed before its first checkpoint
+    r = _cli("resume", out)
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint" in err
