@@ -334,15 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "resume":
             return cmd_resume(args)
         return cmd_list()
-    except StoppedAtCheckpoint as e:
-        sys.stderr.write(f"relaxsgd: {e}\n")
-        return e.exit_code
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED
                  else " before anything was written")
+        if isinstance(e, StoppedAtCheckpoint):  # Ctrl-C or SIGTERM, with a checkpoint
+            sys.stderr.write(f"relaxsgd: interrupted{where}; {e.note}\n")
+            return e.exit_code
         sys.stderr.write(f"relaxsgd: interrupted{where}\n")
         return 130
 

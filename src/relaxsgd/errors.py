@@ -35,10 +35,13 @@ class Deadlock(RelaxError, RuntimeError):
     exit_code = 4
 
 
-class StoppedAtCheckpoint(RelaxError):
-    """The run was stopped by a signal after saving a checkpoint: not an error; the exit
-    status is the signal's (130 for Ctrl-C, 143 for SIGTERM)."""
+class StoppedAtCheckpoint(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C or SIGTERM after saving a checkpoint: an interrupt
+    (whatever handles one handles it), whose ``note`` says how to go on; the exit status
+    is the signal's (130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
+    def __init__(self, note: str, signum: int) -> None:
+        super().__init__(note)
+        self.note = note
+        self.signum = signum
         self.exit_code = 128 + signum

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -311,10 +312,12 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
         t_run = time.perf_counter() - t_run
     except Diverged as e:
         status, message, vtime = "diverged", str(e), engine.now
+    except StoppedAtCheckpoint as e:
+        how = "Ctrl-C" if e.signum == signal.SIGINT else "SIGTERM"
+        status, vtime, stopped_at = "interrupted", engine.now, e
+        message = INTERRUPTED.replace("Ctrl-C", how) + "; " + e.note
     except KeyboardInterrupt:
         status, message, vtime = "interrupted", INTERRUPTED, engine.now
-    except StoppedAtCheckpoint as e:
-        status, message, vtime, stopped_at = "interrupted", str(e), engine.now, e
     last = rec.rows[-1] if rec.rows else None
     if status != "interrupted" and (last is None or last["step"] != round(done[0] / n, 3)
                                     or last["virtual_time_s"] != vtime):

@@ -93,11 +93,11 @@ class SimCheckpoints:
         if self.path is not None:
             self.save(engine)
         if self.signals.signum is not None:
+            folder = os.path.dirname(self.path or "") or "."
             raise StoppedAtCheckpoint(
-                f"stopped at local step {engine.procs[0].w.step} of worker 0 (virtual time "
-                f"{engine.now:.3f}s) with a checkpoint in {os.path.dirname(self.path or '')};"
-                f" continue with: relaxsgd resume {os.path.dirname(self.path or '.')}",
-                self.signals.signum)
+                f"a checkpoint at local step {engine.procs[0].w.step} of worker 0 (virtual "
+                f"time {engine.now:.3f}s) is saved: continue with 'relaxsgd resume "
+                f"{folder}'", self.signals.signum)
 
     def save(self, engine: Any) -> None:
         from ..checkpoint import bank_state, worker_state
