@@ -44,7 +44,8 @@ from .errors import ConfigError
 
 MODELS_FORMAT = "relaxsgd.models/1"
 # Files a run or a comparison writes: the only ones --force removes from an old folder.
-OUTPUT_FILES = ("config.yaml", "metrics.csv", "result.json", "models.pt", "summary.txt",
+OUTPUT_FILES = ("config.yaml", "metrics.csv", "result.json", "models.pt", "checkpoint.pt",
+                "summary.txt",
                 "report.md", "accuracy_vs_time.png", "accuracy_vs_bytes.png")
 
 
