@@ -279,3 +279,22 @@ def test_resume_without_a_checkpoint_or_a_run_folder_is_one_line(tmp_path: Any) 
     _, err = r.communicate(timeout=120)
     assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert "no checkpoint" in err
+
+
+@pytest.mark.parametrize("algo, topology", [("localsgd", "complete"), ("swarm", "ring")])
+def test_resume_restores_the_network_and_compute_generators(algo: str, topology: str,
+                                                            tmp_path: Any,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A lossy, jittery link and straggling workers draw from the network's and the compute
+    model's generators at every message and step: a resume that rebuilt them from the seed
+    instead of the checkpoint would time (and, for gossip, order) everything differently."""
+    cfg = tiny(algo=algo, topology=topology, steps=24, evals=6, network="mobile",
+               compute={"step_time_s": 0.01, "heterogeneity": "stragglers",
+                        "straggler_p": 0.3, "straggler_f": 4.0},
+               checkpoint_every=5)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run(dataclasses.replace(cfg, out=whole), progress=False)
+    run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
+    run(dataclasses.replace(cfg, out=cut), progress=False, resume=True)
+    assert metrics(whole) == metrics(cut)
