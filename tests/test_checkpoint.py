@@ -41,12 +41,35 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("olco3-powersgd", {"algo": "olco3", "algo_options": {
         "p": 2, "s": 1, "compressor": "powersgd:rank=1", "aggregation": "allreduce"}}),
     ("efsgd", {"algo": "efsgd"}),
+    ("efsgd-powersgd", {"algo": "efsgd", "algo_options": {"compressor": "powersgd:rank=1"}}),
+    ("efsgd-topk-ps", {"algo": "efsgd", "algo_options": {"aggregation": "ps"}}),
+    ("efsgd-randk-shared", {"algo": "efsgd", "algo_options": {
+        "compressor": "randk:ratio=0.25,shared_seed=3"}}),
     ("qsparse", {"algo": "qsparse"}),
+    ("qsparse-powersgd", {"algo": "qsparse", "algo_options": {
+        "p": 3, "compressor": "powersgd:rank=1"}}),
     ("pipesgd", {"algo": "pipesgd"}),
+    ("pipesgd-s2-topk-ps", {"algo": "pipesgd", "algo_options": {  # a FIFO chain in flight
+        "s": 2, "compressor": "topk:ratio=0.25", "aggregation": "ps"}}),
+    ("pipesgd-s2-powersgd", {"algo": "pipesgd", "algo_options": {
+        "s": 2, "compressor": "powersgd:rank=1"}}),
     ("cocod", {"algo": "cocod"}),
+    ("cocod-topk-ps", {"algo": "cocod", "algo_options": {
+        "p": 3, "compressor": "topk:ratio=0.25", "aggregation": "ps"}}),
     ("overlap-local", {"algo": "overlap-local"}),
+    ("overlap-local-anchor-local-sign", {"algo": "overlap-local", "algo_options": {
+        "p": 3, "final": "anchor", "anchor_from": "local", "compressor": "sign"}}),
+    ("overlap-local-none", {"algo": "overlap-local", "algo_options": {"final": "none"}}),
     ("diloco", {"algo": "diloco", "algo_options": {"p": 3}}),
+    ("diloco-topk-ef", {"algo": "diloco", "algo_options": {
+        "p": 3, "compressor": "topk:ratio=0.25", "error_feedback": True}}),
     ("streaming-diloco", {"algo": "streaming-diloco", "algo_options": {"p": 4, "fragments": 2}}),
+    ("streaming-diloco-tau2", {"algo": "streaming-diloco", "algo_options": {
+        "p": 6, "fragments": 2, "tau": 2, "error_feedback": True}}),
+    ("streaming-diloco-tau-p", {"algo": "streaming-diloco", "algo_options": {
+        "p": 4, "fragments": 2, "tau": 4}}),
+    ("streaming-diloco-tau0", {"algo": "streaming-diloco", "algo_options": {
+        "p": 4, "tau": 0, "alpha": 1.0, "compressor": "identity"}}),
     ("swarm-async-lattice", {"algo": "swarm", "topology": "ring"}),
     ("swarm-async-overlap", {"algo": "swarm", "topology": "ring", "algo_options": {
         "overlap": True}}),
