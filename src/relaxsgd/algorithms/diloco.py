@@ -23,7 +23,8 @@ applies the outer step to xg_f and merges x_f <- alpha xg_f + (1 - alpha) x_f (t
 model's weight alpha; the paper mixes half and half). After the last inner step every
 fragment with unsent progress is synchronised once more, everything in flight is applied,
 and every worker ends on the global model. With tau = 0, alpha = 1, one fragment and no
-compression this is DiLoCo (a test).
+compression this is DiLoCo (a test). A checkpoint (at the loop's top, between inner steps)
+waits for the syncs in flight; each is still applied tau steps after it started.
 
 Metrics: ``staleness`` (observation: tau, inner steps between a sync's start and its use),
 ``ef_residual_norm``, ``payload_bytes``.

@@ -17,7 +17,8 @@ anchor, compressed with ``compressor`` and error feedback (an extension for comp
 equal compression; ``identity``, the default, is the paper's model average; ``aggregation:
 ps`` uses a parameter server with its own compression, see ``efsgd``). After the last
 round the last anchor is received and ``final`` decides the models: ``average`` (one
-blocking model average), ``anchor`` (every worker takes z) or ``none``.
+blocking model average), ``anchor`` (every worker takes z) or ``none``. A checkpoint (at a
+round's start) waits for the anchor in flight; it is still used at the round's end.
 
 Metrics: ``staleness`` (observation: steps between the anchor's information and its use),
 ``ef_residual_norm``, ``payload_bytes``.

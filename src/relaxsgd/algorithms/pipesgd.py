@@ -12,7 +12,8 @@ applied mean through the local optimizer.
 
 Communication schedule: a non-blocking aggregation per step, run in FIFO order on the
 communication thread; the worker waits only for the aggregate of step t - s. With a network
-that delivers an aggregation within s steps of computation it never stalls.
+that delivers an aggregation within s steps of computation it never stalls. A checkpoint
+(at a step's start) waits for the s aggregations in flight, then applies them on schedule.
 
 Metrics: ``staleness`` (observation: s, in local steps), ``ef_residual_norm``,
 ``payload_bytes``.
