@@ -173,6 +173,26 @@ def test_checkpoints_change_no_parameter_of_a_synchronous_run(algo: str, opts: d
     assert stalls[1] >= stalls[0]  # the barriers' waits are stall
 
 
+def test_an_inconsistent_streaming_diloco_state_is_one_line_not_a_hang(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose schedule state lies behind its step would make the program
+    compute zero steps forever; it is refused instead."""
+    cfg = tiny(algo="streaming-diloco", algo_options={"p": 4, "fragments": 2}, steps=24,
+               evals=2, checkpoint_every=5)
+    cut = str(tmp_path / "cut")
+    run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
+    path = os.path.join(cut, checkpoint.FILE)
+    ck = torch.load(path, weights_only=True)
+    for wk in ck["workers"]:
+        wk["state"]["items"] = [(k, 1 if k == "next_sync" else v)
+                                for k, v in wk["state"]["items"]]
+    torch.save(ck, path)
+    r = _cli("resume", cut, "-q")
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "inconsistent state at inner step 10: next sync #1 was due at step 2" in err
+
+
 def test_a_checkpoint_is_a_weights_only_file_with_the_documented_keys(tmp_path: Any) -> None:
     out = str(tmp_path / "r")
     run(dataclasses.replace(tiny(algo="allreduce", steps=12, checkpoint_every=5), out=out),

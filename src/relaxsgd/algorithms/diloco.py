@@ -193,6 +193,8 @@ class StreamingDiLoCo(CompressedAlgorithm):
             while flight and flight[0].apply_at <= t:
                 yield from self._apply(w, flight.pop(0), xg, cfg.alpha)
             j = st["next_sync"]
+            if j * every < t or (flight and flight[0].apply_at < t):
+                raise ConfigError(self._bad_state(t, j, flight))
             if t == j * every and t > 0:
                 f = (j - 1) % len(last_start)
                 yield from self._start(w, f, t, xg, flight)
@@ -210,6 +212,14 @@ class StreamingDiLoCo(CompressedAlgorithm):
         while flight:
             yield from self._apply(w, flight.pop(0), xg, cfg.alpha)
         x.copy_(xg)
+
+    def _bad_state(self, t: int, j: int, flight: list[_Sync]) -> str:
+        """Why a (resumed) state cannot go on; without this check it would loop forever."""
+        late = flight[0].apply_at if flight else None
+        return (f"streaming-diloco: inconsistent state at inner step {t}: next sync #{j} "
+                f"was due at step {j * self.cfg.p // self.cfg.fragments}, oldest sync in "
+                f"flight due at {late}; the checkpoint does not belong to this program "
+                "(a sync is due at or after the current step)")
 
     def _start(self, w: Worker, f: int, t: int, xg: Tensor, flight: list[_Sync]) -> Program:
         a, b = w.state["frags"][f]
