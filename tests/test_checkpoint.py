@@ -41,12 +41,36 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("olco3-powersgd", {"algo": "olco3", "algo_options": {
         "p": 2, "s": 1, "compressor": "powersgd:rank=1", "aggregation": "allreduce"}}),
     ("efsgd", {"algo": "efsgd"}),
+    ("efsgd-powersgd", {"algo": "efsgd", "algo_options": {"compressor": "powersgd:rank=1"}}),
+    ("efsgd-topk-ps-qsgd-server", {"algo": "efsgd", "algo_options": {  # the server's seeds
+        "aggregation": "ps", "server_compressor": "qsgd:bits=4"}}),
+    ("efsgd-randk-shared", {"algo": "efsgd", "algo_options": {
+        "compressor": "randk:ratio=0.25,shared_seed=3"}}),
     ("qsparse", {"algo": "qsparse"}),
+    ("qsparse-powersgd", {"algo": "qsparse", "algo_options": {
+        "p": 3, "compressor": "powersgd:rank=1"}}),
     ("pipesgd", {"algo": "pipesgd"}),
+    ("pipesgd-s2-topk-ps", {"algo": "pipesgd", "algo_options": {  # a FIFO chain in flight
+        "s": 2, "compressor": "topk:ratio=0.25", "aggregation": "ps"}}),
+    ("pipesgd-s2-powersgd", {"algo": "pipesgd", "algo_options": {
+        "s": 2, "compressor": "powersgd:rank=1"}}),
     ("cocod", {"algo": "cocod"}),
+    ("cocod-topk-ps", {"algo": "cocod", "algo_options": {
+        "p": 3, "compressor": "topk:ratio=0.25", "aggregation": "ps"}}),
     ("overlap-local", {"algo": "overlap-local"}),
+    ("overlap-local-anchor-local-sign", {"algo": "overlap-local", "algo_options": {
+        "p": 3, "final": "anchor", "anchor_from": "local", "compressor": "sign"}}),
+    ("overlap-local-none", {"algo": "overlap-local", "algo_options": {"final": "none"}}),
     ("diloco", {"algo": "diloco", "algo_options": {"p": 3}}),
+    ("diloco-topk-ef", {"algo": "diloco", "algo_options": {
+        "p": 3, "compressor": "topk:ratio=0.25", "error_feedback": True}}),
     ("streaming-diloco", {"algo": "streaming-diloco", "algo_options": {"p": 4, "fragments": 2}}),
+    ("streaming-diloco-tau2", {"algo": "streaming-diloco", "algo_options": {
+        "p": 6, "fragments": 2, "tau": 2, "error_feedback": True}}),
+    ("streaming-diloco-tau-p", {"algo": "streaming-diloco", "algo_options": {
+        "p": 4, "fragments": 2, "tau": 4}}),
+    ("streaming-diloco-tau0", {"algo": "streaming-diloco", "algo_options": {
+        "p": 4, "tau": 0, "alpha": 1.0, "compressor": "identity"}}),
     ("swarm-async-lattice", {"algo": "swarm", "topology": "ring"}),
     ("swarm-async-overlap", {"algo": "swarm", "topology": "ring", "algo_options": {
         "overlap": True}}),
@@ -116,16 +140,57 @@ def test_resumed_run_equals_uninterrupted_run(case: dict[str, Any], tmp_path: An
     assert torch.equal(ma["X"], mb["X"])
 
 
-def test_checkpoints_change_no_parameter_of_a_synchronous_run(tmp_path: Any) -> None:
-    """A barrier only costs time: OLCO3's models with checkpoints equal those without
-    (its aggregations in flight are waited for, not applied early)."""
-    base = tiny(algo="olco3", algo_options={"p": 2, "s": 1}, steps=24, evals=2)
-    finals = []
+# Algorithms whose models cannot depend on time: every exchange is a collective of all
+# workers, each worker's sequence of local steps and aggregations is fixed by the config,
+# so waiting for an aggregation earlier (at a checkpoint) changes no number.
+SYNCHRONOUS = [
+    ("olco3", {"p": 2, "s": 1}),
+    ("efsgd", {"aggregation": "ps", "server_compressor": "qsgd:bits=4"}),
+    ("qsparse", {"p": 3}),
+    ("pipesgd", {"s": 2, "compressor": "powersgd:rank=1"}),
+    ("cocod", {"p": 3}),
+    ("overlap-local", {"p": 3}),
+    ("diloco", {"p": 3}),
+    ("streaming-diloco", {"p": 6, "fragments": 2, "tau": 2}),
+]
+
+
+@pytest.mark.parametrize("algo, opts", SYNCHRONOUS, ids=[a for a, _ in SYNCHRONOUS])
+def test_checkpoints_change_no_parameter_of_a_synchronous_run(algo: str, opts: dict[str, Any],
+                                                              tmp_path: Any) -> None:
+    """A barrier only costs time: the models with checkpoints equal those without (the
+    aggregations in flight are waited for, not applied early)."""
+    base = tiny(algo=algo, algo_options=opts, steps=24, evals=2, network="wan")
+    finals, stalls = [], []
     for every in (None, 5):
         out = str(tmp_path / f"e{every}")
-        run(dataclasses.replace(base, checkpoint_every=every, out=out), progress=False)
+        res = run(dataclasses.replace(base, checkpoint_every=every, out=out), progress=False)
         finals.append(torch.load(os.path.join(out, "models.pt"), weights_only=True)["X"])
+        stalls.append(res["final"]["stall_time_s_mean"])
     assert torch.equal(finals[0], finals[1])
+    ck = torch.load(os.path.join(str(tmp_path / "e5"), checkpoint.FILE), weights_only=True)
+    assert ck["position"] >= 20  # it did stop at its safe points, up to the last one
+    assert stalls[1] >= stalls[0]  # the barriers' waits are stall
+
+
+def test_an_inconsistent_streaming_diloco_state_is_one_line_not_a_hang(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose schedule state lies behind its step would make the program
+    compute zero steps forever; it is refused instead."""
+    cfg = tiny(algo="streaming-diloco", algo_options={"p": 4, "fragments": 2}, steps=24,
+               evals=2, checkpoint_every=5)
+    cut = str(tmp_path / "cut")
+    run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
+    path = os.path.join(cut, checkpoint.FILE)
+    ck = torch.load(path, weights_only=True)
+    for wk in ck["workers"]:
+        wk["state"]["items"] = [(k, 1 if k == "next_sync" else v)
+                                for k, v in wk["state"]["items"]]
+    torch.save(ck, path)
+    r = _cli("resume", cut, "-q")
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "inconsistent state at inner step 10: next sync #1 was due at step 2" in err
 
 
 def test_a_checkpoint_is_a_weights_only_file_with_the_documented_keys(tmp_path: Any) -> None:

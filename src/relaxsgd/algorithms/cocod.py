@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
-from .base import AllReduce, Compute, Program, Worker
+from .base import AllReduce, Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
@@ -52,17 +52,22 @@ class CoCoDSGD(CompressedAlgorithm):
     name = "cocod"
     Config = CoCoDConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    resumable = True
+
+    def init_worker(self, w: Worker) -> None:
+        super().init_worker(w)
+        w.state["ref"] = w.params.clone()  # xbar^(k-1): the last average, known to all
 
     def program(self, w: Worker) -> Program:
-        x = w.params
-        ref = x.clone()  # xbar^(k-1): the last average, known to every worker
-        done = 0
-        while done < w.total_steps:
-            h = min(self.cfg.p, w.total_steps - done)
+        # the loop's state is all in w.state (a round's aggregation is received within
+        # the round: nothing is in flight at the loop top), so a resumed program goes on
+        x, ref = w.params, w.state["ref"]
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            h = min(self.cfg.p, w.total_steps - w.step)
             start = x.clone()
             pend = yield from self.agg.start(w, w.state["agg"], start - ref)
             yield Compute(h)
-            done += h
             got = yield from self.agg.receive(w, pend)
             ref.add_(got.mean)
             x.copy_(ref + (x - start))

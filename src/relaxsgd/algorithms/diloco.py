@@ -23,7 +23,8 @@ applies the outer step to xg_f and merges x_f <- alpha xg_f + (1 - alpha) x_f (t
 model's weight alpha; the paper mixes half and half). After the last inner step every
 fragment with unsent progress is synchronised once more, everything in flight is applied,
 and every worker ends on the global model. With tau = 0, alpha = 1, one fragment and no
-compression this is DiLoCo (a test).
+compression this is DiLoCo (a test). A checkpoint (at the loop's top, between inner steps)
+waits for the syncs in flight; each is still applied tau steps after it started.
 
 Metrics: ``staleness`` (observation: tau, inner steps between a sync's start and its use),
 ``ef_residual_norm``, ``payload_bytes``.
@@ -31,7 +32,6 @@ Metrics: ``staleness`` (observation: tau, inner steps between a sync's start and
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ..checks import require_int
 from ..errors import ConfigError
-from .base import Compute, Program, Worker
+from ..state_tree import register_state_type
+from .base import Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, Pending, parse_compression
 
 
@@ -82,20 +83,22 @@ class DiLoCo(CompressedAlgorithm):
     name = "diloco"
     Config = DiLoCoConfig
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
+    resumable = True
 
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)
         w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
 
     def program(self, w: Worker) -> Program:
+        # Every round ends with x = xg, so the round's start model is xg: the loop carries
+        # nothing but w.state (outer momentum, compressor; the aggregation is blocking,
+        # nothing is in flight at the loop top), and a resumed program goes on from it.
         cfg: DiLoCoConfig = self.cfg
         x = w.params
-        xg = x.clone()
-        done = 0
-        while done < w.total_steps:
-            h = min(cfg.p, w.total_steps - done)
-            yield Compute(h)
-            done += h
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            xg = x.clone()
+            yield Compute(min(cfg.p, w.total_steps - w.step))
             got = yield from self.agg.mean(w, w.state["agg"], xg - x)
             outer_step(xg, w.state["outer_buf"], got.mean, cfg.outer_lr, cfg.outer_momentum,
                        cfg.nesterov)
@@ -134,6 +137,7 @@ class StreamingDiLoCoConfig:
         parse_compression(who, self.compressor, self.error_feedback, "allreduce", "")
 
 
+@register_state_type
 class _Sync(NamedTuple):
     apply_at: int
     frag: int
@@ -162,43 +166,62 @@ class StreamingDiLoCo(CompressedAlgorithm):
     name = "streaming-diloco"
     Config = StreamingDiLoCoConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    resumable = True
 
     def init_worker(self, w: Worker) -> None:  # one aggregator state per fragment
         frags = fragment_bounds(w.layout, self.cfg.fragments)
         w.state["frags"] = [(a, b) for a, b, _ in frags]
         w.state["agg"] = [self.agg.init_state(b - a, lay) for a, b, lay in frags]
         w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
+        w.state["xg"] = w.params.clone()  # the global model, the same on every worker
+        w.state["flight"] = []  # the syncs started and not applied yet (_Sync), oldest first
+        w.state["last_start"] = [0] * len(frags)  # step of each fragment's latest sync
+        w.state["next_sync"] = 1  # the j-th sync (j >= 1) starts at step j * (p / fragments)
 
     def program(self, w: Worker) -> Program:
+        # The loop's state is all in w.state (at a checkpoint the runtime waits for the
+        # syncs in flight; their results are applied tau steps after they started, as in a
+        # run without checkpoints), so a resumed program goes on from it. t is w.step.
         cfg: StreamingDiLoCoConfig = self.cfg
-        x, xg = w.params, w.params.clone()
-        frags, every = w.state["frags"], cfg.p // cfg.fragments
-        flight: deque[_Sync] = deque()
-        last_start = [0] * len(frags)
-        t, j = 0, 1  # the j-th sync (j >= 1) starts at step j * every
+        st = w.state
+        x, xg, flight, last_start = w.params, st["xg"], st["flight"], st["last_start"]
+        every = cfg.p // cfg.fragments
         while True:
+            t = w.step
+            if t < w.total_steps:
+                yield Checkpoint()
             while flight and flight[0].apply_at <= t:
-                yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+                yield from self._apply(w, flight.pop(0), xg, cfg.alpha)
+            j = st["next_sync"]
+            if j * every < t or (flight and flight[0].apply_at < t):
+                raise ConfigError(self._bad_state(t, j, flight))
             if t == j * every and t > 0:
-                f = (j - 1) % len(frags)
+                f = (j - 1) % len(last_start)
                 yield from self._start(w, f, t, xg, flight)
-                last_start[f], j = t, j + 1
+                last_start[f], st["next_sync"] = t, j + 1
                 if cfg.tau == 0:
-                    yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+                    yield from self._apply(w, flight.pop(0), xg, cfg.alpha)
             if t >= w.total_steps:
                 break
-            nxt = min(j * every, flight[0].apply_at if flight else w.total_steps,
-                      w.total_steps)
+            nxt = min(st["next_sync"] * every,
+                      flight[0].apply_at if flight else w.total_steps, w.total_steps)
             yield Compute(nxt - t)
-            t = nxt
-        for f in range(len(frags)):
+        for f in range(len(last_start)):
             if last_start[f] < t:
                 yield from self._start(w, f, t, xg, flight)
         while flight:
-            yield from self._apply(w, flight.popleft(), xg, cfg.alpha)
+            yield from self._apply(w, flight.pop(0), xg, cfg.alpha)
         x.copy_(xg)
 
-    def _start(self, w: Worker, f: int, t: int, xg: Tensor, flight: deque) -> Program:
+    def _bad_state(self, t: int, j: int, flight: list[_Sync]) -> str:
+        """Why a (resumed) state cannot go on; without this check it would loop forever."""
+        late = flight[0].apply_at if flight else None
+        return (f"streaming-diloco: inconsistent state at inner step {t}: next sync #{j} "
+                f"was due at step {j * self.cfg.p // self.cfg.fragments}, oldest sync in "
+                f"flight due at {late}; the checkpoint does not belong to this program "
+                "(a sync is due at or after the current step)")
+
+    def _start(self, w: Worker, f: int, t: int, xg: Tensor, flight: list[_Sync]) -> Program:
         a, b = w.state["frags"][f]
         pend = yield from self.agg.start(w, w.state["agg"][f], xg[a:b] - w.params[a:b])
         flight.append(_Sync(t + self.cfg.tau, f, pend))

@@ -42,7 +42,18 @@ from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
 from ..errors import ConfigError
 from ..state_tree import register_state_type
-from .base import Algorithm, AllGather, AllReduce, Grad, Handle, Program, Spawn, Wait, Worker
+from .base import (
+    Algorithm,
+    AllGather,
+    AllReduce,
+    Checkpoint,
+    Grad,
+    Handle,
+    Program,
+    Spawn,
+    Wait,
+    Worker,
+)
 
 AGGREGATIONS = ("allreduce", "ps")
 SALT_SERVER = salts.SERVER
@@ -133,7 +144,12 @@ class Aggregator:
         self.seed = seed
         # ps: the server's residual travels with every reply (dense float32, billed)
         self.send_server_residual = server_compensation
-        self._last: dict[int, Handle | None] = {}  # per worker: its latest aggregation
+        # Per worker: its latest aggregation, for the FIFO chain. Not checkpointed, on
+        # purpose: at a checkpoint every spawn has finished (the runtime waits for the
+        # handles in w.state and refuses to save with a spawn running), and waiting for a
+        # finished handle returns at once, so the empty dict of a resumed run behaves
+        # exactly like the finished handle it replaces.
+        self._last: dict[int, Handle | None] = {}
 
     # -- state -------------------------------------------------------------------------
     def init_state(self, numel: int, layout: list | None) -> dict[str, Any]:
@@ -283,9 +299,13 @@ class EFSGD(CompressedAlgorithm):
     name = "efsgd"
     Config = EFSGDConfig
     metric_keys = ("payload_bytes", "ef_residual_norm_mean")
+    resumable = True
 
     def program(self, w: Worker) -> Program:
-        for _ in range(w.total_steps):
+        # blocking aggregations: at the loop top nothing is in flight, and all the state
+        # (residual, PowerSGD's Q, random-k's step, the server's) is in w.state["agg"]
+        while w.step < w.total_steps:
+            yield Checkpoint()
             g = yield Grad()
             got = yield from self.agg.mean(w, w.state["agg"], g)
             w.apply_grad(got.mean)

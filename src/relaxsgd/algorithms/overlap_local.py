@@ -17,7 +17,8 @@ anchor, compressed with ``compressor`` and error feedback (an extension for comp
 equal compression; ``identity``, the default, is the paper's model average; ``aggregation:
 ps`` uses a parameter server with its own compression, see ``efsgd``). After the last
 round the last anchor is received and ``final`` decides the models: ``average`` (one
-blocking model average), ``anchor`` (every worker takes z) or ``none``.
+blocking model average), ``anchor`` (every worker takes z) or ``none``. A checkpoint (at a
+round's start) waits for the anchor in flight; it is still used at the round's end.
 
 Metrics: ``staleness`` (observation: steps between the anchor's information and its use),
 ``ef_residual_norm``, ``payload_bytes``.
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..checks import require_int
 from ..errors import ConfigError
-from .base import AllReduce, Compute, Program, Worker
+from .base import AllReduce, Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
 FINALS = ("average", "anchor", "none")
@@ -72,26 +73,33 @@ class OverlapLocalSGD(CompressedAlgorithm):
     name = "overlap-local"
     Config = OverlapLocalConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    resumable = True
+
+    def init_worker(self, w: Worker) -> None:
+        super().init_worker(w)
+        w.state["z"] = w.params.clone()  # the anchor z^k, the same on every worker
+        w.state["vbar"] = w.params.new_zeros(w.params.numel())  # the anchor's momentum
+        w.state["pend"] = None  # the aggregation for the next anchor (a Pending), in flight
 
     def program(self, w: Worker) -> Program:
+        # the loop's state is all in w.state (at a checkpoint the runtime waits for the
+        # aggregation in flight), so a resumed program goes on from it
         cfg: OverlapLocalConfig = self.cfg
-        x = w.params
-        z = x.clone()
-        vbar = x.new_zeros(x.numel())
-        pend, done = None, 0
-        while done < w.total_steps:
-            h = min(cfg.p, w.total_steps - done)
+        x, z, vbar = w.params, w.state["z"], w.state["vbar"]
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            h = min(cfg.p, w.total_steps - w.step)
             yield Compute(h)
-            done += h
-            if pend is not None:
-                yield from self._receive(w, pend, z, vbar)
+            if w.state["pend"] is not None:
+                yield from self._receive(w, w.state["pend"], z, vbar)
                 w.observe("staleness", h)
             local = x - z
             x.mul_(1.0 - cfg.alpha).add_(z, alpha=cfg.alpha)
             msg = local if cfg.anchor_from == "local" else x - z
-            pend = yield from self.agg.start(w, w.state["agg"], msg)
-        if pend is not None:
-            yield from self._receive(w, pend, z, vbar)
+            w.state["pend"] = yield from self.agg.start(w, w.state["agg"], msg)
+        if w.state["pend"] is not None:
+            yield from self._receive(w, w.state["pend"], z, vbar)
+            w.state["pend"] = None
         if cfg.final == "average":
             x.copy_((yield AllReduce(x.clone())))
         elif cfg.final == "anchor":

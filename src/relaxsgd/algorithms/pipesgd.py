@@ -12,7 +12,8 @@ applied mean through the local optimizer.
 
 Communication schedule: a non-blocking aggregation per step, run in FIFO order on the
 communication thread; the worker waits only for the aggregate of step t - s. With a network
-that delivers an aggregation within s steps of computation it never stalls.
+that delivers an aggregation within s steps of computation it never stalls. A checkpoint
+(at a step's start) waits for the s aggregations in flight, then applies them on schedule.
 
 Metrics: ``staleness`` (observation: s, in local steps), ``ef_residual_norm``,
 ``payload_bytes``.
@@ -20,11 +21,10 @@ Metrics: ``staleness`` (observation: s, in local steps), ``ef_residual_norm``,
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from ..checks import require_int
-from .base import Grad, Program, Wait, Worker
+from .base import Checkpoint, Grad, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
@@ -48,16 +48,27 @@ class PipeSGD(CompressedAlgorithm):
     name = "pipesgd"
     Config = PipeSGDConfig
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
+    resumable = True
+
+    def init_worker(self, w: Worker) -> None:
+        super().init_worker(w)
+        # w.step counts applied gradients, s behind the gradients computed: count those
+        w.state["grads"] = 0
+        w.state["flight"] = []  # the aggregations started and not applied (Pending), oldest first
 
     def program(self, w: Worker) -> Program:
-        flight: deque = deque()
-        for _ in range(w.total_steps):
+        # the loop's state is all in w.state (at a checkpoint the runtime waits for the
+        # aggregations in flight), so a resumed program goes on from it
+        flight = w.state["flight"]
+        while w.state["grads"] < w.total_steps:
+            yield Checkpoint()
             g = yield Grad()
+            w.state["grads"] += 1
             flight.append((yield from self.agg.start(w, w.state["agg"], g)))
             if len(flight) > self.cfg.s:
-                got = yield from self.agg.receive(w, flight.popleft())
+                got = yield from self.agg.receive(w, flight.pop(0))
                 w.apply_grad(got.mean)
                 w.observe("staleness", self.cfg.s)
         while flight:  # the aggregates still in flight: applied, not observed
-            got = yield Wait(flight.popleft().handle)
+            got = yield Wait(flight.pop(0).handle)
             w.apply_grad(got.mean)

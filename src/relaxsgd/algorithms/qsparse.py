@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
-from .base import Compute, Program, Worker
+from .base import Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
 
@@ -45,15 +45,17 @@ class QsparseLocalSGD(CompressedAlgorithm):
     name = "qsparse"
     Config = QsparseConfig
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
+    resumable = True
 
     def program(self, w: Worker) -> Program:
+        # Every round ends with x = xg, so the round's start model is xg: the loop carries
+        # nothing but w.state["agg"] (the aggregation is blocking, nothing is in flight at
+        # the loop top), and a resumed program goes on from it.
         x = w.params
-        xg = x.clone()
-        done = 0
-        while done < w.total_steps:
-            h = min(self.cfg.p, w.total_steps - done)
-            yield Compute(h)
-            done += h
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            xg = x.clone()
+            yield Compute(min(self.cfg.p, w.total_steps - w.step))
             got = yield from self.agg.mean(w, w.state["agg"], xg - x)
             xg.sub_(got.mean)
             x.copy_(xg)
