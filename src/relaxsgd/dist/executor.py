@@ -47,6 +47,7 @@ from ..algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
+    Checkpoint,
     Compute,
     Effect,
     Exchange,
@@ -151,6 +152,8 @@ class Executor(PointToPoint):
             raise TypeError("local computation belongs in the main program, not a spawn")
         if isinstance(eff, Now):
             return self.now()
+        if isinstance(eff, Checkpoint):  # no checkpoints here yet: a safe point costs nothing
+            return None
         if isinstance(eff, Sleep):
             end = time.perf_counter() + eff.seconds
             while (left := end - time.perf_counter()) > 0:
