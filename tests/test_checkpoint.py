@@ -54,10 +54,28 @@ CASES: list[tuple[str, dict[str, Any]]] = [
         "schedule": "sequential"}}),
     ("swarm-blocking-qsgd", {"algo": "swarm", "topology": "ring", "algo_options": {
         "averaging": "blocking", "quantizer": "qsgd"}}),
+    # pull: the partner keeps the value it sent (pending); qsgd: per-pair references and
+    # message numbers on both sides of each direction; overlap: a reply in flight
+    ("swarm-async-pull-qsgd", {"algo": "swarm", "topology": "ring", "algo_options": {
+        "update": "pull", "quantizer": "qsgd"}}),
+    ("swarm-async-overlap-qsgd", {"algo": "swarm", "topology": "complete", "algo_options": {
+        "overlap": True, "quantizer": "qsgd", "H": 2}}),
+    ("swarm-blocking-lattice-fixed", {"algo": "swarm", "topology": "complete",
+                                      "algo_options": {"averaging": "blocking",
+                                                       "steps_dist": "fixed", "H": 2}}),
+    ("swarm-sequential-pull-qsgd", {"algo": "swarm", "topology": "complete", "algo_options": {
+        "schedule": "sequential", "update": "pull", "quantizer": "qsgd", "H": 2}}),
     ("dpsgd", {"algo": "dpsgd", "topology": "ring"}),
+    ("dpsgd-atc-exponential", {"algo": "dpsgd", "topology": "exponential", "algo_options": {
+        "mix": "atc"}}),
     ("adpsgd", {"algo": "adpsgd", "topology": "ring"}),
     ("sgp", {"algo": "sgp", "topology": "ring"}),
+    # tau = 2: the pushes of the last two rounds wait in the inboxes at every checkpoint
+    ("sgp-overlap-topology", {"algo": "sgp", "topology": "ring", "algo_options": {
+        "overlap": 2, "graph": "topology"}}),
     ("choco", {"algo": "choco", "topology": "ring"}),
+    ("choco-zero-qsgd", {"algo": "choco", "topology": "ring", "algo_options": {
+        "public_init": "zero", "compressor": "qsgd:bits=4"}}),
 ]
 
 
