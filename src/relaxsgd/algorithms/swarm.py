@@ -221,7 +221,7 @@ class SwarmSGD(Algorithm):
         while w.step < w.total_steps:
             yield Checkpoint()
             yield Compute(self._draw_h(w, w.total_steps - w.step))
-            if st.get("inflight") is not None:
+            if st["inflight"] is not None:
                 try:
                     yield from self._finish(w, *st["inflight"])
                 except PeerUnavailable:
