@@ -3,9 +3,11 @@
 Contract. :func:`undirected_neighbors`: neighbour lists of the union of a topology's edges.
 :func:`sequential_plans`: the analysed model's shared stream of random edges, cut into each
 worker's plan ``(t, partner, local steps, initiator)``, the same on every worker for a
-seed; :func:`stream_positions`: where its checkpoints sit. :func:`add_later` / :func:`absorb` / :func:`finish`: how a handler that answers at
-once defers its write of the model to the program's next step boundary (the distributed
-runtime runs handlers on its communication thread). Also used by AD-PSGD and SGP.
+seed; :func:`stream_positions`: where its checkpoints sit (a consistent cut).
+:func:`add_later` / :func:`absorb` / :func:`finish`: how a handler that answers at once
+defers its write of the model to the program's next step boundary (the distributed runtime
+runs handlers on its communication thread); the deferred sum waits in ``w.state["acc"]``,
+so a checkpoint saves it. Also used by AD-PSGD and SGP.
 """
 
 from __future__ import annotations
