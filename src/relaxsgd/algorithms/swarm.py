@@ -80,6 +80,21 @@ had done since it published the copy that was used; in the simulator a partner i
 middle of ``Compute(H)`` counts its whole block as done, so this is exact at step
 boundaries and an upper bound inside a block), ``lattice_eps_mean``.
 
+Checkpoints (the rule of :mod:`.base`): everything a program goes on from is in ``w.state``:
+the published copy ``xhat`` and ``pub_step``, the handlers' deltas not yet absorbed
+(``acc``), the values kept for a fetch (``pending``), the message number ``seq``, the
+handlers' generator ``hrng``, the codec's state (lattice ``spread`` and ``last_sent``; qsgd
+references and numbers), with ``overlap`` the exchange in flight (``inflight``: the runtime
+waits for its reply before saving), and in the sequential schedule ``ti``, the index of the
+worker's next interaction in its plan. The async safe point is the loop's top at ``w.step``
+(nobody ever waits for a stopped worker: its handlers answer). The sequential safe point is
+before each interaction t, at :func:`.swarm_state.stream_positions` ``[t]``: the mean over
+workers of the local steps the stream gives them before t. It depends on t alone and never
+decreases, so the cut is consistent (an interaction is done on both sides or on neither),
+and it is in local steps per worker, so ``checkpoint_every`` means what it does elsewhere
+(a worker interacts once in about n/2 interactions, so it stops up to about H such steps
+past the requested position).
+
 Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
 the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
 """
