@@ -172,6 +172,38 @@ def test_resumed_run_equals_uninterrupted_run(case: dict[str, Any], tmp_path: An
                 ca[key], cb[key], key)
 
 
+@pytest.mark.parametrize("case_id", ["swarm-sequential-pull-qsgd", "sgp-overlap-topology"])
+def test_a_checkpoint_asked_at_any_moment_is_a_consistent_cut(
+        case_id: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Ctrl-C does: a checkpoint asked at a virtual time (not at a multiple of
+    checkpoint_every), so the safe points are at positions no schedule chose; the run killed
+    after it and resumed equals the whole run asked at the same moment (the sequential
+    stream's positions and messages waiting in inboxes included)."""
+    case = dict(CASES)[case_id]
+    cfg = tiny(**case, steps=30, evals=5, network="wan")
+    ask = {"at": 0.137}
+    poll = saving.SimCheckpoints.poll
+
+    def asking_poll(self: Any) -> None:
+        if ask["at"] is not None and self.engine.now >= ask["at"]:
+            ask["at"] = None
+            self.engine.request_checkpoint()
+            self.asked = True
+        poll(self)
+
+    monkeypatch.setattr(saving.SimCheckpoints, "poll", asking_poll)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run(dataclasses.replace(cfg, out=whole), progress=False)
+    ask["at"] = 0.137
+    assert run_killed_after(dataclasses.replace(cfg, out=cut), 1, monkeypatch) == 1
+    position = torch.load(os.path.join(cut, checkpoint.FILE), weights_only=True)["position"]
+    assert 0 < position < 30
+    run(dataclasses.replace(cfg, out=cut), progress=False, resume=True)
+    assert metrics(whole) == metrics(cut)
+    assert torch.equal(torch.load(os.path.join(whole, "models.pt"), weights_only=True)["X"],
+                       torch.load(os.path.join(cut, "models.pt"), weights_only=True)["X"])
+
+
 def test_checkpoints_change_no_parameter_of_a_synchronous_run(tmp_path: Any) -> None:
     """A barrier only costs time: OLCO3's models with checkpoints equal those without
     (its aggregations in flight are waited for, not applied early)."""
