@@ -92,8 +92,9 @@ before each interaction t, at :func:`.swarm_state.stream_positions` ``[t]``: the
 workers of the local steps the stream gives them before t. It depends on t alone and never
 decreases, so the cut is consistent (an interaction is done on both sides or on neither),
 and it is in local steps per worker, so ``checkpoint_every`` means what it does elsewhere
-(a worker interacts once in about n/2 interactions, so it stops up to about H such steps
-past the requested position).
+(a worker's safe points are its own interactions, on average about H such steps apart;
+measured at H = 4, n = 16 and 64: 99% of gaps under 18, the largest 26-36, so a checkpoint
+asked at a moment, as by Ctrl-C, can come that much later than in the async schedule).
 
 Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
 the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
