@@ -409,3 +409,20 @@ def test_too_few_lattice_bits_are_refused_with_the_reason(tmp_path, capsys) -> N
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("relaxsgd: error: ") and "use bits >= 4" in err[0]
+
+
+def test_sequential_checkpoint_positions_are_the_stream_in_local_steps_per_worker() -> None:
+    """The sequential schedule's safe points (Checkpoint positions) depend on the
+    interaction index t alone and never decrease (a consistent cut), and are in local steps
+    per worker: after the stream's last interaction the position is exactly ``total``."""
+    from relaxsgd.algorithms.swarm_state import sequential_plans, stream_positions
+
+    n, total, H = 6, 40, 4
+    edges = [(i, (i + 1) % n) for i in range(n)] + [(0, 3)]
+    plans = sequential_plans(sorted((min(e), max(e)) for e in edges), n, total, 5, H, True)
+    where = stream_positions(plans)
+    assert where[0] == 0.0 and all(a <= b for a, b in zip(where, where[1:], strict=False))
+    last = len(where) - 1
+    last_steps = sum(h for plan in plans for t, _, h, _ in plan if t == last)
+    assert where[last] + last_steps / n == total
+    assert max(where) > total / 2  # (it moves: not all zero)

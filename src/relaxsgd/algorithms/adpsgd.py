@@ -41,6 +41,7 @@ import torch
 from ..errors import ConfigError
 from .base import (
     Algorithm,
+    Checkpoint,
     Exchange,
     Grad,
     PeerUnavailable,
@@ -95,6 +96,7 @@ class ADPSGD(Algorithm):
     Config = ADPSGDConfig
     needs_topology = True
     metric_keys = ("interactions_per_worker", "staleness_mean")
+    resumable = True
 
     def __init__(self, cfg: ADPSGDConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
@@ -120,8 +122,11 @@ class ADPSGD(Algorithm):
         w.state["averagings"] = 0
 
     def program(self, w: Worker) -> Program:
+        # Loop state: w.step and w.rng; the handler's pending averages wait in
+        # w.state["acc"] (add_later), and nothing is in flight at the loop's top.
         targets = self.targets(w.rank)
-        for _ in range(w.total_steps):
+        while w.step < w.total_steps:
+            yield Checkpoint()
             absorb(w)
             read = w.state["averagings"]
             if targets:

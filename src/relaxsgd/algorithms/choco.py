@@ -37,7 +37,7 @@ import torch
 
 from ..compress.spec import make_compressor
 from ..errors import ConfigError
-from .base import Algorithm, Grad, Program, RunInfo, Worker
+from .base import Algorithm, Checkpoint, Grad, Program, RunInfo, Worker
 from .dpsgd import Mixer, gossip, mix
 
 
@@ -67,6 +67,7 @@ class ChocoSGD(Algorithm):
     Config = ChocoConfig
     needs_topology = True
     metric_keys = ("interactions_per_worker",)
+    resumable = True
 
     def __init__(self, cfg: ChocoConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
@@ -78,20 +79,25 @@ class ChocoSGD(Algorithm):
                               f"{topo.name!r}; use ring, torus, random-regular, ...")
 
     def init_worker(self, w: Worker) -> None:
+        # public: whether the public copies are set (public_init "exchange" sets them in
+        # the loop's first round: a program's prologue may not communicate)
         w.state.update(xhat=torch.zeros_like(w.params), s=torch.zeros_like(w.params),
-                       cstate=self.comp.init_state(w.params.numel(), w.layout))
+                       cstate=self.comp.init_state(w.params.numel(), w.layout),
+                       public=self.cfg.public_init == "zero")
 
     def program(self, w: Worker) -> Program:
+        # Loop state: w.step (= the round k), w.rng and w.state (xhat, s, the compressor's
+        # state, whether the public copies are set); every message of a round is received
+        # in that round.
         if self.mixer is None:
             self.mixer = Mixer(self.info.topology, self.info.n)
         st, gamma = w.state, self.cfg.gamma
         outs, ins, self_w = self.mixer.peers(w.rank, 0)
-        if self.cfg.public_init == "exchange":
-            x0 = w.params.clone()
-            got = yield from gossip(w, x0, outs, [j for j, _ in ins], "init")
-            st["xhat"].copy_(x0)
-            st["s"].copy_(mix(x0, self_w, ins, got))
-        for k in range(w.total_steps):
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            if not st["public"]:
+                yield from self._exchange_public(w)
+            k = w.step
             g = yield Grad()
             w.apply_grad(g)
             payload, st["cstate"] = self.comp.compress(w.params - st["xhat"], st["cstate"],
@@ -106,3 +112,13 @@ class ChocoSGD(Algorithm):
             st["s"] += acc.to(q.dtype)
             w.params.add_(st["s"] - st["xhat"], alpha=gamma)
             w.count("interactions_per_worker", len(ins) / self.info.n)
+
+    def _exchange_public(self, w: Worker) -> Program:
+        """public_init "exchange": the public copies are the initial models, sent in full."""
+        assert self.mixer is not None
+        outs, ins, self_w = self.mixer.peers(w.rank, 0)
+        x0 = w.params.clone()
+        got = yield from gossip(w, x0, outs, [j for j, _ in ins], "init")
+        w.state["xhat"].copy_(x0)
+        w.state["s"].copy_(mix(x0, self_w, ins, got))
+        w.state["public"] = True

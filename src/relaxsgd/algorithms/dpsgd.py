@@ -35,7 +35,19 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Algorithm, Grad, Program, Recv, RunInfo, Send, Spawn, Wait, Worker, tensor_nbytes
+from .base import (
+    Algorithm,
+    Checkpoint,
+    Grad,
+    Program,
+    Recv,
+    RunInfo,
+    Send,
+    Spawn,
+    Wait,
+    Worker,
+    tensor_nbytes,
+)
 
 MIXES = ("cta", "atc")
 
@@ -102,6 +114,7 @@ class DPSGD(Algorithm):
     Config = DPSGDConfig
     needs_topology = True
     metric_keys = ("interactions_per_worker",)
+    resumable = True
 
     def __init__(self, cfg: DPSGDConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
@@ -110,7 +123,11 @@ class DPSGD(Algorithm):
     def program(self, w: Worker) -> Program:
         if self.mixer is None:
             self.mixer = Mixer(self.info.topology, self.info.n)
-        for k in range(w.total_steps):
+        # Loop state: w.step, the round k (one local step a round); every message of a
+        # round is received in that round, so nothing waits in an inbox at the loop's top.
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            k = w.step
             outs, ins, self_w = self.mixer.peers(w.rank, k)
             if self.cfg.mix == "cta":
                 x = w.params.clone()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..topology import make_topology
-from .base import Algorithm, Grad, Program, Recv, RunInfo, Send, Worker, tensor_nbytes
+from .base import Algorithm, Checkpoint, Grad, Program, Recv, RunInfo, Send, Worker, tensor_nbytes
 from .swarm import undirected_neighbors
 
 GRAPHS = ("exponential", "topology")
@@ -66,6 +66,7 @@ class SGP(Algorithm):
     needs_topology = True  # used with graph="topology"; the exponential graph ignores it
     Config = SGPConfig
     metric_keys = ("interactions_per_worker", "push_weight_mean")
+    resumable = True
 
     def __init__(self, cfg: SGPConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
@@ -98,7 +99,14 @@ class SGP(Algorithm):
     def program(self, w: Worker) -> Program:
         n, tau = self.info.n, self.cfg.overlap
         total = w.total_steps
-        for k in range(total):
+        # Loop state: w.step (= k, one local step a round) and w.state["weight"]; with
+        # tau > 0 the pushes of the last tau rounds wait in the inbox, which the runtime
+        # saves with the checkpoint (position w.step is a consistent cut: a worker at round
+        # k needs the pushes of round k - tau, which its in-peers sent before their own
+        # round k).
+        while w.step < total:
+            yield Checkpoint()
+            k = w.step
             g = yield Grad()
             if n == 1:
                 w.apply_grad(g)

@@ -80,6 +80,22 @@ had done since it published the copy that was used; in the simulator a partner i
 middle of ``Compute(H)`` counts its whole block as done, so this is exact at step
 boundaries and an upper bound inside a block), ``lattice_eps_mean``.
 
+Checkpoints (the rule of :mod:`.base`): everything a program goes on from is in ``w.state``:
+the published copy ``xhat`` and ``pub_step``, the handlers' deltas not yet absorbed
+(``acc``), the values kept for a fetch (``pending``), the message number ``seq``, the
+handlers' generator ``hrng``, the codec's state (lattice ``spread`` and ``last_sent``; qsgd
+references and numbers), with ``overlap`` the exchange in flight (``inflight``: the runtime
+waits for its reply before saving), and in the sequential schedule ``ti``, the index of the
+worker's next interaction in its plan. The async safe point is the loop's top at ``w.step``
+(nobody ever waits for a stopped worker: its handlers answer). The sequential safe point is
+before each interaction t, at :func:`.swarm_state.stream_positions` ``[t]``: the mean over
+workers of the local steps the stream gives them before t. It depends on t alone and never
+decreases, so the cut is consistent (an interaction is done on both sides or on neither),
+and it is in local steps per worker, so ``checkpoint_every`` means what it does elsewhere
+(a worker's safe points are its own interactions, on average about H such steps apart;
+measured at H = 4, n = 16 and 64: 99% of gaps under 18, the largest 26-36, so a checkpoint
+asked at a moment, as by Ctrl-C, can come that much later than in the async schedule).
+
 Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
 the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
 """
@@ -96,6 +112,7 @@ from .. import salts
 from ..training import seeded_generator
 from .base import (
     Algorithm,
+    Checkpoint,
     Compute,
     Deferred,
     Exchange,
@@ -115,7 +132,7 @@ from .swarm_config import SMALL, SwarmConfig
 from .swarm_state import absorb as absorb  # re-exported (AD-PSGD, tests)
 from .swarm_state import add_later as add_later
 from .swarm_state import finish as finish
-from .swarm_state import sequential_plans
+from .swarm_state import sequential_plans, stream_positions
 from .swarm_state import undirected_neighbors as undirected_neighbors
 
 
@@ -125,12 +142,14 @@ class SwarmSGD(Algorithm):
     needs_topology = True
     metric_keys = ("interactions_per_worker", "decode_failures", "fallback_bytes",
                    "staleness_mean", "lattice_eps_mean")
+    resumable = True
 
     def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
         self.codec = Codec(cfg)
         self._nbrs: list[list[int]] | None = None
         self._plans: list[list[tuple[int, int, int, bool]]] | None = None
+        self._where: list[float] | None = None
 
     # -- graph and schedule --------------------------------------------------------
     def neighbors(self, i: int) -> list[int]:
@@ -144,6 +163,13 @@ class SwarmSGD(Algorithm):
         if self._plans is None:
             self._plans = self._make_plans(total)
         return self._plans[rank]
+
+    def positions(self, total: int) -> list[float]:
+        """The checkpoint position of each interaction t of the sequential stream (see
+        :func:`.swarm_state.stream_positions`); derived from the seed, like the plans."""
+        if self._where is None:
+            self._where = stream_positions([self.plan(r, total) for r in range(self.info.n)])
+        return self._where
 
     def _make_plans(self, total: int) -> list[list[tuple[int, int, int, bool]]]:
         n = self.info.n
@@ -160,8 +186,12 @@ class SwarmSGD(Algorithm):
 
     # -- per-worker state ----------------------------------------------------------
     def init_worker(self, w: Worker) -> None:
-        w.state.update(pending={}, pub_step=0,
+        w.state.update(pending={}, pub_step=0, seq=0,
                        hrng=seeded_generator(self.info.seed, w.rank, salts.SWARM_HANDLER))
+        if self.cfg.schedule == "sequential":
+            w.state["ti"] = 0  # index of the next interaction of its plan
+        else:
+            w.state["inflight"] = None  # overlap: the exchange in flight (see _async)
         if self.cfg.averaging == "nonblocking":
             w.state["xhat"] = w.params.clone()
         self.codec.init(w)
@@ -200,26 +230,27 @@ class SwarmSGD(Algorithm):
         finish(w)
 
     def _async(self, w: Worker) -> Program:
-        nbrs = self.neighbors(w.rank)
-        done, inflight = 0, None
-        while done < w.total_steps:
-            h = self._draw_h(w, w.total_steps - done)
-            yield Compute(h)
-            done += h
-            if inflight is not None:
+        # Loop state: w.step, w.rng and, with overlap, the exchange in flight in
+        # w.state["inflight"] (peer, own copy, own decoded value, handle): at a checkpoint
+        # the runtime waits for that handle and saves its reply with the rest.
+        nbrs, st = self.neighbors(w.rank), w.state
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(self._draw_h(w, w.total_steps - w.step))
+            if st["inflight"] is not None:
                 try:
-                    yield from self._finish(w, *inflight)
+                    yield from self._finish(w, *st["inflight"])
                 except PeerUnavailable:
                     pass  # a lost partner (dist runtime only): skip it; the runtime counted it
-                inflight = None
+                st["inflight"] = None
             if not nbrs:
                 continue
             peer = nbrs[int(torch.randint(len(nbrs), (), generator=w.rng))]
             c, q_own, msg, nb = self._request(w, peer)
             try:
-                if self.cfg.overlap and done < w.total_steps:
+                if self.cfg.overlap and w.step < w.total_steps:
                     handle = yield Exchange(peer, msg, nb, blocking=False)
-                    inflight = (peer, c, q_own, handle)
+                    st["inflight"] = (peer, c, q_own, handle)
                 else:
                     reply = yield Exchange(peer, msg, nb)
                     yield from self._finish(w, peer, c, q_own, reply)
@@ -233,7 +264,7 @@ class SwarmSGD(Algorithm):
         else:
             msg, q_own, nb = self.codec.encode(w, peer, c, w.rng)
             msg["op"] = "avg"
-        w.state["seq"] = w.state.get("seq", 0) + 1
+        w.state["seq"] += 1
         msg.update(stale=self._stale(w), seq=w.state["seq"])
         return c, q_own, msg, nb
 
@@ -310,14 +341,21 @@ class SwarmSGD(Algorithm):
 
     # -- the sequential (analysed) schedule ----------------------------------------
     def _sequential(self, w: Worker) -> Program:
-        done = 0
-        for t, j, h, init in self.plan(w.rank, w.total_steps):
+        # Loop state: w.state["ti"], the index in this worker's plan of its next
+        # interaction; the safe point before interaction t sits at stream_position(t).
+        plan = self.plan(w.rank, w.total_steps)
+        where = self.positions(w.total_steps)
+        st = w.state
+        while st["ti"] < len(plan):
+            t, j, h, init = plan[st["ti"]]
+            yield Checkpoint(position=where[t])
             if h:
                 yield Compute(h)
-                done += h
             yield from self._pair(w, j, t, init)
-        if done < w.total_steps:  # a graph without edges (n = 1)
-            yield Compute(w.total_steps - done)
+            st["ti"] += 1
+        while w.step < w.total_steps:  # a graph without edges (n = 1)
+            yield Checkpoint()
+            yield Compute(w.total_steps - w.step)
 
     def _pair(self, w: Worker, j: int, t: int, init: bool) -> Program:
         """Interaction t with j: copies both ways (Send/Recv tagged t), then average."""

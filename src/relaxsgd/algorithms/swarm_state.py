@@ -3,9 +3,11 @@
 Contract. :func:`undirected_neighbors`: neighbour lists of the union of a topology's edges.
 :func:`sequential_plans`: the analysed model's shared stream of random edges, cut into each
 worker's plan ``(t, partner, local steps, initiator)``, the same on every worker for a
-seed. :func:`add_later` / :func:`absorb` / :func:`finish`: how a handler that answers at
-once defers its write of the model to the program's next step boundary (the distributed
-runtime runs handlers on its communication thread). Also used by AD-PSGD and SGP.
+seed; :func:`stream_positions`: where its checkpoints sit (a consistent cut).
+:func:`add_later` / :func:`absorb` / :func:`finish`: how a handler that answers at once
+defers its write of the model to the program's next step boundary (the distributed runtime
+runs handlers on its communication thread); the deferred sum waits in ``w.state["acc"]``,
+so a checkpoint saves it. Also used by AD-PSGD and SGP.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ def sequential_plans(edges: list[tuple[int, int]], n: int, total: int, seed: int
             if not left:
                 break
     return plans
+
+
+def stream_positions(plans: list[Plan]) -> list[float]:
+    """Checkpoint positions of the sequential stream: entry t is the mean, over the n
+    workers, of the local steps the stream's interactions before t give them (so, like
+    the position of every other algorithm, about the local steps per worker done by then,
+    and ``checkpoint_every`` keeps its meaning). It depends on t alone and never decreases
+    with t: when every worker stops at its first interaction whose position is at or past
+    P, an interaction is either before the cut on both its sides (both do it) or after it
+    on both (neither starts it), so the cut is consistent and nobody waits for a message
+    of a worker that stopped (the rule in :mod:`relaxsgd.algorithms.base`)."""
+    count = 1 + max((e[0] for plan in plans for e in plan), default=-1)
+    steps = np.zeros(count + 1, dtype=np.int64)
+    for plan in plans:
+        for t, _, h, _ in plan:
+            steps[t + 1] += h
+    n = max(len(plans), 1)
+    return [float(c) / n for c in np.cumsum(steps)[:count]]
 
 
 def add_later(w: Worker, delta: Tensor) -> None:
