@@ -202,7 +202,12 @@ def restore(ck: dict[str, Any], ex: Any, bank: Any, eval_wire: float) -> None:
 def _agree(store: Any, rank: int, n: int, key: str, mine: Any) -> list[Any]:
     """Every rank's ``mine`` (JSON), through the rendezvous store."""
     store.set(f"resume/{key}/{rank}", json.dumps(mine))
-    return [json.loads(store.get(f"resume/{key}/{r}").decode()) for r in range(n)]
+    got = [json.loads(store.get(f"resume/{key}/{r}").decode()) for r in range(n)]
+    # rank 0 may host the store: it leaves (on an error) only once everyone has read
+    store.set(f"resume/{key}-read/{rank}", "1")
+    if rank == 0:
+        store.wait([f"resume/{key}-read/{r}" for r in range(n)])
+    return got
 
 
 def load_for_resume(store: Any, folder: str, rank: int, n: int, resolved: dict[str, Any],

@@ -57,8 +57,8 @@ from ..registry import Entry
 from .launch import LocalJob
 from .testing_hooks import _Marker, install_hooks, make_test_certs
 
-__all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "wait_for_rows", "_Marker",
-           "make_test_certs"]
+__all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "resume_job", "wait_for_rows",
+           "_Marker", "make_test_certs"]
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,22 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
         job.stop(grace=1.0)  # never leave a process behind
     seconds = time.perf_counter() - t
     return _collect(codes, [job.output(r) for r in range(n)], out, seconds)
+
+
+def resume_job(out: str, n: int, timeout: float = 120.0,
+               env: dict[str, str] | None = None) -> JobResult:
+    """``relaxsgd resume out`` on ``n`` local worker processes (logs in out/logs-resume)."""
+    import time
+
+    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "resume", out, "-q"]
+    t = time.perf_counter()
+    job = LocalJob(cmd, n, env={"RELAXSGD_SAVE_MODELS": "1", **(env or {})},
+                   log_dir=os.path.join(out, "logs-resume"))
+    try:
+        codes = job.wait(timeout=timeout, grace=5.0)
+    finally:
+        job.stop(grace=1.0)
+    return _collect(codes, [job.output(r) for r in range(n)], out, time.perf_counter() - t)
 
 
 def wait_for_rows(out: str, rows: int, timeout: float = 60.0) -> bool:

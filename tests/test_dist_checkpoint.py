@@ -1,0 +1,150 @@
+"""Checkpoints and resume in the distributed runtime (2 gloo processes on loopback).
+
+A run killed (SIGKILL of one worker) after a checkpoint and resumed with ``relaxsgd
+resume`` under 2 processes ends with the same models and metrics as the same run never
+interrupted, with the same checkpoint schedule; a damaged, foreign or incomplete
+checkpoint, and a resume with another number of processes, end every process with one
+line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from typing import Any
+
+import pytest
+import torch
+
+from relaxsgd.dist.testing import resume_job, run_job, run_jobs
+
+pytestmark = pytest.mark.dist
+
+BASE: dict[str, Any] = {
+    "task": "logreg", "task_options": {"n_train": 480, "n_test": 200, "dim": 8, "classes": 4},
+    "steps": 24, "evals": 6, "checkpoint_every": 5,
+    "train": {"batch_size": 8, "lr": 0.05, "momentum": 0.9},
+}
+CASES: dict[str, dict[str, Any]] = {
+    "allreduce": {"algo": "allreduce"},
+    # top-k 1% through a parameter server (the default), an aggregation in flight at
+    # every checkpoint
+    "olco3": {"algo": "olco3", "algo_options": {"p": 2, "s": 1}},
+}
+TIMES = ("wall_time_s", "virtual_time_s", "stall_time_s_mean")
+# counted when a collective completes: at an evaluation point of a run with aggregations
+# in flight (OLCO3) they depend on timing, even between two uninterrupted runs
+COUNTS = ("bytes_sent_total", "bytes_sent_per_worker_max", "messages_total",
+          "bits_per_param_per_step", "bytes_per_worker_per_step")
+
+
+def rows(folder: str) -> list[dict[str, str]]:
+    with open(os.path.join(folder, "metrics.csv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def without(r: dict[str, str], keys: tuple[str, ...]) -> dict[str, str]:
+    return {k: v for k, v in r.items() if k not in keys}
+
+
+def one_line_errors(logs: list[str]) -> list[str]:
+    """The last line of each process's output, which must be its only error line."""
+    out = []
+    for log in logs:
+        lines = [x for x in log.strip().splitlines() if x.startswith("relaxsgd")]
+        errs = [x for x in lines if x.startswith("relaxsgd: error:")]
+        assert len(errs) == 1 and "Traceback" not in log, log
+        out.append(errs[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: Any) -> dict[str, Any]:
+    """Both cases uninterrupted (one job), and each killed after its checkpoint at 10."""
+    root = tmp_path_factory.mktemp("ckpt")
+    whole = run_jobs([{**BASE, **c} for c in CASES.values()], 2, str(root / "whole"),
+                     timeout=120)
+    assert whole[0].codes == [0, 0], whole[0].logs
+    cut = {}
+    for (name, c), kill in zip(CASES.items(), [(1, 13), (0, 13)], strict=True):
+        out = str(root / f"cut-{name}")
+        r = run_job({**BASE, **c}, 2, out, timeout=120, kill=kill)
+        assert r.codes[kill[0]] == -9 and r.result is not None, r.logs
+        # rank 0 killed: the result.json of its last evaluation ("running") is left
+        assert r.result["status"] == ("running" if kill[0] == 0 else "failed")
+        assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == [
+            "checkpoint-rank0-at10.pt", "checkpoint-rank1-at10.pt", "checkpoint.pt"]
+        shutil.copytree(out, str(root / f"spare-{name}"))  # for the error tests
+        cut[name] = out
+    return {"whole": dict(zip(CASES, whole, strict=True)), "cut": cut, "root": root}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_killed_run_resumes_exactly(name: str, runs: dict[str, Any]) -> None:
+    whole, out = runs["whole"][name], runs["cut"][name]
+    before = rows(out)
+    # as if rank 0 had written its part of the next set when the job died: the set at
+    # 15 is incomplete, so the resume must take the one at 10 (and never read this)
+    with open(os.path.join(out, "checkpoint-rank0-at15.pt"), "wb") as f:
+        f.write(b"half a checkpoint")
+    r = resume_job(out, 2, timeout=120)
+    assert r.codes == [0, 0], r.logs
+    assert r.result is not None and r.result["status"] == "completed"
+    assert r.models is not None and torch.equal(r.models, whole.models)
+    a, b = rows(whole.out), rows(out)
+    assert len(a) == len(b) >= 7
+    assert without(a[-1], TIMES) == without(b[-1], TIMES)  # the final state, all of it
+    skip = TIMES + (COUNTS if name == "olco3" else ())
+    for ra, rb in zip(a, b, strict=True):
+        assert without(ra, skip) == without(rb, skip)
+    # the rows up to the checkpoint (step 10: evaluation points 0, 4, 8) came from the
+    # file, not from running again: the same wall times as before the kill
+    assert [x["wall_time_s"] for x in b[:3]] == [x["wall_time_s"] for x in before[:3]]
+    assert float(b[3]["wall_time_s"]) > float(before[2]["wall_time_s"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["truncate", "foreign"])
+def test_a_damaged_or_foreign_checkpoint_is_one_line(damage: str, runs: dict[str, Any],
+                                                     tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    shutil.copytree(str(runs["root"] / "spare-allreduce"), out)
+    path = os.path.join(out, "checkpoint-rank1-at10.pt")
+    if damage == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    else:
+        torch.save({"format": "something-else", "x": torch.zeros(2)}, path)
+    r = resume_job(out, 2, timeout=90)
+    assert r.codes == [2, 2], r.logs
+    for line in one_line_errors(r.logs):
+        assert "worker 1" in line and path in line
+        assert ("cannot be read" if damage == "truncate" else "not a relaxsgd checkpoint") \
+            in line
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_with_another_world_size_is_one_line(runs: dict[str, Any],
+                                                      tmp_path: Any) -> None:
+    out = str(tmp_path / "r")
+    shutil.copytree(str(runs["root"] / "spare-allreduce"), out)
+    r = resume_job(out, 3, timeout=90)
+    assert r.codes == [2, 2, 2], r.logs
+    for line in one_line_errors(r.logs):
+        assert "has 2 workers and this job 3 processes" in line
+        assert "--nproc-per-node 2" in line
+
+
+@pytest.mark.timeout(120)
+def test_an_incomplete_checkpoint_set_is_one_line(runs: dict[str, Any],
+                                                  tmp_path: Any) -> None:
+    """A kill between two ranks' writes: rank 1 has no file of the position rank 0 has."""
+    out = str(tmp_path / "r")
+    shutil.copytree(str(runs["root"] / "spare-allreduce"), out)
+    os.unlink(os.path.join(out, "checkpoint-rank1-at10.pt"))
+    r = resume_job(out, 2, timeout=90)
+    assert r.codes == [2, 2], r.logs
+    for line in one_line_errors(r.logs):
+        assert "no complete checkpoint" in line and "worker(s) [1]" in line
