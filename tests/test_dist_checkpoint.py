@@ -12,12 +12,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 from typing import Any
 
 import pytest
 import torch
 
-from relaxsgd.dist.testing import resume_job, run_job, run_jobs
+from relaxsgd.dist.testing import resume_job, run_job, run_jobs, wait_for_rows
 
 pytestmark = pytest.mark.dist
 
@@ -32,6 +33,9 @@ CASES: dict[str, dict[str, Any]] = {
     # every checkpoint
     "olco3": {"algo": "olco3", "algo_options": {"p": 2, "s": 1}},
 }
+# long enough to be signalled while it runs; checkpoints only when stopped
+SIGNALLED: dict[str, Any] = {**BASE, **CASES["olco3"], "steps": 400, "evals": 20,
+                             "checkpoint_every": None, "compute": {"step_time_s": 0.005}}
 TIMES = ("wall_time_s", "virtual_time_s", "stall_time_s_mean")
 # counted when a collective completes: at an evaluation point of a run with aggregations
 # in flight (OLCO3) they depend on timing, even between two uninterrupted runs
@@ -63,8 +67,8 @@ def one_line_errors(logs: list[str]) -> list[str]:
 def runs(tmp_path_factory: Any) -> dict[str, Any]:
     """Both cases uninterrupted (one job), and each killed after its checkpoint at 10."""
     root = tmp_path_factory.mktemp("ckpt")
-    whole = run_jobs([{**BASE, **c} for c in CASES.values()], 2, str(root / "whole"),
-                     timeout=120)
+    whole = run_jobs([{**BASE, **c} for c in CASES.values()] + [SIGNALLED], 2,
+                     str(root / "whole"), timeout=120)
     assert whole[0].codes == [0, 0], whole[0].logs
     cut = {}
     for (name, c), kill in zip(CASES.items(), [(1, 13), (0, 13)], strict=True):
@@ -77,7 +81,8 @@ def runs(tmp_path_factory: Any) -> dict[str, Any]:
             "checkpoint-rank0-at10.pt", "checkpoint-rank1-at10.pt", "checkpoint.pt"]
         shutil.copytree(out, str(root / f"spare-{name}"))  # for the error tests
         cut[name] = out
-    return {"whole": dict(zip(CASES, whole, strict=True)), "cut": cut, "root": root}
+    return {"whole": dict(zip([*CASES, "signalled"], whole, strict=True)), "cut": cut,
+            "root": root}
 
 
 @pytest.mark.timeout(300)
@@ -148,3 +153,37 @@ def test_an_incomplete_checkpoint_set_is_one_line(runs: dict[str, Any],
     assert r.codes == [2, 2], r.logs
     for line in one_line_errors(r.logs):
         assert "no complete checkpoint" in line and "worker(s) [1]" in line
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_worker_checkpoints_every_worker_then_resume_finishes(
+        runs: dict[str, Any], tmp_path: Any) -> None:
+    """SIGTERM to worker 1 only: it tells worker 0, which has every worker stop at one
+    common safe point; each saves its part and ends with the signal's status and one line
+    naming ``relaxsgd resume``; the resumed run ends as the run never stopped (a
+    checkpoint changes no parameter of a synchronous algorithm)."""
+    out = str(tmp_path / "r")
+
+    def after(job: Any) -> None:
+        assert wait_for_rows(out, 3)
+        job.signal(signal.SIGTERM, [1])
+
+    r = run_job(SIGNALLED, 2, out, timeout=120, after=after)
+    assert r.codes == [143, 143], r.logs
+    for log in r.logs:
+        last = log.strip().splitlines()[-1]
+        assert last.startswith("relaxsgd: stopped at local step") and \
+            f"relaxsgd resume {out}" in last, log
+    assert r.result is not None and r.result["status"] == "interrupted"
+    files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
+    assert len(files) == 2 and files[0].replace("rank0", "rank1") == files[1], files
+    stopped_at = float(files[0].rsplit("-at", 1)[1][:-3])
+    assert 0 < stopped_at < 400
+    r = resume_job(out, 2, timeout=120)
+    assert r.codes == [0, 0], r.logs
+    whole = runs["whole"]["signalled"]
+    assert r.models is not None and torch.equal(r.models, whole.models)
+    a, b = rows(whole.out), rows(out)
+    assert len(a) == len(b) and without(a[-1], TIMES) == without(b[-1], TIMES)
+    for ra, rb in zip(a, b, strict=True):
+        assert without(ra, TIMES + COUNTS) == without(rb, TIMES + COUNTS)

@@ -55,25 +55,46 @@ def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
     return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
 
 
+class StopFlag:
+    """A stop asked for by a signal, to be honoured at the next checkpoint (``enabled``:
+    the run can save one; else a signal interrupts at once, as before)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.signum: int | None = None
+
+
 class _Signals:
     """While a run goes: SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C
     does), and a watchdog ends the process ``grace`` seconds after either signal if the
     main thread is still stuck in a blocking call (a rendezvous, a store wait) where Python
-    cannot run the handler."""
+    cannot run the handler. When ``stop.enabled`` (a run that checkpoints), the FIRST
+    SIGINT or SIGTERM only sets ``stop.signum``: the run goes on to its next safe point,
+    saves a checkpoint and ends (:mod:`.stopping`); the watchdog then waits ``save_grace``
+    seconds; a second signal interrupts at once."""
 
-    def __init__(self, grace: float = 5.0) -> None:
-        self.grace = grace
+    def __init__(self, stop: StopFlag | None = None, grace: float = 5.0,
+                 save_grace: float = 60.0) -> None:
+        self.stop, self.grace, self.save_grace = stop, grace, save_grace
 
     def __enter__(self) -> _Signals:
         import socket
         import threading
 
-        self.old = signal.getsignal(signal.SIGTERM)
+        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        stop = self.stop
 
-        def raise_interrupt(signum: int, frame: Any) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if stop is not None and stop.enabled and stop.signum is None:
+                stop.signum = signum
+                name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                sys.stderr.write(f"relaxsgd: {name}: going on to the next safe point to save "
+                                 "a checkpoint (again to stop at once)\n")
+                return
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, raise_interrupt)
+        for s in self.old:
+            signal.signal(s, handler)
         self.r, self.w = socket.socketpair()
         self.w.setblocking(False)
         self.old_fd = signal.set_wakeup_fd(self.w.fileno(), warn_on_full_buffer=False)
@@ -81,22 +102,29 @@ class _Signals:
         return self
 
     def _watch(self) -> None:
+        deadline: float | None = None
         while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
+                self.r.settimeout(left)
                 got = self.r.recv(16)
+            except TimeoutError:
+                sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
+                sys.stderr.flush()
+                os._exit(130)
             except OSError:
                 return
             if not got:
                 return
             if signal.SIGINT in got or signal.SIGTERM in got:
-                time.sleep(self.grace)
-                sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
-                sys.stderr.flush()
-                os._exit(130)
+                saving = deadline is None and self.stop is not None and self.stop.enabled
+                end = time.monotonic() + (self.save_grace if saving else self.grace)
+                deadline = end if deadline is None else min(deadline, end)
 
     def __exit__(self, *exc: Any) -> None:
         signal.set_wakeup_fd(self.old_fd)
-        signal.signal(signal.SIGTERM, self.old)
+        for s, h in self.old.items():
+            signal.signal(s, h)
         self.w.close()
         self.r.close()
 
@@ -149,9 +177,14 @@ def startup_report(clock: dict[str, float]) -> dict[str, float | None]:
 def _hard_exit(e: BaseException) -> None:
     """Report like the command line does, then leave without tearing gloo down: after a
     fault its threads can abort the process (or block) when they meet the dead peer."""
+    from ..errors import StoppedAtCheckpoint
+
     if isinstance(e, KeyboardInterrupt):
         sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
         code = 130
+    elif isinstance(e, StoppedAtCheckpoint):  # not an error: the exit status of the signal
+        sys.stderr.write(f"relaxsgd: {e}\n")
+        code = e.exit_code
     else:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
         code = getattr(e, "exit_code", 1)

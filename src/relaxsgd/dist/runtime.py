@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..algorithms.base import Compute, Effect, Grad
 from ..config import RunConfig, dump_yaml
-from ..errors import ConfigError, Diverged, RelaxError
+from ..errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 from ..metrics import Recorder, aggregate_worker_metrics
 from ..outputs import final_models, save_models
 from ..sim.compute import ComputeModel
@@ -47,6 +47,7 @@ from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, DistOptions, from_env
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
+    StopFlag,
     _hard_exit,
     _Signals,
     job_env,
@@ -83,7 +84,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
     clock["prepared"] = time.perf_counter()
     backend, device = pick_backend(opts, local_rank)
     startup = max(opts.timeout_s, STARTUP_S)
-    with _Signals():
+    stop = StopFlag()
+    with _Signals(stop):
         try:
             store = run_store(rank, world, startup)
             out = _out_dir(store, cfg, rank, write, resume, prep.algo.resumable)
@@ -93,7 +95,7 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=startup))
             clock["group"] = time.perf_counter()
-            job = _Job(cfg, prep, opts, rank, world, backend, device, auth, out)
+            job = _Job(cfg, prep, opts, rank, world, backend, device, auth, out, stop)
             job.clock = clock
             result = job.run(store, progress, ck)
         except (KeyboardInterrupt, RelaxError) as e:
@@ -126,7 +128,8 @@ def _out_dir(store: Any, cfg: RunConfig, rank: int, write: bool, resume: bool,
 
 class _Job:
     def __init__(self, cfg: RunConfig, prep: Any, opts: DistOptions, rank: int, n: int,
-                 backend: str, device: torch.device, auth: A.Auth, out: str | None) -> None:
+                 backend: str, device: torch.device, auth: A.Auth, out: str | None,
+                 stop: StopFlag) -> None:
         from ..bank import Bank
         from ..worker import LocalWorker
 
@@ -168,6 +171,7 @@ class _Job:
         paced = cfg.compute.heterogeneity != "none" or cfg.compute.fixed_step_time is not None
         self.clock: dict[str, float] = {}
         self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
+        self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
         if out is not None and prep.algo.resumable:
@@ -185,6 +189,8 @@ class _Job:
             self.done_from.add(src)
         elif msg[0] == "abort":
             self.tr.mark_dead(src, f"it stopped: {msg[1]}")
+        elif msg[0] in ("ckask", "ckq", "ckpos", "ckgo") and self.ex.saver is not None:
+            self.ex.saver.requests.on_message(src, msg)
 
     def _ship(self, snap: dict) -> None:
         snap["wire"] -= self.eval_wire
@@ -225,6 +231,7 @@ class _Job:
         status, message, err = "completed", "", None
         try:
             self.ex.start(prep.algo.program(self.w))
+            self.stop.enabled = self.ex.saver is not None  # a signal: checkpoint, then end
             snap.maybe()
             eff = self.ex.advance()
             while eff is not None:
@@ -234,6 +241,9 @@ class _Job:
                 bar.update(self.w.step)
                 eff = self.ex.advance(value)
             self.program_s = self.ex.now()
+            self.stop.enabled = False
+            if self.stop.signum is not None:  # too late for a checkpoint: stop now
+                raise KeyboardInterrupt
             # the final snapshot once EVERY worker is done: until then a finished worker
             # still answers exchanges, which may change its model (asynchronous gossip)
             finish_together(self.ex, self.done_from)
@@ -246,6 +256,8 @@ class _Job:
             lost_workers_check(self.tr, self.ex.coll_seq)
         except KeyboardInterrupt as e:
             status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
+        except StoppedAtCheckpoint as e:
+            status, message, err = "interrupted", str(e), e
         except Diverged as e:
             status, message, err = "diverged", str(e), e
         except BaseException as e:  # noqa: BLE001 - reported, written, re-raised

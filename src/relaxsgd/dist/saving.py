@@ -106,14 +106,14 @@ class DistCheckpoints:
         steps = self.every is not None and self.every[0] == "steps"
         self.ckpt_at: float | None = self.every[1] if steps else None
         self.group = dist.new_group(list(range(n))) if sync else None  # all ranks create it
-        self.requested: Any = None  # set by .stopping: a checkpoint asked for now
+        self.requests: Any = None  # a .stopping.Requests: checkpoints asked for now
+        self.asked_now = False
         self.saved = 0
 
     # -- the schedule ------------------------------------------------------------------
     def due(self, pos: float) -> bool:
-        if self.requested is not None and self.requested.due(pos):
-            return True
-        return self.ckpt_at is not None and pos >= self.ckpt_at
+        self.asked_now = self.requests is not None and self.requests.due(pos)
+        return self.asked_now or (self.ckpt_at is not None and pos >= self.ckpt_at)
 
     def _advance_schedule(self, pos: float) -> None:
         if self.every is not None and self.every[0] == "steps":
@@ -152,6 +152,8 @@ class DistCheckpoints:
                     os.unlink(rank_file(self.folder, self.rank, old))
         self._advance_schedule(max(pos, at))
         self.saved += 1
+        if self.asked_now:
+            self.requests.taken(at)  # raises StoppedAtCheckpoint after a signal
 
     def _write(self, ex: Any, at: float, job: dict[str, Any]) -> None:
         from ..checkpoint import bank_state, worker_state
@@ -308,10 +310,16 @@ def attach(job: Any, out: str, resolved: dict[str, Any]) -> DistCheckpoints:
         wait_until(lambda: ev.next_index >= k or ev.error is not None, job.opts.timeout_s,
                    f"recording the metrics rows up to evaluation point {k - 1}")
 
-    first = job.rank == 0
-    return DistCheckpoints(job.cfg.checkpoint_every, out, job.rank, job.n, resolved,
-                           synchronous(job.prep.algo), job.bank, job_state,
-                           run_state if first else None, wait_rows if first else None)
+    from .stopping import Requests
+
+    first, sync = job.rank == 0, synchronous(job.prep.algo)
+    saver = DistCheckpoints(job.cfg.checkpoint_every, out, job.rank, job.n, resolved, sync,
+                            job.bank, job_state, run_state if first else None,
+                            wait_rows if first else None)
+    minutes = saver.every[1] if saver.every is not None and saver.every[0] == "minutes" \
+        else None
+    saver.requests = Requests(job.ex, job.stop, sync, minutes, out)
+    return saver
 
 
 def resume_job(job: Any, store: Any, ck: dict[str, Any], next_index: int) -> None:
