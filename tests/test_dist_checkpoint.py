@@ -13,6 +13,7 @@ import csv
 import os
 import shutil
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -187,3 +188,49 @@ def test_sigterm_to_one_worker_checkpoints_every_worker_then_resume_finishes(
     assert len(a) == len(b) and without(a[-1], TIMES) == without(b[-1], TIMES)
     for ra, rb in zip(a, b, strict=True):
         assert without(ra, TIMES + COUNTS) == without(rb, TIMES + COUNTS)
+
+
+@pytest.mark.timeout(240)
+def test_an_asynchronous_algorithm_resumes_each_worker_from_its_own_last_file(
+        tmp_path: Any) -> None:
+    """The test gossip (``Algorithm.asynchronous``), worker 1 twice as slow: the workers
+    save without a barrier, so when the job is killed their files are at different
+    positions, and each resumes from its own (no common position exists)."""
+    out = str(tmp_path / "r")
+    cfg = {**BASE, "algo": "gossip", "steps": 60, "evals": 6, "checkpoint_every": 10,
+           "compute": {"step_time_s": 0.02, "heterogeneity": "fixed",
+                       "speed_factors": [1, 2]}}
+    got: dict[str, list[str]] = {}
+
+    def after(job: Any) -> None:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            have = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank")) \
+                if os.path.isdir(out) else []
+            if any(f.startswith("checkpoint-rank1-at") for f in have) and \
+                    not any(f.endswith("-at10.pt") for f in have):
+                break
+            time.sleep(0.01)
+        job.signal(signal.SIGKILL)
+        got["files"] = have
+
+    r = run_job(cfg, 2, out, timeout=120, after=after)
+    assert r.codes == [-9, -9], r.logs
+    files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
+    assert len(files) == 2, files  # one file per worker: the older ones are gone
+    at = [float(f.rsplit("-at", 1)[1][:-3]) for f in files]
+    assert at[0] > at[1] >= 20, files  # worker 0 is ahead
+    before = rows(out)
+    kept = len(torch.load(os.path.join(out, files[0]), weights_only=True)["run"]["rows"])
+    r = resume_job(out, 2, timeout=120)
+    assert r.codes == [0, 0], r.logs
+    assert r.result is not None and r.result["status"] == "completed"
+    assert r.result["final"]["steps_per_worker"] == 60
+    b = rows(out)
+    # the rows rank 0 had when it saved come from its file; points some worker had passed
+    # before its file and others had not get no row; the steps go on increasing
+    assert 1 <= kept <= len(before)
+    assert [x["wall_time_s"] for x in b[:kept]] == [x["wall_time_s"] for x in before[:kept]]
+    steps = [float(x["step"]) for x in b]
+    assert steps == sorted(steps) and steps[-1] == 60 and len(b) > kept, steps
+    assert float(b[-1]["interactions"]) > 0

@@ -39,6 +39,7 @@ from ..algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
+    Checkpoint,
     Compute,
     Deferred,
     Exchange,
@@ -162,11 +163,14 @@ class Gossip(Algorithm):
     """Minimal asynchronous pairwise averaging that goes on without lost partners:
     ``Compute(2)``, then an exchange with a random other worker; ``PeerUnavailable`` skips
     the interaction (counter ``skipped``). The partner answers from its published copy and
-    adds its half of the average at its next step boundary (as SwarmSGD/AD-PSGD do)."""
+    adds its half of the average at its next step boundary (as SwarmSGD/AD-PSGD do).
+    It follows the checkpoint rule, as an asynchronous algorithm (each worker saves alone)."""
 
     name = "gossip"
     Config = ProbeConfig
     metric_keys = ("interactions", "skipped")
+    resumable = True
+    asynchronous = True
 
     def init_worker(self, w: Worker) -> None:
         w.state["pub"] = w.params.clone()
@@ -184,11 +188,9 @@ class Gossip(Algorithm):
         from ..algorithms.swarm import absorb, finish
 
         others = [j for j in range(w.n) if j != w.rank]
-        done = 0
-        while done < w.total_steps:
-            h = min(2, w.total_steps - done)
-            yield Compute(h)
-            done += h
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(min(2, w.total_steps - w.step))
             absorb(w)
             peer = others[int(torch.randint(len(others), (), generator=w.rng))]
             sent = w.params.clone()
