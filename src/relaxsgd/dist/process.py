@@ -62,6 +62,12 @@ class StopFlag:
     def __init__(self) -> None:
         self.enabled = False
         self.signum: int | None = None
+        self.at = 0.0  # when it came (time.monotonic)
+
+
+# torchrun's agent sends its SIGTERM twice within a millisecond: a signal this soon after
+# the first is the same request, not the "second signal" that stops at once
+SAME_SIGNAL_S = 1.0
 
 
 class _Signals:
@@ -71,7 +77,7 @@ class _Signals:
     cannot run the handler. When ``stop.enabled`` (a run that checkpoints), the FIRST
     SIGINT or SIGTERM only sets ``stop.signum``: the run goes on to its next safe point,
     saves a checkpoint and ends (:mod:`.stopping`); the watchdog then waits ``save_grace``
-    seconds; a second signal interrupts at once."""
+    seconds; a second signal (:data:`SAME_SIGNAL_S` or more later) interrupts at once."""
 
     def __init__(self, stop: StopFlag | None = None, grace: float = 5.0,
                  save_grace: float = 60.0) -> None:
@@ -85,8 +91,11 @@ class _Signals:
         stop = self.stop
 
         def handler(signum: int, frame: Any) -> None:
+            if stop is not None and stop.signum is not None and \
+                    time.monotonic() - stop.at < SAME_SIGNAL_S:
+                return
             if stop is not None and stop.enabled and stop.signum is None:
-                stop.signum = signum
+                stop.signum, stop.at = signum, time.monotonic()
                 name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
                 sys.stderr.write(f"relaxsgd: {name}: going on to the next safe point to save "
                                  "a checkpoint (again to stop at once)\n")
@@ -103,6 +112,7 @@ class _Signals:
 
     def _watch(self) -> None:
         deadline: float | None = None
+        first = 0.0
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
@@ -117,9 +127,14 @@ class _Signals:
             if not got:
                 return
             if signal.SIGINT in got or signal.SIGTERM in got:
+                now = time.monotonic()
+                if deadline is not None and now - first < SAME_SIGNAL_S:
+                    continue
                 saving = deadline is None and self.stop is not None and self.stop.enabled
-                end = time.monotonic() + (self.save_grace if saving else self.grace)
-                deadline = end if deadline is None else min(deadline, end)
+                end = now + (self.save_grace if saving else self.grace)
+                if deadline is None:
+                    first, deadline = now, end
+                deadline = min(deadline, end)
 
     def __exit__(self, *exc: Any) -> None:
         signal.set_wakeup_fd(self.old_fd)
