@@ -88,7 +88,11 @@ class Requests:
         elif ex.rank == 0 and self.target is None and (signum or self.asked or timed):
             self._decide(pos, signum or self.asked or 0)
         elif self.hold:
-            _wait_until(ex, lambda: not self.hold, "the checkpoint position from worker 0")
+            _wait_until(ex, lambda: not self.hold or 0 in ex.tr.dead,
+                        "the checkpoint position from worker 0")
+            if self.hold:
+                raise PeerLost(f"worker 0 was lost while it chose a checkpoint position: "
+                               f"{ex.tr.dead[0]}")
         return self.target is not None and pos >= self.target
 
     def taken(self, pos: float) -> None:
