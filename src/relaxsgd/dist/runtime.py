@@ -20,6 +20,9 @@ Shutdown. When its program is done a worker tells everyone and keeps answering e
 until every live worker is done. On Ctrl-C or SIGTERM (what torchrun sends) a worker stops
 at once, tells the others why, and rank 0 writes what it has measured; a worker that fails
 does the same, so a synchronous run ends on every worker with a line naming the culprit.
+A run of an algorithm that follows the checkpoint rule first saves a checkpoint at a common
+safe point (:mod:`.stopping`), and saves them on its schedule too (:mod:`.saving`, which
+also resumes it).
 """
 
 from __future__ import annotations
