@@ -234,3 +234,34 @@ def test_an_asynchronous_algorithm_resumes_each_worker_from_its_own_last_file(
     steps = [float(x["step"]) for x in b]
     assert steps == sorted(steps) and steps[-1] == 60 and len(b) > kept, steps
     assert float(b[-1]["interactions"]) > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_second_signal_stops_at_once_and_a_double_one_is_one(tmp_path: Any) -> None:
+    """Two SIGTERMs 0.1 s apart (torchrun's agent sends two at once) are one request: the
+    workers go on towards their next safe point (here 5 s of computing away); one more,
+    a second later, stops them at once, without a checkpoint."""
+    out = str(tmp_path / "r")
+    cfg = {**BASE, "algo": "localsgd", "algo_options": {"p": 1000}, "steps": 2000,
+           "checkpoint_every": None, "compute": {"step_time_s": 0.005}}
+    t: dict[str, Any] = {}
+
+    def after(job: Any) -> None:
+        assert wait_for_rows(out, 1)
+        job.signal(signal.SIGTERM)
+        time.sleep(0.1)  # (two at once would be merged into one pending signal)
+        job.signal(signal.SIGTERM)
+        time.sleep(1.5)
+        t["running"] = [p.poll() is None for p in job.procs]
+        t["t"] = time.monotonic()
+        job.signal(signal.SIGTERM)
+        while any(p.poll() is None for p in job.procs) and time.monotonic() - t["t"] < 30:
+            time.sleep(0.02)
+        t["dt"] = time.monotonic() - t["t"]
+
+    r = run_job(cfg, 2, out, timeout=90, after=after)
+    assert t["running"] == [True, True], r.logs
+    assert r.codes == [130, 130], r.logs
+    assert t["dt"] < 5
+    assert all("going on to the next safe point" in lg for lg in r.logs)
+    assert not [f for f in os.listdir(out) if f.startswith("checkpoint")]
