@@ -265,3 +265,28 @@ def test_a_second_signal_stops_at_once_and_a_double_one_is_one(tmp_path: Any) ->
     assert t["dt"] < 5
     assert all("going on to the next safe point" in lg for lg in r.logs)
     assert not [f for f in os.listdir(out) if f.startswith("checkpoint")]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_an_asynchronous_run_worker_by_worker_then_resume_finishes(
+        tmp_path: Any) -> None:
+    """The test gossip (asynchronous): each worker saves at its own next safe point after
+    the signal, without waiting for the other, and ends; the resume finishes the run."""
+    out = str(tmp_path / "r")
+    cfg = {**BASE, "algo": "gossip", "steps": 300, "evals": 10, "checkpoint_every": None,
+           "compute": {"step_time_s": 0.01}}
+
+    def after(job: Any) -> None:
+        assert wait_for_rows(out, 2)
+        job.signal(signal.SIGTERM)
+
+    r = run_job(cfg, 2, out, timeout=120, after=after)
+    assert r.codes == [143, 143], r.logs
+    assert all(f"continue with: relaxsgd resume {out}" in lg for lg in r.logs)
+    files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
+    assert [f[:len("checkpoint-rank0")] for f in files] == ["checkpoint-rank0",
+                                                             "checkpoint-rank1"], files
+    r = resume_job(out, 2, timeout=120)
+    assert r.codes == [0, 0], r.logs
+    assert r.result is not None and r.result["status"] == "completed"
+    assert r.result["final"]["steps_per_worker"] == 300
