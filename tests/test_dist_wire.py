@@ -120,6 +120,8 @@ def test_the_test_algorithms_and_runtime_messages_round_trip() -> None:
             ("xreq", 3, {"mode": "pub"}), ("xrep", 3, torch.randn(2, 3).T),
             ("xerr", 3, "ValueError: x"), ("msg", ("x", 4), (torch.ones(2), 0.5)),
             ("status?", -4), ("status", -4, 10, 2, True),
+            ("ckask", 15), ("ckq", 2), ("ckpos", 2, 10.0, False),
+            ("ckgo", float("inf"), 0),
             ("xrep", 1, [torch.zeros(0), torch.tensor(True), torch.arange(3).to(torch.int8),
                          torch.ones(2, dtype=torch.bfloat16), torch.Size([2, 3]),
                          torch.float16, b"\x00\xff", None, -(1 << 63), 1e308, "é"])]
@@ -132,7 +134,7 @@ def test_the_test_algorithms_and_runtime_messages_round_trip() -> None:
 
 @pytest.mark.parametrize("bad", [
     ("nope",), ("xreq", "3", 1), ("xreq", 3), ("status", 1, 2, 3, "yes"), ["done"],
-    ("msg", [1], 2), "done", ()])
+    ("msg", [1], 2), "done", (), ("ckgo", "10", 0), ("ckpos", 1, 2.0, "no")])
 def test_messages_outside_the_fixed_kinds_are_refused(bad: Any) -> None:
     with pytest.raises(WireError):
         check_message(decode(_bytes(bad)))

@@ -275,6 +275,9 @@ class Algorithm:
     metric_keys: ClassVar[tuple[str, ...]] = ()
     # True once the program follows the checkpoint rule (module docstring, "Checkpoints")
     resumable: ClassVar[bool] = False
+    # True when the workers never wait for each other (SwarmSGD, AD-PSGD): the distributed
+    # runtime then saves each worker on its own, without a barrier (relaxsgd.dist.saving)
+    asynchronous: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:
         self.cfg = cfg

@@ -139,6 +139,7 @@ class Evaluator:
         self.next_index = 0
         self.finished = threading.Event()
         self.error: BaseException | None = None
+        self.on_row: Any = None  # on_row(row, snapshots) after each row (result.json)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="relax-eval")
         self._thread.start()
 
@@ -216,9 +217,11 @@ class Evaluator:
         for s in snaps:  # a snapshot serving several points counts its loss once
             s["loss"] = (0.0, 0)
         wall = max(s["wall"] for s in snaps)
-        self.rec.record(step=sum(s["step"] for s in snaps) / len(snaps),
+        row = self.rec.record(step=sum(s["step"] for s in snaps) / len(snaps),
                         samples=sum(s["samples"] for s in snaps), virtual_time=wall,
                         wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
                         comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
                         extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]),
                         buffers_of=lambda k: snaps[k]["buffers"])
+        if self.on_row is not None:
+            self.on_row(row, snaps)

@@ -100,6 +100,9 @@ class Executor(PointToPoint):
         self.abort: BaseException | None = None
         self.gen: Program | None = None
         self.finished = False
+        self.saver: Any = None  # a .saving.DistCheckpoints when the run checkpoints
+        self.last_pos = 0.0  # the position of the main program's last safe point
+        self.wall_offset = 0.0  # a resumed run's wall time before its checkpoint
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -144,7 +147,7 @@ class Executor(PointToPoint):
             self._reply(src, rid, ans)
 
     def now(self) -> float:
-        return time.perf_counter() - self.t0
+        return time.perf_counter() - self.t0 + self.wall_offset
 
     # -- effects -------------------------------------------------------------------
     def _dispatch(self, eff: Effect, ctx: _Ctx) -> Any:
@@ -152,8 +155,8 @@ class Executor(PointToPoint):
             raise TypeError("local computation belongs in the main program, not a spawn")
         if isinstance(eff, Now):
             return self.now()
-        if isinstance(eff, Checkpoint):  # no checkpoints in this runtime yet (s14-dist)
-            return None
+        if isinstance(eff, Checkpoint):
+            return self._safe_point(eff, ctx)
         if isinstance(eff, Sleep):
             end = time.perf_counter() + eff.seconds
             while (left := end - time.perf_counter()) > 0:
@@ -192,6 +195,16 @@ class Executor(PointToPoint):
         else:
             raise TypeError(f"unknown effect {eff!r}")
         return self._block(h, ctx) if eff.blocking else h
+
+    def _safe_point(self, eff: Checkpoint, ctx: _Ctx) -> None:
+        """A safe point: save this worker's part when a checkpoint is due (.saving)."""
+        if not ctx.main:
+            raise TypeError("Checkpoint belongs in the main program, not a spawn")
+        pos = float(self.w.step if eff.position is None else eff.position)
+        with self.lock:  # (read with it by .stopping's answers)
+            self.last_pos = pos
+        if self.saver is not None and self.saver.due(pos):
+            self.saver.take(self, pos, ctx)
 
     def _group(self, ctx: _Ctx) -> Any:
         if ctx.nested:

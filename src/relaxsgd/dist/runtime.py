@@ -20,16 +20,16 @@ Shutdown. When its program is done a worker tells everyone and keeps answering e
 until every live worker is done. On Ctrl-C or SIGTERM (what torchrun sends) a worker stops
 at once, tells the others why, and rank 0 writes what it has measured; a worker that fails
 does the same, so a synchronous run ends on every worker with a line naming the culprit.
+A run of an algorithm that follows the checkpoint rule first saves a checkpoint at a common
+safe point (:mod:`.stopping`), and saves them on its schedule too (:mod:`.saving`, which
+also resumes it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import itertools
 import os
-import signal
-import sys
+import threading
 import time
 from typing import Any
 
@@ -38,123 +38,44 @@ import torch.distributed as dist
 
 from ..algorithms.base import Compute, Effect, Grad
 from ..config import RunConfig, dump_yaml
-from ..outputs import final_models, save_models
-from ..errors import ConfigError, Diverged, RelaxError
+from ..errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 from ..metrics import Recorder, aggregate_worker_metrics
+from ..outputs import final_models, save_models
 from ..sim.compute import ComputeModel
 from . import auth as A
+from . import saving
 from .auth import job_auth, listen_host
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, DistOptions, from_env
 from .p2p import lost_workers_check
+from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
+    StopFlag,
+    _hard_exit,
+    _Signals,
+    job_env,
+    own_shard,
+    pick_backend,
+    run_store,
+    startup_report,
+)
 from .transport import PeerLost, Transport
 from .wire import WireError
 
 
-def job_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment."""
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except KeyError:
-        raise ConfigError("--runtime dist runs one worker per process: launch it with "
-                          "torchrun --nproc-per-node N (or python -m relaxsgd.dist.launch -n N) "
-                          "so that RANK and WORLD_SIZE are set") from None
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
+             resume: bool = False) -> dict | None:
+    """Run this process's worker of ``cfg``; rank 0 returns the result (others None).
 
-
-def pick_backend(opts: DistOptions, local_rank: int) -> tuple[str, torch.device]:
-    backend = opts.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        return backend, torch.device("cuda", local_rank)
-    return backend, torch.device("cpu")
-
-
-def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
-    """The task with only this rank's training samples, and its shard (0..m-1)."""
-    idx = prep.shards[rank]
-    d = prep.spec.data
-    keep_test = rank == 0
-    data = dataclasses.replace(
-        d, x_train=d.x_train[idx].clone(), y_train=d.y_train[idx].clone(),
-        x_test=d.x_test if keep_test else d.x_test[:0],
-        y_test=d.y_test if keep_test else d.y_test[:0])
-    return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
-
-
-class _Signals:
-    """While a run goes: SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C
-    does), and a watchdog ends the process ``grace`` seconds after either signal if the
-    main thread is still stuck in a blocking call (a rendezvous, a store wait) where Python
-    cannot run the handler."""
-
-    def __init__(self, grace: float = 5.0) -> None:
-        self.grace = grace
-
-    def __enter__(self) -> _Signals:
-        import socket
-        import threading
-
-        self.old = signal.getsignal(signal.SIGTERM)
-
-        def raise_interrupt(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, raise_interrupt)
-        self.r, self.w = socket.socketpair()
-        self.w.setblocking(False)
-        self.old_fd = signal.set_wakeup_fd(self.w.fileno(), warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, daemon=True, name="relax-signals").start()
-        return self
-
-    def _watch(self) -> None:
-        while True:
-            try:
-                got = self.r.recv(16)
-            except OSError:
-                return
-            if not got:
-                return
-            if signal.SIGINT in got or signal.SIGTERM in got:
-                time.sleep(self.grace)
-                sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
-                sys.stderr.flush()
-                os._exit(130)
-
-    def __exit__(self, *exc: Any) -> None:
-        signal.set_wakeup_fd(self.old_fd)
-        signal.signal(signal.SIGTERM, self.old)
-        self.w.close()
-        self.r.close()
-
-
-_STORE: Any = None
-_RUNS = itertools.count()
-
-
-def run_store(rank: int, world: int, timeout_s: float) -> Any:
-    """The rendezvous store of this process's next run: one TCP store for the process's
-    life (rank 0 hosts it on MASTER_PORT, or torchrun's agent does), a fresh key prefix per
-    run, so that several runs in one process (``relaxsgd compare --runtime dist``) meet."""
-    global _STORE
-    if _STORE is None:
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               int(os.environ.get("MASTER_PORT", "29500")), world,
-                               is_master=rank == 0 and not agent,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.PrefixStore(f"relaxsgd/run{next(_RUNS)}/", _STORE)
-
-
-def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict | None:
-    """Run this process's worker of ``cfg``; rank 0 returns the result (others None)."""
+    ``resume``: continue the run in ``cfg.out`` from its checkpoint files (.saving)."""
     from ..run import prepare
 
     opts = from_env()
     rank, world, local_rank = job_env()
+    if world != cfg.workers and resume:
+        raise ConfigError(f"the run in {cfg.out!r} has {cfg.workers} workers and this job "
+                          f"{world} processes; resume it with torchrun --nproc-per-node "
+                          f"{cfg.workers} (one process per worker, as it was run)")
     if world != cfg.workers:
         raise ConfigError(f"the config has workers={cfg.workers} but the job has {world} "
                           f"processes; launch {cfg.workers} or pass --workers {world}")
@@ -166,66 +87,52 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True) -> dict 
     clock["prepared"] = time.perf_counter()
     backend, device = pick_backend(opts, local_rank)
     startup = max(opts.timeout_s, STARTUP_S)
-    with _Signals():
+    stop = StopFlag()
+    with _Signals(stop):
         try:
             store = run_store(rank, world, startup)
+            out = _out_dir(store, cfg, rank, write, resume, prep.algo.resumable)
+            ck = saving.load_for_resume(store, out, rank, world, _resolved(prep),
+                                        saving.synchronous(prep.algo)) if resume else None
             # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=startup))
             clock["group"] = time.perf_counter()
-            job = _Job(cfg, prep, opts, rank, world, backend, device, auth)
+            job = _Job(cfg, prep, opts, rank, world, backend, device, auth, out, stop)
             job.clock = clock
-            result = job.run(store, progress, write)
+            result = job.run(store, progress, ck)
         except (KeyboardInterrupt, RelaxError) as e:
             _hard_exit(e)
     dist.destroy_process_group()
     return result
 
 
-def process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc), or None where unknown."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime", encoding="ascii") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+def _resolved(prep: Any) -> dict[str, Any]:
+    return {**prep.resolved, "runtime": "dist"}
+
+
+def _out_dir(store: Any, cfg: RunConfig, rank: int, write: bool, resume: bool,
+             resumable: bool) -> str | None:
+    """The run's folder: rank 0's choice; the others learn it when they save checkpoints
+    there (an algorithm that follows the checkpoint rule, a run that writes)."""
+    from ..run import default_out_dir
+
+    if resume:
+        return cfg.out
+    if not write:
         return None
-
-
-def startup_report(clock: dict[str, float]) -> dict[str, float | None]:
-    """Rank 0's start-up, apart from the run's wall time (which starts after it): Python
-    and imports up to the run, data and config, rendezvous (process groups, transport)."""
-    if "started" not in clock:
-        return {}
-    age = process_age_s()
-    before = None if age is None else age - (time.perf_counter() - clock["entered"])
-    data = clock["prepared"] - clock["entered"] + clock["built"] - clock["group"]
-    return {"imports_s": before, "data_s": data,
-            "rendezvous_s": clock["started"] - clock["prepared"] - (clock["built"]
-                                                                 - clock["group"]),
-            "total_s": None if before is None else before + clock["started"]
-            - clock["entered"]}
-
-
-def _hard_exit(e: BaseException) -> None:
-    """Report like the command line does, then leave without tearing gloo down: after a
-    fault its threads can abort the process (or block) when they meet the dead peer."""
-    if isinstance(e, KeyboardInterrupt):
-        sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
-        code = 130
-    else:
-        sys.stderr.write(f"relaxsgd: error: {e}\n")
-        code = getattr(e, "exit_code", 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if rank == 0:
+        out = cfg.out or default_out_dir(cfg)
+        if resumable:
+            store.set("out", out)
+        return out
+    return store.get("out").decode() if resumable else None
 
 
 class _Job:
     def __init__(self, cfg: RunConfig, prep: Any, opts: DistOptions, rank: int, n: int,
-                 backend: str, device: torch.device, auth: A.Auth) -> None:
+                 backend: str, device: torch.device, auth: A.Auth, out: str | None,
+                 stop: StopFlag) -> None:
         from ..bank import Bank
         from ..worker import LocalWorker
 
@@ -256,15 +163,22 @@ class _Job:
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.done_from: set[int] = set()
         self.eval_wire = 0
-        self.out: str | None = None
+        self.out = out if rank == 0 else None  # where rank 0 writes the outputs
         self.evaluator: Evaluator | None = None
         self.rec: Recorder | None = None
         self.compute_time = 0.0
         self.units = 0
         self.program_s: float | None = None  # when this worker's program ended
+        self.result_lock = threading.Lock()  # result.json: "running" ones, then the final
+        self.result_final = False
         paced = cfg.compute.heterogeneity != "none" or cfg.compute.fixed_step_time is not None
         self.clock: dict[str, float] = {}
         self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
+        self.stop = stop
+        self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
+                                self._ship)
+        if out is not None and prep.algo.resumable:
+            self.ex.saver = saving.attach(self, out, _resolved(prep))
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
@@ -278,6 +192,8 @@ class _Job:
             self.done_from.add(src)
         elif msg[0] == "abort":
             self.tr.mark_dead(src, f"it stopped: {msg[1]}")
+        elif msg[0] in ("ckask", "ckq", "ckpos", "ckgo") and self.ex.saver is not None:
+            self.ex.saver.requests.on_message(src, msg)
 
     def _ship(self, snap: dict) -> None:
         snap["wire"] -= self.eval_wire
@@ -290,32 +206,35 @@ class _Job:
             self.eval_wire += self.tr.send(0, ("snap", snap))
 
     # -- the run -------------------------------------------------------------------
-    def run(self, store: Any, progress: bool, write: bool) -> dict | None:
-        from ..run import Progress, default_out_dir
+    def run(self, store: Any, progress: bool, ck: Any = None) -> dict | None:
+        from ..run import Progress
 
         cfg, prep = self.cfg, self.prep
         if self.rank == 0:
-            if write:
-                self.out = cfg.out or default_out_dir(cfg)
+            if self.out and ck is None:
                 os.makedirs(self.out, exist_ok=True)
-                dump_yaml({**prep.resolved, "runtime": "dist"},
-                          os.path.join(self.out, "config.yaml"))
+                dump_yaml(_resolved(prep), os.path.join(self.out, "config.yaml"))
             self.rec = Recorder(prep.spec, os.path.join(self.out, "metrics.csv")
                                 if self.out else None, self.n, self.bank.d, self.n_train,
                                 list(prep.algo.metric_keys), cfg.eval_samples)
             self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
+            if self.out:
+                self.evaluator.on_row = self._running
+        if ck is not None:
+            saving.resume_job(self, store, *ck)
         self.tr.start(store, listen_host(self.opts), startup_s=STARTUP_S)
         self.clock["built"] = time.perf_counter()
         dist.barrier()
         self.ex.t0 = time.perf_counter()
         self.clock["started"] = self.ex.t0
-        snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals, self._ship)
+        snap = self.snap
         bar = Progress(prep.total_steps, f"{cfg.algo} on {cfg.task} (dist, rank 0)",
                        progress and self.rank == 0)
         status, message, err = "completed", "", None
         try:
             self.ex.start(prep.algo.program(self.w))
+            self.stop.enabled = self.ex.saver is not None  # a signal: checkpoint, then end
             snap.maybe()
             eff = self.ex.advance()
             while eff is not None:
@@ -325,6 +244,9 @@ class _Job:
                 bar.update(self.w.step)
                 eff = self.ex.advance(value)
             self.program_s = self.ex.now()
+            self.stop.enabled = False
+            if self.stop.signum is not None:  # too late for a checkpoint: stop now
+                raise KeyboardInterrupt
             # the final snapshot once EVERY worker is done: until then a finished worker
             # still answers exchanges, which may change its model (asynchronous gossip)
             finish_together(self.ex, self.done_from)
@@ -337,6 +259,8 @@ class _Job:
             lost_workers_check(self.tr, self.ex.coll_seq)
         except KeyboardInterrupt as e:
             status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
+        except StoppedAtCheckpoint as e:
+            status, message, err = "interrupted", str(e), e
         except Diverged as e:
             status, message, err = "diverged", str(e), e
         except BaseException as e:  # noqa: BLE001 - reported, written, re-raised
@@ -397,8 +321,18 @@ class _Job:
         return {"authenticated": not a.insecure, "tls": a.tls,
                 "refused_connections": self.tr.refused}
 
+    def _running(self, row: dict[str, Any], snaps: list[dict]) -> None:
+        """result.json after every evaluation (status "running", evaluator thread), as the
+        simulator writes it: a run killed at any moment leaves the figures so far."""
+        from ..outputs import write_json
+
+        with self.result_lock:
+            if not self.result_final and self.out:
+                write_json(os.path.join(self.out, "result.json"),
+                           self._result("running", "", snaps, row["step"]))
+
     def _write(self, status: str, message: str) -> dict:
-        from ..run import make_result, write_result
+        from ..run import write_result
 
         ev, rec = self.evaluator, self.rec
         assert ev is not None and rec is not None
@@ -406,24 +340,40 @@ class _Job:
             ev.stop(timeout=2.0)
         if ev.error is not None and status == "completed":  # (late: shown, not hidden)
             status, message = "failed", f"evaluation failed: {ev.error}"
+        with self.result_lock:
+            self.result_final = True
         rec.close()
         finals = [ev.finals[r] for r in sorted(ev.finals)]
-        units = sum(s["units"] for s in finals)
-        step_time = sum(s["compute_time"] for s in finals) / units if units else 0.0
         steps = sum(s["step"] for s in finals) / len(finals) if finals else float(self.w.step)
-        result = make_result(self.prep, rec, status, message, step_time, self.bank.batching,
-                             aggregate_worker_metrics([_Proxy(s) for s in finals]), steps)
+        result = self._result(status, message, finals, steps)
+        if self.out:
+            write_result(self.out, result, rec)
+            if finals:  # every run saves its final models (format: relaxsgd.outputs)
+                save_models(os.path.join(self.out, "models.pt"),
+                            final_models(self.bank.template, finals))
+        return result
+
+    def _result(self, status: str, message: str, snaps: list[dict], steps: float) -> dict:
+        """result.json of rank 0 from the workers' snapshots (their finals at the end)."""
+        from ..run import make_result
+
+        assert self.rec is not None
+        units = sum(s["units"] for s in snaps)
+        step_time = sum(s["compute_time"] for s in snaps) / units if units else 0.0
+        result = make_result(self.prep, self.rec, status, message, step_time,
+                             self.bank.batching,
+                             aggregate_worker_metrics([_Proxy(s) for s in snaps]), steps)
         result["runtime"] = "dist"
-        result["final"]["virtual_time_s"] = max((s["wall"] for s in finals),
+        result["final"]["virtual_time_s"] = max((s["wall"] for s in snaps),
                                                 default=self.ex.now())
         result["dist"] = {
             "backend": self.backend, "world_size": self.n,
             "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())},
-            "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in finals},
-            "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in finals},
+            "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
+            "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
-                                       for s in finals},
-            "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in finals},
+                                       for s in snaps},
+            "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in snaps},
             "startup_s": startup_report(self.clock),
         }
         result["dist"].update(self._security())
@@ -436,8 +386,4 @@ class _Job:
                                    "step_time_s": step_time}
         if self.out:
             result["out"] = self.out
-            write_result(self.out, result, rec)
-            if finals:  # every run saves its final models (format: relaxsgd.outputs)
-                save_models(os.path.join(self.out, "models.pt"),
-                            final_models(self.bank.template, finals))
         return result

@@ -39,6 +39,7 @@ from ..algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
+    Checkpoint,
     Compute,
     Deferred,
     Exchange,
@@ -57,8 +58,8 @@ from ..registry import Entry
 from .launch import LocalJob
 from .testing_hooks import _Marker, install_hooks, make_test_certs
 
-__all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "wait_for_rows", "_Marker",
-           "make_test_certs"]
+__all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "resume_job", "wait_for_rows",
+           "_Marker", "make_test_certs"]
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,14 @@ class Gossip(Algorithm):
     """Minimal asynchronous pairwise averaging that goes on without lost partners:
     ``Compute(2)``, then an exchange with a random other worker; ``PeerUnavailable`` skips
     the interaction (counter ``skipped``). The partner answers from its published copy and
-    adds its half of the average at its next step boundary (as SwarmSGD/AD-PSGD do)."""
+    adds its half of the average at its next step boundary (as SwarmSGD/AD-PSGD do).
+    It follows the checkpoint rule, as an asynchronous algorithm (each worker saves alone)."""
 
     name = "gossip"
     Config = ProbeConfig
     metric_keys = ("interactions", "skipped")
+    resumable = True
+    asynchronous = True
 
     def init_worker(self, w: Worker) -> None:
         w.state["pub"] = w.params.clone()
@@ -184,11 +188,9 @@ class Gossip(Algorithm):
         from ..algorithms.swarm import absorb, finish
 
         others = [j for j in range(w.n) if j != w.rank]
-        done = 0
-        while done < w.total_steps:
-            h = min(2, w.total_steps - done)
-            yield Compute(h)
-            done += h
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(min(2, w.total_steps - w.step))
             absorb(w)
             peer = others[int(torch.randint(len(others), (), generator=w.rng))]
             sent = w.params.clone()
@@ -312,6 +314,22 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
         job.stop(grace=1.0)  # never leave a process behind
     seconds = time.perf_counter() - t
     return _collect(codes, [job.output(r) for r in range(n)], out, seconds)
+
+
+def resume_job(out: str, n: int, timeout: float = 120.0,
+               env: dict[str, str] | None = None) -> JobResult:
+    """``relaxsgd resume out`` on ``n`` local worker processes (logs in out/logs-resume)."""
+    import time
+
+    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "resume", out, "-q"]
+    t = time.perf_counter()
+    job = LocalJob(cmd, n, env={"RELAXSGD_SAVE_MODELS": "1", **(env or {})},
+                   log_dir=os.path.join(out, "logs-resume"))
+    try:
+        codes = job.wait(timeout=timeout, grace=5.0)
+    finally:
+        job.stop(grace=1.0)
+    return _collect(codes, [job.output(r) for r in range(n)], out, time.perf_counter() - t)
 
 
 def wait_for_rows(out: str, rows: int, timeout: float = 60.0) -> bool:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import auth as A
-from .sockets import PeerLost, SendQueue, local_address, parse_address, recv_into
+from .sockets import PeerLost, SendQueue, parse_address, recv_into
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows

@@ -363,6 +363,8 @@ KINDS: dict[str, tuple[Any, ...]] = {
     "bye": (), "done": (), "abort": (str,), "snap": (dict,),
     "xreq": (int, ANY), "xrep": (int, ANY), "xerr": (int, str),
     "msg": (TAG, ANY), "status?": (int,), "status": (int, int, int, bool),
+    # checkpoints asked for now (.stopping)
+    "ckask": (int,), "ckq": (int,), "ckpos": (int, float, bool), "ckgo": (float, int),
 }
 
 

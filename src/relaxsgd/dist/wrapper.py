@@ -52,9 +52,9 @@ from ..algorithms.base import Compute, Grad, RunInfo
 from ..config import _typed
 from ..training import bind_params, flat_params, seeded_generator
 from ..worker import SALT_ALGO
+from .auth import job_auth, listen_host
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
-from .auth import job_auth, listen_host
 from .runtime import pick_backend
 from .transport import Transport
 

@@ -1,0 +1,208 @@
+"""The process side of ``--runtime dist``: the job's environment, the rendezvous store,
+signals while a run goes, the start-up report and the exit after a fault.
+
+(Split from :mod:`.runtime`, which drives one run.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from .options import DistOptions
+
+
+def job_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except KeyError:
+        raise ConfigError("--runtime dist runs one worker per process: launch it with "
+                          "torchrun --nproc-per-node N (or python -m relaxsgd.dist.launch -n N) "
+                          "so that RANK and WORLD_SIZE are set") from None
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def pick_backend(opts: DistOptions, local_rank: int) -> tuple[str, torch.device]:
+    backend = opts.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return backend, torch.device("cuda", local_rank)
+    return backend, torch.device("cpu")
+
+
+def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
+    """The task with only this rank's training samples, and its shard (0..m-1)."""
+    idx = prep.shards[rank]
+    d = prep.spec.data
+    keep_test = rank == 0
+    data = dataclasses.replace(
+        d, x_train=d.x_train[idx].clone(), y_train=d.y_train[idx].clone(),
+        x_test=d.x_test if keep_test else d.x_test[:0],
+        y_test=d.y_test if keep_test else d.y_test[:0])
+    return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
+
+
+class StopFlag:
+    """A stop asked for by a signal, to be honoured at the next checkpoint (``enabled``:
+    the run can save one; else a signal interrupts at once, as before)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.signum: int | None = None
+        self.at = 0.0  # when it came (time.monotonic)
+
+
+# torchrun's agent sends its SIGTERM twice within a millisecond: a signal this soon after
+# the first is the same request, not the "second signal" that stops at once
+SAME_SIGNAL_S = 1.0
+
+
+class _Signals:
+    """While a run goes: SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C
+    does), and a watchdog ends the process ``grace`` seconds after either signal if the
+    main thread is still stuck in a blocking call (a rendezvous, a store wait) where Python
+    cannot run the handler. When ``stop.enabled`` (a run that checkpoints), the FIRST
+    SIGINT or SIGTERM only sets ``stop.signum``: the run goes on to its next safe point,
+    saves a checkpoint and ends (:mod:`.stopping`); the watchdog then waits ``save_grace``
+    seconds; a second signal (:data:`SAME_SIGNAL_S` or more later) interrupts at once."""
+
+    def __init__(self, stop: StopFlag | None = None, grace: float = 5.0,
+                 save_grace: float = 60.0) -> None:
+        self.stop, self.grace, self.save_grace = stop, grace, save_grace
+
+    def __enter__(self) -> _Signals:
+        import socket
+        import threading
+
+        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        stop = self.stop
+
+        def handler(signum: int, frame: Any) -> None:
+            if stop is not None and stop.signum is not None and \
+                    time.monotonic() - stop.at < SAME_SIGNAL_S:
+                return
+            if stop is not None and stop.enabled and stop.signum is None:
+                stop.signum, stop.at = signum, time.monotonic()
+                name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                sys.stderr.write(f"relaxsgd: {name}: going on to the next safe point to save "
+                                 "a checkpoint (again to stop at once)\n")
+                return
+            raise KeyboardInterrupt
+
+        for s in self.old:
+            signal.signal(s, handler)
+        self.r, self.w = socket.socketpair()
+        self.w.setblocking(False)
+        self.old_fd = signal.set_wakeup_fd(self.w.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="relax-signals").start()
+        return self
+
+    def _watch(self) -> None:
+        deadline: float | None = None
+        first = 0.0
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                self.r.settimeout(left)
+                got = self.r.recv(16)
+            except TimeoutError:
+                sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
+                sys.stderr.flush()
+                os._exit(130)
+            except OSError:
+                return
+            if not got:
+                return
+            if signal.SIGINT in got or signal.SIGTERM in got:
+                now = time.monotonic()
+                if deadline is not None and now - first < SAME_SIGNAL_S:
+                    continue
+                saving = deadline is None and self.stop is not None and self.stop.enabled
+                end = now + (self.save_grace if saving else self.grace)
+                if deadline is None:
+                    first, deadline = now, end
+                deadline = min(deadline, end)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self.old_fd)
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.w.close()
+        self.r.close()
+
+
+_STORE: Any = None
+_RUNS = itertools.count()
+
+
+def run_store(rank: int, world: int, timeout_s: float) -> Any:
+    """The rendezvous store of this process's next run: one TCP store for the process's
+    life (rank 0 hosts it on MASTER_PORT, or torchrun's agent does), a fresh key prefix per
+    run, so that several runs in one process (``relaxsgd compare --runtime dist``) meet."""
+    global _STORE
+    if _STORE is None:
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                               int(os.environ.get("MASTER_PORT", "29500")), world,
+                               is_master=rank == 0 and not agent,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"relaxsgd/run{next(_RUNS)}/", _STORE)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def startup_report(clock: dict[str, float]) -> dict[str, float | None]:
+    """Rank 0's start-up, apart from the run's wall time (which starts after it): Python
+    and imports up to the run, data and config, rendezvous (process groups, transport)."""
+    if "started" not in clock:
+        return {}
+    age = process_age_s()
+    before = None if age is None else age - (time.perf_counter() - clock["entered"])
+    data = clock["prepared"] - clock["entered"] + clock["built"] - clock["group"]
+    return {"imports_s": before, "data_s": data,
+            "rendezvous_s": clock["started"] - clock["prepared"] - (clock["built"]
+                                                                 - clock["group"]),
+            "total_s": None if before is None else before + clock["started"]
+            - clock["entered"]}
+
+
+def _hard_exit(e: BaseException) -> None:
+    """Report like the command line does, then leave without tearing gloo down: after a
+    fault its threads can abort the process (or block) when they meet the dead peer."""
+    from ..errors import StoppedAtCheckpoint
+
+    if isinstance(e, KeyboardInterrupt):
+        sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
+        code = 130
+    elif isinstance(e, StoppedAtCheckpoint):  # not an error: the exit status of the signal
+        sys.stderr.write(f"relaxsgd: {e}\n")
+        code = e.exit_code
+    else:
+        sys.stderr.write(f"relaxsgd: error: {e}\n")
+        code = getattr(e, "exit_code", 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
