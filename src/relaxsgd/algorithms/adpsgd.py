@@ -97,6 +97,7 @@ class ADPSGD(Algorithm):
     needs_topology = True
     metric_keys = ("interactions_per_worker", "staleness_mean")
     resumable = True
+    asynchronous = True  # the dist runtime saves each worker on its own
 
     def __init__(self, cfg: ADPSGDConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)

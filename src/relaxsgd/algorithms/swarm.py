@@ -146,6 +146,9 @@ class SwarmSGD(Algorithm):
 
     def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
+        # the async schedule never waits for a partner's progress: the distributed runtime
+        # checkpoints its workers one by one; the sequential stream needs a common cut
+        self.asynchronous = cfg.schedule == "async"
         self.codec = Codec(cfg)
         self._nbrs: list[list[int]] | None = None
         self._plans: list[list[tuple[int, int, int, bool]]] | None = None
