@@ -49,6 +49,35 @@ def test_run_writes_config_metrics_result_and_plots(tmp_path, capsys) -> None:
     assert "p: 2" in (out / "config.yaml").read_text()
 
 
+def test_the_running_result_json_names_the_compute_and_network_models(tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    """result.json written after each evaluation (status "running") has the final one's
+    ``compute_model`` and ``network_model``: a run killed midway still says what it
+    modelled."""
+    import relaxsgd.run as run_mod
+    from relaxsgd.outputs import strict_json
+
+    written: list[dict] = []
+    real = run_mod.write_json
+
+    def spy(path: str, obj: dict) -> None:
+        if path.endswith("result.json"):
+            written.append(json.loads(strict_json(obj)))
+        real(path, obj)
+
+    monkeypatch.setattr(run_mod, "write_json", spy)
+    code, _, _ = run_cli(capsys, "run", "--algo", "localsgd", *QUICK, "--out",
+                         str(tmp_path / "r"), "--network", "wan")
+    assert code == 0
+    running = [r for r in written if r["status"] == "running"]
+    final = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert len(running) >= 2 and final["status"] == "completed"
+    assert final["network_model"] and final["compute_model"]
+    for r in running:
+        assert r["compute_model"] == final["compute_model"]
+        assert r["network_model"] == final["network_model"]
+
+
 def test_list_names_every_kind(capsys) -> None:
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
