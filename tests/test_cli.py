@@ -102,7 +102,16 @@ def test_list_names_every_kind(capsys) -> None:
     (["run", "--runtime", "cloud"], "unknown runtime 'cloud'; choose one of: sim, dist"),
     (["run", "--set", "train.momentum=1.5"], "momentum (train.momentum) must be a finite "
      "number >= 0 and < 1, got 1.5"),
-    (["run", "--set", "workers=many"], "workers must be a int, got 'many'"),
+    (["run", "--set", "workers=many"], "workers must be an integer, got 'many'"),
+    # integers go through require_int everywhere: 2.0 and '3' were taken as 2 and 3
+    (["run", "--algo", "olco3", "--set", "p=2.0"], "algorithm 'olco3'.p must be an integer, "
+     "got 2.0"),
+    (["run", "--algo", "olco3", "--set", "s='3'"], "algorithm 'olco3'.s must be an integer, "
+     "got '3'"),
+    (["run", "--algo", "olco3", "--set", "p=true"], "algorithm 'olco3'.p must be an integer, "
+     "got True"),
+    (["run", "--algo", "olco3", "--set", "s=-1"], "olco3 option s (staleness in rounds) must "
+     "be an integer >= 0, got -1"),
     (["run", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
     (["run", "--data-dir", "/nonexistent-dir"], "data directory '/nonexistent-dir' does not"),
     (["compare", "--algos", "allreduce,nosuch"], "unknown algorithm 'nosuch'"),
