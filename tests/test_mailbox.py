@@ -142,3 +142,54 @@ def test_random_traffic_matches_a_reference_model() -> None:
         assert received + left == sent.get(key, [])
         if left:  # payloads held only while no live receiver waits
             assert all(h.done for h in m.waiters.get(key, []))
+
+
+def _p2p() -> object:
+    """The dist executor's point-to-point half over a fake transport (no sockets)."""
+    import threading
+    import types
+
+    from relaxsgd.dist.p2p import PointToPoint
+
+    class P(PointToPoint):
+        pass
+
+    p = P()
+    p.tr = types.SimpleNamespace(on_dead=[], dead={})
+    p.lock = threading.RLock()
+    p.opts = types.SimpleNamespace(timeout_s=60.0)
+    p._init_p2p()
+    return p
+
+
+def test_the_dist_side_bounds_unreceived_messages_per_source(monkeypatch) -> None:
+    import pytest
+
+    import relaxsgd.dist.p2p as p2p
+    from relaxsgd.algorithms.base import Recv
+    from relaxsgd.dist.sockets import PeerLost
+
+    monkeypatch.setattr(p2p, "MAX_INBOX", 3)
+    p = _p2p()
+    for k in range(3):
+        p.on_message(1, ("msg", "t", k))
+    p.on_message(2, ("msg", "t", "other source"))  # the bound is per source
+    with pytest.raises(PeerLost, match="more than 3 messages nobody received"):
+        p.on_message(1, ("msg", "u", 99))
+    assert p._recv(Recv(1, tag="t")).result() == 0  # a Recv frees a place
+    p.on_message(1, ("msg", "u", 99))
+    assert p.mail.held(1) == 3 and p.mail.held(2) == 1
+
+
+def test_the_dist_side_skips_timed_out_recvs_and_fails_a_lost_peers() -> None:
+    from relaxsgd.algorithms.base import PeerUnavailable, Recv
+
+    p = _p2p()
+    late, ontime = p._recv(Recv(1, tag="t")), p._recv(Recv(1, tag="t"))
+    late.fail(TimeoutError("timed out"))  # what _timed_out does to it
+    p.on_message(1, ("msg", "t", "p"))
+    assert ontime.done and ontime.result() == "p"
+    waiting = p._recv(Recv(2, tag="t"))
+    p._peer_dead(2, "its connection closed")
+    assert waiting.done and isinstance(waiting.error, PeerUnavailable)
+    assert p.mail.waiters == {}
