@@ -48,7 +48,9 @@ def test_valid_values_come_back_typed() -> None:
 
 def _sites() -> list[tuple[str, object, str]]:
     """(id, a function of the bad value, the option's name as its message says it)."""
+    from relaxsgd.algorithms.localsgd import LocalSGDConfig
     from relaxsgd.algorithms.olco3 import OLCO3Config
+    from relaxsgd.algorithms.sgp import SGPConfig
     from relaxsgd.algorithms.swarm_config import SwarmConfig
     from relaxsgd.compress.powersgd import PowerSGD
     from relaxsgd.dist.options import DistOptions
@@ -67,11 +69,13 @@ def _sites() -> list[tuple[str, object, str]]:
         ("swarm.bucket_size", lambda v: SwarmConfig(bucket_size=v),
          "swarm option bucket_size"),
         ("spawn_groups", lambda v: DistOptions(spawn_groups=v), "RELAXSGD_SPAWN_GROUPS"),
+        ("localsgd.p", lambda v: LocalSGDConfig(p=v), "localsgd option p (local steps per round)"),
+        ("sgp.overlap", lambda v: SGPConfig(overlap=v), "sgp option overlap (steps of delay tau)"),
     ]
 
 
-_RANGES = {"olco3.s": " >= 0", "lattice": " in 2..32", "choose_eps": " in 2..32",
-           "swarm.bits": " in 2..32"}
+_RANGES = {"olco3.s": " >= 0", "sgp.overlap": " >= 0", "lattice": " in 2..32",
+           "choose_eps": " in 2..32", "swarm.bits": " in 2..32"}
 
 
 @pytest.mark.parametrize("site", range(len(_sites())), ids=[s[0] for s in _sites()])
