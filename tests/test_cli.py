@@ -49,6 +49,35 @@ def test_run_writes_config_metrics_result_and_plots(tmp_path, capsys) -> None:
     assert "p: 2" in (out / "config.yaml").read_text()
 
 
+def test_the_running_result_json_names_the_compute_and_network_models(tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    """result.json written after each evaluation (status "running") has the final one's
+    ``compute_model`` and ``network_model``: a run killed midway still says what it
+    modelled."""
+    import relaxsgd.run as run_mod
+    from relaxsgd.outputs import strict_json
+
+    written: list[dict] = []
+    real = run_mod.write_json
+
+    def spy(path: str, obj: dict) -> None:
+        if path.endswith("result.json"):
+            written.append(json.loads(strict_json(obj)))
+        real(path, obj)
+
+    monkeypatch.setattr(run_mod, "write_json", spy)
+    code, _, _ = run_cli(capsys, "run", "--algo", "localsgd", *QUICK, "--out",
+                         str(tmp_path / "r"), "--network", "wan")
+    assert code == 0
+    running = [r for r in written if r["status"] == "running"]
+    final = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert len(running) >= 2 and final["status"] == "completed"
+    assert final["network_model"] and final["compute_model"]
+    for r in running:
+        assert r["compute_model"] == final["compute_model"]
+        assert r["network_model"] == final["network_model"]
+
+
 def test_list_names_every_kind(capsys) -> None:
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
@@ -73,7 +102,16 @@ def test_list_names_every_kind(capsys) -> None:
     (["run", "--runtime", "cloud"], "unknown runtime 'cloud'; choose one of: sim, dist"),
     (["run", "--set", "train.momentum=1.5"], "momentum (train.momentum) must be a finite "
      "number >= 0 and < 1, got 1.5"),
-    (["run", "--set", "workers=many"], "workers must be a int, got 'many'"),
+    (["run", "--set", "workers=many"], "workers must be an integer, got 'many'"),
+    # integers go through require_int everywhere: 2.0 and '3' were taken as 2 and 3
+    (["run", "--algo", "olco3", "--set", "p=2.0"], "algorithm 'olco3'.p must be an integer, "
+     "got 2.0"),
+    (["run", "--algo", "olco3", "--set", "s='3'"], "algorithm 'olco3'.s must be an integer, "
+     "got '3'"),
+    (["run", "--algo", "olco3", "--set", "p=true"], "algorithm 'olco3'.p must be an integer, "
+     "got True"),
+    (["run", "--algo", "olco3", "--set", "s=-1"], "olco3 option s (staleness in rounds) must "
+     "be an integer >= 0, got -1"),
     (["run", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
     (["run", "--data-dir", "/nonexistent-dir"], "data directory '/nonexistent-dir' does not"),
     (["compare", "--algos", "allreduce,nosuch"], "unknown algorithm 'nosuch'"),
@@ -350,13 +388,19 @@ def test_divergence_writes_strict_json_with_the_reason(tmp_path, capsys) -> None
 
 def test_compare_goes_on_after_a_divergence_and_its_progress_reaches_100(tmp_path,
                                                                          capsys) -> None:
+    """A diverged algorithm does not stop the comparison (its row says so), but the exit
+    status is 3, as for a diverged run, with one line naming it."""
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(capsys, "compare", "--algos", "diloco,localsgd", "--task",
                                 "quadratic", "--workers", "2", "--steps", "61", "--evals", "3",
                                 "--step-time", "0.01", "--set", "diloco.outer_lr=1000",
                                 "--set", "diloco.p=2", "--out", str(out))
-    assert code == 0
+    # every algorithm ran and the summary is written, but the status says one diverged
+    assert code == 3
     assert "relaxsgd: warning: diloco diverged: loss" in err and "comparison goes on" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("relaxsgd: error: 1 of 2 algorithms diverged (diloco;"), last
+    assert "Traceback" not in err
     summary = (out / "summary.txt").read_text()
     lines = {ln.split()[0]: ln for ln in summary.splitlines()[2:]}
     assert lines["diloco"].rstrip().endswith("diverged")

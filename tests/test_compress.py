@@ -375,7 +375,7 @@ def test_spec_forms() -> None:
     ("qsgd:bits=0", "1..16"),
     ("qsgd:bits=four", "not a valid int"),
     ("qsgd:norm=l1", "norm=max or norm=l2"),
-    ("powersgd:rank=0", "positive integer"),
+    ("powersgd:rank=0", r"powersgd: rank \(e.g. rank=2\) must be an integer >= 1, got 0"),
     ("topk:ratio", "key=value"),
     ("topk:ratio=0.1,ratio=0.2", "twice"),
     ("ef(topk", r"ef\(<spec>\)"),

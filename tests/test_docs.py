@@ -68,3 +68,22 @@ def test_docs_paths_cited_in_the_source_exist() -> None:
 
 def test_readme_does_not_point_outside_the_repository() -> None:
     assert "../shared" not in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_distributed_guide_lists_every_option_the_runtime_reads() -> None:
+    """docs/distributed.md's options table names every ``RELAXSGD_*`` variable that
+    dist/options.py and dist/auth.py read (the README only points to the guide), so a
+    variable added to the code without a row fails here."""
+    read = set()
+    for name in ("options.py", "auth.py"):
+        text = (ROOT / "src" / "relaxsgd" / "dist" / name).read_text(encoding="utf-8")
+        read |= set(re.findall(r'"(RELAXSGD_[A-Z_]+)"', text))
+    assert {"RELAXSGD_TIMEOUT", "RELAXSGD_SECRET", "RELAXSGD_TLS_CERT"} <= read
+    guide = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    rows = [ln for ln in guide.splitlines() if ln.startswith("| `RELAXSGD_")]
+    named = set()
+    for row in rows:
+        cell = row.split("|")[1]
+        for var in re.findall(r"`([A-Z_]+)`", cell):  # `RELAXSGD_TLS_CERT`, `_KEY`, `_CA`
+            named.add(var if var.startswith("RELAXSGD_") else "RELAXSGD_TLS" + var)
+    assert sorted(read - named) == []

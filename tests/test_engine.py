@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Any
 
 import pytest
@@ -174,6 +175,34 @@ def test_send_recv_spawn_and_allgather() -> None:
     run_program(body)
     for r in range(4):
         assert got[r] == (((r - 1) % 4) * 10 + 1, [0, 1, 2, 3])
+
+
+def test_unreceived_messages_are_the_checkpoint_inbox_and_load_back() -> None:
+    """Messages nobody received are what Engine.state_dict saves as a worker's inbox (the
+    mailbox's dict, ``p.inbox``); loading it back refills the mailbox, counts included,
+    and a Recv then takes the oldest first."""
+    def body(self: Any, w: Any) -> Any:
+        if w.rank == 0:
+            for k in range(3):
+                yield Send(1, f"m{k}", nbytes=8, tag="t")
+        yield Compute(w.total_steps)
+        if w.rank == 1:
+            assert (yield Recv(0, tag="t")) == "m0"
+
+    eng = run_program(body).engine
+    state = eng.state_dict()
+    assert eng.procs[1].inbox == {(0, "t"): deque(["m1", "m2"])}
+    assert eng.procs[1].mail.held(0) == 2
+    def idle(self: Any, w: Any) -> Any:
+        yield Compute(w.total_steps)
+
+    fresh = run_program(idle).engine
+    assert fresh.procs[1].inbox == {}
+    fresh.load_state_dict(state)
+    p = fresh.procs[1]
+    assert dict(p.inbox) == {(0, "t"): deque(["m1", "m2"])} and p.mail.held(0) == 2
+    h = fresh._recv(p, Recv(0, tag="t"))
+    assert h.done and h.value == "m1" and p.mail.held(0) == 1
 
 
 def test_deadlock_is_reported_not_hung() -> None:

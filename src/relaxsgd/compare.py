@@ -2,9 +2,11 @@
 
 Every algorithm's config is built and checked before the first run starts (a bad option is
 one line and nothing is written). The runs follow each other, each into ``<out>/<algo>``;
-an algorithm that diverges does not stop the comparison (its row says ``diverged``), and
-Ctrl-C stops it after writing the summary and the plots of what was measured so far
-(the interrupted algorithm included), then exits 130.
+an algorithm that diverges does not stop the comparison (its row says ``diverged``), but
+once the summary is written the exit status is 3, as for a diverged run, with one line
+naming the diverged algorithms: a script or CI job must not take a comparison with a
+failed algorithm for a clean one. Ctrl-C stops it after writing the summary and the
+plots of what was measured so far (the interrupted algorithm included), then exits 130.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import ConfigError, RelaxError
+from .errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 
 DEFAULT_COMPARE = ["allreduce", "localsgd", "swarm", "olco3"]
 
@@ -88,34 +90,49 @@ def compare(args: argparse.Namespace) -> int:
     base, configs = build_configs(args, algos)
     out = output_folder(args, from_dict({**base, "algo": "compare", "algo_options": {}}))
     done: list[tuple[dict[str, Any], str]] = []  # (result, folder) of the runs made
+    diverged: list[str] = []
     try:
         for cfg in configs:
             cfg = dataclasses.replace(cfg, out=os.path.join(out, cfg.algo))
-            res = _run_one(cfg, not args.quiet)
+            res = _run_one(cfg, not args.quiet, diverged)
             if res is not None:
                 done.append((res, cfg.out))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoppedAtCheckpoint):  # Ctrl-C, with or without a checkpoint
         _collect_interrupted(done, out, [c.algo for c in configs])
         _write_summary(done, out, interrupted=True)
         raise
-    if not done:  # a worker of rank > 0 in --runtime dist: rank 0 writes
-        return 0
-    _write_summary(done, out, interrupted=False)
+    if done:  # else a worker of rank > 0 in --runtime dist: rank 0 writes
+        _write_summary(done, out, interrupted=False)
+    if diverged:
+        raise ComparisonDiverged(
+            f"{len(diverged)} of {len(configs)} algorithms diverged ({', '.join(diverged)}; "
+            "the warning above says where); the others ran to the end and the summary "
+            f"holds every row (outputs in {out})")
     return 0
 
 
-def _run_one(cfg: Any, progress: bool) -> dict[str, Any] | None:
-    """One algorithm's run; a divergence is reported and its written result returned."""
+class ComparisonDiverged(RelaxError):
+    """Some algorithm of a finished comparison diverged (the others ran; the summary is
+    written): exit status 3, as for a diverged run."""
+
+    exit_code = Diverged.exit_code
+
+
+def _run_one(cfg: Any, progress: bool, diverged: list[str]) -> dict[str, Any] | None:
+    """One algorithm's run; a divergence is reported, its algorithm added to
+    ``diverged`` and its written result returned."""
     from .run import run
     from .runs import read_result
 
     try:
         return run(cfg, progress=progress)
     except RelaxError as e:
-        if e.exit_code != 3:  # divergence only: anything else stops the comparison
+        if e.exit_code != Diverged.exit_code:  # anything else stops the comparison
             raise
         sys.stderr.write(f"relaxsgd: warning: {cfg.algo} {e}; the comparison goes on\n")
-        return read_result(cfg.out)
+        diverged.append(cfg.algo)
+        return read_result(cfg.out) if os.path.isfile(os.path.join(cfg.out, "result.json")) \
+            else None
 
 
 def _collect_interrupted(done: list, out: str, algos: list[str]) -> None:

@@ -158,9 +158,7 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
         if t.startswith("tuple"):
             return tuple(v) if isinstance(v, (list, tuple)) else (v,)
         if t in ("int", "int | None"):
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                raise ValueError
-            return int(v)
+            return require_int(v, key)  # True, 2.0 and '3' are refused everywhere
         if t in ("float", "float | None"):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError
@@ -174,7 +172,7 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
                 raise ValueError
             return v
     except ConfigError:
-        raise  # require_float's own line (NaN, infinity)
+        raise  # require_int's or require_float's own line
     except (TypeError, ValueError):
         want = t.replace(" | None", "")
         raise ConfigError(f"{key} must be a {want}, got {v!r}") from None

@@ -241,6 +241,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
     net_cfg = make_network_config(cfg.network, **cfg.network_options)
     net = Network(net_cfg, n, cfg.seed)
     comp = ComputeModel(cfg.compute, n, cfg.seed, step_time)
+    models_info = {"compute_model": compute_info,
+                   "network_model": network_model_info(net_cfg, n)}
     shared_key = getattr(prep.algo, "shared_model_state", None)  # e.g. OLCO3's "xg"
     rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
                    prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
@@ -292,6 +294,7 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
         if out:
             res = make_result(prep, rec, "running", "", step_time, bank.batching,
                               aggregate_worker_metrics(workers), row["step"])
+            res.update(models_info)  # the same keys as the final result.json
             write_json(os.path.join(out, "result.json"), res)
 
     engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
@@ -334,8 +337,7 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
                          rec.rows[-1]["step"] if stopped else done[0] / n)
     if not stopped:
         result["final"]["virtual_time_s"] = vtime
-    result["compute_model"] = compute_info
-    result["network_model"] = network_model_info(net_cfg, n)
+    result.update(models_info)
     with shield_interrupts() as held:  # a second Ctrl-C must not leave half the outputs
         rec.close()
         if out:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..checks import require_int
 from .base import Algorithm, AllReduce, Checkpoint, Compute, Program, Worker
 
 
@@ -22,9 +22,7 @@ class LocalSGDConfig:
     average_momentum: bool = False
 
     def __post_init__(self) -> None:
-        if self.p < 1:
-            raise ConfigError(f"localsgd option p (local steps per round) must be >= 1, "
-                              f"got {self.p}")
+        require_int(self.p, "localsgd option p (local steps per round)", at_least=1)
 
 
 class LocalSGD(Algorithm):

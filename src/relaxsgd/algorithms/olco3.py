@@ -70,6 +70,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 from ..state_tree import register_state_type
 from .base import Checkpoint, Compute, Program, Wait, Worker
@@ -108,12 +109,8 @@ class OLCO3Config(CompressionOptions):
     server_compensation: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.p, int) or self.p < 1:
-            raise ConfigError(f"olco3 option p (local steps per round) must be >= 1, "
-                              f"got {self.p!r}")
-        if not isinstance(self.s, int) or self.s < 0:
-            raise ConfigError(f"olco3 option s (staleness in rounds) must be >= 0, "
-                              f"got {self.s!r}")
+        require_int(self.p, "olco3 option p (local steps per round)", at_least=1)
+        require_int(self.s, "olco3 option s (staleness in rounds)", at_least=0)
         self.check_compression("olco3")
         if self.server_compensation and not (self.aggregation == "ps"
                                              and self.server_error_feedback):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import require_int
 from ..errors import ConfigError
 from ..topology import make_topology
 from .base import Algorithm, Checkpoint, Grad, Program, Recv, RunInfo, Send, Worker, tensor_nbytes
@@ -53,9 +54,7 @@ class SGPConfig:
     graph: str = "exponential"
 
     def __post_init__(self) -> None:
-        if self.overlap < 0:
-            raise ConfigError(f"sgp option overlap (steps of delay tau) must be >= 0, "
-                              f"got {self.overlap}")
+        require_int(self.overlap, "sgp option overlap (steps of delay tau)", at_least=0)
         if self.graph not in GRAPHS:
             raise ConfigError(f"sgp option graph={self.graph!r} is unknown; choose one of: "
                               f"{', '.join(GRAPHS)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..checks import require_int
 from ..errors import ConfigError
 from .swarm_codec import MIN_SAFETY, safety_cap
 
@@ -75,13 +76,9 @@ class SwarmConfig:
         _choice("averaging", self.averaging, AVERAGING)
         _choice("update", self.update, UPDATES)
         _choice("quantizer", self.quantizer, QUANTIZERS)
-        if self.H < 1:
-            raise ConfigError(f"swarm option H (local steps per interaction) must be >= 1, "
-                              f"got {self.H}")
+        require_int(self.H, "swarm option H (local steps per interaction)", at_least=1)
         hi = 16 if self.quantizer == "qsgd" else 32
-        if not 2 <= self.bits <= hi:
-            raise ConfigError(f"swarm option bits must be in 2..{hi} for quantizer "
-                              f"{self.quantizer!r}, got {self.bits}")
+        require_int(self.bits, f"swarm option bits (quantizer {self.quantizer!r})", 2, hi)
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ConfigError(f"swarm option eps must be > 0 (or null: chosen from the "
                               f"models' spread), got {self.eps}")
@@ -95,8 +92,7 @@ class SwarmConfig:
         if not 0 <= self.spread_decay < 1:
             raise ConfigError(f"swarm option spread_decay must be in [0, 1), "
                               f"got {self.spread_decay}")
-        if self.bucket_size < 1:
-            raise ConfigError(f"swarm option bucket_size must be >= 1, got {self.bucket_size}")
+        require_int(self.bucket_size, "swarm option bucket_size", at_least=1)
         if self.overlap and (self.schedule != "async" or self.averaging != "nonblocking"):
             raise ConfigError("swarm option overlap needs schedule=async and "
                               "averaging=nonblocking")

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms.base import AllReduce, Program
+from ..checks import require_int
 from ..errors import ConfigError
 from .base import Compressor, Layout, check_flat
 
@@ -71,11 +72,8 @@ class PowerSGD(Compressor):
     summable = True
 
     def __init__(self, rank: int = 2, power_iters: int = 1, seed: int = 0) -> None:
-        if not isinstance(rank, int) or rank < 1:
-            raise ConfigError(f"powersgd: rank={rank} must be a positive integer, e.g. rank=2")
-        if not isinstance(power_iters, int) or power_iters < 1:
-            raise ConfigError(f"powersgd: power_iters={power_iters} must be a positive "
-                              "integer, e.g. power_iters=1")
+        require_int(rank, "powersgd: rank (e.g. rank=2)", at_least=1)
+        require_int(power_iters, "powersgd: power_iters (e.g. power_iters=1)", at_least=1)
         self.rank = rank
         self.power_iters = power_iters
         self.seed = seed

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..checks import require_int
 from ..errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -65,8 +66,7 @@ class DistOptions:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown RELAXSGD_BACKEND {self.backend!r}; choose one of: "
                               f"{', '.join(BACKENDS)}")
-        if self.spawn_groups < 1:
-            raise ConfigError("RELAXSGD_SPAWN_GROUPS must be >= 1")
+        require_int(self.spawn_groups, "RELAXSGD_SPAWN_GROUPS", at_least=1)
         if self.max_message_mb is not None and not self.max_message_mb > 0:
             raise ConfigError("RELAXSGD_MAX_MESSAGE_MB must be > 0")
 

@@ -3,8 +3,8 @@
 :class:`PointToPoint` is the half of :class:`~.executor.Executor` that talks to single
 peers: it issues ``msg``/``xreq`` messages, answers ``xreq`` with the algorithm's
 ``on_exchange`` (at once, or at the next step boundary for :class:`Deferred`), matches
-``msg`` to Recv by ``(src, tag)`` (the same matching as the simulator's
-``sim/engine.py``), and answers progress probes (``status?``).
+``msg`` to Recv by ``(src, tag)`` (:class:`relaxsgd.mailbox.Mailbox`, the simulator's
+matching too), and answers progress probes (``status?``).
 
 Bounded tables. Every table that a peer's messages fill is bounded or forgets: an
 exchange that timed out leaves ``pending`` (a late answer is ignored, its id unknown);
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from ..algorithms.base import Deferred, Exchange, PeerUnavailable, Recv, Reply, Send
+from ..mailbox import Mailbox
 from .collectives import DHandle
 from .transport import PeerLost, Transport
 
@@ -42,9 +42,9 @@ class PointToPoint:
     def _init_p2p(self) -> None:
         self.deferred: list[tuple[int, int, Any]] = []
         self.pending: dict[int, DHandle] = {}
-        self.inbox: dict[Any, deque] = {}
-        self.unread: dict[int, int] = {}  # per source: messages in the inbox
-        self.recv_waiters: dict[Any, deque] = {}
+        # Send/Recv matching (relaxsgd.mailbox), under self.lock; a Recv that timed out
+        # (its handle done) is skipped when a message comes
+        self.mail: Mailbox[DHandle] = Mailbox(stale=lambda h: h.done)
         self.status_replies: dict[int, dict[int, tuple]] = {}
         self.tr.on_dead.append(self._peer_dead)
 
@@ -68,16 +68,13 @@ class PointToPoint:
         h = DHandle(f"recv from {eff.src}", peer=eff.src,  # a sender may compute first
                     deadline=time.monotonic() + self.opts.timeout_s)
         with self.lock:
-            box = self.inbox.get(key)
-            if box:
-                h.resolve(box.popleft())
-                self.unread[eff.src] -= 1
-                if not box:
-                    del self.inbox[key]
+            found, payload = self.mail.take(key)
+            if found:
+                h.resolve(payload)
             elif eff.src in self.tr.dead:
                 h.fail(PeerUnavailable(eff.src, self.tr.dead[eff.src]))
             else:
-                self.recv_waiters.setdefault(key, deque()).append(h)
+                self.mail.wait(key, h)
         return h
 
     def _exchange(self, eff: Exchange) -> DHandle:
@@ -159,26 +156,19 @@ class PointToPoint:
 
     def _deliver(self, src: int, key: Any, payload: Any) -> None:
         with self.lock:
-            waiters = self.recv_waiters.get(key)
-            while waiters and waiters[0].done:  # timed out already
-                waiters.popleft()
-            if waiters:
-                waiters.popleft().resolve(payload)
+            waiter = self.mail.claim(key)
+            if waiter is not None:
+                waiter.resolve(payload)
+            elif self.mail.held(src) >= MAX_INBOX:
+                raise PeerLost(f"more than {MAX_INBOX} messages nobody received")
             else:
-                if self.unread.get(src, 0) >= MAX_INBOX:
-                    raise PeerLost(f"more than {MAX_INBOX} messages nobody received")
-                self.inbox.setdefault(key, deque()).append(payload)
-                self.unread[src] = self.unread.get(src, 0) + 1
-            if waiters is not None and not waiters:
-                del self.recv_waiters[key]
+                self.mail.hold(key, payload)
 
     def _peer_dead(self, peer: int, why: str) -> None:
         with self.lock:
             rids = [rid for rid, h in self.pending.items() if h.peer == peer]
             hs = [self.pending.pop(rid) for rid in rids]
-            hs += [h for (src, _), q in self.recv_waiters.items() if src == peer for h in q]
-            for key in [k for k in self.recv_waiters if k[0] == peer]:
-                del self.recv_waiters[key]
+            hs += self.mail.drop_waiters(peer)
         for h in hs:
             h.fail(PeerUnavailable(peer, why))
 

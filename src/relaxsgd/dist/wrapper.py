@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..algorithms import ALGORITHMS
 from ..algorithms.base import Compute, Grad, RunInfo
+from ..checks import require_int
 from ..config import _typed
 from ..training import bind_params, flat_params, seeded_generator
 from ..worker import SALT_ALGO
@@ -121,8 +122,9 @@ class Relaxed:
                  seed: int = 0) -> None:
         if not dist.is_initialized():
             raise RuntimeError("call relaxsgd.dist.init() (or init_process_group) first")
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        # a ConfigError is a ValueError: callers catching ValueError still do
+        require_int(total_steps, "total_steps (the number of opt.step() calls you will "
+                    "make)", at_least=1)
         from ..topology import make_topology
 
         self.model, self.optimizer = model, optimizer

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import require_int
 from ..errors import ConfigError
 
 _P = (1 << 31) - 1  # Mersenne prime modulus of the checksum
@@ -113,8 +114,7 @@ def choose_eps(distance_estimate: float, bits: int, safety: float = 4.0) -> floa
     ``safety`` makes decode failures rarer and the quantization noisier. A zero distance
     gives the smallest step that keeps ``x / eps`` far from int64 overflow for ``|x| < 1e6``.
     """
-    if not (isinstance(bits, int) and 2 <= bits <= 32):
-        raise ConfigError(f"lattice bits must be an integer in 2..32, got {bits!r}")
+    require_int(bits, "lattice bits", 2, 32)
     if not (math.isfinite(distance_estimate) and distance_estimate >= 0):
         raise ConfigError(f"lattice distance estimate must be finite and >= 0, "
                           f"got {distance_estimate!r}")

@@ -55,6 +55,7 @@ from ..algorithms.base import (
 )
 from ..bank import Bank
 from ..errors import Deadlock, Diverged
+from ..mailbox import Mailbox
 from ..worker import LocalWorker
 from .barrier import CheckpointBarrier
 from .collectives import allgather_cost, allreduce_cost
@@ -78,8 +79,7 @@ class _Proc:
         self.w = w
         self.busy_until: float | None = None  # inside a Compute effect until then
         self.deferred: list[Callable[[], None]] = []
-        self.inbox: dict[Any, deque] = {}
-        self.recv_waiters: dict[Any, deque] = {}
+        self.mail: Mailbox[Handle] = Mailbox()  # Send/Recv matching (relaxsgd.mailbox)
         self.coll_seq = 0
         self.done = False
         self.finish_time = 0.0
@@ -89,6 +89,16 @@ class _Proc:
         self.parked: _Coro | None = None  # held at a checkpoint's barrier
         self.last_pos = -math.inf  # position of its latest safe point
         self.live_spawns = 0
+
+    @property
+    def inbox(self) -> dict[Any, deque]:
+        """The payloads that arrived and no Recv took yet, ``{(src, tag): deque}`` (what a
+        checkpoint saves; assigning it restores them)."""
+        return self.mail.inbox
+
+    @inbox.setter
+    def inbox(self, value: dict[Any, deque]) -> None:
+        self.mail.load_inbox(value)
 
 
 class Engine(CheckpointBarrier):
@@ -338,20 +348,18 @@ class Engine(CheckpointBarrier):
         return h
 
     def _deliver(self, q: _Proc, key: Any, payload: Any) -> None:
-        waiters = q.recv_waiters.get(key)
-        if waiters:
-            self._resolve(waiters.popleft(), payload)
-        else:
-            q.inbox.setdefault(key, deque()).append(payload)
+        waiter = q.mail.deliver(key, payload)
+        if waiter is not None:
+            self._resolve(waiter, payload)
 
     def _recv(self, p: _Proc, eff: Recv) -> Handle:
         key = (eff.src, eff.tag)
         h = Handle(f"recv{key}")
-        box = p.inbox.get(key)
-        if box:
-            h.done, h.value = True, box.popleft()
+        found, payload = p.mail.take(key)
+        if found:
+            h.done, h.value = True, payload
         else:
-            p.recv_waiters.setdefault(key, deque()).append(h)
+            p.mail.wait(key, h)
         return h
 
     def _exchange(self, p: _Proc, eff: Exchange) -> Handle:

@@ -96,11 +96,11 @@ def check_hidden(task: str, value: Any) -> tuple[int, ...]:
     """The ``hidden`` option (MLP layer widths, a list of positive ints) as a tuple."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
-    if (not isinstance(value, (list, tuple)) or not value
-            or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in value)):
+    if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"option hidden={value!r} of task {task!r} must be a non-empty "
                           "list of positive integers, e.g. [256, 256]")
-    return tuple(int(h) for h in value)
+    return tuple(require_int(h, f"each width in option hidden={value!r} of task {task!r} "
+                             "(e.g. [256, 256])", at_least=1) for h in value)
 
 
 def data_root(task: str, data_dir: str | None, expected: str) -> Path:
