@@ -207,7 +207,7 @@ class _Job:
 
     # -- the run -------------------------------------------------------------------
     def run(self, store: Any, progress: bool, ck: Any = None) -> dict | None:
-        from ..run import Progress
+        from ..progress import Progress
 
         cfg, prep = self.cfg, self.prep
         if self.rank == 0:
