@@ -173,8 +173,8 @@ def test_sigterm_to_one_worker_checkpoints_every_worker_then_resume_finishes(
     assert r.codes == [143, 143], r.logs
     for log in r.logs:
         last = log.strip().splitlines()[-1]
-        assert last.startswith("relaxsgd: stopped at local step") and \
-            f"relaxsgd resume {out}" in last, log
+        assert last.startswith("relaxsgd: interrupted; a checkpoint at local step") and \
+            f"continue with 'relaxsgd resume {out}'" in last, log
     assert r.result is not None and r.result["status"] == "interrupted"
     files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
     assert len(files) == 2 and files[0].replace("rank0", "rank1") == files[1], files
@@ -282,7 +282,7 @@ def test_sigterm_stops_an_asynchronous_run_worker_by_worker_then_resume_finishes
 
     r = run_job(cfg, 2, out, timeout=120, after=after)
     assert r.codes == [143, 143], r.logs
-    assert all(f"continue with: relaxsgd resume {out}" in lg for lg in r.logs)
+    assert all(f"continue with 'relaxsgd resume {out}'" in lg for lg in r.logs)
     files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
     assert [f[:len("checkpoint-rank0")] for f in files] == ["checkpoint-rank0",
                                                              "checkpoint-rank1"], files

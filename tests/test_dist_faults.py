@@ -106,7 +106,7 @@ def test_sigterm_stops_every_worker_within_seconds_keeping_the_outputs(tmp_path)
     assert r.result is not None and r.result["status"] == "interrupted"
     rows = r.metrics()
     assert len(rows) >= 3 and float(rows[-1]["step"]) > 0
-    assert all(f"continue with: relaxsgd resume {out}" in lg for lg in r.logs)
+    assert all(f"continue with 'relaxsgd resume {out}'" in lg for lg in r.logs)
     assert len([f for f in os.listdir(out) if f.startswith("checkpoint-rank")]) == 3
 
 

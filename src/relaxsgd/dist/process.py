@@ -194,12 +194,12 @@ def _hard_exit(e: BaseException) -> None:
     fault its threads can abort the process (or block) when they meet the dead peer."""
     from ..errors import StoppedAtCheckpoint
 
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, StoppedAtCheckpoint):  # not an error: the exit status of the signal
+        sys.stderr.write(f"relaxsgd: interrupted; {e.note}\n")
+        code = e.exit_code
+    elif isinstance(e, KeyboardInterrupt):
         sys.stderr.write("relaxsgd: interrupted; the outputs written so far are kept\n")
         code = 130
-    elif isinstance(e, StoppedAtCheckpoint):  # not an error: the exit status of the signal
-        sys.stderr.write(f"relaxsgd: {e}\n")
-        code = e.exit_code
     else:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
         code = getattr(e, "exit_code", 1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -257,10 +258,11 @@ class _Job:
             if self.evaluator is not None and self.evaluator.error is not None:
                 raise RuntimeError(f"evaluation failed: {self.evaluator.error}")
             lost_workers_check(self.tr, self.ex.coll_seq)
+        except StoppedAtCheckpoint as e:  # (a KeyboardInterrupt: caught first)
+            how = "Ctrl-C" if e.signum == signal.SIGINT else "SIGTERM"
+            status, message, err = "interrupted", f"interrupted by {how}; {e.note}", e
         except KeyboardInterrupt as e:
             status, message, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)", e
-        except StoppedAtCheckpoint as e:
-            status, message, err = "interrupted", str(e), e
         except Diverged as e:
             status, message, err = "diverged", str(e), e
         except BaseException as e:  # noqa: BLE001 - reported, written, re-raised

@@ -100,8 +100,9 @@ class Requests:
         self.target, self.last = None, time.monotonic()
         if self.stop:
             raise StoppedAtCheckpoint(
-                f"stopped at local step {self.ex.w.step} of worker {self.ex.rank} with a "
-                f"checkpoint in {self.folder}; continue with: relaxsgd resume {self.folder}",
+                f"a checkpoint at local step {self.ex.w.step} of worker {self.ex.rank} is "
+                f"saved: continue with 'relaxsgd resume {self.folder}' (under torchrun, "
+                "the same number of processes)",
                 self.stop)
 
     def _tell(self, msg: tuple) -> None:
