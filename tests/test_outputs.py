@@ -73,13 +73,14 @@ def test_out_dir_refuses_files_non_empty_folders_and_unwritable_places(tmp_path)
         prepare_out_dir(str(f / "sub"), force=False)
     old = tmp_path / "old"
     (old / "localsgd").mkdir(parents=True)
-    for name in ("result.json", "metrics.csv", "notes.txt"):
+    for name in ("result.json", "metrics.csv", "notes.txt", "checkpoint.pt",
+                 "checkpoint-rank0-at12.5.pt", "checkpoint-rank1-at4.pt", "checkpoint-mine.pt"):
         (old / name).write_text("x")
     (old / "localsgd" / "config.yaml").write_text("x")
     with pytest.raises(ConfigError, match=r"is not empty .*add --force"):
         prepare_out_dir(str(old), force=False)
     prepare_out_dir(str(old), force=True)  # our files go, the user's stay
-    assert sorted(os.listdir(old)) == ["localsgd", "notes.txt"]
+    assert sorted(os.listdir(old)) == ["checkpoint-mine.pt", "localsgd", "notes.txt"]
     assert os.listdir(old / "localsgd") == []
     assert prepare_out_dir(str(tmp_path / "new" / "deep"), force=False)
 

@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -43,7 +44,9 @@ from typing import Any
 from .errors import ConfigError
 
 MODELS_FORMAT = "relaxsgd.models/1"
-# Files a run or a comparison writes: the only ones --force removes from an old folder.
+# Files a run or a comparison writes: the only ones --force removes from an old folder
+# (with the distributed runtime's checkpoint-rank<k>-at<position>.pt, relaxsgd.dist.saving).
+_RANK_CHECKPOINT = re.compile(r"^checkpoint-rank\d+-at[0-9][0-9.e+-]*\.pt$")
 OUTPUT_FILES = ("config.yaml", "metrics.csv", "result.json", "models.pt", "checkpoint.pt",
                 "summary.txt",
                 "report.md", "accuracy_vs_time.png", "accuracy_vs_bytes.png")
@@ -140,7 +143,7 @@ def prepare_out_dir(path: str, force: bool, clean: bool = True) -> str:
 def _remove_old_outputs(path: str) -> None:
     for name in os.listdir(path):
         full = os.path.join(path, name)
-        if name in OUTPUT_FILES and os.path.isfile(full):
+        if (name in OUTPUT_FILES or _RANK_CHECKPOINT.match(name)) and os.path.isfile(full):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(full)
         elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.yaml")):
