@@ -451,3 +451,18 @@ def test_resume_restores_the_network_and_compute_generators(algo: str, topology:
     run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
     run(dataclasses.replace(cfg, out=cut), progress=False, resume=True)
     assert metrics(whole) == metrics(cut)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_run_goes_on(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def full_disk(path: str, data: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    out = str(tmp_path / "r")
+    res = run(dataclasses.replace(tiny(algo="allreduce", steps=12, checkpoint_every=5),
+                                  out=out), progress=False)
+    assert res["status"] == "completed"
+    err = capsys.readouterr().err
+    assert err.count("checkpoint not written") == 2 and "No space left" in err
+    assert not os.path.exists(os.path.join(out, checkpoint.FILE))

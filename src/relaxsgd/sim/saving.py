@@ -91,7 +91,15 @@ class SimCheckpoints:
         self.asked = False
         self.last_wall = time.monotonic()
         if self.path is not None:
-            self.save(engine)
+            try:
+                self.save(engine)
+            except OSError as e:  # a full disk must not end the run: say so, go on
+                sys.stderr.write(f"relaxsgd: warning: checkpoint not written to {self.path}: "
+                                 f"{e.strerror or e}; the run goes on (the previous "
+                                 "checkpoint, if any, is kept)\n")
+                if self.signals.signum is not None:
+                    raise KeyboardInterrupt from None  # stop as a plain interrupt
+                return
         if self.signals.signum is not None:
             folder = os.path.dirname(self.path or "") or "."
             raise StoppedAtCheckpoint(
