@@ -290,3 +290,37 @@ def test_sigterm_stops_an_asynchronous_run_worker_by_worker_then_resume_finishes
     assert r.codes == [0, 0], r.logs
     assert r.result is not None and r.result["status"] == "completed"
     assert r.result["final"]["steps_per_worker"] == 300
+
+
+def test_swarm_killed_after_its_checkpoints_resumes_and_finishes(tmp_path: Any) -> None:
+    """SwarmSGD's async schedule (asynchronous: saved worker by worker, lattice state,
+    published copies, a handler generator) killed with SIGKILL once both workers have a
+    file: the resumed job finishes the run from the files, gossiping again."""
+    out = str(tmp_path / "r")
+    cfg = {**BASE, "algo": "swarm", "steps": 400, "evals": 8, "checkpoint_every": 50,
+           "compute": {"step_time_s": 0.002}}
+
+    def after(job: Any) -> None:
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            have = [f for f in os.listdir(out) if f.startswith("checkpoint-rank")] \
+                if os.path.isdir(out) else []
+            if {f[:len("checkpoint-rank0")] for f in have} == {"checkpoint-rank0",
+                                                                "checkpoint-rank1"}:
+                break
+            time.sleep(0.01)
+        job.signal(signal.SIGKILL)
+
+    r = run_job(cfg, 2, out, timeout=120, after=after)
+    if r.codes == [0, 0]:
+        pytest.skip("the run ended before it could be killed (machine too fast)")
+    assert r.codes == [-9, -9], r.logs
+    files = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-rank"))
+    saved = [torch.load(os.path.join(out, f), weights_only=True) for f in files]
+    r = resume_job(out, 2, timeout=120)
+    assert r.codes == [0, 0], r.logs
+    assert r.result is not None and r.result["status"] == "completed"
+    assert r.result["final"]["steps_per_worker"] == 400
+    # the resumed workers gossiped: more interactions than the files held
+    held = sum(s["worker"]["counters"].get("interactions_per_worker", 0) for s in saved)
+    assert r.result["final"]["interactions_per_worker"] > held
