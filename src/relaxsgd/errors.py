@@ -42,6 +42,11 @@ class StoppedAtCheckpoint(KeyboardInterrupt):
 
     def __init__(self, note: str, signum: int) -> None:
         super().__init__(note)
+        import signal
+
+        # only these two stop a run (a number that arrived from a peer is not trusted)
+        if signum not in (signal.SIGINT, signal.SIGTERM):
+            signum = signal.SIGTERM
         self.note = note
-        self.signum = signum
-        self.exit_code = 128 + signum
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
