@@ -113,7 +113,7 @@ def worker_state(w: Any) -> dict[str, Any]:
 
 def load_worker_state(w: Any, s: dict[str, Any], make_handle: Callable[[Any], Any]) -> None:
     w.state.clear()
-    w.state.update(decode(s["state"], make_handle))
+    w.state.update(decode(s["state"], make_handle, device=w.params.device))
     w.rng.set_state(s["rng"])
     w.counters, w.obs_sum = dict(s["counters"]), dict(s["obs_sum"])
     w.obs_count, w.samples = dict(s["obs_count"]), s["samples"]

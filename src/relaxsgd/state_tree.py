@@ -139,30 +139,37 @@ def encode(obj: Any, where: str = "state") -> Any:
                          "registered named tuples or dataclasses)")
 
 
-def decode(obj: Any, make_handle: Callable[[Any], Any]) -> Any:
+def decode(obj: Any, make_handle: Callable[[Any], Any], device: Any = None) -> Any:
     """The tree :func:`encode` made, back as objects; ``make_handle(value)`` builds a
-    finished handle of the runtime that reads it. Raises ValueError on a malformed tree."""
+    finished handle of the runtime that reads it; tensors go to ``device`` (the worker's:
+    checkpoints are read onto the CPU), generator states stay where torch keeps them.
+    Raises ValueError on a malformed tree."""
+    def again(v: Any) -> Any:
+        return decode(v, make_handle, device)
+
+    if isinstance(obj, Tensor):
+        return obj if device is None else obj.to(device)
     if isinstance(obj, list):
-        return [decode(v, make_handle) for v in obj]
+        return [again(v) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(decode(v, make_handle) for v in obj)
+        return tuple(again(v) for v in obj)
     if not isinstance(obj, dict):
-        if obj is None or isinstance(obj, (bool, int, float, str, bytes, Tensor)):
+        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
         raise ValueError(f"unexpected {type(obj).__name__} in saved state")
     kind = obj.get(KIND)
     if kind == "dict":
-        return {decode(k, make_handle): decode(v, make_handle) for k, v in obj["items"]}
+        return {again(k): again(v) for k, v in obj["items"]}
     if kind == "generator":
         g = torch.Generator()
         g.set_state(obj["state"])
         return g
     if kind == "handle":
-        return make_handle(decode(obj["value"], make_handle))
+        return make_handle(again(obj["value"]))
     if kind == "deque":
         from collections import deque
 
-        return deque(decode(v, make_handle) for v in obj["items"])
+        return deque(again(v) for v in obj["items"])
     if kind == "size":
         return torch.Size(int(x) for x in obj["dims"])
     if kind == "dtype":
@@ -172,7 +179,7 @@ def decode(obj: Any, make_handle: Callable[[Any], Any]) -> Any:
         return dt
     if kind == "type":
         cls = _lookup(str(obj["name"]))
-        fields = {k: decode(v, make_handle) for k, v in obj["fields"].items()}
+        fields = {k: again(v) for k, v in obj["fields"].items()}
         return cls(**fields)
     raise ValueError(f"unknown entry kind {kind!r} in saved state")
 
