@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
@@ -223,21 +222,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from .config import from_dict, load_yaml
     from .report import summary_table
     from .run import run
+    from .runs import read_result
 
     folder = args.run_dir
     path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{folder!r} is not a run folder (it has no config.yaml); give "
                           "the folder a run wrote")
-    done = os.path.join(folder, "result.json")
-    status = None
     try:
-        with open(done, encoding="utf-8") as f:
-            status = json.load(f).get("status")
-    except (OSError, ValueError, AttributeError):
-        pass  # no result yet, or an unreadable one: the checkpoint decides
+        status = read_result(folder)["status"]
+    except ConfigError:
+        status = None  # no result yet, or an unreadable one: the checkpoint decides
     if status == "completed":
-            raise ConfigError(f"the run in {folder!r} already completed; nothing to resume "
+        raise ConfigError(f"the run in {folder!r} already completed; nothing to resume "
                           f"(start a new one with 'relaxsgd run --config {path}')")
     cfg = from_dict({**load_yaml(path), "out": folder})
     _STARTED.append(folder)
