@@ -63,6 +63,13 @@ def parse_every(value: Any) -> tuple[str, float] | None:
     return "steps", float(require_int(value, what, at_least=1))
 
 
+def next_position(period: float, pos: float) -> float:
+    """The next checkpoint of a schedule every ``period`` local steps, for workers whose
+    latest safe point is at ``pos``: the first multiple of ``period`` past it (positions
+    can jump several multiples, e.g. with SwarmSGD's geometric local steps)."""
+    return (math.floor(pos / period) + 1) * period
+
+
 # -- state of the pieces ------------------------------------------------------------------
 
 def bank_state(bank: Any) -> dict[str, Any]:

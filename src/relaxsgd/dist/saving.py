@@ -117,8 +117,7 @@ class DistCheckpoints:
 
     def _advance_schedule(self, pos: float) -> None:
         if self.every is not None and self.every[0] == "steps":
-            k = self.every[1]
-            self.ckpt_at = (math.floor(pos / k) + 1) * k
+            self.ckpt_at = ckpt.next_position(self.every[1], pos)
 
     # -- taking one ----------------------------------------------------------------------
     def take(self, ex: Any, pos: float, ctx: Any) -> None:

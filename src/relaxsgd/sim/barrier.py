@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from ..algorithms.base import Checkpoint, Handle
+from ..checkpoint import next_position
 from ..errors import Deadlock
 from ..state_tree import decode, encode, pending_handles
 
@@ -104,8 +105,7 @@ class CheckpointBarrier:
             p.stall += self.now - p.parked.stall_from
             p.parked.stall_from = None
         top = max(p.last_pos for p in parked)
-        self.ckpt_at = ((math.floor(top / self.ckpt_every) + 1) * self.ckpt_every
-                        if self.ckpt_every else None)
+        self.ckpt_at = next_position(self.ckpt_every, top) if self.ckpt_every else None
         if self.on_checkpoint is not None:
             self.on_checkpoint(self)
         for p in parked:
@@ -143,6 +143,7 @@ class CheckpointBarrier:
         self.net.rng.setstate(_random_state(decode(s["net_rng"], done_handle)))
         for r, st in zip(self.compute.rngs, s["compute_rngs"], strict=True):
             r.setstate(_random_state(decode(st, done_handle)))
+
 
 def done_handle(value: Any) -> Handle:
     h = Handle("restored")
