@@ -13,6 +13,7 @@ from relaxsgd.algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
+    Checkpoint,
     Compute,
     Deferred,
     Exchange,
@@ -213,3 +214,54 @@ def test_deadlock_is_reported_not_hung() -> None:
 
     with pytest.raises(Deadlock, match="never finished"):
         run_program(body)
+
+
+def test_safe_points_that_are_not_a_consistent_cut_are_named() -> None:
+    """Worker 1 places its safe points 3 steps off worker 0's: at a checkpoint worker 0
+    parks while worker 1 waits for it in the all-reduce; reported, not hung."""
+    def body(self: Any, w: Any) -> Any:
+        while w.step < w.total_steps:
+            yield Checkpoint(position=w.step + (3 if w.rank == 1 else 0))
+            yield Compute(1)
+            yield AllReduce(torch.ones(1))
+
+    with pytest.raises(Deadlock, match="checkpoint never completed.*consistent cut"):
+        run_program(body, steps=12, checkpoint_every=5)
+
+
+def test_a_sub_program_running_at_a_checkpoint_is_named() -> None:
+    """A spawn whose handle is not in w.state cannot be waited for nor saved."""
+    def forever(w: Any) -> Any:
+        yield Recv(w.rank, tag="never")
+
+    def body(self: Any, w: Any) -> Any:
+        yield Spawn(forever(w))
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(1)
+
+    with pytest.raises(Deadlock, match="still run a sub-program"):
+        run_program(body, steps=12, checkpoint_every=5)
+
+
+def test_state_that_is_not_plain_data_is_refused_when_saving(tmp_path: Any) -> None:
+    from relaxsgd.state_tree import UnsettledState
+
+    def body(self: Any, w: Any) -> Any:
+        w.state["thing"] = object()
+        while w.step < w.total_steps:
+            yield Checkpoint()
+            yield Compute(1)
+
+    class Probe(Algorithm):
+        name = "probe"
+        Config = _NoOptions
+        resumable = True
+
+        def program(self, w: Any) -> Any:
+            return body(self, w)
+
+    prep = prepare(tiny(steps=12, checkpoint_every=5))
+    prep.algo = Probe(_NoOptions(), prep.info)
+    with pytest.raises(UnsettledState, match=r"state\['thing'\]: a object is not plain data"):
+        simulate(prep, str(tmp_path))
