@@ -466,3 +466,27 @@ def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_run_goes_on(
     err = capsys.readouterr().err
     assert err.count("checkpoint not written") == 2 and "No space left" in err
     assert not os.path.exists(os.path.join(out, checkpoint.FILE))
+
+
+@pytest.mark.parametrize("damage", ["workers", "type"])
+def test_a_checkpoint_damaged_inside_is_one_line_and_keeps_the_metrics(
+        damage: str, tmp_path: Any) -> None:
+    """A file torch reads but whose content is wrong (a worker missing, a type that is not
+    allowed in state): one line, and the run's metrics.csv is left as it was."""
+    out = str(tmp_path / "r")
+    cfg = dataclasses.replace(tiny(algo="localsgd", steps=12, checkpoint_every=5), out=out)
+    run(cfg, progress=False)
+    path = os.path.join(out, checkpoint.FILE)
+    ck = torch.load(path, weights_only=True)
+    if damage == "workers":
+        ck["engine"]["procs"] = ck["engine"]["procs"][:1]
+    else:
+        ck["workers"][0]["state"] = {"__relaxsgd_kind__": "type", "name": "os.system",
+                                     "fields": {}}
+    torch.save(ck, path)
+    os.unlink(os.path.join(out, "result.json"))  # as if killed
+    before = open(os.path.join(out, "metrics.csv")).read()
+    with pytest.raises(ConfigError, match="cannot be restored") as e:
+        run(cfg, progress=False, resume=True)
+    assert "\n" not in str(e.value)
+    assert open(os.path.join(out, "metrics.csv")).read() == before

@@ -81,11 +81,17 @@ class Recorder:
         self._file = None
         self._writer = None
         if csv_path is not None:
-            self._file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
-            self._writer = csv.DictWriter(self._file, fieldnames=self.columns,
-                                          extrasaction="ignore")
-            self._writer.writeheader()
-            self._file.flush()
+            self.open(csv_path)
+
+    def open(self, csv_path: str) -> None:
+        """Start ``csv_path`` afresh (header, then the rows so far) and write rows to it."""
+        self._file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns,
+                                      extrasaction="ignore")
+        self._writer.writeheader()
+        for row in self.rows:
+            self._writer.writerow({k: _fmt(v) for k, v in row.items()})
+        self._file.flush()
 
     def record(self, *, step: float, samples: int, virtual_time: float, wall_time: float,
                X: Tensor, mean_buffers: dict[str, Tensor], w0_buffers: dict[str, Tensor],
@@ -135,7 +141,8 @@ class Recorder:
         return row
 
     def restore(self, rows: list[dict[str, Any]]) -> None:
-        """Take the rows of a checkpoint as the rows so far (written again to the file)."""
+        """Take the rows of a checkpoint as the rows so far (written to the file if one is
+        open; else :meth:`open` writes them)."""
         self.rows = [dict(r) for r in rows]
         if self._writer is not None:
             for row in self.rows:

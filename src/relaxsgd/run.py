@@ -212,7 +212,10 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
     models_info = {"compute_model": compute_info,
                    "network_model": network_model_info(net_cfg, n)}
     shared_key = getattr(prep.algo, "shared_model_state", None)  # e.g. OLCO3's "xg"
-    rec = Recorder(prep.spec, os.path.join(out, "metrics.csv") if out else None, n, bank.d,
+    csv_path = os.path.join(out, "metrics.csv") if out else None
+    # a resumed run opens metrics.csv only once its checkpoint is restored: a damaged one
+    # must leave the old file as it is
+    rec = Recorder(prep.spec, csv_path if resume is None else None, n, bank.d,
                    prep.spec.data.x_train.shape[0], list(prep.algo.metric_keys),
                    cfg.eval_samples, shared_model=shared_key is not None)
     every = max(1, math.ceil(total / cfg.evals)) * n
@@ -268,11 +271,18 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
     engine = Engine(prep.algo, workers, bank, net, comp, between_instants=between)
     saver.attach(engine, resume is not None)
     if resume is not None:
-        saver.restore(resume, engine)
-        r = resume["run"]
-        done[0], next_eval[0] = int(r["done"]), int(r["next_eval"])
-        rec.restore(r["rows"])
-        wall0 -= float(r["wall_time"])
+        try:
+            saver.restore(resume, engine)
+            r = resume["run"]
+            done[0], next_eval[0] = int(r["done"]), int(r["next_eval"])
+            rec.restore(r["rows"])
+            wall0 -= float(r["wall_time"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"the checkpoint in {out!r} cannot be restored (damaged?): "
+                              f"{why}") from None
+        if csv_path is not None:
+            rec.open(csv_path)
         bar.update(done[0], "resumed")
     status, message, vtime, t_run = "completed", "", 0.0, 0.0
     stopped_at: StoppedAtCheckpoint | None = None
