@@ -23,8 +23,8 @@ not model (Python, threads, serialisation, evaluation snapshots, the barrier at 
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker
 
 ``--wire`` measures instead what issue 10's safe transport costs, side by side in one run:
-the same jobs with the wire of before (pickle, no frame MACs: ``src/relaxsgd/dist/wire.py``
-of commit ``LEGACY_COMMIT``, put back by a hook of ``relaxsgd.dist.testing``), with the
+the same jobs with the wire of before (pickle, no frame MACs: ``src/relaxsgd/distributed/wire.py``
+of commit ``LEGACY_COMMIT``, put back by a hook of ``distkit``), with the
 current one (tagged encoding, authenticated peers, HMAC-SHA256 per frame) and with TLS
 (a throw-away CA made with ``openssl``), interleaved and repeated (``--reps``), the median
 samples/s of each:
@@ -43,6 +43,9 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+# the dist runtime's test harness lives in tests/distkit (not shipped with the package)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 N = 4
@@ -97,7 +100,7 @@ def calibrate_worker(out: str) -> None:
 
 def calibrate() -> tuple[float, float]:
     """(latency_s, bandwidth_Bps) of the simulator's ring model, fitted on loopback."""
-    from relaxsgd.dist.launch import LocalJob
+    from relaxsgd.distributed.launch import LocalJob
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "cal.json")
@@ -137,9 +140,9 @@ def message_costs(legacy: str, d: int, rounds: int = 7, iters: int = 200) -> dic
 
     import torch
 
-    from relaxsgd.dist import auth as A
-    from relaxsgd.dist import wire
-    from relaxsgd.dist.transport import HEADER
+    from relaxsgd.distributed import auth as A
+    from relaxsgd.distributed import wire
+    from relaxsgd.distributed.transport import HEADER
 
     spec = importlib.util.spec_from_file_location("legacy_wire", legacy)
     assert spec is not None and spec.loader is not None
@@ -178,8 +181,8 @@ def message_costs(legacy: str, d: int, rounds: int = 7, iters: int = 200) -> dic
 
 def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> None:
     """Samples/s with the wire of before, the current one, and the current one over TLS."""
+    from distkit import make_test_certs, run_jobs
     from relaxsgd.algorithms import ALGORITHMS
-    from relaxsgd.dist.testing import make_test_certs, run_jobs
 
     algos = [(n, o) for n, o in WIRE_ALGOS if n in ALGORITHMS]
     cfgs = [config(n, o, steps) for n, o in algos]
@@ -247,9 +250,9 @@ def main() -> None:
         return
     import torch
 
+    from distkit import run_jobs
     from relaxsgd.algorithms import ALGORITHMS
     from relaxsgd.config import from_dict
-    from relaxsgd.dist.testing import run_jobs
     from relaxsgd.run import measure_step_time, prepare
 
     torch.set_num_threads(1)

@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import relaxsgd.dist as rd
+import relaxsgd.distributed as rd
 
 
 def data() -> tuple[TensorDataset, TensorDataset]:

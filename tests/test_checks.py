@@ -53,7 +53,7 @@ def _sites() -> list[tuple[str, object, str]]:
     from relaxsgd.algorithms.sgp import SGPConfig
     from relaxsgd.algorithms.swarm_config import SwarmConfig
     from relaxsgd.compress.powersgd import PowerSGD
-    from relaxsgd.dist.options import DistOptions
+    from relaxsgd.distributed.options import DistOptions
     from relaxsgd.quantize.lattice import LatticeQuantizer, choose_eps
 
     return [

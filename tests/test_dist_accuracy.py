@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from distkit import run_jobs
 from relaxsgd.algorithms import ALGORITHMS
 from relaxsgd.config import from_dict
-from relaxsgd.dist.testing import run_jobs
 from relaxsgd.run import prepare, simulate
 
 pytestmark = pytest.mark.dist

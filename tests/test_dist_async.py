@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from distkit import run_job, run_jobs
 from relaxsgd.algorithms import ALGORITHMS
-from relaxsgd.dist.testing import run_job, run_jobs
 
 pytestmark = pytest.mark.dist
 

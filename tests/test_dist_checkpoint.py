@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from relaxsgd.dist.testing import resume_job, run_job, run_jobs, wait_for_rows
+from distkit import resume_job, run_job, run_jobs, wait_for_rows
 
 pytestmark = pytest.mark.dist
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from distkit import run_job, wait_for_rows
 from relaxsgd.config import from_dict
-from relaxsgd.dist.testing import run_job, wait_for_rows
 from relaxsgd.run import prepare, simulate
 
 pytestmark = pytest.mark.dist
@@ -138,7 +138,7 @@ def test_torchrun_runs_relaxsgd_run_and_matches_the_simulator(tmp_path) -> None:
 
 @pytest.mark.timeout(60)
 def test_sigterm_stops_a_worker_blocked_in_a_rendezvous_that_never_completes(tmp_path) -> None:
-    from relaxsgd.dist.launch import free_port
+    from relaxsgd.distributed.launch import free_port
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text(json.dumps({**LONG, "workers": 3}))

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from distkit import probe_registered, run_jobs
 from relaxsgd.algorithms import ALGORITHMS
 from relaxsgd.config import from_dict
-from relaxsgd.dist.testing import probe_registered, run_jobs
 from relaxsgd.run import prepare, simulate
 
 pytestmark = pytest.mark.dist

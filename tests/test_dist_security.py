@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import torch
 
+from distkit import run_job
 from relaxsgd.config import from_dict
-from relaxsgd.dist import auth as A
-from relaxsgd.dist.testing import run_job
-from relaxsgd.dist.transport import HEADER
+from relaxsgd.distributed import auth as A
+from relaxsgd.distributed.transport import HEADER
 from relaxsgd.run import prepare, simulate
 
 pytestmark = pytest.mark.dist
@@ -84,7 +84,7 @@ def test_strangers_are_refused_and_a_synchronous_job_goes_on_unchanged(tmp_path)
         held.append(silent)
         import pickle
 
-        from relaxsgd.dist.testing import _Marker
+        from distkit import _Marker
 
         _send(addr, b"", read=False)  # connect, then close
         _send(addr, b"\x00\x00\x00\x01")  # 4 bytes "claiming rank 1", then close
@@ -164,7 +164,7 @@ def test_a_frozen_worker_is_dropped_and_asynchronous_gossip_goes_on_at_full_spee
     out = str(tmp_path)
 
     def freeze(job: Any) -> None:
-        from relaxsgd.dist.testing import wait_for_rows
+        from distkit import wait_for_rows
 
         assert wait_for_rows(out, 1)
         job.signal(signal.SIGSTOP, [1])
@@ -208,7 +208,7 @@ def test_a_failed_evaluation_shows_in_the_status(tmp_path) -> None:
 def test_tls_protects_the_links_and_a_plain_stranger_is_refused(tmp_path) -> None:
     import shutil
 
-    from relaxsgd.dist.testing import make_test_certs
+    from distkit import make_test_certs
 
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not available to make certificates")

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import torch
 
+from distkit import GOSSIP, PING, PROBE, _Marker
 from relaxsgd.algorithms import ALGORITHMS
 from relaxsgd.algorithms.base import AllGather, Exchange, Reply, Send
 from relaxsgd.config import from_dict
-from relaxsgd.dist import auth as A
-from relaxsgd.dist.testing import GOSSIP, PING, PROBE, _Marker
-from relaxsgd.dist.wire import KINDS, WireError, check_message, decode, encode
+from relaxsgd.distributed import auth as A
+from relaxsgd.distributed.wire import KINDS, WireError, check_message, decode, encode
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
 
@@ -305,7 +305,7 @@ def test_a_worker_without_a_secret_stops_with_one_line_before_connecting(tmp_pat
 
 # -- snapshots to rank 0 ---------------------------------------------------------------
 def test_rank_0_accepts_only_well_formed_snapshots_of_the_sender_itself() -> None:
-    from relaxsgd.dist.evaluation import SnapshotSpec
+    from relaxsgd.distributed.evaluation import SnapshotSpec
 
     spec = SnapshotSpec(2, (torch.Size([7]), torch.float32),
                         {"bn.running_mean": (torch.Size([3]), torch.float32)}, 4)

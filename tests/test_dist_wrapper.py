@@ -2,7 +2,7 @@
 
 The worker side is this file's ``__main__``: a user's loop (their model from the task's
 factory, ``torch.optim.SGD``, ``loss.backward(); opt.step()``) on the data order of the
-relaxsgd sampler, wrapped with ``relaxsgd.dist.wrap``; several configs one after the other
+relaxsgd sampler, wrapped with ``relaxsgd.distributed.wrap``; several configs one after the other
 in the same processes (one wrap each).
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from relaxsgd.config import from_dict
-from relaxsgd.dist.launch import LocalJob
+from relaxsgd.distributed.launch import LocalJob
 from relaxsgd.run import prepare, simulate
 
 pytestmark = pytest.mark.dist
@@ -41,7 +41,7 @@ def _cfg(algo: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 def user_main(cases: list[dict[str, Any]], out: str) -> None:
     """One worker: a plain training loop per config, wrapped."""
-    import relaxsgd.dist as rd
+    import relaxsgd.distributed as rd
     from relaxsgd.bank import SALT_DATA
     from relaxsgd.training import Sampler, seeded_generator
 

@@ -72,11 +72,11 @@ def test_readme_does_not_point_outside_the_repository() -> None:
 
 def test_the_distributed_guide_lists_every_option_the_runtime_reads() -> None:
     """docs/distributed.md's options table names every ``RELAXSGD_*`` variable that
-    dist/options.py and dist/auth.py read (the README only points to the guide), so a
+    distributed/options.py and distributed/auth.py read (the README only points to the guide), so a
     variable added to the code without a row fails here."""
     read = set()
     for name in ("options.py", "auth.py"):
-        text = (ROOT / "src" / "relaxsgd" / "dist" / name).read_text(encoding="utf-8")
+        text = (ROOT / "src" / "relaxsgd" / "distributed" / name).read_text(encoding="utf-8")
         read |= set(re.findall(r'"(RELAXSGD_[A-Z_]+)"', text))
     assert {"RELAXSGD_TIMEOUT", "RELAXSGD_SECRET", "RELAXSGD_TLS_CERT"} <= read
     guide = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")

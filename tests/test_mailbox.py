@@ -149,7 +149,7 @@ def _p2p() -> object:
     import threading
     import types
 
-    from relaxsgd.dist.p2p import PointToPoint
+    from relaxsgd.distributed.p2p import PointToPoint
 
     class P(PointToPoint):
         pass
@@ -165,9 +165,9 @@ def _p2p() -> object:
 def test_the_dist_side_bounds_unreceived_messages_per_source(monkeypatch) -> None:
     import pytest
 
-    import relaxsgd.dist.p2p as p2p
+    import relaxsgd.distributed.p2p as p2p
     from relaxsgd.algorithms.base import Recv
-    from relaxsgd.dist.sockets import PeerLost
+    from relaxsgd.distributed.sockets import PeerLost
 
     monkeypatch.setattr(p2p, "MAX_INBOX", 3)
     p = _p2p()

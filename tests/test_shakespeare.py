@@ -255,7 +255,7 @@ def test_defaults_are_adamw_and_about_a_million_parameters(corpus) -> None:
 @pytest.mark.timeout(180)
 def test_two_process_dist_run_keeps_own_works_and_matches_the_simulator(corpus,
                                                                        tmp_path) -> None:
-    from relaxsgd.dist.testing import run_job
+    from distkit import run_job
 
     folder, _ = corpus
     cfg = {"task": "shakespeare", "task_options": dict(TINY_LM), "data_dir": str(folder),

@@ -45,7 +45,7 @@ from .errors import ConfigError
 
 MODELS_FORMAT = "relaxsgd.models/1"
 # Files a run or a comparison writes: the only ones --force removes from an old folder
-# (with the distributed runtime's checkpoint-rank<k>-at<position>.pt, relaxsgd.dist.saving).
+# (with the distributed runtime's checkpoint-rank<k>-at<position>.pt, relaxsgd.distributed.saving).
 _RANK_CHECKPOINT = re.compile(r"^checkpoint-rank\d+-at[0-9][0-9.e+-]*\.pt$")
 OUTPUT_FILES = ("config.yaml", "metrics.csv", "result.json", "models.pt", "checkpoint.pt",
                 "summary.txt",

@@ -132,7 +132,7 @@ def run(cfg: RunConfig, progress: bool = True, write: bool = True,
 
     ``resume``: continue the run in ``cfg.out`` from its checkpoint (``relaxsgd resume``)."""
     if cfg.runtime == "dist":
-        from .dist.runtime import run_dist  # type: ignore[import-not-found]
+        from .distributed.runtime import run_dist  # type: ignore[import-not-found]
 
         return run_dist(cfg, progress=progress, write=write, resume=resume)
     prep = prepare(cfg)

@@ -89,7 +89,7 @@ def _type_name(obj: Any) -> str:
     name = f"{cls.__module__}.{cls.__qualname__}"
     if _types.get(name) is cls:
         return name
-    from .dist import wire  # its payload dataclasses are allowed too
+    from .distributed import wire  # its payload dataclasses are allowed too
 
     try:
         if wire._payload_class(cls.__name__) is cls:
@@ -186,7 +186,7 @@ def decode(obj: Any, make_handle: Callable[[Any], Any], device: Any = None) -> A
 
 def _lookup(name: str) -> type:
     if name.startswith("wire:"):
-        from .dist import wire
+        from .distributed import wire
 
         try:
             return wire._payload_class(name[5:])

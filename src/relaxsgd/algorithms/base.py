@@ -3,7 +3,7 @@
 An algorithm is written once, as the program of ONE worker: a generator that yields
 effects and receives their results, plus handlers for messages that arrive while the
 worker is busy. The simulator (:mod:`relaxsgd.sim`) fulfils effects on a virtual clock;
-the distributed runtime (:mod:`relaxsgd.dist`) fulfils them with torch.distributed.
+the distributed runtime (:mod:`relaxsgd.distributed`) fulfils them with torch.distributed.
 An algorithm never imports torch.distributed and never knows which runtime runs it.
 
 Effects (``result = yield Effect(...)``):
@@ -20,7 +20,7 @@ Effects (``result = yield Effect(...)``):
   backend's all-reduce (:mod:`relaxsgd.sim.collectives`).
 - :class:`AllGather` ``(payload, nbytes)``: the list of every worker's payload, by rank.
   Payloads (here and in Send/Exchange) are what the distributed runtime's wire format
-  encodes (:mod:`relaxsgd.dist.wire`: None, numbers, str, bytes, lists, tuples, dicts,
+  encodes (:mod:`relaxsgd.distributed.wire`: None, numbers, str, bytes, lists, tuples, dicts,
   tensors and registered payload dataclasses; never pickle). ``pattern="ring"`` or
   ``"ps"`` (through a parameter server, whose reply of ``down_nbytes`` is broadcast).
 - :class:`Send` ``(peer, payload, nbytes, tag)``: one-way message into the peer's inbox;
@@ -276,7 +276,7 @@ class Algorithm:
     # True once the program follows the checkpoint rule (module docstring, "Checkpoints")
     resumable: ClassVar[bool] = False
     # True when the workers never wait for each other (SwarmSGD, AD-PSGD): the distributed
-    # runtime then saves each worker on its own, without a barrier (relaxsgd.dist.saving)
+    # runtime then saves each worker on its own, without a barrier (relaxsgd.distributed.saving)
     asynchronous: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:

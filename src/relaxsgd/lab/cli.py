@@ -92,8 +92,8 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     import torch.distributed as dist
 
     from ..config import from_dict
-    from ..dist.runtime import job_env
-    from ..dist.sockets import local_address
+    from ..distributed.runtime import job_env
+    from ..distributed.sockets import local_address
     from ..sim.profile_file import write_profile
     from .calibrate import calibrate
 

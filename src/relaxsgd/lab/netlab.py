@@ -221,7 +221,7 @@ class Lab:
         MASTER_ADDR = worker 0, RELAXSGD_HOST = own address, a fresh job secret unless the
         environment names one); their exit statuses. A worker that fails (status not 0)
         ends the others (SIGTERM, then SIGKILL)."""
-        from ..dist.launch import job_secret_env
+        from ..distributed.launch import job_secret_env
 
         secret = job_secret_env({**os.environ, **(extra_env or {})})
         for i in range(self.n):
@@ -247,7 +247,7 @@ class Lab:
 
     @staticmethod
     def _stop(procs: list[subprocess.Popen], grace: float) -> None:
-        from ..dist.launch import stop_groups
+        from ..distributed.launch import stop_groups
 
         stop_groups(procs, grace)
 

@@ -1,4 +1,4 @@
-"""A minimal single-machine launcher: ``python -m relaxsgd.dist.launch -n 4 relaxsgd run ...``.
+"""A minimal single-machine launcher: ``python -m relaxsgd.distributed.launch -n 4 CMD``.
 
 It starts the command ``n`` times with torchrun's environment contract (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free
@@ -127,7 +127,7 @@ class LocalJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m relaxsgd.dist.launch",
+    ap = argparse.ArgumentParser(prog="python -m relaxsgd.distributed.launch",
                                  description="start a command as n workers on this machine")
     ap.add_argument("-n", "--nproc", type=int, required=True, help="number of workers")
     ap.add_argument("--port", type=int, help="rendezvous port (default: a free one)")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = [p.wait() for p in job.procs]
     bad = [c for c in codes if c != 0]
     if bad:
-        sys.stderr.write(f"relaxsgd.dist.launch: exit statuses by rank: {codes}\n")
+        sys.stderr.write(f"relaxsgd.distributed.launch: exit statuses by rank: {codes}\n")
     return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
 
 

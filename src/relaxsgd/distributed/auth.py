@@ -2,7 +2,7 @@
 
 The secret. Every worker of a job holds the same secret: ``RELAXSGD_SECRET`` (at least 16
 characters) or the contents of the file ``RELAXSGD_SECRET_FILE``. ``python -m
-relaxsgd.dist.launch`` generates one per job (``secrets.token_hex(32)``) and hands it to its
+relaxsgd.distributed.launch`` generates one per job (``secrets.token_hex(32)``) and hands it to its
 workers in their environment; under torchrun the user sets it. It never crosses the network
 and never goes into torch's TCPStore (which anyone who reaches its port can read and
 write). Without a secret a worker refuses to start, unless ``RELAXSGD_INSECURE=1`` and
@@ -120,7 +120,7 @@ def from_env(hosts: tuple[str, ...] = ()) -> Auth:
     insecure = False
     if key is None:
         if os.environ.get("RELAXSGD_INSECURE", "") not in ("1", "true", "yes"):
-            raise ConfigError(f"no job secret: {_ENV_HINT} (python -m relaxsgd.dist.launch "
+            raise ConfigError(f"no job secret: {_ENV_HINT} (python -m relaxsgd.distributed.launch "
                               "makes one; RELAXSGD_INSECURE=1 runs without one on loopback "
                               "addresses only)")
         far = [h for h in hosts if not is_loopback(h)]

@@ -2,7 +2,7 @@
 
 ::
 
-    import relaxsgd.dist as rd
+    import relaxsgd.distributed as rd
 
     rd.init()                                    # under torchrun: process group from env
     model = Net()
@@ -121,7 +121,7 @@ class Relaxed:
                  topology: str = "complete", topology_options: dict[str, Any] | None = None,
                  seed: int = 0) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("call relaxsgd.dist.init() (or init_process_group) first")
+            raise RuntimeError("call relaxsgd.distributed.init() (or init_process_group) first")
         # a ConfigError is a ValueError: callers catching ValueError still do
         require_int(total_steps, "total_steps (the number of opt.step() calls you will "
                     "make)", at_least=1)

@@ -179,7 +179,7 @@ class _Enc:
         name = _names.get(cls)
         if name is None:
             raise WireError(f"{cls.__name__} is not a registered payload class "
-                            "(relaxsgd.dist.wire.register_payload)")
+                            "(relaxsgd.distributed.wire.register_payload)")
         fs = [f for f in dataclasses.fields(x) if f.init]
         raw = name.encode("ascii")
         self.out += b"C" + _U8.pack(len(raw)) + raw + _U8.pack(len(fs))

@@ -1,6 +1,6 @@
 """Fault injection for the tests and benchmarks of the distributed runtime.
 
-Environment variables read by ``python -m relaxsgd.dist.testing`` (see that module):
+Environment variables read by ``python -m distkit`` (see that module):
 ``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_WIRE_FAULT``, ``RELAXSGD_TEST_EVAL_FAIL`` and
 ``RELAXSGD_BENCH_LEGACY_WIRE``. Nothing here runs unless one of them is set.
 """
@@ -29,7 +29,7 @@ def _install_kill() -> None:
     rank, step = (int(x) for x in spec.split(":"))
     if int(os.environ.get("RANK", -1)) != rank:
         return
-    from ..worker import LocalWorker
+    from relaxsgd.worker import LocalWorker
 
     orig_note, orig_apply = LocalWorker.note_steps, LocalWorker.apply_grad
 
@@ -68,7 +68,7 @@ def _install_wire_fault() -> None:
         return
     import pickle
 
-    from .transport import HEADER, Transport
+    from relaxsgd.distributed.transport import HEADER, Transport
 
     orig = Transport._send_frame
     sent: dict[int, list] = {}
@@ -125,10 +125,10 @@ def _install_legacy_wire() -> None:
         return
     import importlib.util
 
-    from . import collectives, transport
-    from .auth import recv_exact
-    from .sockets import recv_into
-    from .transport import HEADER, Transport
+    from relaxsgd.distributed import collectives, transport
+    from relaxsgd.distributed.auth import recv_exact
+    from relaxsgd.distributed.sockets import recv_into
+    from relaxsgd.distributed.transport import HEADER, Transport
 
     spec = importlib.util.spec_from_file_location("relaxsgd_legacy_wire", path)
     assert spec is not None and spec.loader is not None
@@ -172,7 +172,7 @@ def _install_legacy_wire() -> None:
 def _install_eval_fail() -> None:
     if os.environ.get("RELAXSGD_TEST_EVAL_FAIL") != "1":
         return
-    from .evaluation import Evaluator
+    from relaxsgd.distributed.evaluation import Evaluator
 
     def record(self: Evaluator, snaps: list[dict]) -> None:
         raise RuntimeError("injected evaluation failure (RELAXSGD_TEST_EVAL_FAIL)")

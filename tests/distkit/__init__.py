@@ -10,7 +10,7 @@
   (through this module's entry point, which also knows the probe) on free ports, with a
   hard timeout, and read back the outputs.
 
-``python -m relaxsgd.dist.testing run ...`` is ``relaxsgd run ...`` with the probe and
+``python -m distkit run ...`` is ``relaxsgd run ...`` with the probe and
 ``RELAXSGD_TEST_KILL_AT=<rank>:<step>`` (that worker kills itself with SIGKILL at that
 local step: a crash for the fault tests), ``RELAXSGD_TEST_WIRE_FAULT=<rank>:<kind>:<k>``
 (that worker's k-th frame to each peer goes wrong on the wire, as an attacker on the path
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..algorithms import ALGORITHMS
-from ..algorithms.base import (
+from relaxsgd.algorithms import ALGORITHMS
+from relaxsgd.algorithms.base import (
     Algorithm,
     AllGather,
     AllReduce,
@@ -54,9 +54,10 @@ from ..algorithms.base import (
     Wait,
     Worker,
 )
-from ..registry import Entry
-from .launch import LocalJob
-from .testing_hooks import _Marker, install_hooks, make_test_certs
+from relaxsgd.distributed.launch import LocalJob
+from relaxsgd.registry import Entry
+
+from .hooks import _Marker, install_hooks, make_test_certs
 
 __all__ = ["Probe", "Ping", "Gossip", "run_job", "run_jobs", "resume_job", "wait_for_rows",
            "_Marker", "make_test_certs"]
@@ -83,7 +84,7 @@ class Probe(Algorithm):
         return Deferred(lambda w: Reply(w.state["pub2"].clone(), nbytes))
 
     def program(self, w: Worker) -> Program:
-        from ..compress.spec import make_compressor
+        from relaxsgd.compress.spec import make_compressor
 
         n, r, mix = w.n, w.rank, self.cfg.mix
         comp = make_compressor("powersgd:rank=1")
@@ -176,7 +177,7 @@ class Gossip(Algorithm):
         w.state["pub"] = w.params.clone()
 
     def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply:
-        from ..algorithms.swarm import add_later
+        from relaxsgd.algorithms.swarm import add_later
 
         mine = w.state["pub"].clone()
         add_later(w, (payload - mine) / 2)
@@ -184,8 +185,8 @@ class Gossip(Algorithm):
         return Reply(mine, 4 * mine.numel())
 
     def program(self, w: Worker) -> Program:
-        from ..algorithms.base import PeerUnavailable
-        from ..algorithms.swarm import absorb, finish
+        from relaxsgd.algorithms.base import PeerUnavailable
+        from relaxsgd.algorithms.swarm import absorb, finish
 
         others = [j for j in range(w.n) if j != w.rank]
         while w.step < w.total_steps:
@@ -206,13 +207,13 @@ class Gossip(Algorithm):
         finish(w)
 
 
-PROBE = Entry("probe", "relaxsgd.dist.testing:Probe",
-              "test algorithm using every effect (relaxsgd.dist.testing)")
+PROBE = Entry("probe", "distkit:Probe",
+              "test algorithm using every effect (distkit)")
 
 
-GOSSIP = Entry("gossip", "relaxsgd.dist.testing:Gossip",
+GOSSIP = Entry("gossip", "distkit:Gossip",
                "test algorithm: asynchronous pairwise averaging that skips lost partners")
-PING = Entry("ping", "relaxsgd.dist.testing:Ping",
+PING = Entry("ping", "distkit:Ping",
              "test algorithm: immediate and deferred answers of a busy worker")
 
 
@@ -244,6 +245,16 @@ class JobResult:
             return list(csv.DictReader(f))
 
 
+# The worker processes run ``python -m distkit``: this folder (tests/) must be on their path.
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _job_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a test job's workers: models saved, and ``distkit`` importable."""
+    path = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
+    return {"RELAXSGD_SAVE_MODELS": "1", "PYTHONPATH": path, **(env or {})}
+
+
 def run_jobs(cfgs: list[dict[str, Any]], n: int, out: str, timeout: float = 120.0,
              env: dict[str, str] | None = None, after: Any = None) -> list[JobResult]:
     """Several configs, one after the other in the SAME ``n`` processes (saves the start-up
@@ -257,8 +268,8 @@ def run_jobs(cfgs: list[dict[str, Any]], n: int, out: str, timeout: float = 120.
         paths.append(os.path.join(out, str(k), "job.yaml"))
         with open(paths[-1], "w", encoding="utf-8") as f:
             yaml.safe_dump({**cfg, "workers": n, "out": os.path.join(out, str(k))}, f)
-    e = {"RELAXSGD_SAVE_MODELS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "multi", *paths]
+    e = _job_env(env)
+    cmd = [sys.executable, "-m", "distkit", "multi", *paths]
     t = time.perf_counter()
     job = LocalJob(cmd, n, env=e, log_dir=os.path.join(out, "logs"))
     try:
@@ -299,10 +310,10 @@ def run_job(cfg: dict[str, Any], n: int, out: str, timeout: float = 120.0,
     path = os.path.join(out, "job.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump({**cfg, "workers": n}, f)
-    e = {"RELAXSGD_SAVE_MODELS": "1", **(env or {})}
+    e = _job_env(env)
     if kill is not None:
         e["RELAXSGD_TEST_KILL_AT"] = f"{kill[0]}:{kill[1]}"
-    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "run", "--config", path,
+    cmd = [sys.executable, "-m", "distkit", "run", "--config", path,
            "--runtime", "dist", "--out", out, "--force", "-q"]  # out holds job.yaml
     t = time.perf_counter()
     job = LocalJob(cmd, n, env=e, rank_env=rank_env, log_dir=os.path.join(out, "logs"))
@@ -321,9 +332,9 @@ def resume_job(out: str, n: int, timeout: float = 120.0,
     """``relaxsgd resume out`` on ``n`` local worker processes (logs in out/logs-resume)."""
     import time
 
-    cmd = [sys.executable, "-m", "relaxsgd.dist.testing", "resume", out, "-q"]
+    cmd = [sys.executable, "-m", "distkit", "resume", out, "-q"]
     t = time.perf_counter()
-    job = LocalJob(cmd, n, env={"RELAXSGD_SAVE_MODELS": "1", **(env or {})},
+    job = LocalJob(cmd, n, env=_job_env(env),
                    log_dir=os.path.join(out, "logs-resume"))
     try:
         codes = job.wait(timeout=timeout, grace=5.0)
@@ -350,8 +361,8 @@ def wait_for_rows(out: str, rows: int, timeout: float = 60.0) -> bool:
 def _multi(paths: list[str]) -> int:
     """Run configs one after the other in this process (each run meets the others under
     its own prefix of the same store: see ``runtime.run_store``)."""
-    from ..config import from_dict, load_yaml
-    from .runtime import run_dist
+    from relaxsgd.config import from_dict, load_yaml
+    from relaxsgd.distributed.runtime import run_dist
 
     for path in paths:
         run_dist(from_dict({**load_yaml(path), "runtime": "dist"}), progress=False)
@@ -359,7 +370,7 @@ def _multi(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import main as cli_main
+    from relaxsgd.cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     install_hooks()
@@ -371,5 +382,3 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(argv)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,7 +28,8 @@ def job_env() -> tuple[int, int, int]:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except KeyError:
         raise ConfigError("--runtime dist runs one worker per process: launch it with "
-                          "torchrun --nproc-per-node N (or python -m relaxsgd.dist.launch -n N) "
+                          "torchrun --nproc-per-node N (or "
+                          "python -m relaxsgd.distributed.launch -n N) "
                           "so that RANK and WORLD_SIZE are set") from None
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
