@@ -59,7 +59,10 @@ def stop_groups(procs: Sequence[subprocess.Popen], grace: float) -> None:
         time.sleep(0.02)
     signal_groups(procs, signal.SIGKILL)
     for p in procs:
-        p.wait()
+        # With a timeout, Popen.wait never blocks on its internal lock: a timeout signal
+        # (pytest-timeout's, a user's Ctrl-C) that interrupted an earlier wait can leave that
+        # lock held, and a plain wait() would then hang forever in this clean-up.
+        p.wait(timeout=max(grace, 5.0))
 
 
 def free_port() -> int:
