@@ -76,7 +76,7 @@ class Bank:
                 self.modules.append(m)
         else:
             self._vg = vmap(grad_and_value(self._loss_of_params), randomness="different")
-        self.loss_sum = torch.zeros(rows, dtype=torch.float64)
+        self.loss_sum = torch.zeros(rows, dtype=torch.float64, device="cpu")  # host-side metric
         self.loss_count = [0] * rows
 
     # -- gradients -----------------------------------------------------------------
@@ -161,7 +161,7 @@ class Bank:
 
         Returns the batch losses of the last step, one per row.
         """
-        loss = torch.empty(0)
+        loss = torch.empty(0, device=self.device)
         for _ in range(steps):
             g, loss = self.grads(rows)
             if self.batching == "vmap" and len(rows) > 1:

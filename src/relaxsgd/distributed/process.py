@@ -53,7 +53,8 @@ def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
         d, x_train=d.x_train[idx].clone(), y_train=d.y_train[idx].clone(),
         x_test=d.x_test if keep_test else d.x_test[:0],
         y_test=d.y_test if keep_test else d.y_test[:0])
-    return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
+    local = torch.arange(idx.numel(), device=idx.device)
+    return dataclasses.replace(prep.spec, data=data), {rank: local}
 
 
 class StopFlag:
