@@ -337,3 +337,92 @@ def test_every_algorithm_runs_with_its_workers_on_cuda(monkeypatch, name: str,
     assert gpu.device.type == "cuda"
     # the same random draws on both devices: the models differ by float rounding only
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+# -- the distributed runtime's device choice and its point-to-point boundary --------------
+
+@pytest.mark.parametrize("count,local_world,backend,want", [
+    (0, 2, "auto", ("gloo", "cpu")),       # no GPU: every rank on the CPU
+    (2, 2, "auto", ("nccl", "cuda:1")),    # a GPU each: NCCL
+    (1, 2, "auto", ("gloo", "cuda:0")),    # two ranks, one GPU: shared, gloo
+    (3, 4, "gloo", ("gloo", "cuda:1")),    # forced gloo keeps the GPU
+])
+def test_pick_backend(monkeypatch, count, local_world, backend, want) -> None:
+    from relaxsgd.distributed import process
+    from relaxsgd.distributed.options import DistOptions
+
+    _gpus(monkeypatch, count)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    got = process.pick_backend(DistOptions(backend=backend), 1, None, local_world)
+    assert (got[0], str(got[1])) == want
+    assert chosen == ([got[1]] if got[1].type == "cuda" else [])
+
+
+@pytest.mark.parametrize("count,local_world", [(0, 1), (1, 2)])
+def test_nccl_where_it_cannot_work_is_one_line(monkeypatch, count, local_world) -> None:
+    from relaxsgd.distributed import process
+    from relaxsgd.distributed.options import DistOptions
+
+    _gpus(monkeypatch, count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    with pytest.raises(ConfigError, match="needs a GPU of its own for every rank"):
+        process.pick_backend(DistOptions(backend="nccl"), 0, None, local_world)
+
+
+class _Wire:
+    """A transport that records what it is given to send."""
+
+    def __init__(self) -> None:
+        self.sent, self.on_dead, self.dead = [], [], {}
+
+    def send(self, peer, msg, done=None) -> None:
+        self.sent.append((peer, msg))
+
+
+def _p2p(device: str):
+    import threading
+    import types
+
+    from relaxsgd.distributed.p2p import PointToPoint
+
+    p = PointToPoint()
+    p.tr, p.lock = _Wire(), threading.RLock()
+    p.w = types.SimpleNamespace(params=torch.zeros(4, device=device))
+    p.counts = types.SimpleNamespace(add=lambda *a: None)
+    p.opts = types.SimpleNamespace(timeout_s=5.0, peer_timeout_s=5.0)
+    p._init_p2p()
+    return p
+
+
+def test_p2p_boundary_sends_host_tensors_and_delivers_on_the_workers_device(
+        monkeypatch) -> None:
+    from relaxsgd.algorithms.base import Recv, Send
+    from relaxsgd.compress.topk import SparsePayload
+    from relaxsgd.distributed import p2p
+
+    hosted = []
+    monkeypatch.setattr(p2p, "to_host_tree", lambda t: hosted.append(t) or ("host", t))
+    payload = SparsePayload(torch.ones(2), torch.tensor([0, 3], dtype=torch.int32), 4)
+    w = _p2p("meta")  # a worker whose tensors are not on the CPU
+    w._send(Send(1, payload, 8, tag=7))
+    assert hosted == [payload] and w.tr.sent[0][1][2] == ("host", payload)
+    w.on_message(1, ("msg", 7, payload))  # decoded from the wire: on the CPU
+    h = w._recv(Recv(1, tag=7))
+    assert h.value.values.device.type == "meta" and h.value.indices.device.type == "meta"
+    assert h.value.numel == 4
+    cpu = _p2p("cpu")  # a CPU worker: nothing copied
+    cpu._send(Send(1, payload, 8))
+    assert cpu.tr.sent[0][1][2] is payload and len(hosted) == 1
+
+
+@pytest.mark.cuda
+def test_to_host_copies_cuda_tensors_into_pinned_memory() -> None:
+    cuda_or_skip()
+    from relaxsgd.compress.topk import SparsePayload
+
+    payload = SparsePayload(torch.ones(2, device="cuda"),
+                            torch.tensor([0, 3], dtype=torch.int32, device="cuda"), 4)
+    host = devices.to_host_tree(payload)
+    assert host.values.device.type == "cpu" and host.values.is_pinned()
+    assert torch.equal(devices.move(host, "cuda").dense(), payload.dense())

@@ -223,13 +223,14 @@ def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, 
     for name, p in model.named_parameters():
         bind[name] = flat[off:off + p.numel()].view_as(p)
         off += p.numel()
-    bind.update(buffers)
+    bind.update({k: b.to(flat.device) for k, b in buffers.items()})
     model.eval()
     total, correct, n, targets = 0.0, 0.0, 0, 0
     if y.dim() > 1 and spec.bits_per_token:  # sequences: ``batch`` counts tokens
         batch = max(1, batch // int(y[0].numel()))
     for i in range(0, x.shape[0], batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
+        # on the device of the parameters (the data set lives in host memory)
+        xb, yb = x[i:i + batch].to(flat.device), y[i:i + batch].to(flat.device)
         out = functional_call(model, bind, (xb,))
         total += float(spec.loss_fn(out, yb)) * xb.shape[0]
         if spec.metric == "accuracy":

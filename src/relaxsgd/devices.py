@@ -20,6 +20,7 @@ machine):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -46,19 +47,35 @@ def draw(fn: Callable[..., Tensor], *args: Any, generator: torch.Generator | Non
     return t.to(device)
 
 
-def move(tree: Any, device: torch.device | str) -> Any:
-    """A copy of a nested state (dicts, lists, tuples of tensors and plain values) with
-    every floating or integer tensor on ``device``; generators and other values as they
-    are. Used after loading a checkpoint with ``map_location="cpu"``."""
+def map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``tree`` (dicts, lists, tuples, named tuples, dataclasses such as the compressors'
+    payloads) with ``fn`` applied to every tensor; other leaves (generators, numbers) as
+    they are. Containers are rebuilt, tensors are whatever ``fn`` returns."""
     if isinstance(tree, Tensor):
-        return tree.to(device)
+        return fn(tree)
     if isinstance(tree, dict):
-        return {k: move(v, device) for k, v in tree.items()}
+        return {k: map_tensors(v, fn) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [move(v, device) for v in tree]
-    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(move(v, device) for v in tree)
+        return [map_tensors(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        items = [map_tensors(v, fn) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(tree, **{f.name: map_tensors(getattr(tree, f.name), fn)
+                                            for f in dataclasses.fields(tree) if f.init})
     return tree
+
+
+def move(tree: Any, device: torch.device | str) -> Any:
+    """A copy of a nested state or payload with every tensor on ``device`` (a tensor
+    already there is not copied). Used where tensors arrive on the CPU: a checkpoint read
+    with ``map_location="cpu"``, a message decoded from the wire."""
+    return map_tensors(tree, lambda t: t.to(device))
+
+
+def to_host_tree(tree: Any) -> Any:
+    """``tree`` with every tensor on the CPU (:func:`to_host`), for the wire."""
+    return map_tensors(tree, to_host)
 
 
 def to_host(t: Tensor) -> Tensor:
