@@ -21,10 +21,8 @@ import torch
 
 import relaxsgd
 from devicekit import DeviceMixError, StrictDevices, cuda_or_skip, drive
-from relaxsgd import devices
 from relaxsgd.algorithms import ALGORITHMS
 from relaxsgd.compress.spec import make_compressor
-from relaxsgd.errors import ConfigError
 from relaxsgd.quantize.lattice import LatticeQuantizer
 from relaxsgd.quantize.qsgd_diff import QSGDDiffQuantizer
 from relaxsgd.run import prepare, simulate
@@ -189,6 +187,56 @@ def test_every_algorithm_runs_under_the_strict_device_mode(name: str, options: d
     assert out.bank.X.device.type == "cpu" and torch.isfinite(out.bank.X).all()
 
 
+@pytest.mark.parametrize("name,options", [("olco3", {"p": 2, "s": 1}), ("swarm", {})])
+def test_a_checkpoint_resumes_under_the_strict_device_mode(name: str, options: dict,
+                                                           tmp_path) -> None:
+    """The state read back from a checkpoint (``map_location="cpu"``) is moved to the
+    workers' device: a resumed run mixes nothing either."""
+    import dataclasses
+
+    from relaxsgd.run import run
+    from relaxsgd.sim import saving
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: nothing catches it."""
+
+    cfg = dataclasses.replace(_config(name, options, checkpoint_every=4), steps=12,
+                              out=str(tmp_path / "run"))
+    orig = saving.SimCheckpoints._take
+
+    def take(self, engine) -> None:  # stop dead after the first checkpoint
+        orig(self, engine)
+        raise Killed
+
+    saving.SimCheckpoints._take = take
+    try:
+        with pytest.raises(Killed):
+            run(cfg, progress=False)
+    finally:
+        saving.SimCheckpoints._take = orig
+    with StrictDevices():
+        assert run(cfg, progress=False, resume=True)["status"] == "completed"
+
+
+def test_the_language_model_with_diloco_and_its_sample_under_the_strict_mode(
+        tmp_path) -> None:
+    """The Shakespeare transformer (the issue's failing case), its data built, trained with
+    DiLoCo, evaluated and sampled (``sample.txt``), all under the mode."""
+    from lmkit import TINY_LM, write_corpus
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import run
+
+    write_corpus(tmp_path)
+    cfg = from_dict({"task": "shakespeare", "task_options": dict(TINY_LM),
+                     "data_dir": str(tmp_path), "workers": 2, "steps": 4, "evals": 1,
+                     "algo": "diloco", "algo_options": {"p": 2},
+                     "compute": {"step_time_s": 0.01}, "train": {"batch_size": 4},
+                     "eval_samples": 16, "out": str(tmp_path / "run")})
+    with StrictDevices():
+        assert run(cfg, progress=False)["status"] == "completed"
+    assert (tmp_path / "run" / "sample.txt").read_text().strip()
+
+
 COMPRESSORS = ["identity", "fp16", "bf16", "qsgd:bits=3,bucket=4", "topk:k=3",
                "randk:k=3", "randk:k=3,scale=true,shared_seed=5", "sign", "powersgd:rank=1",
                "ef(topk:k=2)", "ef(powersgd:rank=1)", "ef(sign)"]
@@ -243,62 +291,6 @@ def test_every_quantizer_runs_under_the_strict_device_mode(q) -> None:
     assert all(t.device.type == "cpu" for t in got)
 
 
-# -- random draws: one generator on the CPU, the same numbers on every device -----------
-
-def test_draw_gives_the_generators_numbers_on_the_requested_device() -> None:
-    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a = devices.draw(torch.rand, 5, generator=g1, device="cpu")
-    b = torch.rand(5, generator=g2)
-    assert torch.equal(a, b)
-    assert devices.draw(torch.randperm, 4, generator=g1, device="meta").device.type == "meta"
-
-
-# -- device choice of a worker process -----------------------------------------------------
-
-def _gpus(monkeypatch, count: int) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-
-
-@pytest.mark.parametrize("count,requested,local_rank,want", [
-    (0, None, 3, "cpu"), (0, "auto", 0, "cpu"), (0, "cpu", 1, "cpu"),
-    (2, None, 1, "cuda:1"), (2, "auto", 3, "cuda:1"), (1, "cuda", 1, "cuda:0"),
-    (4, "cuda:2", 0, "cuda:2"), (2, "cpu", 1, "cpu"), (2, " CUDA ", 0, "cuda:0"),
-])
-def test_pick_device(monkeypatch, count, requested, local_rank, want) -> None:
-    _gpus(monkeypatch, count)
-    assert devices.pick_device(requested, local_rank) == torch.device(want)
-
-
-@pytest.mark.parametrize("count,requested,fragment", [
-    (0, "cuda", "no CUDA GPU"), (0, "cuda:0", "no CUDA GPU"), (2, "cuda:2", "cuda:0 .. cuda:1"),
-    (2, "cuda:x", "cuda:0 .. cuda:1"), (1, "tpu", "unknown"), (1, "", "unknown"),
-])
-def test_pick_device_refuses_what_the_machine_cannot_serve(monkeypatch, count, requested,
-                                                           fragment) -> None:
-    _gpus(monkeypatch, count)
-    with pytest.raises(ConfigError, match=fragment):
-        devices.pick_device(requested, 0)
-
-
-@pytest.mark.parametrize("count,local_world,shared", [(0, 4, False), (1, 1, False),
-                                                      (1, 2, True), (2, 2, False),
-                                                      (2, 3, True)])
-def test_shares_gpu(monkeypatch, count, local_world, shared) -> None:
-    _gpus(monkeypatch, count)
-    assert devices.shares_gpu(local_world) is shared
-
-
-def test_move_and_to_host_keep_values_and_structure() -> None:
-    g = torch.Generator()
-    state = {"a": [torch.ones(2), (torch.zeros(1), 3)], "g": g, "s": "x"}
-    moved = devices.move(state, "meta")
-    assert moved["a"][0].device.type == "meta" and moved["a"][1][1] == 3
-    assert moved["g"] is g and moved["s"] == "x"
-    t = torch.arange(3.0)
-    assert devices.to_host(t) is t
-
-
 # -- CUDA: the same matrix on the GPU, the same numbers as on the CPU --------------------
 
 @pytest.mark.cuda
@@ -337,92 +329,3 @@ def test_every_algorithm_runs_with_its_workers_on_cuda(monkeypatch, name: str,
     assert gpu.device.type == "cuda"
     # the same random draws on both devices: the models differ by float rounding only
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
-
-
-# -- the distributed runtime's device choice and its point-to-point boundary --------------
-
-@pytest.mark.parametrize("count,local_world,backend,want", [
-    (0, 2, "auto", ("gloo", "cpu")),       # no GPU: every rank on the CPU
-    (2, 2, "auto", ("nccl", "cuda:1")),    # a GPU each: NCCL
-    (1, 2, "auto", ("gloo", "cuda:0")),    # two ranks, one GPU: shared, gloo
-    (3, 4, "gloo", ("gloo", "cuda:1")),    # forced gloo keeps the GPU
-])
-def test_pick_backend(monkeypatch, count, local_world, backend, want) -> None:
-    from relaxsgd.distributed import process
-    from relaxsgd.distributed.options import DistOptions
-
-    _gpus(monkeypatch, count)
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    got = process.pick_backend(DistOptions(backend=backend), 1, None, local_world)
-    assert (got[0], str(got[1])) == want
-    assert chosen == ([got[1]] if got[1].type == "cuda" else [])
-
-
-@pytest.mark.parametrize("count,local_world", [(0, 1), (1, 2)])
-def test_nccl_where_it_cannot_work_is_one_line(monkeypatch, count, local_world) -> None:
-    from relaxsgd.distributed import process
-    from relaxsgd.distributed.options import DistOptions
-
-    _gpus(monkeypatch, count)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    with pytest.raises(ConfigError, match="needs a GPU of its own for every rank"):
-        process.pick_backend(DistOptions(backend="nccl"), 0, None, local_world)
-
-
-class _Wire:
-    """A transport that records what it is given to send."""
-
-    def __init__(self) -> None:
-        self.sent, self.on_dead, self.dead = [], [], {}
-
-    def send(self, peer, msg, done=None) -> None:
-        self.sent.append((peer, msg))
-
-
-def _p2p(device: str):
-    import threading
-    import types
-
-    from relaxsgd.distributed.p2p import PointToPoint
-
-    p = PointToPoint()
-    p.tr, p.lock = _Wire(), threading.RLock()
-    p.w = types.SimpleNamespace(params=torch.zeros(4, device=device))
-    p.counts = types.SimpleNamespace(add=lambda *a: None)
-    p.opts = types.SimpleNamespace(timeout_s=5.0, peer_timeout_s=5.0)
-    p._init_p2p()
-    return p
-
-
-def test_p2p_boundary_sends_host_tensors_and_delivers_on_the_workers_device(
-        monkeypatch) -> None:
-    from relaxsgd.algorithms.base import Recv, Send
-    from relaxsgd.compress.topk import SparsePayload
-    from relaxsgd.distributed import p2p
-
-    hosted = []
-    monkeypatch.setattr(p2p, "to_host_tree", lambda t: hosted.append(t) or ("host", t))
-    payload = SparsePayload(torch.ones(2), torch.tensor([0, 3], dtype=torch.int32), 4)
-    w = _p2p("meta")  # a worker whose tensors are not on the CPU
-    w._send(Send(1, payload, 8, tag=7))
-    assert hosted == [payload] and w.tr.sent[0][1][2] == ("host", payload)
-    w.on_message(1, ("msg", 7, payload))  # decoded from the wire: on the CPU
-    h = w._recv(Recv(1, tag=7))
-    assert h.value.values.device.type == "meta" and h.value.indices.device.type == "meta"
-    assert h.value.numel == 4
-    cpu = _p2p("cpu")  # a CPU worker: nothing copied
-    cpu._send(Send(1, payload, 8))
-    assert cpu.tr.sent[0][1][2] is payload and len(hosted) == 1
-
-
-@pytest.mark.cuda
-def test_to_host_copies_cuda_tensors_into_pinned_memory() -> None:
-    cuda_or_skip()
-    from relaxsgd.compress.topk import SparsePayload
-
-    payload = SparsePayload(torch.ones(2, device="cuda"),
-                            torch.tensor([0, 3], dtype=torch.int32, device="cuda"), 4)
-    host = devices.to_host_tree(payload)
-    assert host.values.device.type == "cpu" and host.values.is_pinned()
-    assert torch.equal(devices.move(host, "cuda").dense(), payload.dense())
