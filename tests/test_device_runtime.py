@@ -22,7 +22,10 @@ def test_draw_gives_the_generators_numbers_on_the_requested_device() -> None:
     a = devices.draw(torch.rand, 5, generator=g1, device="cpu")
     b = torch.rand(5, generator=g2)
     assert torch.equal(a, b)
+    # drawn on the CPU whatever the target: the generator advances the same way
     assert devices.draw(torch.randperm, 4, generator=g1, device="meta").device.type == "meta"
+    devices.draw(torch.randperm, 4, generator=g2, device="cpu")
+    assert torch.equal(g1.get_state(), g2.get_state())
 
 
 # -- device choice of a worker process -----------------------------------------------------
