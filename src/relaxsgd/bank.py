@@ -76,7 +76,7 @@ class Bank:
                 self.modules.append(m)
         else:
             self._vg = vmap(grad_and_value(self._loss_of_params), randomness="different")
-        self.loss_sum = torch.zeros(rows, dtype=torch.float64)
+        self.loss_sum = torch.zeros(rows, dtype=torch.float64, device="cpu")  # host-side metric
         self.loss_count = [0] * rows
 
     # -- gradients -----------------------------------------------------------------
@@ -161,7 +161,7 @@ class Bank:
 
         Returns the batch losses of the last step, one per row.
         """
-        loss = torch.empty(0)
+        loss = torch.empty(0, device=self.device)
         for _ in range(steps):
             g, loss = self.grads(rows)
             if self.batching == "vmap" and len(rows) > 1:
@@ -223,13 +223,14 @@ def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, 
     for name, p in model.named_parameters():
         bind[name] = flat[off:off + p.numel()].view_as(p)
         off += p.numel()
-    bind.update(buffers)
+    bind.update({k: b.to(flat.device) for k, b in buffers.items()})
     model.eval()
     total, correct, n, targets = 0.0, 0.0, 0, 0
     if y.dim() > 1 and spec.bits_per_token:  # sequences: ``batch`` counts tokens
         batch = max(1, batch // int(y[0].numel()))
     for i in range(0, x.shape[0], batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
+        # on the device of the parameters (the data set lives in host memory)
+        xb, yb = x[i:i + batch].to(flat.device), y[i:i + batch].to(flat.device)
         out = functional_call(model, bind, (xb,))
         total += float(spec.loss_fn(out, yb)) * xb.shape[0]
         if spec.metric == "accuracy":

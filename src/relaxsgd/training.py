@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import require_float, require_int
+from .devices import draw
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -173,7 +174,8 @@ class Sampler:
                               "or another split")
         self.shard = shard
         self.gen = generator
-        self.perm = shard[torch.randperm(shard.numel(), generator=generator)]
+        self.perm = shard[draw(torch.randperm, shard.numel(), generator=generator,
+                               device=shard.device)]
         self.pos = 0
         self.passes = 0
 
@@ -186,7 +188,8 @@ class Sampler:
         need = b
         while need > 0:
             if self.pos >= self.perm.numel():
-                self.perm = self.shard[torch.randperm(self.shard.numel(), generator=self.gen)]
+                self.perm = self.shard[draw(torch.randperm, self.shard.numel(),
+                                                 generator=self.gen, device=self.shard.device)]
                 self.pos = 0
                 self.passes += 1
             take = min(need, self.perm.numel() - self.pos)

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..devices import draw
 from ..errors import ConfigError
 from .base import (
     Algorithm,
@@ -131,7 +132,8 @@ class ADPSGD(Algorithm):
             absorb(w)
             read = w.state["averagings"]
             if targets:
-                peer = targets[int(torch.randint(len(targets), (), generator=w.rng))]
+                peer = targets[int(draw(torch.randint, len(targets), (), generator=w.rng,
+                                                  device=w.rng.device))]
                 sent = w.params.clone()
                 h = yield Exchange(peer, sent, tensor_nbytes(sent), blocking=False)
                 g = yield Grad()

@@ -82,7 +82,7 @@ class ChocoSGD(Algorithm):
         # public: whether the public copies are set (public_init "exchange" sets them in
         # the loop's first round: a program's prologue may not communicate)
         w.state.update(xhat=torch.zeros_like(w.params), s=torch.zeros_like(w.params),
-                       cstate=self.comp.init_state(w.params.numel(), w.layout),
+                       cstate=self.comp.init_state(w.params.numel(), w.layout, w.params.device),
                        public=self.cfg.public_init == "zero")
 
     def program(self, w: Worker) -> Program:

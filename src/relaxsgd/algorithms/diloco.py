@@ -171,7 +171,8 @@ class StreamingDiLoCo(CompressedAlgorithm):
     def init_worker(self, w: Worker) -> None:  # one aggregator state per fragment
         frags = fragment_bounds(w.layout, self.cfg.fragments)
         w.state["frags"] = [(a, b) for a, b, _ in frags]
-        w.state["agg"] = [self.agg.init_state(b - a, lay) for a, b, lay in frags]
+        w.state["agg"] = [self.agg.init_state(b - a, lay, w.params.device)
+                          for a, b, lay in frags]
         w.state["outer_buf"] = w.params.new_zeros(w.params.numel())
         w.state["xg"] = w.params.clone()  # the global model, the same on every worker
         w.state["flight"] = []  # the syncs started and not applied yet (_Sync), oldest first

@@ -152,15 +152,18 @@ class Aggregator:
         self._last: dict[int, Handle | None] = {}
 
     # -- state -------------------------------------------------------------------------
-    def init_state(self, numel: int, layout: list | None) -> dict[str, Any]:
-        st: dict[str, Any] = {"comp": self.wire.init_state(numel, layout)}
-        probe, _ = self.inner.compress(torch.zeros(numel), self.inner.init_state(numel, layout),
+    def init_state(self, numel: int, layout: list | None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
+        """The state of one worker's aggregations, its tensors on ``device`` (the worker's)."""
+        st: dict[str, Any] = {"comp": self.wire.init_state(numel, layout, device)}
+        probe, _ = self.inner.compress(torch.zeros(numel, device=device),
+                                       self.inner.init_state(numel, layout, device),
                                        torch.Generator().manual_seed(0))
         st["msg_nbytes"] = self.inner.nbytes(probe)  # sizes do not depend on the values
         if self.server_wire is not None:
-            st["server"] = self.server_wire.init_state(numel, layout)
-            sprobe, _ = self.server.compress(torch.zeros(numel),
-                                             self.server.init_state(numel, layout),
+            st["server"] = self.server_wire.init_state(numel, layout, device)
+            sprobe, _ = self.server.compress(torch.zeros(numel, device=device),
+                                             self.server.init_state(numel, layout, device),
                                              torch.Generator().manual_seed(0))
             st["down_nbytes"] = self.server.nbytes(sprobe)
             if self.send_server_residual:
@@ -283,7 +286,7 @@ class CompressedAlgorithm(Algorithm):
         self.agg = make_aggregator(self.name, cfg, info.seed)
 
     def init_worker(self, w: Worker) -> None:
-        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout)
+        w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout, w.params.device)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ import torch
 from torch import Tensor
 
 from .. import salts
+from ..devices import draw
 from ..training import seeded_generator
 from .base import (
     Algorithm,
@@ -183,7 +184,8 @@ class SwarmSGD(Algorithm):
     def _draw_h(self, w: Worker, remaining: int) -> int:
         h = self.cfg.H
         if self.cfg.steps_dist == "geometric" and h > 1:
-            u = float(torch.rand((), generator=w.rng, dtype=torch.float64))
+            u = float(draw(torch.rand, (), generator=w.rng, dtype=torch.float64,
+                           device=w.rng.device))
             h = 1 + int(math.floor(math.log(max(u, 1e-300)) / math.log(1.0 - 1.0 / h)))
         return min(h, remaining)
 
@@ -248,7 +250,8 @@ class SwarmSGD(Algorithm):
                 st["inflight"] = None
             if not nbrs:
                 continue
-            peer = nbrs[int(torch.randint(len(nbrs), (), generator=w.rng))]
+            peer = nbrs[int(draw(torch.randint, len(nbrs), (), generator=w.rng,
+                                        device=w.rng.device))]
             c, q_own, msg, nb = self._request(w, peer)
             try:
                 if self.cfg.overlap and w.step < w.total_steps:

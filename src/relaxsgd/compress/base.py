@@ -1,9 +1,9 @@
 """The compressor contract (DESIGN.md section 4).
 
 A compressor acts on a flat float tensor and keeps its state explicit, so that a run can be
-checkpointed: ``state = c.init_state(numel, layout)``; ``payload, state = c.compress(x,
-state, generator)``; ``x_hat = c.decompress(payload)``; ``c.nbytes(payload)`` is the size
-of the payload as it would really be encoded on the wire (values, indices, scales, bit
+checkpointed: ``state = c.init_state(numel, layout, device)``; ``payload, state =
+c.compress(x, state, generator)``; ``x_hat = c.decompress(payload)``; ``c.nbytes(payload)``
+is the size of the payload as it would really be encoded on the wire (values, indices, scales, bit
 packing), not the size of the Python objects.
 
 Rules every compressor follows (the conformance suite in ``tests/test_compress.py`` checks
@@ -11,6 +11,12 @@ them): ``compress`` is pure (it never writes into ``x`` or into the old state, a
 payload never aliases ``x``); ``decompress`` returns a fresh flat float32 tensor of
 ``numel`` elements; the same generator seed gives the same payload; the state holds only
 tensors, ints and plain containers of them (``torch.save`` can checkpoint it).
+
+Devices: ``init_state`` makes its tensors on ``device`` (the device of the vectors that
+will be compressed); ``compress`` and ``decompress`` make theirs on the device of ``x`` and
+of the payload, and draw random numbers on the generator's device (the CPU), copying them
+once to ``x``'s (:func:`relaxsgd.devices.draw`): a seed gives the same payload on the CPU
+and on CUDA.
 
 Flags: ``unbiased`` (E[decompress(compress(x))] = x over the generator's draws) and
 ``summable`` (payloads of several workers can be averaged element-wise, so an all-reduce can
@@ -46,7 +52,8 @@ class Compressor:
     unbiased: bool = False
     summable: bool = False
 
-    def init_state(self, numel: int, layout: Layout | None = None) -> dict[str, Any]:
+    def init_state(self, numel: int, layout: Layout | None = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
         return {}
 
     def compress(self, x: Tensor, state: dict[str, Any],
@@ -135,16 +142,16 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
     return torch.cat([_pack(c, bits) for c in codes.split(_CHUNK)]) if codes.numel() \
-        else torch.zeros(0, dtype=torch.uint8)
+        else codes.new_zeros(0, dtype=torch.uint8)
 
 
 def _pack(codes: Tensor, bits: int) -> Tensor:
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int64)
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int64, device=codes.device)
     flat = ((codes.to(torch.int64).unsqueeze(1) >> shifts) & 1).to(torch.uint8).flatten()
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
     return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
@@ -155,11 +162,11 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     step = _CHUNK * bits // 8  # bytes per chunk of codes
     parts = [_unpack(packed[i:i + step], bits, min(_CHUNK, count - i // bits * 8))
              for i in range(0, packed.numel(), step)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(parts) if parts else packed.new_zeros(0, dtype=torch.int64)
 
 
 def _unpack(packed: Tensor, bits: int, count: int) -> Tensor:
-    byte_shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    byte_shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     flat = ((packed.unsqueeze(1) >> byte_shifts) & 1).flatten()
     mat = flat[: count * bits].view(count, bits).to(torch.int64)
-    return (mat << torch.arange(bits - 1, -1, -1, dtype=torch.int64)).sum(1)
+    return (mat << torch.arange(bits - 1, -1, -1, dtype=torch.int64, device=mat.device)).sum(1)

@@ -42,9 +42,10 @@ class ErrorFeedback(Compressor):
     def spec(self) -> str:
         return f"ef({self.inner.spec})"
 
-    def init_state(self, numel: int, layout: Layout | None = None) -> dict[str, Any]:
-        return {"inner": self.inner.init_state(numel, layout),
-                "residual": torch.zeros(numel, dtype=torch.float32)}
+    def init_state(self, numel: int, layout: Layout | None = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
+        return {"inner": self.inner.init_state(numel, layout, device),
+                "residual": torch.zeros(numel, dtype=torch.float32, device=device)}
 
     def compress(self, x: Tensor, state: dict[str, Any],
                  generator: torch.Generator | None = None) -> tuple[Any, dict[str, Any]]:

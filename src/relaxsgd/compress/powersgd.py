@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..algorithms.base import AllReduce, Program
 from ..checks import require_int
+from ..devices import draw
 from ..errors import ConfigError
 from .base import Compressor, Layout, check_flat
 
@@ -92,7 +93,8 @@ class PowerSGD(Compressor):
             yield _Block(offset, numel, rows, cols)
             offset += numel
 
-    def init_state(self, numel: int, layout: Layout | None = None) -> dict[str, Any]:
+    def init_state(self, numel: int, layout: Layout | None = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
         lay = [(str(n), tuple(int(s) for s in shape)) for n, shape in (layout or [])]
         if not lay:
             lay = [("flat", (numel,))]
@@ -101,8 +103,8 @@ class PowerSGD(Compressor):
             raise ConfigError(f"powersgd: the layout has {total} elements but the vector has "
                               f"{numel}; pass the model's (name, shape) list in flat order")
         state: dict[str, Any] = {"layout": lay, "q": []}
-        gen = torch.Generator().manual_seed(self.seed)
-        state["q"] = [torch.randn(b.cols, self.rank, generator=gen)
+        gen = torch.Generator().manual_seed(self.seed)  # on the CPU: the same Q everywhere
+        state["q"] = [draw(torch.randn, b.cols, self.rank, generator=gen, device=device)
                       for b in self._blocks(state) if b.rows]
         return state
 

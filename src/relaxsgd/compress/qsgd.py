@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..checks import require_int
+from ..devices import draw
 from ..errors import ConfigError
 from .base import Compressor, check_flat, pack_bits, unpack_bits
 
@@ -73,7 +74,7 @@ class QSGD(Compressor):
         safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
         # Position on the grid, in [0, levels]; round up with probability frac -> unbiased.
         t = ((rows / safe + 1.0) * (levels / 2.0)).clamp_(0.0, float(levels))
-        u = torch.rand(t.shape, generator=generator)
+        u = draw(torch.rand, t.shape, generator=generator, device=t.device)
         low = t.floor()
         codes = (low + (u < (t - low)).float()).clamp_(0, levels).to(torch.int64)
         packed = pack_bits(codes.flatten()[:n], self.bits)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..devices import draw
 from .base import Compressor, check_flat, count_k
 from .topk import SparsePayload, check_k
 
@@ -41,7 +42,8 @@ class RandK(Compressor):
         self.unbiased = self.scale
         self.summable = shared_seed is not None
 
-    def init_state(self, numel: int, layout: Any = None) -> dict[str, Any]:
+    def init_state(self, numel: int, layout: Any = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
         return {"step": 0}
 
     def compress(self, x: Tensor, state: dict[str, Any],
@@ -54,7 +56,7 @@ class RandK(Compressor):
         if self.shared_seed is not None:
             # Same seed and step on every worker -> the same indices everywhere.
             gen = torch.Generator().manual_seed((self.shared_seed * 1_000_003 + step) % 2**62)
-        idx = torch.randperm(n, generator=gen)[:k]
+        idx = draw(torch.randperm, n, generator=gen, device=x.device)[:k]
         vals = x.detach()[idx].to(torch.float32)
         if self.scale:
             vals = vals * (n / k)

@@ -32,7 +32,7 @@ class SparsePayload:
     index_bytes: int = 4  # per index on the wire (0 when the receiver knows the indices)
 
     def dense(self) -> Tensor:
-        out = torch.zeros(self.numel, dtype=torch.float32)
+        out = self.values.new_zeros(self.numel, dtype=torch.float32)
         out[self.indices.long()] = self.values
         return out
 

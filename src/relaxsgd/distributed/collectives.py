@@ -154,7 +154,7 @@ def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
         raise WireError(f"an all-gather payload of {len(blob)} bytes exceeds the limit of "
                         f"{max_bytes} (RELAXSGD_MAX_MESSAGE_MB)")
     mine = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else \
-        torch.zeros(0, dtype=torch.uint8)
+        torch.zeros(0, dtype=torch.uint8, device="cpu")
     on = device if device.type != "cpu" else None
     size = torch.tensor([mine.numel()], dtype=torch.int64, device=on)
     sizes = [torch.zeros_like(size) for _ in range(n)]

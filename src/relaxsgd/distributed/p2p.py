@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from ..algorithms.base import Deferred, Exchange, PeerUnavailable, Recv, Reply, Send
+from ..devices import move, to_host_tree
 from ..mailbox import Mailbox
 from .collectives import DHandle
 from .transport import PeerLost, Transport
@@ -60,7 +61,8 @@ class PointToPoint:
     def _send(self, eff: Send) -> DHandle:
         h = DHandle("send", peer=eff.peer)
         self.counts.add(eff.nbytes, 1, 0)
-        self.tr.send(eff.peer, ("msg", eff.tag, eff.payload), self._sent(h, eff.peer))
+        self.tr.send(eff.peer, ("msg", eff.tag, self._outgoing(eff.payload)),
+                     self._sent(h, eff.peer))
         return h
 
     def _recv(self, eff: Recv) -> DHandle:
@@ -85,7 +87,8 @@ class PointToPoint:
         with self.lock:
             self.pending[rid] = h
         self.counts.add(eff.nbytes, 1, 0)
-        self.tr.send(eff.peer, ("xreq", rid, eff.payload), self._sent(h, eff.peer))
+        self.tr.send(eff.peer, ("xreq", rid, self._outgoing(eff.payload)),
+                     self._sent(h, eff.peer))
         return h
 
     def _timed_out(self, h: DHandle, what: str) -> None:
@@ -104,13 +107,26 @@ class PointToPoint:
         if not isinstance(ans, Reply):
             raise TypeError(f"on_exchange must return Reply or Deferred, got {ans!r}")
         self.counts.add(ans.nbytes, 1, 0)
-        self.tr.send(src, ("xrep", rid, ans.payload))
+        self.tr.send(src, ("xrep", rid, self._outgoing(ans.payload)))
+
+    # -- the device boundary ---------------------------------------------------------
+    # The wire format encodes host memory: a payload of CUDA tensors is copied to pinned
+    # host memory before it is handed to the transport (one DMA transfer a tensor), and
+    # what arrives is decoded on the CPU and copied once to this worker's device here.
+    def _outgoing(self, payload: Any) -> Any:
+        return payload if self.w.params.device.type == "cpu" else to_host_tree(payload)
+
+    def _incoming(self, payload: Any) -> Any:
+        device = self.w.params.device
+        return payload if device.type == "cpu" else move(payload, device)
 
     # -- receiving -----------------------------------------------------------------
     def on_message(self, src: int, msg: tuple) -> bool:
         """Handle an executor message from ``src`` (checked by :func:`.wire.check_message`);
         False if it is not one."""
         kind = msg[0]
+        if kind in ("xreq", "xrep", "msg"):
+            msg = (*msg[:2], self._incoming(msg[2]), *msg[3:])
         if kind == "xreq":
             self._answer(src, msg[1], msg[2])
         elif kind in ("xrep", "xerr"):

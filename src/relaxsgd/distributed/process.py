@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..devices import pick_device, shares_gpu
 from ..errors import ConfigError
 from .options import DistOptions
 
@@ -34,14 +35,43 @@ def job_env() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def pick_backend(opts: DistOptions, local_rank: int) -> tuple[str, torch.device]:
+def local_world_size(world: int) -> int:
+    """Ranks on this node: torchrun's (and the launcher's) ``LOCAL_WORLD_SIZE``."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    except ValueError:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} is not a "
+                          "whole number; torchrun sets it to the ranks on this node") from None
+
+
+def pick_backend(opts: DistOptions, local_rank: int, requested: str | None = None,
+                 local_world: int = 1) -> tuple[str, torch.device]:
+    """(collective backend, this rank's device).
+
+    The device: :func:`relaxsgd.devices.pick_device` (``requested``: the config's
+    ``device``, None = auto: the GPU ``local_rank % GPUs`` when CUDA is present, else the
+    CPU). The backend: NCCL when this rank has a GPU of its own; gloo on the CPU, and
+    when this node runs more ranks than it has GPUs, so that ranks share GPUs: NCCL
+    refuses two ranks on one device (docs/distributed.md). ``RELAXSGD_BACKEND`` forces
+    one; nccl where it cannot work is one line, not a hang.
+    """
+    device = pick_device(requested, local_rank)
+    shared = device.type == "cuda" and shares_gpu(local_world)
     backend = opts.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        return backend, torch.device("cuda", local_rank)
-    return backend, torch.device("cpu")
+        backend = "nccl" if device.type == "cuda" and not shared else "gloo"
+    if backend == "nccl" and (device.type != "cuda" or shared):
+        where = (f"this node runs {local_world} ranks on {torch.cuda.device_count()} GPU(s)"
+                 if shared else "this rank runs on the CPU")
+        raise ConfigError(f"RELAXSGD_BACKEND=nccl needs a GPU of its own for every rank, "
+                          f"but {where}; use RELAXSGD_BACKEND=auto or gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if shared and local_rank == 0:
+        print(f"relaxsgd: {local_world} ranks share {torch.cuda.device_count()} GPU(s) on "
+              "this node (round-robin); collectives use gloo, as NCCL needs one GPU per "
+              "rank", file=sys.stderr, flush=True)
+    return backend, device
 
 
 def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
@@ -53,7 +83,8 @@ def own_shard(prep: Any, rank: int) -> tuple[Any, dict[int, torch.Tensor]]:
         d, x_train=d.x_train[idx].clone(), y_train=d.y_train[idx].clone(),
         x_test=d.x_test if keep_test else d.x_test[:0],
         y_test=d.y_test if keep_test else d.y_test[:0])
-    return dataclasses.replace(prep.spec, data=data), {rank: torch.arange(idx.numel())}
+    local = torch.arange(idx.numel(), device=idx.device)
+    return dataclasses.replace(prep.spec, data=data), {rank: local}
 
 
 class StopFlag:

@@ -55,6 +55,7 @@ from .process import (  # noqa: F401 - job_env, pick_backend: imported from here
     _hard_exit,
     _Signals,
     job_env,
+    local_world_size,
     own_shard,
     pick_backend,
     run_store,
@@ -86,7 +87,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
     prep = prepare(cfg)  # config errors end every rank before any connection
     auth = job_auth(opts)
     clock["prepared"] = time.perf_counter()
-    backend, device = pick_backend(opts, local_rank)
+    backend, device = pick_backend(opts, local_rank, getattr(cfg, "device", None),
+                                   local_world_size(world))
     startup = max(opts.timeout_s, STARTUP_S)
     stop = StopFlag()
     with _Signals(stop):
@@ -158,7 +160,9 @@ class _Job:
         self.snap_spec = SnapshotSpec(n, (self.w.params.shape, self.w.params.dtype),
                                       {k: (v.shape, v.dtype) for k, v in buffers.items()},
                                       prep.total_steps // every + 1)
-        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, device, auth=auth,
+        # device None: messages decode on the CPU; the executor's p2p boundary (and the
+        # evaluator, on rank 0) move them where they are used
+        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
                             max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s)
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
@@ -369,7 +373,7 @@ class _Job:
         result["final"]["virtual_time_s"] = max((s["wall"] for s in snaps),
                                                 default=self.ex.now())
         result["dist"] = {
-            "backend": self.backend, "world_size": self.n,
+            "backend": self.backend, "device": str(self.device), "world_size": self.n,
             "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())},
             "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},

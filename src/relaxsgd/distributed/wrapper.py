@@ -56,7 +56,7 @@ from ..worker import SALT_ALGO
 from .auth import job_auth, listen_host
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
-from .runtime import pick_backend
+from .runtime import local_world_size, pick_backend
 from .transport import Transport
 
 _WRAPS = itertools.count()  # the k-th wrap of a process meets the k-th of the others
@@ -75,7 +75,7 @@ def init(backend: str | None = None) -> tuple[int, int, torch.device]:
 
         opts = dataclasses.replace(opts, backend=backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name, device = pick_backend(opts, local)
+    name, device = pick_backend(opts, local, None, local_world_size(1))
     if not dist.is_initialized():
         dist.init_process_group(name, timeout=datetime.timedelta(
             seconds=max(opts.timeout_s, STARTUP_S)))
@@ -147,7 +147,8 @@ class Relaxed:
         self.algo.init_worker(self.w)
         groups = [dist.new_group(list(range(self.n))) for _ in range(self.opts.spawn_groups)]
         self.done_from: set[int] = set()
-        self.tr = Transport(self.rank, self.n, self._on_message, self.opts.timeout_s, device,
+        # device None: decoded on the CPU, moved at the executor's p2p boundary
+        self.tr = Transport(self.rank, self.n, self._on_message, self.opts.timeout_s, None,
                             auth=auth, peer_timeout_s=self.opts.peer_timeout_s,
                             max_frame=self.opts.max_frame(2 * flat.numel()
                                                           * flat.element_size()))

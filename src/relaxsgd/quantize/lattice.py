@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..checks import require_int
+from ..devices import draw
 from ..errors import ConfigError
 
 _P = (1 << 31) - 1  # Mersenne prime modulus of the checksum
@@ -52,12 +53,12 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
     """
     v = values.reshape(-1).to(torch.int64)
     nbits = v.numel() * bits
-    flat = torch.zeros(math.ceil(nbits / 8) * 8, dtype=torch.uint8)
+    flat = torch.zeros(math.ceil(nbits / 8) * 8, dtype=torch.uint8, device=v.device)
     grid = flat[:nbits].view(-1, bits) if nbits else flat[:0].view(0, bits)
     for k in range(bits):
         grid[:, k] = ((v >> k) & 1).to(torch.uint8)
     octets = flat.view(-1, 8)
-    out = torch.zeros(octets.shape[0], dtype=torch.uint8)
+    out = flat.new_zeros(octets.shape[0])
     for k in range(8):
         out |= octets[:, k] << k
     return out
@@ -65,23 +66,23 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: ``numel`` int64 values in ``[0, 2^bits)``."""
-    flat = torch.empty(packed.numel() * 8, dtype=torch.uint8)
+    flat = packed.new_empty(packed.numel() * 8, dtype=torch.uint8)
     octets = flat.view(-1, 8)
     for k in range(8):
         octets[:, k] = (packed >> k) & 1
     grid = flat[:numel * bits].view(numel, bits)
-    out = torch.zeros(numel, dtype=torch.int64)
+    out = packed.new_zeros(numel, dtype=torch.int64)
     for k in range(bits):
         out |= grid[:, k].to(torch.int64) << k
     return out
 
 
 @functools.lru_cache(maxsize=64)
-def _coefficients(numel: int) -> Tensor:
-    """The hash coefficients of indices 1..numel: pure, so cached per length (the encode and
-    decode of every exchange hash vectors of the same few lengths; recomputing them was 60%
-    of a SwarmSGD simulation's time)."""
-    i = torch.arange(1, numel + 1, dtype=torch.int64) % _P
+def _coefficients(numel: int, device: torch.device) -> Tensor:
+    """The hash coefficients of indices 1..numel: pure, so cached per length and device (the
+    encode and decode of every exchange hash vectors of the same few lengths; recomputing
+    them was 60% of a SwarmSGD simulation's time)."""
+    i = torch.arange(1, numel + 1, dtype=torch.int64, device=device) % _P
     a = (i * 1_103_515_245) % _P
     a = a ^ (a >> 15)
     a = (a * 2_147_483_629) % _P
@@ -95,7 +96,7 @@ def checksum(r: Tensor) -> int:
     The coefficient of index ``i`` comes from a fixed integer mix of ``i``; every
     intermediate product stays below ``2^62``, so int64 never overflows.
     """
-    terms = (torch.remainder(r.reshape(-1), _P) * _coefficients(r.numel())) % _P
+    terms = (torch.remainder(r.reshape(-1), _P) * _coefficients(r.numel(), r.device)) % _P
     return int(terms.sum() % _P)  # sum < numel * 2^31 < 2^63 for numel < 2^32
 
 
@@ -177,7 +178,8 @@ class LatticeQuantizer:
                 raise ConfigError("lattice encode needs eps: pass eps=, a fixed eps to "
                                   "LatticeQuantizer, or a reference to choose it from")
             eps = self.eps_for(_max_abs(x - reference) if reference is not None else 0.0)
-        wire_eps = float(torch.tensor(eps, dtype=torch.float32))  # what float32 carries
+        # what float32 carries (a host scalar: read back at once)
+        wire_eps = float(torch.tensor(eps, dtype=torch.float32, device="cpu"))
         if not (math.isfinite(wire_eps) and wire_eps > 0):
             raise ConfigError(f"lattice eps must be a finite float32 > 0, got {eps!r}")
         eps, size = wire_eps, _max_abs(x)
@@ -186,7 +188,7 @@ class LatticeQuantizer:
                               f"{size:g}; use eps >= {size / 2.0 ** 50:g}")
         y = x.detach().reshape(-1).to(torch.float64) / eps
         low = torch.floor(y)
-        u = torch.rand(y.shape, generator=generator, dtype=torch.float64)
+        u = draw(torch.rand, y.shape, generator=generator, dtype=torch.float64, device=y.device)
         r = low.to(torch.int64) + (u < (y - low)).to(torch.int64)  # unbiased: E[r] = y
         z = torch.remainder(r, self.q)
         if self.bits in _NATIVE:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..checks import require_int
+from ..devices import draw
 from ..errors import ConfigError
 from .lattice import pack_bits, unpack_bits
 
@@ -76,7 +77,7 @@ class QSGDDiffQuantizer:
         d = (x.detach().reshape(-1).to(torch.float64)
              - reference.detach().reshape(-1).to(torch.float64))
         numel, bs = d.numel(), self.bucket_size
-        padded = torch.zeros(math.ceil(numel / bs) * bs, dtype=torch.float64)
+        padded = d.new_zeros(math.ceil(numel / bs) * bs)
         padded[:numel] = d
         buckets = padded.view(-1, bs)
         amax = buckets.abs().amax(1)
@@ -85,11 +86,11 @@ class QSGDDiffQuantizer:
         # bucket's largest entry, so that |y| <= L without clamping (clamping would bias).
         s32 = scale.to(torch.float32)
         scales = torch.where(s32.to(torch.float64) < amax,
-                             torch.nextafter(s32, torch.tensor(math.inf)), s32)
-        safe = torch.where(scales > 0, scales, torch.ones(())).to(torch.float64)
+                             torch.nextafter(s32, torch.full_like(s32, math.inf)), s32)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales)).to(torch.float64)
         y = buckets / safe[:, None] * self.levels
         low = torch.floor(y)
-        u = torch.rand(y.shape, generator=generator, dtype=torch.float64)
+        u = draw(torch.rand, y.shape, generator=generator, dtype=torch.float64, device=y.device)
         level = low.to(torch.int64) + (u < (y - low)).to(torch.int64)  # E[level] = y
         codes = pack_bits(level.reshape(-1)[:numel] + self.levels, self.bits)
         return QSGDDiffPayload(codes, scales, self.bits, numel, x.shape, x.dtype)

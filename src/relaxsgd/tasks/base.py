@@ -125,5 +125,6 @@ def subsample(x: Tensor, y: Tensor, n: int, seed: int, task: str,
     if n > len(y):
         raise ConfigError(f"option {key}={n} of task {task!r} asks for more than the "
                           f"{len(y)} samples available; use 0 (all) or at most {len(y)}")
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort()[0]
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed),
+                         device="cpu")[:n].sort()[0]
     return x[keep], y[keep]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..devices import draw
 from ..errors import ConfigError, DataError
 from .base import (
     Dataset,
@@ -126,8 +127,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _stack(paths: list[Path]) -> tuple[Tensor, Tensor]:
     parts = [read_batch(p) for p in paths]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts])).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std, torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
 
@@ -144,11 +145,12 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     b, _, h, w = x.shape
     pad = 4
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
-    rows = (dy + torch.arange(h)).to(x.device)  # (B, H): the rows each sample keeps
-    cols = (dx + torch.arange(w)).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    # drawn on the generator's device (the CPU), used on x's: the same crops everywhere
+    dy = draw(torch.randint, 0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
+    dx = draw(torch.randint, 0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
+    rows = dy + torch.arange(h, device=x.device)  # (B, H): the rows each sample keeps
+    cols = dx + torch.arange(w, device=x.device)
+    flip = draw(torch.rand, b, generator=generator, device=x.device) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reversed columns
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]

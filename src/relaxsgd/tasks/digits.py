@@ -31,9 +31,9 @@ def load(test_fraction: float, seed: int) -> Dataset:
     from sklearn.datasets import load_digits  # heavy import: only when used
 
     bunch = load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.float32)
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x = torch.as_tensor(bunch.data, dtype=torch.float32, device="cpu")
+    y = torch.as_tensor(bunch.target, dtype=torch.int64, device="cpu")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed), device="cpu")
     n_test = round(len(y) * test_fraction)
     test, train = perm[:n_test], perm[n_test:]
     mean, std = x[train].mean(0), x[train].std(0)

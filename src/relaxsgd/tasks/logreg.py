@@ -42,9 +42,9 @@ def make_data(n_train: int, n_test: int, dim: int, classes: int, noise: float,
               seed: int) -> Dataset:
     """The seeded synthetic data set (see module doc)."""
     g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(dim, classes, generator=g) / dim ** 0.5
-    x = torch.randn(n_train + n_test, dim, generator=g)
-    logits = x @ teacher + noise * torch.randn(n_train + n_test, classes, generator=g)
+    teacher = torch.randn(dim, classes, generator=g, device="cpu") / dim ** 0.5
+    x = torch.randn(n_train + n_test, dim, generator=g, device="cpu")
+    logits = x @ teacher + noise * torch.randn(n_train + n_test, classes, generator=g, device="cpu")
     y = logits.argmax(dim=1)
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes)
 

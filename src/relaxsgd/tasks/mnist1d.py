@@ -53,10 +53,10 @@ def generate(num_samples: int, train_split: float, seed: int) -> Dataset:
         np.random.set_state(np_state)
 
     def f32(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device="cpu")
 
     def i64(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.int64)
+        return torch.as_tensor(np.asarray(a), dtype=torch.int64, device="cpu")
 
     return Dataset(f32(d["x"]), i64(d["y"]), f32(d["x_test"]), i64(d["y_test"]), 10)
 

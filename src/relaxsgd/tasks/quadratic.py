@@ -54,9 +54,9 @@ def build(opts: dict[str, Any], data_dir: str | None, seed: int) -> TaskSpec:
     n_test = check_int(NAME, "n_test", o["n_test"], 1)
     noise = check_float(NAME, "noise", o["noise"], 0.0)
     g = torch.Generator().manual_seed(seed)
-    w_star = torch.randn(dim, generator=g)
-    x = torch.randn(n_train + n_test, dim, generator=g)
-    y = x @ w_star + noise * torch.randn(n_train + n_test, generator=g)
+    w_star = torch.randn(dim, generator=g, device="cpu")
+    x = torch.randn(n_train + n_test, dim, generator=g, device="cpu")
+    y = x @ w_star + noise * torch.randn(n_train + n_test, generator=g, device="cpu")
     data = Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes=0)
     return TaskSpec(name=NAME, data=data, model_fn=partial(linear, dim), loss_fn=half_mse,
                     metric="neg_loss", optimum=least_squares(data.x_train, data.y_train),

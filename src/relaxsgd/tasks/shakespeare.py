@@ -199,14 +199,15 @@ def make_dataset(text: str, context: int, stride: int, val_frac: float
     for g, ((_, w), c) in enumerate(zip(works, cut, strict=True)):
         win = _windows(tok.encode(w[:c]), context + 1, stride)
         xs.append(win)
-        groups.append(torch.full((win.shape[0],), g, dtype=torch.int64))
+        groups.append(torch.full((win.shape[0],), g, dtype=torch.int64, device="cpu"))
         vs.append(_windows(tok.encode(w[c:]), context + 1, context))
     train, val = torch.cat(xs).to(dtype), torch.cat(vs).to(dtype)
     if train.shape[0] == 0 or val.shape[0] == 0:
         raise ConfigError(f"task {NAME!r}: the text gives {train.shape[0]} training and "
                           f"{val.shape[0]} validation windows of {context + 1} characters; "
                           "use a smaller context or another val_frac")
-    val = val[torch.randperm(val.shape[0], generator=torch.Generator().manual_seed(0))]
+    val = val[torch.randperm(val.shape[0], generator=torch.Generator().manual_seed(0),
+                             device="cpu")]
     data = Dataset(train[:, :-1].contiguous(), train[:, 1:].contiguous(),
                    val[:, :-1].contiguous(), val[:, 1:].contiguous(), num_classes=tok.vocab)
     return data, torch.cat(groups), tok, [t for t, _ in works]

@@ -110,13 +110,14 @@ def generate(model: CharTransformer, prompt: Tensor, length: int, temperature: f
     of the last ``model.context`` tokens, never ``banned`` (the unknown-character id);
     deterministic for the generator's state."""
     model.eval()
-    seq = prompt.long().clone()
+    seq = prompt.long().to(next(model.parameters()).device, copy=True)
     for _ in range(length):
         logits = model(seq[-model.context:][None])[0, :, -1]
         if banned is not None:
             logits[banned] = -math.inf
         p = torch.softmax(logits.double() / temperature, dim=0)
-        nxt = torch.multinomial(p, 1, generator=generator)
+        # drawn where the generator lives (the CPU): the same text on every device
+        nxt = torch.multinomial(p.to(generator.device), 1, generator=generator).to(seq.device)
         seq = torch.cat([seq, nxt])
     return seq[prompt.numel():]
 

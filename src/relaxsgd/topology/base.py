@@ -119,7 +119,7 @@ class UndirectedGraph(Topology):
     def mixing_matrix(self, step: int = 0) -> Tensor:
         if self._w is None:
             deg = self.degrees()
-            w = torch.zeros(self.n, self.n, dtype=torch.float64)
+            w = torch.zeros(self.n, self.n, dtype=torch.float64, device="cpu")  # pure data
             for i, nbrs in enumerate(self._adj):
                 for j in nbrs:
                     w[i, j] = 1.0 / (1.0 + max(deg[i], deg[j]))

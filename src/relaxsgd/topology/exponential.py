@@ -45,8 +45,8 @@ class Exponential(Topology):
 
     def mixing_matrix(self, step: int = 0) -> Tensor:
         if self.n == 1:
-            return torch.ones(1, 1, dtype=torch.float64)
-        p = 0.5 * torch.eye(self.n, dtype=torch.float64)
-        src = torch.arange(self.n)
+            return torch.ones(1, 1, dtype=torch.float64, device="cpu")  # pure data
+        p = 0.5 * torch.eye(self.n, dtype=torch.float64, device="cpu")
+        src = torch.arange(self.n, device="cpu")
         p[(src + self.hop(step)) % self.n, src] = 0.5
         return p
