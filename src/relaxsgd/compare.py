@@ -12,6 +12,7 @@ plots of what was measured so far (the interrupted algorithm included), then exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -81,14 +82,23 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
 
 
 def compare(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .cli import output_folder
     from .config import from_dict
 
     algos = parse_algos(args.algos)
     base, configs = build_configs(args, algos)
     out = output_folder(args, from_dict({**base, "algo": "compare", "algo_options": {}}))
+    from .cli import _is_writer
+    from .runlock import RunLock
+
+    with RunLock(out) if _is_writer() else contextlib.nullcontext():
+        return _compare_into(args, out, configs)
+
+
+def _compare_into(args: argparse.Namespace, out: str, configs: list) -> int:
+    """The runs of a comparison into ``out`` (whose lock is held), then the summary."""
+    import dataclasses
+
     done: list[tuple[dict[str, Any], str]] = []  # (result, folder) of the runs made
     diverged: list[str] = []
     try:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .checks import require_float, require_int
 from .errors import ConfigError
+from .requires import Needs
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -48,6 +49,12 @@ class TrainConfig:
     optimizer: str = "sgd"
     betas: tuple[float, ...] = field(default=(0.9, 0.999))
     eps: float = 1e-8
+
+    NEEDS = (Needs("milestones", lambda c: c.schedule == "step", "train.schedule=step"),
+             Needs("gamma", lambda c: c.schedule == "step", "train.schedule=step"),
+             Needs("betas", lambda c: c.optimizer == "adamw", "train.optimizer=adamw"),
+             Needs("eps", lambda c: c.optimizer == "adamw", "train.optimizer=adamw"),
+             Needs("nesterov", lambda c: c.momentum > 0, "train.momentum > 0"))
 
     def __post_init__(self) -> None:
         require_int(self.batch_size, "batch size (train.batch_size)", at_least=1)
