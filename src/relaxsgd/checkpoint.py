@@ -70,6 +70,12 @@ def next_position(period: float, pos: float) -> float:
     return (math.floor(pos / period) + 1) * period
 
 
+# What restoring a checkpoint that torch read but whose content is wrong (a value of the
+# wrong type or shape, a missing key) raises: both runtimes turn these into one line.
+RESTORE_ERRORS = (ConfigError, KeyError, ValueError, TypeError, IndexError, RuntimeError,
+                  AttributeError)
+
+
 # -- state of the pieces ------------------------------------------------------------------
 
 def bank_state(bank: Any) -> dict[str, Any]:
@@ -89,6 +95,10 @@ def load_bank_state(bank: Any, s: dict[str, Any]) -> None:
     the per-worker views stay bound)."""
     for key in ("X", "M", "V"):
         t = getattr(bank, key)
+        if not isinstance(s[key], torch.Tensor) or s[key].dtype != t.dtype:
+            got = getattr(s[key], "dtype", None) or type(s[key]).__name__
+            raise ConfigError(f"the checkpoint's {key} is a {got}, not a {t.dtype} tensor: "
+                              "a damaged or edited checkpoint")
         if tuple(s[key].shape) != tuple(t.shape):
             raise ConfigError(f"the checkpoint's {key} has shape {tuple(s[key].shape)}, this "
                               f"run's {tuple(t.shape)}: it belongs to another model or run")

@@ -23,8 +23,10 @@ def require_int(value: Any, what: str, at_least: int | None = None,
     if ok and at_most is not None and value > at_most:
         ok = False
     if not ok:
-        raise ConfigError(f"{what} must be an integer{_range(at_least, at_most)}, "
-                          f"got {shown(value)}")
+        lo, hi = at_least, at_most
+        if isinstance(value, int) and not isinstance(value, bool):  # name the bound passed
+            lo, hi = (lo, None) if lo is not None and value < lo else (None, hi)
+        raise ConfigError(f"{what} must be an integer{_range(lo, hi)}, got {shown(value)}")
     return int(value)
 
 

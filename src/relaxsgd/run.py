@@ -25,6 +25,7 @@ import torch
 from .algorithms import ALGORITHMS
 from .algorithms.base import Algorithm, RunInfo
 from .bank import Bank
+from .checkpoint import RESTORE_ERRORS
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 from .metrics import LM_COLUMNS, CommStats, Recorder, aggregate_worker_metrics, write_sample
@@ -304,7 +305,7 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
             done[0], next_eval[0] = int(r["done"]), int(r["next_eval"])
             rec.restore(r["rows"])
             wall0 -= float(r["wall_time"])
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        except RESTORE_ERRORS as e:
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ConfigError(f"the checkpoint in {out!r} cannot be restored (damaged?): "
                               f"{why}") from None

@@ -8,7 +8,6 @@ from typing import ClassVar
 from ..errors import ConfigError, shown
 from .base import UndirectedGraph, require_int
 
-
 MAX_BYTES = 16 << 20  # a ring of 100,000 nodes is ~1.2 MB
 
 
