@@ -24,7 +24,7 @@ import torch
 
 from .algorithms import ALGORITHMS
 from .algorithms.base import Algorithm, RunInfo
-from .bank import Bank
+from .bank import Bank, check_fits
 from .checkpoint import RESTORE_ERRORS
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
@@ -81,6 +81,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     spec: TaskSpec = TASKS.get(cfg.task)(dict(cfg.task_options), cfg.data_dir, cfg.seed)
     from .tasks.splits import split_indices
 
+    check_fits(spec, cfg.workers)
     n_train = spec.data.x_train.shape[0]
     if cfg.workers > n_train:
         raise ConfigError(f"{cfg.workers} workers but only {n_train} training samples; "
