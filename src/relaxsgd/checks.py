@@ -23,10 +23,8 @@ def require_int(value: Any, what: str, at_least: int | None = None,
     if ok and at_most is not None and value > at_most:
         ok = False
     if not ok:
-        lo, hi = at_least, at_most
-        if isinstance(value, int) and not isinstance(value, bool):  # name the bound passed
-            lo, hi = (lo, None) if lo is not None and value < lo else (None, hi)
-        raise ConfigError(f"{what} must be an integer{_range(lo, hi)}, got {shown(value)}")
+        raise ConfigError(f"{what} must be an integer{_range(at_least, at_most)}, "
+                          f"got {shown(value)}")
     return int(value)
 
 
@@ -55,6 +53,14 @@ def require_float(value: Any, what: str, at_least: float | None = None,
         raise ConfigError(f"{what} must be {kind}{' ' + cond if cond else ''}, "
                           f"got {shown(value)}")
     return x
+
+
+def require_at_most(value: int | float, what: str, limit: int | float, why: str) -> None:
+    """ConfigError if the (already checked) number ``value`` is above ``limit``; ``why``
+    says what the bound protects (an upper bound kept apart from :func:`require_int`'s
+    range, so the usual "must be an integer >= 1" line is unchanged for small values)."""
+    if value > limit:
+        raise ConfigError(f"{what} must be at most {limit:,} ({why}), got {value:,}")
 
 
 def _range(lo: int | None, hi: int | None) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .checks import require_float, require_int
+from .checks import require_at_most, require_float, require_int
 from .errors import ConfigError, shown
 from .sim.compute import ComputeConfig
 from .training import TrainConfig
@@ -66,8 +66,10 @@ SECTIONS = {"algo": "algo_options", "task": "task_options", "split": "split_opti
 MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml is ~2 KB
 # Upper bounds of the options that reach the operating system or an allocation: torch
 # segfaults on set_num_threads(100000); every worker holds a model, every evaluation a row.
-LIMITS = {"workers": 100_000, "threads": 1024, "evals": 100_000,
-          "eval_samples": 100_000_000, "steps": 10**12}
+LIMITS = {"workers": (100_000, "a model each"),
+          "threads": (1024, "torch intra-op threads; 0 keeps torch's default"),
+          "evals": (100_000, "a row each"), "eval_samples": (10**9, "test samples"),
+          "steps": (10**12, "local steps per worker")}
 
 
 @dataclass(frozen=True)
@@ -98,18 +100,20 @@ class RunConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        require_int(self.workers, "workers", 1, LIMITS["workers"])
+        require_int(self.workers, "workers", at_least=1)
         if self.steps is not None:
-            require_int(self.steps, "steps (local steps per worker)", 1, LIMITS["steps"])
+            require_int(self.steps, "steps (local steps per worker)", at_least=1)
         if self.epochs is not None:
             require_float(self.epochs, "epochs", above=0)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
-        require_int(self.evals, "evals", 1, LIMITS["evals"])
+        require_int(self.evals, "evals", at_least=1)
         require_int(self.seed, "seed", at_least=0, at_most=2**63 - 1)
-        require_int(self.threads, "threads (torch intra-op threads; 0: torch's default)",
-                    0, LIMITS["threads"])
-        require_int(self.eval_samples, "eval_samples", 0, LIMITS["eval_samples"])
+        require_int(self.threads, "threads", at_least=0)
+        require_int(self.eval_samples, "eval_samples", at_least=0)
+        for key, (limit, why) in LIMITS.items():
+            if getattr(self, key) is not None:
+                require_at_most(getattr(self, key), key, limit, why)
         if len(self.compute.speed_factors) > self.workers:
             raise ConfigError(f"compute.speed_factors has {len(self.compute.speed_factors):,} "
                               f"factors for {self.workers} workers; give at most one per "

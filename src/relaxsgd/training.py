@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .checks import require_float, require_int
 from .errors import ConfigError
-from .requires import Needs
+from .requires import Needs, check_needs
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -82,6 +82,7 @@ class TrainConfig:
                for m in self.milestones):
             raise ConfigError(f"milestones are fractions of the run in (0, 1), "
                               f"got {list(self.milestones)}")
+        check_needs(self, "train.")
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

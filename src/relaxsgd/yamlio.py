@@ -32,16 +32,29 @@ MAX_DEPTH = 64  # nesting of lists and mappings (a config's: 3)
 _FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)$")
 
 
+class _TooBig(Exception):
+    pass
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats (its own copy of the resolver table)."""
+    """SafeLoader with YAML 1.2 floats (its own copy of the resolver table) and a bound on
+    nesting, checked as the document is composed (PyYAML's composer recurses: 5,000
+    levels took 4 s to end in a RecursionError)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH + 1:
+                raise _TooBig(f"it is nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2,
                               list("-+0123456789."))
-
-
-class _TooBig(Exception):
-    pass
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], busy: set[int],
