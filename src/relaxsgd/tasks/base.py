@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_float, require_int
+from ..checks import require_at_most, require_float, require_int
 from ..errors import ConfigError, DataError, shown
 
 DATA_ENV = "RELAXSGD_DATA_DIR"
@@ -93,7 +93,9 @@ MAX_WIDTH = 1 << 16
 def check_int(task: str, key: str, value: Any, minimum: int,
               maximum: int = MAX_INT_OPTION) -> int:
     """``value`` as an int if it is an integer in ``minimum..maximum``, else one ConfigError."""
-    return require_int(value, f"option {key} of task {task!r}", minimum, maximum)
+    what = f"option {key}={shown(value)} of task {task!r}"
+    require_at_most(require_int(value, what, at_least=minimum), what, maximum, "a size")
+    return int(value)
 
 
 def check_data_size(task: str, values: int, what: str) -> None:
@@ -106,7 +108,8 @@ def check_data_size(task: str, values: int, what: str) -> None:
 
 def check_float(task: str, key: str, value: Any, minimum: float) -> float:
     """``value`` as a float if it is a number >= ``minimum``, else one ConfigError."""
-    return require_float(value, f"option {key} of task {task!r}", at_least=minimum)
+    return require_float(value, f"option {key}={shown(value)} of task {task!r}",
+                         at_least=minimum)
 
 
 def check_hidden(task: str, value: Any) -> tuple[int, ...]:
@@ -119,8 +122,11 @@ def check_hidden(task: str, value: Any) -> tuple[int, ...]:
     if len(value) > 64:
         raise ConfigError(f"option hidden of task {task!r} lists {len(value)} layers; at "
                           "most 64")
-    return tuple(require_int(h, f"each width in option hidden of task {task!r} "
-                             "(e.g. [256, 256])", 1, MAX_WIDTH) for h in value)
+    what = f"each width in option hidden={shown(value)} of task {task!r} (e.g. [256, 256])"
+    widths = tuple(require_int(h, what, at_least=1) for h in value)
+    for h in widths:
+        require_at_most(h, what, MAX_WIDTH, "a layer's width")
+    return widths
 
 
 def data_root(task: str, data_dir: str | None, expected: str) -> Path:
