@@ -31,6 +31,7 @@ import io
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +155,9 @@ def load(path: str, runtime: str, config: dict[str, Any] | None = None) -> dict[
         raise ConfigError(f"no checkpoint at {path!r}: the run never reached one (give "
                           "--checkpoint-every, or stop it with Ctrl-C, to make one)")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: not ours
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read it is the same answer
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ConfigError(f"checkpoint {path!r} cannot be read (truncated, damaged or not a "

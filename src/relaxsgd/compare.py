@@ -61,12 +61,14 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
     from .cli import config_dict
     from .config import _typed, from_dict, parse_value
     from .defaults import algorithm_options
+    from .run import build_topology
 
     shared, per = _per_algorithm_sets(args.set, algos)
     args.set = [s for s in shared if not s.startswith("algo.")]
     common_algo = [s for s in shared if s.startswith("algo.")]
     base = config_dict(args, algos[0])
     configs = []
+    graph_checked = False
     for a in algos:
         opts = algorithm_options(a) if not args.config else {}
         if a == algos[0]:
@@ -75,8 +77,11 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
             key, _, text = item[len("algo."):].partition("=")
             opts[key] = parse_value(text)
         cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": None})
-        # every algorithm's options are checked before the first run starts
+        # every algorithm's options (and graph) are checked before the first run starts
         _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
+        if ALGORITHMS.get(a).needs_topology and not graph_checked:
+            build_topology(cfg)  # an unreadable edge list is refused before any run
+            graph_checked = True
         configs.append(cfg)
     return base, configs
 

@@ -38,6 +38,7 @@ import re
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -239,7 +240,9 @@ def load_models(path: str) -> dict[str, Any]:
     import torch
 
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: not ours
+            warnings.simplefilter("ignore")
+            data = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise ConfigError(f"models file {path!r} not found") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle refused, ...

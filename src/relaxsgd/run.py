@@ -102,7 +102,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         epochs = cfg.epochs if cfg.epochs is not None else 1.0
         total = max(1, math.ceil(epochs * n_train / (cfg.workers * cfg.train.batch_size)))
     # Only algorithms that talk over a graph build one: all-reduce algorithms ignore
-    # --topology, as documented, rather than reject a graph they would not use.
+    # --topology, as documented, rather than reject a graph they would not use; but a
+    # name that is no topology is a typo, refused for every algorithm.
+    from .topology import TOPOLOGIES
+
+    TOPOLOGIES.entry(cfg.topology)
     topo = build_topology(cfg) if algo_cls.needs_topology else None
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
     algo = algo_cls(algo_cfg, info)

@@ -57,6 +57,22 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2,
                               list("-+0123456789."))
 
 
+class _Duplicate(Exception):
+    def __str__(self) -> str:
+        return repr(self.args[0])
+
+
+def _no_duplicate_keys(node: yaml.MappingNode) -> None:
+    """_Duplicate for a key written twice in one mapping (YAML forbids it; PyYAML keeps
+    the last one without a word, so ``task: logreg`` then ``task: mnist`` ran mnist)."""
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            if key.value in seen:
+                raise _Duplicate(key.value, f"{seen[key.value]} and {key.start_mark.line + 1}")
+            seen[key.value] = key.start_mark.line + 1
+
+
 def _expanded_size(node: yaml.Node, memo: dict[int, int], busy: set[int],
                    depth: int) -> int:
     """Values in ``node`` with every alias expanded (memoised: shared nodes count each
@@ -69,6 +85,8 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], busy: set[int],
     if depth > MAX_DEPTH:
         raise _TooBig(f"it is nested more than {MAX_DEPTH} levels deep")
     size = 1
+    if isinstance(node, yaml.MappingNode):
+        _no_duplicate_keys(node)
     if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
         busy.add(key)
         children = (node.value if isinstance(node, yaml.SequenceNode)
@@ -86,8 +104,9 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], busy: set[int],
 def load_yaml_text(text: str, what: str) -> Any:
     """The value of one YAML document ``text`` (see the module doc); ConfigError with
     ``what`` (e.g. "config file 'a.yaml'") for invalid or oversized YAML."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # its reader refuses control characters at once
         node = loader.get_single_node()
         if node is None:
             return None
@@ -103,5 +122,9 @@ def load_yaml_text(text: str, what: str) -> Any:
         problem = getattr(e, "problem", None)
         raise ConfigError(f"{what} is not valid YAML{where}"
                           f"{f' ({problem})' if problem else ''}") from None
+    except _Duplicate as e:
+        raise ConfigError(f"{what} gives the key {e} twice (at lines {e.args[1]}); give "
+                          "each key once") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
