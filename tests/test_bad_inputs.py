@@ -117,6 +117,18 @@ CASES = [
                     "topology.path={tmp}/f"], {"f": _fifo}, 2, "is a FIFO"),
     ("compute-profile-fifo", ["run", *S, "--compute", "{tmp}/f"], {"f": _fifo}, 2,
      "compute profile file '{tmp}/f' is a FIFO"),
+    ("duplicate-key", ["run", *S, "--config", "{tmp}/c.yaml"],
+     {"c.yaml": "task: logreg\nworkers: 2\ntask: mnist\n"}, 2,
+     "gives the key 'task' twice (at lines 1 and 3)"),
+    ("control-character-in-set", ["run", *S, "--set", "algo=local\x01sgd"], {}, 2,
+     "unknown algorithm 'local\\x01sgd'"),
+    ("unknown-topology-for-all-reduce", ["run", *S, "--algo", "allreduce", "--topology",
+                                         "rnig", "--out", "{tmp}/o"], {}, 2,
+     "unknown topology 'rnig'"),
+    ("compare-checks-the-graph-first", ["compare", *S, "--algos", "localsgd,dpsgd",
+                                        "--topology", "edges", "--set",
+                                        "topology.path=/dev/zero", "--out", "{tmp}/o"], {}, 2,
+     "is a device"),
     ("report-random-bytes", ["report", "{tmp}/r"], {"r/result.json": "RESULT",
                                                     "r/metrics.csv": os.urandom(4096)}, 2,
      "metrics.csv"),
@@ -372,3 +384,21 @@ def test_shown_cuts_and_says_how_long() -> None:
     assert shown([1] * 1_300_000) == "[1, 1, 1, 1, 1, 1, ...] (cut: 1,300,000 items)"
     assert shown("abc") == "'abc'" and shown(2.5) == "2.5"
     assert shown("x" * 1000).endswith("(cut: 1,000 characters)")
+
+
+def test_a_run_refused_after_writing_its_config_leaves_nothing(tmp_path, capsys,
+                                                               monkeypatch) -> None:
+    """A ConfigError raised once config.yaml is written (here planted in the simulator)
+    removes what the run wrote and the folder it made: the rerun is accepted."""
+    import relaxsgd.run as run_mod
+    from relaxsgd.errors import ConfigError
+
+    def refuse(*a, **k):
+        assert (out / "config.yaml").is_file() and (out / ".relaxsgd.lock").is_file()
+        raise ConfigError("planted")
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(run_mod, "simulate", refuse)
+    code, output = _call(["run", *S, "--out", str(out)], capsys)
+    assert code == 2 and "planted" in output
+    assert not out.exists()
