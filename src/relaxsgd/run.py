@@ -104,9 +104,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     # Only algorithms that talk over a graph build one: all-reduce algorithms ignore
     # --topology, as documented, rather than reject a graph they would not use; but a
     # name that is no topology is a typo, refused for every algorithm.
-    from .topology import TOPOLOGIES
+    from .topology import check_topology
 
-    TOPOLOGIES.entry(cfg.topology)
+    check_topology(cfg.topology, cfg.topology_options)
     topo = build_topology(cfg) if algo_cls.needs_topology else None
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
     algo = algo_cls(algo_cfg, info)

@@ -65,13 +65,29 @@ class TaskSpec:
     sample_fn: Callable[[nn.Module], str] | None = None
 
 
+# Task options that take effect only with another option's value (the rule of
+# relaxsgd.requires for the tasks' dict options): given (not the default) without it, they
+# are refused rather than ignored.
+TASK_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hidden": ("model", ("mlp",)), "norm": ("model", ("resnet20",)),
+    "gn_groups": ("norm", ("gn",))}
+
+
 def check_options(task: str, opts: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``opts`` over ``defaults``; an unknown key is one clear ConfigError."""
+    """Merge ``opts`` over ``defaults``; an unknown key, or one given without the option it
+    needs (:data:`TASK_NEEDS`), is one clear ConfigError."""
     for key in opts:
         if key not in defaults:
             raise ConfigError(f"unknown option {key!r} for task {task!r}; "
                               f"choose one of: {', '.join(sorted(defaults)) or '(none)'}")
-    return {**defaults, **opts}
+    merged = {**defaults, **opts}
+    for key, (other, allowed) in TASK_NEEDS.items():
+        if key in opts and opts[key] != defaults.get(key) and other in merged \
+                and merged[other] not in allowed:
+            raise ConfigError(f"option {key}={shown(opts[key])} of task {task!r} takes effect "
+                              f"only with {other}={' or '.join(allowed)}; set that too, or "
+                              f"leave {key} out")
+    return merged
 
 
 def check_choice(task: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
