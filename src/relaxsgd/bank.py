@@ -240,3 +240,27 @@ def evaluate(spec: TaskSpec, model: nn.Module, flat: Tensor, buffers: dict[str, 
     loss = total / max(n, 1)
     metric = correct / max(targets, 1) if spec.metric == "accuracy" else -loss
     return loss, metric
+
+
+def check_fits(spec: TaskSpec, workers: int) -> None:
+    """ConfigError if the bank of ``workers`` copies of the task's model (parameters and
+    optimizer state, 4 bytes each) cannot fit in this machine's memory: said in one line
+    before anything is allocated, instead of the kernel's OOM killer. The model is built on
+    the meta device (no memory) to count its parameters; a model that cannot be built
+    there is not checked."""
+    import os
+
+    from .errors import ConfigError
+
+    try:
+        with torch.device("meta"):
+            d = sum(p.numel() for p in spec.model_fn().parameters())
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except Exception:  # noqa: BLE001 - no meta support, no sysconf: not checked
+        return
+    need = 3 * 4 * workers * d  # parameters, momentum (or AdamW's two moments)
+    if need > total:
+        raise ConfigError(f"{workers} workers of a {d:,}-parameter model need at least "
+                          f"{need / 2**30:.1f} GiB for their parameters and optimizer state; "
+                          f"this machine has {total / 2**30:.1f} GiB: use fewer workers or a "
+                          "smaller model")

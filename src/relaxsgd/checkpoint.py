@@ -31,6 +31,7 @@ import io
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,12 @@ def next_position(period: float, pos: float) -> float:
     return (math.floor(pos / period) + 1) * period
 
 
+# What restoring a checkpoint that torch read but whose content is wrong (a value of the
+# wrong type or shape, a missing key) raises: both runtimes turn these into one line.
+RESTORE_ERRORS = (ConfigError, KeyError, ValueError, TypeError, IndexError, RuntimeError,
+                  AttributeError)
+
+
 # -- state of the pieces ------------------------------------------------------------------
 
 def bank_state(bank: Any) -> dict[str, Any]:
@@ -89,6 +96,10 @@ def load_bank_state(bank: Any, s: dict[str, Any]) -> None:
     the per-worker views stay bound)."""
     for key in ("X", "M", "V"):
         t = getattr(bank, key)
+        if not isinstance(s[key], torch.Tensor) or s[key].dtype != t.dtype:
+            got = getattr(s[key], "dtype", None) or type(s[key]).__name__
+            raise ConfigError(f"the checkpoint's {key} is a {got}, not a {t.dtype} tensor: "
+                              "a damaged or edited checkpoint")
         if tuple(s[key].shape) != tuple(t.shape):
             raise ConfigError(f"the checkpoint's {key} has shape {tuple(s[key].shape)}, this "
                               f"run's {tuple(t.shape)}: it belongs to another model or run")
@@ -144,7 +155,9 @@ def load(path: str, runtime: str, config: dict[str, Any] | None = None) -> dict[
         raise ConfigError(f"no checkpoint at {path!r}: the run never reached one (give "
                           "--checkpoint-every, or stop it with Ctrl-C, to make one)")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: not ours
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read it is the same answer
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ConfigError(f"checkpoint {path!r} cannot be read (truncated, damaged or not a "

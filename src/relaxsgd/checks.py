@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 
 def require_int(value: Any, what: str, at_least: int | None = None,
@@ -24,7 +24,7 @@ def require_int(value: Any, what: str, at_least: int | None = None,
         ok = False
     if not ok:
         raise ConfigError(f"{what} must be an integer{_range(at_least, at_most)}, "
-                          f"got {value!r}")
+                          f"got {shown(value)}")
     return int(value)
 
 
@@ -51,8 +51,16 @@ def require_float(value: Any, what: str, at_least: float | None = None,
         cond = " and ".join(p for p in parts if p)
         kind = "a number" if allow_inf else "a finite number"
         raise ConfigError(f"{what} must be {kind}{' ' + cond if cond else ''}, "
-                          f"got {value!r}")
+                          f"got {shown(value)}")
     return x
+
+
+def require_at_most(value: int | float, what: str, limit: int | float, why: str) -> None:
+    """ConfigError if the (already checked) number ``value`` is above ``limit``; ``why``
+    says what the bound protects (an upper bound kept apart from :func:`require_int`'s
+    range, so the usual "must be an integer >= 1" line is unchanged for small values)."""
+    if value > limit:
+        raise ConfigError(f"{what} must be at most {limit:,} ({why}), got {value:,}")
 
 
 def _range(lo: int | None, hi: int | None) -> str:

@@ -113,15 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
     """The raw config dict: the file (or, without one, the default job), flags, --set."""
-    from .config import apply_set, load_yaml
+    from .config import apply_set, check_types, load_yaml
     from .run import algorithm_options, task_options
 
     if args.steps is not None and args.epochs is not None:
         raise ConfigError("give --steps (local steps per worker) or --epochs (passes over "
                           "the training set), not both")
     d: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {args.config!r} must hold a mapping of keys to values")
     _drop_used_out(d, args)
     flags = {"algo": algo, "task": args.task, "workers": args.workers,
              "topology": args.topology, "network": args.network, "steps": args.steps,
@@ -142,6 +140,7 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
         d = fill_defaults(d)
         d["algo_options"] = {**job_options(d.get("algo") or "localsgd"),
                              **(d.get("algo_options") or {})}
+    check_types(d)  # before any name is looked up
     train = d.setdefault("train", {}) or {}
     d["train"] = train
     if args.batch_size is not None:
@@ -196,9 +195,23 @@ def output_folder(args: argparse.Namespace, cfg: Any) -> str:
 
     out = cfg.out or default_out_dir(cfg)
     if _is_writer():
+        if not os.path.exists(out):
+            _CREATED.append(out)
         prepare_out_dir(out, args.force)
         _STARTED.append(out)
     return out
+
+
+_CREATED: list[str] = []  # output folders this process made (removed if refused, empty)
+
+
+def _drop_empty_created() -> None:
+    """A run refused after its folder was made leaves no folder (if nothing is in it)."""
+    import contextlib
+
+    for folder in _CREATED:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 _STARTED: list[str] = []  # output folders this process has started (for the Ctrl-C line)
@@ -219,16 +232,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .config import from_dict, load_yaml
-    from .report import summary_table
-    from .run import run
-    from .runs import read_result
+    import contextlib
+
+    from .runlock import RunLock
 
     folder = args.run_dir
     path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{folder!r} is not a run folder (it has no config.yaml); give "
                           "the folder a run wrote")
+    with contextlib.ExitStack() as held:
+        if _is_writer():  # before the status is read: a second resume is refused here
+            held.enter_context(RunLock(folder))
+        status = _resume_locked(args, folder, path)
+    return status
+
+
+def _resume_locked(args: argparse.Namespace, folder: str, path: str) -> int:
+    from .config import from_dict, load_yaml
+    from .report import summary_table
+    from .run import run
+    from .runs import read_result
+
     try:
         status = read_result(folder)["status"]
     except ConfigError:
@@ -309,7 +334,16 @@ def _import_torch_holding_ctrl_c() -> None:
         raise KeyboardInterrupt
 
 
+def _one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of at most ``limit`` characters (the last guard: the
+    messages themselves cut what they quote, :func:`relaxsgd.errors.shown`)."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else f"{line[:limit]}... ({len(line):,} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _STARTED.clear()
+    _CREATED.clear()
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -332,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_resume(args)
         return cmd_list()
     except RelaxError as e:
-        sys.stderr.write(f"relaxsgd: error: {e}\n")
+        if e.exit_code == 2:
+            _drop_empty_created()
+        sys.stderr.write(f"relaxsgd: error: {_one_line(str(e))}\n")
         return e.exit_code
     except KeyboardInterrupt as e:
         where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED

@@ -12,6 +12,7 @@ plots of what was measured so far (the interrupted algorithm included), then exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -60,12 +61,14 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
     from .cli import config_dict
     from .config import _typed, from_dict, parse_value
     from .defaults import algorithm_options
+    from .run import build_topology
 
     shared, per = _per_algorithm_sets(args.set, algos)
     args.set = [s for s in shared if not s.startswith("algo.")]
     common_algo = [s for s in shared if s.startswith("algo.")]
     base = config_dict(args, algos[0])
     configs = []
+    graph_checked = False
     for a in algos:
         opts = algorithm_options(a) if not args.config else {}
         if a == algos[0]:
@@ -74,21 +77,33 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
             key, _, text = item[len("algo."):].partition("=")
             opts[key] = parse_value(text)
         cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": None})
-        # every algorithm's options are checked before the first run starts
+        # every algorithm's options (and graph) are checked before the first run starts
         _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
+        if ALGORITHMS.get(a).needs_topology and not graph_checked:
+            build_topology(cfg)  # an unreadable edge list is refused before any run
+            graph_checked = True
         configs.append(cfg)
     return base, configs
 
 
 def compare(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .cli import output_folder
     from .config import from_dict
 
     algos = parse_algos(args.algos)
     base, configs = build_configs(args, algos)
     out = output_folder(args, from_dict({**base, "algo": "compare", "algo_options": {}}))
+    from .cli import _is_writer
+    from .runlock import RunLock
+
+    with RunLock(out) if _is_writer() else contextlib.nullcontext():
+        return _compare_into(args, out, configs)
+
+
+def _compare_into(args: argparse.Namespace, out: str, configs: list) -> int:
+    """The runs of a comparison into ``out`` (whose lock is held), then the summary."""
+    import dataclasses
+
     done: list[tuple[dict[str, Any], str]] = []  # (result, folder) of the runs made
     diverged: list[str] = []
     try:

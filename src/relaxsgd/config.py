@@ -22,7 +22,13 @@ A config file has the shape of the resolved ``config.yaml`` a run writes::
 ``--set`` keys are dotted (``algo.p=8``, ``task.model=cnn``, ``split.alpha=0.1``,
 ``train.momentum=0.9``, ``compute.step_time_s=0.01``, ``network.latency_s=0.1``) or bare
 (``p=8``: looked up in the algorithm's options, then the task's, then ``train``, then
-the top level). Values are parsed as YAML (numbers, booleans, lists).
+the top level). Values are parsed as YAML (numbers, booleans, lists), numbers as a person
+writes them (``1e-3`` is a float; see :mod:`.yamlio`).
+
+Hostile or careless input: a config file is read by :mod:`.userfiles` (a regular file of at
+most :data:`MAX_CONFIG_BYTES`), aliases cannot expand it, every section and name must have
+its type, and every number that reaches the operating system or an allocation has a bound
+(:data:`LIMITS`).
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from .checks import require_float, require_int
-from .errors import ConfigError
+from .checks import require_at_most, require_float, require_int
+from .errors import ConfigError, shown
 from .sim.compute import ComputeConfig
 from .training import TrainConfig
 
@@ -57,6 +63,13 @@ SPLIT_OPTIONS: dict[str, dict[str, Any]] = {
 DERIVED_KEYS = ("steps_per_worker",)
 SECTIONS = {"algo": "algo_options", "task": "task_options", "split": "split_options",
             "network": "network_options", "topology": "topology_options"}
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml is ~2 KB
+# Upper bounds of the options that reach the operating system or an allocation: torch
+# segfaults on set_num_threads(100000); every worker holds a model, every evaluation a row.
+LIMITS = {"workers": (100_000, "a model each"),
+          "threads": (1024, "torch intra-op threads; 0 keeps torch's default"),
+          "evals": (100_000, "a row each"), "eval_samples": (10**9, "test samples"),
+          "steps": (10**12, "local steps per worker")}
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,13 @@ class RunConfig:
         require_int(self.seed, "seed", at_least=0, at_most=2**63 - 1)
         require_int(self.threads, "threads", at_least=0)
         require_int(self.eval_samples, "eval_samples", at_least=0)
+        for key, (limit, why) in LIMITS.items():
+            if getattr(self, key) is not None:
+                require_at_most(getattr(self, key), key, limit, why)
+        if len(self.compute.speed_factors) > self.workers:
+            raise ConfigError(f"compute.speed_factors has {len(self.compute.speed_factors):,} "
+                              f"factors for {self.workers} workers; give at most one per "
+                              "worker (a shorter list repeats)")
         from .checkpoint import parse_every
 
         parse_every(self.checkpoint_every)
@@ -130,6 +150,27 @@ def check_split_options(split: str, options: dict[str, Any]) -> None:
             raise ConfigError(f"split {split!r} has no option {key!r} (it takes {takes}); "
                               f"e.g. --split dirichlet --set split.alpha=0.1")
         known[key](value, f"split.{key}")
+
+
+# The type of every name and section of a config (checked before any name is looked up,
+# so that `algo: [localsgd]` is a line, not "unhashable type").
+_NAMES = ("algo", "task", "split", "network", "topology", "runtime", "batching")
+
+
+def check_types(d: dict[str, Any], where: str = "the config") -> None:
+    """ConfigError if a name of ``d`` is not a string or a section not a mapping."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must hold a mapping of keys to values, got "
+                          f"{type(d).__name__} {shown(d)}")
+    for key in _NAMES:
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(f"{key} must be a name (a string), got {shown(d[key])} in "
+                              f"{where}; e.g. {key}: {getattr(RunConfig, key)}")
+    for key in (*SECTIONS.values(), "train", "compute"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{key} must be a mapping of options, got "
+                              f"{type(d[key]).__name__} {shown(d[key])} in {where}; e.g. "
+                              f"{key}: {{}}")
 
 
 def _typed(cls: type, values: dict[str, Any], what: str) -> Any:
@@ -175,14 +216,13 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
         raise  # require_int's or require_float's own line
     except (TypeError, ValueError):
         want = t.replace(" | None", "")
-        raise ConfigError(f"{key} must be a {want}, got {v!r}") from None
+        raise ConfigError(f"{key} must be a {want}, got {shown(v)}") from None
     return v
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a plain dict (a YAML file's content)."""
-    if not isinstance(d, dict):
-        raise ConfigError("a config file must hold a mapping of keys to values")
+    check_types(d)
     d = {k: v for k, v in d.items() if k not in DERIVED_KEYS}
     train_d = dict(d.pop("train", None) or {})
     task = d.get("task", RunConfig.task)
@@ -194,43 +234,46 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     train = _typed(TrainConfig, train_d, "train")
     compute = _typed(ComputeConfig, d.pop("compute", None) or {}, "compute")
     for sec in SECTIONS.values():
-        if not isinstance(d.get(sec, {}) or {}, dict):
-            raise ConfigError(f"{sec} must be a mapping, got {d[sec]!r}")
         d[sec] = dict(d.get(sec) or {})
     cfg = _typed(RunConfig, d, "run")
     return dataclasses.replace(cfg, train=train, compute=compute)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """The mapping in config file ``path`` (empty file: {}); one ConfigError line if it is
+    not a regular file of at most :data:`MAX_CONFIG_BYTES`, not text, not YAML, or not a
+    mapping."""
+    from .userfiles import read_text
+    from .yamlio import load_yaml_text
+
+    hint = "give a YAML file such as a run's config.yaml"
     if os.path.isdir(path):
-        raise ConfigError(f"config file {path!r} is a folder; give a YAML file, e.g. "
-                          f"{os.path.join(path, 'config.yaml')!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found") from None
-    except (UnicodeDecodeError, ValueError):  # binary files, NUL bytes
-        raise ConfigError(f"config file {path!r} is not a text file; give a YAML "
-                          "file such as a run's config.yaml") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path!r} is not valid YAML{where}") from None
-    return data or {}
+        hint = f"give a YAML file, e.g. {os.path.join(path, 'config.yaml')!r}"
+    text = read_text(path, "config file", MAX_CONFIG_BYTES, hint)
+    data = load_yaml_text(text, f"config file {path!r}")
+    if data is None:
+        return {}
+    check_types(data, f"config file {path!r}")
+    return data
 
 
 def parse_value(text: str) -> Any:
-    """A --set value as YAML (``nan``/``inf`` are read as the numbers, to be refused by the
-    option's check with a clear line rather than as a string of the wrong type)."""
+    """A --set value as YAML (numbers as a person writes them, :mod:`.yamlio`; ``nan`` and
+    ``inf`` are read as the numbers, to be refused by the option's check with a clear line
+    rather than as a string of the wrong type); text that is not YAML stays a string."""
+    from .yamlio import load_yaml_text
+
     if text.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
         return float(text.strip().lower().replace("infinity", "inf"))
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"a --set value of {len(text):,} characters is refused; a config "
+                          f"file holds at most {MAX_CONFIG_BYTES:,} bytes")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return load_yaml_text(text, "--set value")
+    except ConfigError as e:
+        if "not valid YAML" in str(e):
+            return text
+        raise
 
 
 def apply_set(d: dict[str, Any], item: str, option_names: dict[str, list[str]]) -> None:
@@ -244,27 +287,35 @@ def apply_set(d: dict[str, Any], item: str, option_names: dict[str, list[str]]) 
         raise ConfigError(f"--set expects key=value, got {item!r}")
     value = parse_value(text)
     head, dot, rest = key.partition(".")
+
+    def section(name: str) -> dict[str, Any]:  # a null section (``train:``) is empty
+        if d.get(name) is None:
+            d[name] = {}
+        if not isinstance(d[name], dict):
+            raise ConfigError(f"{name} must be a mapping of options, got {shown(d[name])}")
+        return d[name]
+
     if dot:
         if head in SECTIONS:
-            d.setdefault(SECTIONS[head], {})[rest] = value
+            section(SECTIONS[head])[rest] = value
         elif head in ("train", "compute"):
-            d.setdefault(head, {})[rest] = value
+            section(head)[rest] = value
         else:
             raise ConfigError(f"unknown --set section {head!r}; choose one of: "
                               f"{', '.join([*SECTIONS, 'train', 'compute'])}")
         return
     if key in option_names.get("algo", []):
-        d.setdefault("algo_options", {})[key] = value
+        section("algo_options")[key] = value
     elif key in option_names.get("task", []):
-        d.setdefault("task_options", {})[key] = value
+        section("task_options")[key] = value
     elif key in {f.name for f in fields(TrainConfig)}:
-        d.setdefault("train", {})[key] = value
+        section("train")[key] = value
     elif key in {f.name for f in fields(RunConfig)}:
         d[key] = value
     else:
         choices = sorted({*option_names.get("algo", []), *option_names.get("task", []),
                           *(f.name for f in fields(TrainConfig))})
-        raise ConfigError(f"unknown option {key!r} for --set; choose one of: "
+        raise ConfigError(f"unknown option {shown(key)} for --set; choose one of: "
                           f"{', '.join(choices)} (or a dotted key such as split.alpha)")
 
 

@@ -50,3 +50,27 @@ class StoppedAtCheckpoint(KeyboardInterrupt):
         self.note = note
         self.signum = int(signum)
         self.exit_code = 128 + self.signum
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error line, cut to about ``limit`` characters, saying how
+    long the value was: an error must never print a user's whole structure (a 1.3 million
+    item list, an alias-expanded YAML document), nor spend time building its repr."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 6, 6, 4, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    cut = len(text) > limit
+    if cut:
+        text = text[:limit] + "..."
+    if isinstance(value, (str, bytes)):
+        cut = cut or len(value) > limit
+    elif isinstance(value, (list, tuple, dict, set)):
+        cut = cut or len(value) > 6
+    if cut and isinstance(value, (str, bytes, list, tuple, dict, set)):
+        unit = "characters" if isinstance(value, str) else \
+            "bytes" if isinstance(value, bytes) else "items"
+        text += f" (cut: {len(value):,} {unit})"
+    return text

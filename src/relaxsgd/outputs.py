@@ -38,6 +38,7 @@ import re
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,8 +122,12 @@ def prepare_out_dir(path: str, force: bool, clean: bool = True) -> str:
     per-algorithm subfolders) are removed first, so old and new results never mix; other
     files are left alone.
     """
+    from .runlock import ensure_free
+
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--out {path!r} is a file, not a folder; give a folder path")
+    if os.path.isdir(path):
+        ensure_free(path)  # a run in progress there: refused before anything is removed
     if os.path.isdir(path) and os.listdir(path):
         if not force:
             held = ", ".join(sorted(os.listdir(path))[:3])
@@ -140,6 +145,24 @@ def prepare_out_dir(path: str, force: bool, clean: bool = True) -> str:
     return path
 
 
+def discard_refused(path: str) -> None:
+    """Remove what a new run wrote into ``path`` before it was refused (``config.yaml``, a
+    ``metrics.csv`` of no rows, also in a comparison's per-algorithm folders), and the
+    folders left empty, so that the same command, corrected, is accepted there. A folder
+    with a ``result.json`` measured something and is kept as it is."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "result.json")):
+        return
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name in ("config.yaml", "metrics.csv") and os.path.isfile(full):
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+        elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.yaml")):
+            discard_refused(full)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # only if empty
+
+
 def _remove_old_outputs(path: str) -> None:
     for name in os.listdir(path):
         full = os.path.join(path, name)
@@ -147,6 +170,9 @@ def _remove_old_outputs(path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(full)
         elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.yaml")):
+            from .runlock import ensure_free
+
+            ensure_free(full)
             _remove_old_outputs(full)  # a comparison's per-algorithm folder
 
 
@@ -214,7 +240,9 @@ def load_models(path: str) -> dict[str, Any]:
     import torch
 
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: not ours
+            warnings.simplefilter("ignore")
+            data = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise ConfigError(f"models file {path!r} not found") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle refused, ...

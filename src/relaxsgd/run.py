@@ -8,6 +8,7 @@ row, so nothing measured is lost on Ctrl-C or divergence), ``result.json`` and p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -23,12 +24,20 @@ import torch
 
 from .algorithms import ALGORITHMS
 from .algorithms.base import Algorithm, RunInfo
-from .bank import Bank
+from .bank import Bank, check_fits
+from .checkpoint import RESTORE_ERRORS
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
 from .metrics import LM_COLUMNS, CommStats, Recorder, aggregate_worker_metrics, write_sample
-from .outputs import models_payload, save_models, shield_interrupts, write_json
+from .outputs import (
+    discard_refused,
+    models_payload,
+    save_models,
+    shield_interrupts,
+    write_json,
+)
 from .progress import Progress
+from .runlock import RunLock
 from .sim.compute import ComputeModel, load_profile, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
@@ -72,6 +81,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     spec: TaskSpec = TASKS.get(cfg.task)(dict(cfg.task_options), cfg.data_dir, cfg.seed)
     from .tasks.splits import split_indices
 
+    check_fits(spec, cfg.workers)
     n_train = spec.data.x_train.shape[0]
     if cfg.workers > n_train:
         raise ConfigError(f"{cfg.workers} workers but only {n_train} training samples; "
@@ -92,7 +102,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         epochs = cfg.epochs if cfg.epochs is not None else 1.0
         total = max(1, math.ceil(epochs * n_train / (cfg.workers * cfg.train.batch_size)))
     # Only algorithms that talk over a graph build one: all-reduce algorithms ignore
-    # --topology, as documented, rather than reject a graph they would not use.
+    # --topology, as documented, rather than reject a graph they would not use; but a
+    # name that is no topology is a typo, refused for every algorithm.
+    from .topology import check_topology
+
+    check_topology(cfg.topology, cfg.topology_options)
     topo = build_topology(cfg) if algo_cls.needs_topology else None
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
     algo = algo_cls(algo_cfg, info)
@@ -130,32 +144,51 @@ def run(cfg: RunConfig, progress: bool = True, write: bool = True,
         resume: bool = False) -> dict[str, Any]:
     """Run one configuration; returns the result dict (also written as result.json).
 
-    ``resume``: continue the run in ``cfg.out`` from its checkpoint (``relaxsgd resume``)."""
-    if cfg.runtime == "dist":
-        from .distributed.runtime import run_dist  # type: ignore[import-not-found]
-
-        return run_dist(cfg, progress=progress, write=write, resume=resume)
-    prep = prepare(cfg)
-    out = None
-    ck = None
-    if resume:
-        from . import checkpoint
-
-        out = cfg.out
-        ck = checkpoint.load(os.path.join(out, checkpoint.FILE), "sim", prep.resolved)
-    elif write:
-        out = cfg.out or default_out_dir(cfg)
-        os.makedirs(out, exist_ok=True)
-        dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
+    ``resume``: continue the run in ``cfg.out`` from its checkpoint (``relaxsgd resume``).
+    The run folder's lock (:mod:`.runlock`) is held from before the first file is written
+    to the end; a new run refused before its first evaluation (a ConfigError) leaves no
+    file behind (:func:`~relaxsgd.outputs.discard_refused`)."""
+    refused: list[str] = []
     try:
-        return simulate(prep, out, progress, resume=ck).result
-    except KeyboardInterrupt:
-        if out and not os.path.exists(os.path.join(out, "result.json")):
-            with shield_interrupts():  # Ctrl-C before the first step: say so, in JSON
-                write_json(os.path.join(out, "result.json"), {
-                    **result_header(cfg), "status": "interrupted", "final": None,
-                    "message": "interrupted during start-up, before the first local step"})
-        raise
+        with contextlib.ExitStack() as held:
+            if cfg.runtime == "dist":
+                from .distributed.runtime import run_dist  # type: ignore[import-not-found]
+
+                if write and cfg.out and os.path.isdir(cfg.out) and \
+                        os.environ.get("RANK", "0") == "0":  # rank 0 writes, and locks
+                    held.enter_context(RunLock(cfg.out))
+                return run_dist(cfg, progress=progress, write=write, resume=resume)
+            prep = prepare(cfg)
+            out = None
+            ck = None
+            if resume:
+                from . import checkpoint
+
+                out = cfg.out
+                held.enter_context(RunLock(out))
+                ck = checkpoint.load(os.path.join(out, checkpoint.FILE), "sim", prep.resolved)
+            elif write:
+                out = cfg.out or default_out_dir(cfg)
+                os.makedirs(out, exist_ok=True)
+                held.enter_context(RunLock(out))
+                dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
+            try:
+                return simulate(prep, out, progress, resume=ck).result
+            except KeyboardInterrupt:
+                if out and not os.path.exists(os.path.join(out, "result.json")):
+                    with shield_interrupts():  # Ctrl-C before the first step: say so, in JSON
+                        write_json(os.path.join(out, "result.json"), {
+                            **result_header(cfg), "status": "interrupted", "final": None,
+                            "message": "interrupted during start-up, before the first local "
+                                       "step"})
+                raise
+            except ConfigError:
+                if out and not resume:  # refused before anything was measured: no litter
+                    refused.append(out)
+                raise
+    finally:
+        for folder in refused:  # once the lock file is gone, so the folder can go too
+            discard_refused(folder)
 
 
 @dataclass
@@ -277,7 +310,7 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
             done[0], next_eval[0] = int(r["done"]), int(r["next_eval"])
             rec.restore(r["rows"])
             wall0 -= float(r["wall_time"])
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        except RESTORE_ERRORS as e:
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ConfigError(f"the checkpoint in {out!r} cannot be restored (damaged?): "
                               f"{why}") from None

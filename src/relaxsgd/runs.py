@@ -28,12 +28,13 @@ def read_result(folder: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"{folder!r} is not a relaxsgd run folder (no result.json); give "
                           "a folder written by 'relaxsgd run' or 'relaxsgd compare'")
-    if os.path.getsize(path) > MAX_RESULT_BYTES:
-        raise ConfigError(f"{path!r} is too large to be a relaxsgd result")
+    from .userfiles import decode_text, read_bytes
+
+    what = "result file"
+    raw = read_bytes(path, what, MAX_RESULT_BYTES, "a half-written or foreign run folder")
     try:
-        with open(path, encoding="utf-8") as f:
-            res = json.load(f)
-    except (ValueError, UnicodeDecodeError):
+        res = json.loads(decode_text(raw, path, what, "a half-written or foreign run folder"))
+    except ValueError:
         raise ConfigError(f"{path!r} is not valid JSON (a half-written or foreign "
                           "file)") from None
     if not isinstance(res, dict) or not {"algorithm", "status"} <= set(res):
@@ -43,21 +44,53 @@ def read_result(folder: str) -> dict[str, Any]:
     return res
 
 
-def read_rows(folder: str) -> list[dict[str, Any]]:
-    """metrics.csv's rows as dicts of floats (a half-written last line is dropped)."""
+MAX_METRICS_BYTES = 256 << 20  # 100,000 evaluations of ~30 columns: ~40 MB
+_NEED = ("virtual_time_s", "bytes_sent_total", "accuracy_mean_model")
+
+
+def read_rows(folder: str, required: bool = False) -> list[dict[str, Any]]:
+    """metrics.csv's rows as dicts of floats; ConfigError (one line) for a file that is
+    not a relaxsgd metrics.csv (not text, no such header, a malformed line before the
+    last). A last line cut short (a run killed while writing it) is dropped with a note.
+    A missing file is no rows, unless ``required`` (the run's result.json says that it
+    evaluated), when it is an error too."""
+    from .userfiles import decode_text, read_bytes
+
     path = os.path.join(folder, "metrics.csv")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
+        if required:
+            raise ConfigError(f"{folder!r} has a result.json with figures but no "
+                              "metrics.csv (a half-copied or foreign run folder)")
         return []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        lines = f.read().splitlines()
+    what = "metrics file"
+    lines = decode_text(read_bytes(path, what, MAX_METRICS_BYTES), path, what,
+                        "a half-written or foreign run folder").splitlines()
+    if not lines:
+        if required:
+            raise ConfigError(f"{path!r} is empty (a half-written or foreign run folder)")
+        return []
+    header = next(csv.reader(lines[:1]))
+    missing = [k for k in _NEED if k not in header]
+    if missing:
+        raise ConfigError(f"{path!r} is not a relaxsgd metrics.csv (its first line has no "
+                          f"column {', '.join(missing)}; a foreign or damaged file)")
     rows = []
-    for raw in csv.DictReader(lines):
+    for lineno, raw in enumerate(csv.DictReader(lines), 2):
         try:
-            rows.append({k: float(v) for k, v in raw.items() if k is not None and v != ""})
+            if None in raw or None in raw.values():
+                raise ValueError("wrong number of fields")
+            row = {k: float(v) for k, v in raw.items() if v != ""}
+            if not all(k in row for k in _NEED):
+                raise ValueError("a required figure is empty")
         except (TypeError, ValueError):
-            continue  # a line cut short by a kill, or foreign text
-    need = ("virtual_time_s", "bytes_sent_total", "accuracy_mean_model")
-    return [r for r in rows if all(k in r for k in need)]
+            if lineno == len(lines):  # the last line, cut by a kill
+                sys.stderr.write(f"relaxsgd: note: the last line of {path!r} is cut short "
+                                 "(the run was killed while writing it); it is left out\n")
+                break
+            raise ConfigError(f"line {lineno} of {path!r} is not a row of numbers (a "
+                              "damaged or edited file)") from None
+        rows.append(row)
+    return rows
 
 
 def find_runs(folder: str) -> list[str]:
@@ -94,7 +127,7 @@ def report(dirs: list[str], out: str | None, markdown: str | None, force: bool) 
         res = read_result(f)
         res = {**res, "algorithm": _label(res, f, labels)}
         results.append(res)
-        runs.append((res["algorithm"], read_rows(f)))
+        runs.append((res["algorithm"], read_rows(f, required=bool(res["final"]))))
     table = summary_table(results)
     print(table)
     plots: list[str] = []

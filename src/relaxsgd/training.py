@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .checks import require_float, require_int
 from .devices import draw
 from .errors import ConfigError
+from .requires import Needs, check_needs
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -50,6 +51,12 @@ class TrainConfig:
     betas: tuple[float, ...] = field(default=(0.9, 0.999))
     eps: float = 1e-8
 
+    NEEDS = (Needs("milestones", lambda c: c.schedule == "step", "train.schedule=step"),
+             Needs("gamma", lambda c: c.schedule == "step", "train.schedule=step"),
+             Needs("betas", lambda c: c.optimizer == "adamw", "train.optimizer=adamw"),
+             Needs("eps", lambda c: c.optimizer == "adamw", "train.optimizer=adamw"),
+             Needs("nesterov", lambda c: c.momentum > 0, "train.momentum > 0"))
+
     def __post_init__(self) -> None:
         require_int(self.batch_size, "batch size (train.batch_size)", at_least=1)
         require_float(self.lr, "learning rate (train.lr)", above=0)
@@ -76,6 +83,7 @@ class TrainConfig:
                for m in self.milestones):
             raise ConfigError(f"milestones are fractions of the run in (0, 1), "
                               f"got {list(self.milestones)}")
+        check_needs(self, "train.")
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

@@ -41,6 +41,7 @@ from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
 from ..errors import ConfigError
+from ..requires import Needs, check_needs
 from ..state_tree import register_state_type
 from .base import (
     Algorithm,
@@ -104,8 +105,6 @@ def parse_compression(who: str, compressor: str, error_feedback: bool, aggregati
         server = make_compressor(server_compressor or compressor)
         if isinstance(server, ErrorFeedback):
             server = server.inner
-    elif server_compressor:
-        raise ConfigError(f"{who}: server_compressor only applies with aggregation=ps")
     return comp, ef, server
 
 
@@ -271,10 +270,16 @@ class CompressionOptions:
     server_compressor: str = ""
     server_error_feedback: bool = True
 
+    NEEDS = (Needs("server_compressor", lambda c: c.aggregation == "ps", "aggregation=ps"),
+             Needs("server_error_feedback", lambda c: c.aggregation == "ps",
+                   "aggregation=ps"))
+
     def check_compression(self, who: str) -> None:
-        """ConfigError, naming algorithm ``who``, if the compression options are bad."""
+        """ConfigError, naming algorithm ``who``, if the compression options are bad or
+        one is given without what it needs (``NEEDS``)."""
         parse_compression(who, self.compressor, self.error_feedback, self.aggregation,
                           self.server_compressor)
+        check_needs(self, f"{who} option ")
 
 
 class CompressedAlgorithm(Algorithm):

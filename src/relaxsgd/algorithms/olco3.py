@@ -71,7 +71,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from ..checks import require_int
-from ..errors import ConfigError
+from ..requires import Needs
 from ..state_tree import register_state_type
 from .base import Checkpoint, Compute, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions, Pending
@@ -112,11 +112,12 @@ class OLCO3Config(CompressionOptions):
         require_int(self.p, "olco3 option p (local steps per round)", at_least=1)
         require_int(self.s, "olco3 option s (staleness in rounds)", at_least=0)
         self.check_compression("olco3")
-        if self.server_compensation and not (self.aggregation == "ps"
-                                             and self.server_error_feedback):
-            raise ConfigError("olco3 option server_compensation needs aggregation=ps and "
-                              "server_error_feedback=true (it compensates the server's "
-                              "error-feedback residual)")
+
+    # server_compensation compensates the server's error-feedback residual
+    NEEDS = (*CompressionOptions.NEEDS,
+             Needs("server_compensation",
+                   lambda c: c.aggregation == "ps" and c.server_error_feedback,
+                   "aggregation=ps and server_error_feedback=true"))
 
 
 @register_state_type

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..checks import require_int
 from ..errors import ConfigError
+from ..requires import Needs, check_needs
 from .swarm_codec import MIN_SAFETY, safety_cap
 
 SCHEDULES = ("async", "sequential")
@@ -93,6 +94,11 @@ class SwarmConfig:
             raise ConfigError(f"swarm option spread_decay must be in [0, 1), "
                               f"got {self.spread_decay}")
         require_int(self.bucket_size, "swarm option bucket_size", at_least=1)
-        if self.overlap and (self.schedule != "async" or self.averaging != "nonblocking"):
-            raise ConfigError("swarm option overlap needs schedule=async and "
-                              "averaging=nonblocking")
+        check_needs(self, "swarm option ")
+
+    NEEDS = (Needs("bits", lambda c: c.quantizer != "none", "quantizer=lattice or qsgd"),
+             *(Needs(k, lambda c: c.quantizer == "lattice", "quantizer=lattice")
+               for k in ("eps", "safety", "per_tensor", "spread_decay")),
+             Needs("bucket_size", lambda c: c.quantizer == "qsgd", "quantizer=qsgd"),
+             Needs("overlap", lambda c: c.schedule == "async" and c.averaging == "nonblocking",
+                   "schedule=async and averaging=nonblocking"))

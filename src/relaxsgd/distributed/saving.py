@@ -335,7 +335,7 @@ def resume_job(job: Any, store: Any, ck: dict[str, Any], next_index: int) -> Non
         if job.rank == 0:
             job.rec.restore(ck["run"]["rows"])
             job.evaluator.next_index = next_index
-    except (ConfigError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+    except ckpt.RESTORE_ERRORS as e:
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         err = f"worker {job.rank}: its checkpoint cannot be restored (damaged?): {why}"
     errors = [e for e in _agree(store, job.rank, job.n, "restored", err) if e]

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..checks import require_float
 from ..errors import ConfigError
+from ..requires import Needs, check_needs
 
 KINDS = ("none", "fixed", "lognormal", "stragglers")
 DEFAULT_PROFILE = "laptop-core"
@@ -85,6 +86,15 @@ class ComputeConfig:
     straggler_p: float = 0.05
     straggler_f: float = 5.0
 
+    NEEDS = (Needs("speed_factors", lambda c: c.heterogeneity == "fixed",
+                   "compute.heterogeneity=fixed"),
+             Needs("sigma", lambda c: c.heterogeneity == "lognormal",
+                   "compute.heterogeneity=lognormal"),
+             Needs("straggler_p", lambda c: c.heterogeneity == "stragglers",
+                   "compute.heterogeneity=stragglers"),
+             Needs("straggler_f", lambda c: c.heterogeneity == "stragglers",
+                   "compute.heterogeneity=stragglers"))
+
     def __post_init__(self) -> None:
         st = self.step_time_s
         if isinstance(st, str):
@@ -105,6 +115,7 @@ class ComputeConfig:
         require_float(self.sigma, "compute.sigma", at_least=0)
         require_float(self.straggler_p, "compute.straggler_p", at_least=0, at_most=1)
         require_float(self.straggler_f, "compute.straggler_f", at_least=1)
+        check_needs(self, "compute.")
 
     @property
     def fixed_step_time(self) -> float | None:

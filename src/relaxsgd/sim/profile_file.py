@@ -8,7 +8,8 @@ One YAML (or JSON, a subset) mapping with up to two sections, ``compute`` and
     network: {latency_s: 0.025, bandwidth_Bps: 1.0e7, backend: gloo,
               collectives: {allreduce: {"2": [0.101, 1.05e-7]}, ...}}
 
-Untrusted input: read with ``yaml.safe_load`` only, at most :data:`MAX_BYTES`, and every
+Untrusted input: read by :mod:`relaxsgd.userfiles` (a regular file of at most
+:data:`MAX_BYTES`) and :mod:`relaxsgd.yamlio` (no alias bombs), and every
 field checked by its reader; a bad file is one ConfigError naming the file.
 """
 
@@ -34,19 +35,12 @@ def read_section(path: str, section: str, what: str, choices: str) -> dict[str, 
     if not looks_like_file(path):
         raise ConfigError(f"unknown {what} {path!r}; choose one of: {choices}, or give a "
                           "profile file written by 'relaxsgd calibrate'")
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_BYTES:
-            raise ConfigError(f"{what} file {path!r} is {size} bytes; a profile file is "
-                              f"at most {MAX_BYTES} bytes")
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {path!r} not found; choose one of: {choices}, or "
-                          "give a profile file written by 'relaxsgd calibrate'") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise ConfigError(f"{what} file {path!r} is not a readable YAML/JSON profile "
-                          "file") from None
+    from ..userfiles import read_text
+    from ..yamlio import load_yaml_text
+
+    hint = f"choose one of: {choices}, or give a profile file written by 'relaxsgd calibrate'"
+    data = load_yaml_text(read_text(path, f"{what} file", MAX_BYTES, hint),
+                          f"{what} file {path!r}")
     sec = data.get(section) if isinstance(data, dict) else None
     if not isinstance(sec, dict):
         raise ConfigError(f"{what} file {path!r} has no '{section}' mapping; write it with "

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_float, require_int
-from ..errors import ConfigError, DataError
+from ..checks import require_at_most, require_float, require_int
+from ..errors import ConfigError, DataError, shown
 
 DATA_ENV = "RELAXSGD_DATA_DIR"
 
@@ -65,31 +65,67 @@ class TaskSpec:
     sample_fn: Callable[[nn.Module], str] | None = None
 
 
+# Task options that take effect only with another option's value (the rule of
+# relaxsgd.requires for the tasks' dict options): given (not the default) without it, they
+# are refused rather than ignored.
+TASK_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hidden": ("model", ("mlp",)), "norm": ("model", ("resnet20",)),
+    "gn_groups": ("norm", ("gn",))}
+
+
 def check_options(task: str, opts: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``opts`` over ``defaults``; an unknown key is one clear ConfigError."""
+    """Merge ``opts`` over ``defaults``; an unknown key, or one given without the option it
+    needs (:data:`TASK_NEEDS`), is one clear ConfigError."""
     for key in opts:
         if key not in defaults:
             raise ConfigError(f"unknown option {key!r} for task {task!r}; "
                               f"choose one of: {', '.join(sorted(defaults)) or '(none)'}")
-    return {**defaults, **opts}
+    merged = {**defaults, **opts}
+    for key, (other, allowed) in TASK_NEEDS.items():
+        if key in opts and opts[key] != defaults.get(key) and other in merged \
+                and merged[other] not in allowed:
+            raise ConfigError(f"option {key}={shown(opts[key])} of task {task!r} takes effect "
+                              f"only with {other}={' or '.join(allowed)}; set that too, or "
+                              f"leave {key} out")
+    return merged
 
 
 def check_choice(task: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else one ConfigError naming them."""
     if value not in choices:
-        raise ConfigError(f"option {key}={value!r} of task {task!r} is not valid; "
+        raise ConfigError(f"option {key}={shown(value)} of task {task!r} is not valid; "
                           f"choose one of: {', '.join(choices)}")
     return str(value)
 
 
-def check_int(task: str, key: str, value: Any, minimum: int) -> int:
-    """``value`` as an int if it is an integer >= ``minimum``, else one ConfigError."""
-    return require_int(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
+# Bounds on what a task's options make before any check of the run can see it: sizes of
+# generated data sets (values) and layer widths (an allocation that the kernel would meet
+# with the OOM killer, not an error line).
+MAX_INT_OPTION = 10**9
+MAX_DATA_VALUES = 1 << 28  # 1 GiB of float32
+MAX_WIDTH = 1 << 16
+
+
+def check_int(task: str, key: str, value: Any, minimum: int,
+              maximum: int = MAX_INT_OPTION) -> int:
+    """``value`` as an int if it is an integer in ``minimum..maximum``, else one ConfigError."""
+    what = f"option {key}={shown(value)} of task {task!r}"
+    require_at_most(require_int(value, what, at_least=minimum), what, maximum, "a size")
+    return int(value)
+
+
+def check_data_size(task: str, values: int, what: str) -> None:
+    """ConfigError if a generated data set of ``values`` numbers is over the bound."""
+    if values > MAX_DATA_VALUES:
+        raise ConfigError(f"task {task!r} would generate {values:,} values ({what}), more "
+                          f"than the {MAX_DATA_VALUES:,} (1 GiB) a task may hold; use "
+                          "smaller options")
 
 
 def check_float(task: str, key: str, value: Any, minimum: float) -> float:
     """``value`` as a float if it is a number >= ``minimum``, else one ConfigError."""
-    return require_float(value, f"option {key}={value!r} of task {task!r}", at_least=minimum)
+    return require_float(value, f"option {key}={shown(value)} of task {task!r}",
+                         at_least=minimum)
 
 
 def check_hidden(task: str, value: Any) -> tuple[int, ...]:
@@ -97,10 +133,16 @@ def check_hidden(task: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"option hidden={value!r} of task {task!r} must be a non-empty "
+        raise ConfigError(f"option hidden={shown(value)} of task {task!r} must be a non-empty "
                           "list of positive integers, e.g. [256, 256]")
-    return tuple(require_int(h, f"each width in option hidden={value!r} of task {task!r} "
-                             "(e.g. [256, 256])", at_least=1) for h in value)
+    if len(value) > 64:
+        raise ConfigError(f"option hidden of task {task!r} lists {len(value)} layers; at "
+                          "most 64")
+    what = f"each width in option hidden={shown(value)} of task {task!r} (e.g. [256, 256])"
+    widths = tuple(require_int(h, what, at_least=1) for h in value)
+    for h in widths:
+        require_at_most(h, what, MAX_WIDTH, "a layer's width")
+    return widths
 
 
 def data_root(task: str, data_dir: str | None, expected: str) -> Path:

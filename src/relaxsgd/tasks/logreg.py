@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
+    MAX_WIDTH,
     Dataset,
     TaskSpec,
     check_choice,
+    check_data_size,
     check_float,
     check_hidden,
     check_int,
@@ -54,9 +56,12 @@ def build(opts: dict[str, Any], data_dir: str | None, seed: int) -> TaskSpec:
     o = check_options(NAME, opts, OPTIONS)
     model = check_choice(NAME, "model", o["model"], MODELS)
     dim = check_int(NAME, "dim", o["dim"], 1)
-    classes = check_int(NAME, "classes", o["classes"], 2)
-    data = make_data(check_int(NAME, "n_train", o["n_train"], 1),
-                     check_int(NAME, "n_test", o["n_test"], 1), dim, classes,
+    classes = check_int(NAME, "classes", o["classes"], 2, MAX_WIDTH)
+    n_train = check_int(NAME, "n_train", o["n_train"], 1)
+    n_test = check_int(NAME, "n_test", o["n_test"], 1)
+    check_data_size(NAME, (n_train + n_test) * (dim + classes) + dim * classes,
+                    "(n_train + n_test) x (dim + classes)")
+    data = make_data(n_train, n_test, dim, classes,
                      check_float(NAME, "noise", o["noise"], 0.0), seed)
     kw = {"hidden": check_hidden(NAME, o["hidden"])} if model == "mlp" else {}
     return TaskSpec(name=NAME, data=data, model_fn=model_factory(model, (dim,), classes, **kw),

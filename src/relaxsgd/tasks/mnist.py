@@ -11,7 +11,8 @@ scaled to [0, 1] and normalised with the usual MNIST mean 0.1307 and std 0.3081.
 
 from __future__ import annotations
 
-import gzip
+import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ OPTIONS: dict[str, Any] = {
 MEAN, STD = 0.1307, 0.3081
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MAX_FILE_BYTES = 64 << 20  # the largest MNIST file (training images) is 47 MB
 _EXPECTED = ("the MNIST files " + ", ".join(FILES) + " (plain or .gz; from "
              "https://ossci-datasets.s3.amazonaws.com/mnist/ or another MNIST mirror)")
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049  # IDX: ubyte data, 3 resp. 1 dimensions
@@ -72,13 +74,20 @@ def read_idx(folder: Path, base: str, magic: int) -> np.ndarray:
     if path is None:
         raise DataError(f"MNIST file {base} (or {base}.gz) not found in {str(folder)!r}; "
                         f"expected {_EXPECTED}")
-    raw = path.read_bytes()
+    from ..userfiles import read_bytes
+
+    raw = read_bytes(path, "MNIST file", MAX_FILE_BYTES, f"re-download {_EXPECTED}")
     if raw[:2] == b"\x1f\x8b":  # gzip, whatever the name says
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        try:  # at most MAX_FILE_BYTES out: a small "gzip bomb" must not fill the memory
+            z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            raw = z.decompress(raw, MAX_FILE_BYTES + 1)
+        except zlib.error as e:
             raise DataError(f"MNIST file {str(path)!r} is a corrupt gzip file ({e}); "
                             f"re-download {_EXPECTED}") from None
+        if len(raw) > MAX_FILE_BYTES:
+            raise DataError(f"MNIST file {str(path)!r} decompresses to more than "
+                            f"{MAX_FILE_BYTES >> 20} MB (the largest, the training images, "
+                            f"is 47 MB); re-download {_EXPECTED}")
     ndim = 3 if magic == _IMAGES_MAGIC else 1
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if found != magic:
@@ -86,7 +95,7 @@ def read_idx(folder: Path, base: str, magic: int) -> np.ndarray:
                         f"(IDX {'images' if ndim == 3 else 'labels'}); re-download {_EXPECTED}")
     header = 4 + 4 * ndim
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(raw) != header + int(np.prod(dims)) or (ndim == 3 and dims[1:] != [28, 28]):
+    if len(raw) != header + math.prod(dims) or (ndim == 3 and dims[1:] != [28, 28]):
         raise DataError(f"MNIST file {str(path)!r} is truncated or malformed (dimensions "
                         f"{dims}, {len(raw) - header} data bytes); re-download {_EXPECTED}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)

@@ -22,6 +22,7 @@ from .base import (
     Dataset,
     TaskSpec,
     check_choice,
+    check_data_size,
     check_float,
     check_hidden,
     check_int,
@@ -66,6 +67,7 @@ def build(opts: dict[str, Any], data_dir: str | None, seed: int) -> TaskSpec:
     o = check_options(NAME, opts, OPTIONS)
     model = check_choice(NAME, "model", o["model"], MODELS)
     num = check_int(NAME, "num_samples", o["num_samples"], 20)
+    check_data_size(NAME, num * 40 * 4, "num_samples x 40, and the generator's copies")
     split = check_float(NAME, "train_split", o["train_split"], 0.0)
     if not 0 < split < 1:
         raise ConfigError(f"option train_split={split} of task 'mnist1d' must be in (0, 1)")

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -165,9 +166,11 @@ def build_model(name: str, in_shape: Sequence[int], classes: int, **kw: object) 
 
 def model_factory(name: str, in_shape: Sequence[int], classes: int,
                   **kw: object) -> Callable[[], nn.Module]:
-    """A picklable zero-argument factory for :func:`build_model` (built once now, so a
-    bad name or shape fails at task build time, not in a worker)."""
-    build_model(name, in_shape, classes, **kw)
+    """A picklable zero-argument factory for :func:`build_model` (built once now, on the
+    meta device, so a bad name or shape fails at task build time, not in a worker, and a
+    model too large for the machine is refused by the run's check, not allocated)."""
+    with torch.device("meta"):
+        build_model(name, in_shape, classes, **kw)
     return partial(build_model, name, tuple(in_shape), classes, **kw)
 
 

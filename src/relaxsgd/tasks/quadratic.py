@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Dataset, TaskSpec, check_choice, check_float, check_int, check_options
+from .base import (
+    Dataset,
+    TaskSpec,
+    check_choice,
+    check_data_size,
+    check_float,
+    check_int,
+    check_options,
+)
 
 NAME = "quadratic"
 OPTIONS: dict[str, Any] = {
@@ -53,6 +61,7 @@ def build(opts: dict[str, Any], data_dir: str | None, seed: int) -> TaskSpec:
     n_train = check_int(NAME, "n_train", o["n_train"], 1)
     n_test = check_int(NAME, "n_test", o["n_test"], 1)
     noise = check_float(NAME, "noise", o["noise"], 0.0)
+    check_data_size(NAME, (n_train + n_test + dim) * dim, "(n_train + n_test + dim) x dim")
     g = torch.Generator().manual_seed(seed)
     w_star = torch.randn(dim, generator=g, device="cpu")
     x = torch.randn(n_train + n_test, dim, generator=g, device="cpu")

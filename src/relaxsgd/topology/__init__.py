@@ -37,10 +37,16 @@ def make_topology(name: str, n: int, seed: int = 0, **opts: Any) -> Topology:
     Unknown names and options raise ConfigError listing the valid ones; the class's
     constructor validates the values (node count, degree, file, connectivity).
     """
+    return check_topology(name, opts)(n, seed=seed, **opts)
+
+
+def check_topology(name: str, opts: dict[str, Any]) -> type[Topology]:
+    """The class of topology ``name``; ConfigError for an unknown name or option (checked
+    for every run, also of an algorithm that builds no graph: a typo is never ignored)."""
     cls = TOPOLOGIES.get(name)
     unknown = sorted(set(opts) - set(cls.OPTIONS))
     if unknown:
         valid = ", ".join(cls.OPTIONS) or "none"
         raise ConfigError(f"unknown option {', '.join(unknown)} for topology {name!r}; "
                           f"valid options: {valid}")
-    return cls(n, seed=seed, **opts)
+    return cls  # type: ignore[no-any-return]

@@ -5,22 +5,24 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 from .base import UndirectedGraph, require_int
+
+MAX_BYTES = 16 << 20  # a ring of 100,000 nodes is ~1.2 MB
 
 
 def read_edge_list(path: str | os.PathLike[str], n: int) -> list[tuple[int, int]]:
     """Edges ``(i, j)`` with ``i < j`` from a file of lines ``"i j"``.
 
     ``#`` starts a comment; blank lines are skipped; an edge listed twice (in either order)
-    counts once. Node ids must be integers in ``0..n-1``; a self loop is an error.
+    counts once. Node ids must be integers in ``0..n-1``; a self loop is an error. The
+    file is read by :func:`relaxsgd.userfiles.read_text` (a regular UTF-8 file of at most
+    :data:`MAX_BYTES`).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read the edge list {str(path)!r} ({e.strerror}); "
-                          "give a text file of lines 'i j'") from None
+    from ..userfiles import read_text
+
+    lines = read_text(path, "edge list", MAX_BYTES, "give a text file of lines 'i j'"
+                      ).splitlines()
     edges: set[tuple[int, int]] = set()
     for lineno, raw in enumerate(lines, 1):
         fields = raw.split("#", 1)[0].split()
@@ -30,7 +32,7 @@ def read_edge_list(path: str | os.PathLike[str], n: int) -> list[tuple[int, int]
         try:
             i, j = map(int, fields)  # ValueError for a non-integer or a wrong field count
         except ValueError:
-            raise ConfigError(f"{where} is {raw.strip()!r}; expected two node ids "
+            raise ConfigError(f"{where} is {shown(raw.strip())}; expected two node ids "
                               "'i j'") from None
         for v in (i, j):
             if not 0 <= v < n:
