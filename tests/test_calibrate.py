@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import yaml
 
 from relaxsgd.cli import main
 from relaxsgd.lab.calibrate import fit_line
+from relaxsgd.lab.fit import fit_p2p
+from relaxsgd.sim.collectives import allreduce_cost
+from relaxsgd.sim.network import Network, load_network_file
 from test_lab import needs_lab
 
 DELAY = 0.02
@@ -25,6 +29,55 @@ def test_fit_line_recovers_a_line_and_clips_negative_terms() -> None:
     assert a == pytest.approx(0.1) and b == pytest.approx(2e-7)
     assert fit_line([[1.0, 0.5], [2.0, 0.4]])[1] == 0.0  # no negative cost per byte
     assert fit_line([[5.0, 0.3]]) == (0.3, 0.0)
+
+
+def _synthetic(latency: float, overhead: float, bw: float, noise: float,
+               outliers: dict[int, float]) -> list[list[float]]:
+    """Round trips ``2 (latency + overhead) + 2 B / bw`` at calibrate's sizes, with a
+    multiplicative noise of up to ``noise`` and some points multiplied (descheduled)."""
+    rng = random.Random(0)
+    sizes = [8, 1024, 65536, 262144, 4 * 93834, 16 * 93834, 2 << 20]
+    pts = [[float(b), (2 * (latency + overhead) + 2 * b / bw)
+            * (1 + noise * (2 * rng.random() - 1)) * outliers.get(k, 1.0)]
+           for k, b in enumerate(sizes)]
+    return pts + [[b, t * (1 + noise * (2 * rng.random() - 1))] for b, t in pts]
+
+
+@pytest.mark.parametrize("lat,over,bw", [(2e-5, 3e-4, 1e9), (0.02, 3e-4, 1e7)],
+                         ids=["loopback", "lab"])  # the lab: 20 ms, 80 Mbit/s
+@pytest.mark.parametrize("noise,outliers", [(0.0, {}), (0.01, {}),
+                                            (0.01, {1: 5.0, 5: 3.0})],
+                         ids=["exact", "noisy", "outliers"])
+def test_the_p2p_fit_recovers_a_known_overhead_and_bandwidth(
+        lat: float, over: float, bw: float, noise: float, outliers: dict) -> None:
+    pts = _synthetic(lat, over, bw, noise, outliers)
+    o, b = fit_p2p(pts, lat)
+    if noise == 0:
+        assert o == pytest.approx(over, rel=1e-9) and b == pytest.approx(bw, rel=1e-9)
+        return
+    # 1% noise on a round trip moves its intercept by about that much of it
+    assert o == pytest.approx(over, abs=0.02 * (lat + over))
+    assert b == pytest.approx(bw, rel=0.03)
+    if outliers:  # the descheduled points pull plain least squares far off
+        xs, ts = [p[0] for p in pts], [p[1] for p in pts]
+        mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
+        slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts, strict=True)) / sum(
+            (x - mx) ** 2 for x in xs)
+        assert abs(2 / slope - bw) > 0.1 * bw or \
+            abs((mt - slope * mx) / 2 - lat - over) > 0.1 * (lat + over)
+
+
+def test_the_network_model_charges_the_fitted_overhead_on_every_message(tmp_path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"network": {"latency_s": 0.01, "bandwidth_Bps": 1e6,
+                                                "overhead_s": 0.002}}))
+    cfg = load_network_file(str(prof))
+    assert cfg.overhead_s == 0.002
+    net = Network(cfg, 2, seed=0)
+    left, arrive, _ = net.p2p(0, 1000, 1.0)  # 2 ms overhead + 1 ms on the link, then 10 ms
+    assert left == pytest.approx(1.003) and arrive == pytest.approx(1.013)
+    lat, tx = allreduce_cost(cfg, 2, 0.0)  # gloo n=2: 4 latencies, 2 messages
+    assert lat == pytest.approx(4 * 0.01 + 2 * 0.002) and tx == 0.0
 
 
 def _lab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -46,7 +99,8 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     a, _ = net["collectives"]["allreduce"]["2"]
     assert 3.5 * DELAY < a < 8 * DELAY  # gloo, n=2: four one-way latencies, not two
     a, _ = net["collectives"]["allgather"]["2"]
-    assert 1.5 * DELAY < a < 5 * DELAY  # two
+    assert 3.5 * DELAY < a < 8 * DELAY  # the executor's: two gloo all-gathers of two each
+    assert 0 <= net["overhead_s"] < DELAY  # the runtime's own cost per message
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
     out = tmp_path / "sim"
     assert main(["run", "--task", "logreg", "--workers", "2", "--steps", "4", "--algo",
@@ -56,6 +110,7 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     assert res["compute_model"]["step_time_s"] == comp["step_time_s"]
     assert res["network_model"]["collectives"]["fits_used"]["allreduce@2"] == \
         net["collectives"]["allreduce"]["2"]
+    assert res["network_model"]["overhead_s"] == net["overhead_s"]
 
 
 @needs_lab

@@ -1,8 +1,9 @@
 """Fault injection for the tests and benchmarks of the distributed runtime.
 
 Environment variables read by ``python -m distkit`` (see that module):
-``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_WIRE_FAULT``, ``RELAXSGD_TEST_EVAL_FAIL`` and
-``RELAXSGD_BENCH_LEGACY_WIRE``. Nothing here runs unless one of them is set.
+``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_WIRE_FAULT``, ``RELAXSGD_TEST_EVAL_FAIL``,
+``RELAXSGD_BENCH_LEGACY_WIRE`` and ``RELAXSGD_BENCH_QUEUED_SENDS``. Nothing here runs
+unless one of them is set.
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ def install_hooks() -> None:
     _install_wire_fault()
     _install_eval_fail()
     _install_legacy_wire()
+    _install_queued_sends()
+
+
+def _install_queued_sends() -> None:
+    """Benchmarks only: ``RELAXSGD_BENCH_QUEUED_SENDS=k1,k2,...``: the k-th run of this
+    process (counting from 0, as ``distkit multi`` runs its configs) hands every message
+    to the connection's sender thread, as the transport did before its idle-connection
+    fast path: the "before" of ``benchmarks/dist_throughput.py``, in the same job."""
+    spec = os.environ.get("RELAXSGD_BENCH_QUEUED_SENDS")
+    if not spec:
+        return
+    which = {int(k) for k in spec.split(",") if k}
+    from relaxsgd.distributed import runtime
+
+    orig = runtime._Job.__init__
+    count = [0]
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig(self, *args, **kwargs)
+        self.tr.inline_send = count[0] not in which
+        count[0] += 1
+
+    runtime._Job.__init__ = init  # type: ignore[method-assign]
 
 
 def _install_kill() -> None:

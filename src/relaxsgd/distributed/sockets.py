@@ -7,6 +7,7 @@ re-exported by :mod:`.transport`, where callers import it from.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -41,12 +42,25 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class SendQueue:
-    """A FIFO bounded in bytes (one item always fits): ``put`` waits for room."""
+    """A FIFO bounded in bytes (one item always fits): ``put`` waits for room.
+
+    ``busy``: the consumer took an item and has not called :meth:`item_done` yet; with
+    no item queued either the queue is :meth:`idle`, and a producer may write its message
+    itself (in order: everything it queued before has been written)."""
 
     def __init__(self, cap: int) -> None:
         self.cap, self.size = cap, 0
         self.items: deque = deque()
         self.cond = threading.Condition()
+        self.busy = False
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.items and not self.busy
+
+    def item_done(self) -> None:
+        with self.cond:
+            self.busy = False
 
     def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool:
         with self.cond:
@@ -67,15 +81,43 @@ class SendQueue:
                 self.cond.wait()
             item, size = self.items.popleft()
             self.size -= size
+            self.busy = True
             self.cond.notify_all()
             return item
 
 
-def recv_into(conn: socket.socket, buf: bytearray) -> None:
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        r = conn.recv_into(view[got:], min(len(buf) - got, 1 << 22))
+IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Write ``parts`` (bytes-like) in order with scatter-gather ``sendmsg``: no joined
+    copy, few system calls (TLS sockets, which have no sendmsg: ``sendall`` each)."""
+    if isinstance(sock, ssl.SSLSocket):  # small frames in one TLS record
+        if sum(memoryview(p).nbytes for p in parts) <= 1 << 16:
+            sock.sendall(b"".join(parts))
+        else:
+            for p in parts:
+                sock.sendall(p)
+        return
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while sent and views:  # drop what went out; keep the rest of a partial buffer
+            k = views[0].nbytes
+            if sent >= k:
+                sent -= k
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def recv_into(conn: socket.socket, buf: Any) -> None:
+    """Fill ``buf`` (any writable buffer) from ``conn``; EOFError if it closes first."""
+    view = memoryview(buf).cast("B")
+    got, k = 0, view.nbytes
+    while got < k:
+        r = conn.recv_into(view[got:], min(k - got, 1 << 22))
         if r == 0:
             raise EOFError
         got += r

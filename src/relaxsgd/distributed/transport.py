@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import auth as A
-from .sockets import PeerLost, SendQueue, parse_address, recv_into
+from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
@@ -80,6 +80,10 @@ class Transport:
         self._queues: dict[int, SendQueue] = {}
         self._senders: list[threading.Thread] = []
         self._out: dict[int, socket.socket] = {}
+        self._macs: dict[int, A.FrameMac] = {}
+        self._seq: dict[int, int] = {}  # the next frame's number, per outgoing connection
+        self._wlocks: dict[int, threading.Lock] = {}  # one writer at a time per connection
+        self.inline_send = True  # False: every message through the sender thread
         self._listener: socket.socket | None = None
         self._incoming: dict[int, socket.socket] = {}
         self._joined = threading.Condition()
@@ -107,6 +111,8 @@ class Transport:
             addr = parse_address(store.get(f"{prefix}/{peer}").decode("utf-8", "replace"))
             sock, mac = self._connect(peer, addr, wait)
             self._out[peer] = sock
+            self._macs[peer], self._seq[peer] = mac, 0
+            self._wlocks[peer] = threading.Lock()
             q = SendQueue(self.queue_bytes)
             self._queues[peer] = q
             t = threading.Thread(target=self._send_loop, args=(peer, sock, mac, q),
@@ -230,7 +236,9 @@ class Transport:
             if done is not None:
                 done(ConnectionError(self.dead.get(peer, f"no connection to {peer}")))
             return 0
-        if not self._queues[peer].put((frames, done), size, self.peer_timeout):
+        if self.inline_send and self._write_now(peer, frames, done):
+            pass  # written by this thread: no hand-off to the sender thread
+        elif not self._queues[peer].put((frames, done), size, self.peer_timeout):
             self.mark_dead(peer, f"it read nothing for {self.peer_timeout:g}s "
                            "(RELAXSGD_PEER_TIMEOUT) while its send queue was full")
             if done is not None:
@@ -241,24 +249,46 @@ class Transport:
             self.messages += 1
         return size
 
+    def _write_now(self, peer: int, frames: list, done: Any) -> bool:
+        """Write a message on the calling thread when nothing is queued for ``peer``
+        and no other thread is writing to it (the common case: no thread hand-off, no
+        GIL round trip); False: queue it. The socket's timeout bounds a peer that reads
+        nothing, as the queue's does."""
+        lock = self._wlocks[peer]
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            if not self._queues[peer].idle():
+                return False
+            err = self._write(peer, frames)
+        finally:
+            lock.release()
+        if done is not None:
+            done(err)
+        return True
+
+    def _write(self, peer: int, frames: list) -> BaseException | None:
+        """One frame to ``peer`` (its write lock held): numbered, tagged, written."""
+        if peer in self.dead:
+            return ConnectionError(self.dead[peer])
+        try:
+            self._send_frame(self._out[peer], self._macs[peer], self._seq[peer], frames)
+            self._seq[peer] += 1
+        except OSError as e:
+            self.mark_dead(peer, f"sending to it failed ({e.__class__.__name__})")
+            return e
+        return None
+
     def _send_loop(self, peer: int, sock: socket.socket, mac: A.FrameMac,
                    q: SendQueue) -> None:
-        seq = 0
         while True:
             item = q.get()
             if item is _STOP:
                 break
             frames, done = item
-            err: BaseException | None = None
-            if peer in self.dead:
-                err = ConnectionError(self.dead[peer])
-            else:
-                try:
-                    self._send_frame(sock, mac, seq, frames)
-                    seq += 1
-                except OSError as e:
-                    err = e
-                    self.mark_dead(peer, f"sending to it failed ({e.__class__.__name__})")
+            with self._wlocks[peer]:
+                err = self._write(peer, frames)
+            q.item_done()
             if done is not None:
                 done(err)
         try:
@@ -272,11 +302,7 @@ class Transport:
         parts = [header, *frames]
         if not self.auth.tls:
             parts.append(mac.tag(seq, header, frames))
-        if wire_size(parts) <= 1 << 16:
-            sock.sendall(b"".join(parts))
-        else:
-            for f in parts:
-                sock.sendall(f)
+        send_parts(sock, parts)  # the tensors' own buffers: no joined copy
 
     # -- receiving -----------------------------------------------------------------
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
@@ -311,7 +337,9 @@ class Transport:
         if size > self.max_frame:  # refused before allocating anything
             raise WireError(f"a frame of {size} bytes, above the limit of {self.max_frame} "
                             "(RELAXSGD_MAX_MESSAGE_MB)")
-        buf = bytearray(size)
+        # straight into a fresh uninitialised buffer (no zero fill, no copy after): the
+        # decoded tensors are views of it, owned by the receiver
+        buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
         recv_into(conn, buf)
         if not self.auth.tls:
             tag = A.recv_exact(conn, mac.size)

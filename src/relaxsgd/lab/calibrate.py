@@ -11,14 +11,16 @@ Every worker measures at the same time (so cores are shared as in the real run):
 - the step time of the run's model and batch (median of timed local steps after a
   warm-up; the slowest worker's), and from it the throughput ``flops_per_s`` that the
   counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
-- point-to-point latency and bandwidth between workers 0 and 1 over plain TCP (what the
-  dist runtime's messages use): half the median round trip of 64-byte pings, and a 4 MiB
-  transfer (the second of two, TCP's window open) timed to its acknowledgement minus one
-  round trip;
-- gloo all-reduce and all-gather at the sizes the algorithms use (8 bytes, 1 KiB, the
-  model, 4x the model) and at 64 and 256 KiB, median of repeats after a barrier, and a
-  least-squares fit ``t(B) = a + b B`` per collective over the sizes from 1 KiB (gloo
-  takes fewer steps for a tensor of a few elements).
+- the network's latency between workers 0 and 1 over plain TCP: half the median round
+  trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
+- the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
+  worker, and Exchange and Send/Recv round trips between workers 0 and 1, on the
+  authenticated transport, at the sizes the algorithms use (8 bytes, 1 KiB, 4x and 16x
+  the model) and at 64 and 256 KiB, medians after a barrier; robust fits (:mod:`.fit`)
+  give what the simulator charges: ``t(B) = a + b B`` per collective (from 1 KiB: gloo
+  takes fewer steps for a tensor of a few elements), and per message ``overhead_s`` (the
+  runtime's cost on top of the latency) and ``bandwidth_Bps`` from the round trips,
+  ``rtt = 2 (latency + overhead) + 2 B / bandwidth``.
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -26,6 +28,7 @@ Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 
 from __future__ import annotations
 
+import math
 import socket
 import statistics
 import time
@@ -35,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from .fit import fit_line as _fit_line
+from .fit import fit_p2p
 
 PING_BYTES = 64
 BULK_BYTES = 4 << 20
@@ -70,29 +75,9 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
         cfg.train.batch_size
 
 
-def collective_times(sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
-    """{kind: [[bytes, median seconds], ...]} for gloo all-reduce and all-gather."""
-    n = dist.get_world_size()
-    out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": []}
-    for b in sizes:
-        t = torch.zeros(max(b // 4, 1))
-        out["allreduce"].append([float(b), _median_time(lambda t=t: dist.all_reduce(t),
-                                                         repeats)])
-        u = torch.zeros(max(b, 1), dtype=torch.uint8)
-        outs = [torch.zeros_like(u) for _ in range(n)]
-        out["allgather"].append([float(b), _median_time(
-            lambda u=u, outs=outs: dist.all_gather(outs, u), repeats)])
-    return out
-
-
 def fit_line(points: list[list[float]]) -> tuple[float, float]:
-    """Least squares ``t = a + b x`` (a, b >= 0) through [[x, t], ...]."""
-    xs, ts = [p[0] for p in points], [p[1] for p in points]
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    var = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (t - mt) for x, t in zip(xs, ts, strict=True)) / var if var else 0.0
-    b = max(b, 0.0)
-    return max(mt - b * mx, 0.0), b
+    """Robust ``t = a + b x`` (a, b >= 0): :func:`relaxsgd.lab.fit.fit_line`."""
+    return _fit_line(points)
 
 
 ADDR_BYTES = 64  # an IPv4/IPv6 address, a space and a port
@@ -155,33 +140,66 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
     return float(vals[0]), float(vals[1])
 
 
-def calibrate(cfg: RunConfig, rank: int, host: str, repeats: int = 7) -> dict[str, Any]:
-    """Measure on every worker (a process group must be up); the profile (all ranks)."""
+def executor_path(store: Any, rank: int, n: int, host: str,
+                  sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
+    """Times through a real executor on an authenticated transport (:mod:`.paths`)."""
+    from ..distributed.auth import job_auth
+    from ..distributed.executor import Executor
+    from ..distributed.options import from_env
+    from ..distributed.transport import Transport
+    from .paths import _Echo, _Stub, executor_times
+
+    opts = from_env()
+    tr = Transport(rank, n, lambda src, msg: ex.on_message(src, msg), opts.timeout_s,
+                   auth=job_auth(opts), max_frame=2 * max(sizes) + (1 << 20),
+                   peer_timeout_s=opts.peer_timeout_s)
+    ex = Executor(_Echo(), _Stub(), tr, opts, [], torch.device("cpu"))  # type: ignore[arg-type]
+    tr.start(store, host, prefix="relaxsgd/calibrate")
+    try:
+        return executor_times(ex, rank, sizes, repeats)
+    finally:
+        dist.barrier()
+        tr.close(wait_s=2.0)
+
+
+def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
+              repeats: int = 7) -> dict[str, Any]:
+    """Measure on every worker (a process group on ``store`` must be up); the profile
+    (all ranks). Collectives and point-to-point messages are timed through the executor
+    (:mod:`.paths`) and fitted robustly (:mod:`.fit`); ``latency_s`` is raw TCP's, and
+    ``overhead_s`` what the runtime adds to each message on top of it."""
     n = dist.get_world_size()
     st, flops = step_time(cfg, rank)
     t = torch.tensor([st], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     st = float(t)
-    lat, bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
+    lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
     from ..run import prepare
 
     d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
-    coll = collective_times(sizes, repeats)
-    fits = {k: {str(n): list(fit_line([p for p in v if p[0] >= 1024]))}
-            for k, v in coll.items()}
+    timed = executor_path(store, rank, n, host, sizes, repeats)
+    # (gloo takes fewer steps for a tensor of a few elements: fitted from 1 KiB)
+    fits = {k: {str(n): list(fit_line([p for p in timed[k] if p[0] >= 1024]))}
+            for k in ("allreduce", "allgather")}
+    overhead, bw = 0.0, raw_bw
+    if n >= 2:
+        overhead, fitted = fit_p2p(timed["exchange"] + timed["sendrecv"], lat)
+        bw = fitted if math.isfinite(fitted) else raw_bw
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
                     "flops_per_step": flops, "task": cfg.task,
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
                               "worker"},
-        "network": {"latency_s": lat, "bandwidth_Bps": bw, "backend": "gloo",
-                    "collectives": fits, "measured": {k: {str(n): v}
-                                                      for k, v in coll.items()},
-                    "source": f"relaxsgd calibrate: TCP ping/bulk between workers 0 and "
-                              f"1; gloo collectives of {n} workers"},
+        "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead,
+                    "backend": "gloo", "collectives": fits,
+                    "measured": {k: {str(n): v} for k, v in timed.items()},
+                    "raw_tcp": {"latency_s": lat, "bandwidth_Bps": raw_bw},
+                    "source": f"relaxsgd calibrate: TCP ping between workers 0 and 1 "
+                              f"(latency); the dist runtime's executor, {n} workers: "
+                              "Exchange and Send/Recv round trips (overhead, bandwidth), "
+                              "AllReduce and AllGather (collectives), robust fits"},
     }
-

@@ -78,7 +78,8 @@ def add_calibrate_parser(sub: Any, common: Any) -> None:
     p = sub.add_parser("calibrate", help="measure real workers; write a profile file",
                        description="Run once per worker (under 'relaxsgd lab ... --' or "
                        "torchrun) with the run's task, model and batch: measures the step "
-                       "time, point-to-point latency and bandwidth, and gloo's collectives; "
+                       "time, the network's latency, and the runtime's own collectives and "
+                       "point-to-point messages (per-message overhead, bandwidth); "
                        "rank 0 writes --out (a YAML profile for --compute FILE and "
                        "--network FILE).")
     common(p)
@@ -92,6 +93,9 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     import torch.distributed as dist
 
     from ..config import from_dict
+    from ..distributed.auth import job_auth
+    from ..distributed.options import from_env
+    from ..distributed.process import run_store
     from ..distributed.runtime import job_env
     from ..distributed.sockets import local_address
     from ..sim.profile_file import write_profile
@@ -101,18 +105,21 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     out = cfg_dict.pop("out", None) or "profile.yaml"
     cfg = from_dict({**cfg_dict, "workers": world, "runtime": "sim"})
     torch.set_num_threads(max(cfg.threads, 1))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
     host = os.environ.get("RELAXSGD_HOST") or local_address(
         os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    job_auth(from_env())  # no secret: one line before any connection
+    store = run_store(rank, world, 300.0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
-        prof = calibrate(cfg, rank, host)
+        prof = calibrate(cfg, rank, host, store)
     finally:
         dist.destroy_process_group()
     if rank == 0:
         write_profile(out, prof)
         c, n = prof["compute"], prof["network"]
         print(f"step {c['step_time_s'] * 1e3:.3f} ms ({c['flops_per_s'] / 1e9:.1f} GFLOP/s), "
-              f"latency {n['latency_s'] * 1e3:.2f} ms, bandwidth "
+              f"latency {n['latency_s'] * 1e3:.2f} ms, overhead "
+              f"{n['overhead_s'] * 1e6:.0f} us a message, bandwidth "
               f"{n['bandwidth_Bps'] * 8 / 1e6:.1f} Mbit/s; profile in {out}")
     return 0

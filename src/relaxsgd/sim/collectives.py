@@ -25,8 +25,9 @@ not model. Its bytes follow the ring, ``2(n-1)/n B / bandwidth`` (n=2, 4 MiB: 0.
 4L + 1.00 B/bw); for n >= 3 and multi-MiB tensors gloo pipelines segments and hides part
 of the latency (n=4, 4 MiB: 0.739 measured against 0.929 by the formula), so the formula
 is an upper bound there; a calibrated profile file (``relaxsgd calibrate``) replaces it by
-the measured line ``a + b B`` for the run's own n. All-gather: **2(n-1) latencies**
-(n=8: 0.368-0.394 s against 14L = 0.35) +
+the measured line ``a + b B`` for the run's own n, timed through the dist runtime's
+executor (the whole effect: an AllGather's two gathers, copies and encoding included).
+All-gather: **2(n-1) latencies** (n=8: 0.368-0.394 s against 14L = 0.35) +
 ``(n-1) B_max / bandwidth`` (n=4, 4 MiB: 1.326 = 6L + 1.17 s against 1.26 s). The dist
 runtime's ``AllGather`` (any pattern, ``ps`` included) is two gloo all-gathers: the sizes
 (8 bytes), then the payloads padded to the largest.
@@ -68,14 +69,14 @@ def allreduce_cost(cfg: Any, n: int, nbytes: float) -> tuple[float, float]:
     lat, bw = cfg.latency_s, cfg.bandwidth_Bps
     steps = {"gloo": 4 * (n - 1), "nccl-ring": 2 * (n - 1), "ideal": 2 * (n - 1),
              "nccl-tree": 2 * math.ceil(math.log2(n))}[cfg.backend]
-    return steps * lat, 2 * (n - 1) / n * nbytes / bw
+    # gloo's two latencies per ring step are one message (a notice, then the data)
+    msgs = steps // 2 if cfg.backend == "gloo" else steps
+    return steps * lat + msgs * cfg.overhead_s, 2 * (n - 1) / n * nbytes / bw
 
 
 def _allgather(cfg: Any, n: int, max_bytes: float, latencies: int) -> tuple[float, float]:
-    fit = _fit(cfg, "allgather", n)
-    if fit is not None:
-        return fit[0], fit[1] * max_bytes
-    return latencies * cfg.latency_s, (n - 1) * max_bytes / cfg.bandwidth_Bps
+    return latencies * cfg.latency_s + (n - 1) * cfg.overhead_s, \
+        (n - 1) * max_bytes / cfg.bandwidth_Bps
 
 
 def allgather_cost(cfg: Any, n: int, sizes: list[int], pattern: str,
@@ -85,10 +86,14 @@ def allgather_cost(cfg: Any, n: int, sizes: list[int], pattern: str,
         return 0.0, 0.0, False
     if cfg.backend == "ideal":
         lat, bw = cfg.latency_s, cfg.bandwidth_Bps
+        o = cfg.overhead_s
         if pattern == "ps":
             d = down if down is not None else max(sizes)
-            return 2 * lat, (sum(sizes) + n * d) / bw, True
-        return (n - 1) * lat, (n - 1) * max(sizes) / bw, False
+            return 2 * (lat + o), (sum(sizes) + n * d) / bw, True
+        return (n - 1) * (lat + o), (n - 1) * max(sizes) / bw, False
+    fit = _fit(cfg, "allgather", n)
+    if fit is not None:  # calibrated through the executor: the whole effect, both gathers
+        return fit[0], fit[1] * max(sizes), False
     per_step = 2 if cfg.backend == "gloo" else 1
     a1, t1 = _allgather(cfg, n, SIZES_BYTES, per_step * (n - 1))
     a2, t2 = _allgather(cfg, n, max(sizes), per_step * (n - 1))

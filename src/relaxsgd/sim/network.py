@@ -1,8 +1,10 @@
 """The simulator's network model: latency plus bytes over bandwidth, per worker link.
 
 Point to point: a message of ``B`` bytes sent at ``t`` by worker ``i`` leaves i's link at
-``s + B / bandwidth`` where ``s = max(t, link i free)`` (each worker's uplink serialises
-what it sends), and arrives ``latency`` later (times a log-normal jitter factor when
+``s + overhead + B / bandwidth`` where ``s = max(t, link i free)`` (each worker's uplink
+serialises what it sends; ``overhead_s``, 0 unless calibrated, is the runtime's own cost
+per message: encoding, the frame tag, copies, thread hand-offs, as ``relaxsgd calibrate``
+fits it through the executor), and arrives ``latency`` later (times a log-normal jitter factor when
 ``jitter > 0``). With ``loss > 0`` each transmission is lost with that probability and sent
 again after a retransmission timeout of ``max(0.2 s, 3 * latency)`` (TCP's minimum RTO).
 The receiver's downlink is not modelled.
@@ -54,6 +56,7 @@ class NetworkConfig:
     backend: str = "gloo"  # whose collective algorithms: see .collectives.BACKENDS
     # measured (kind, n, seconds, seconds per byte) from a calibrated profile file
     fits: tuple[tuple[str, int, float, float], ...] = ()
+    overhead_s: float = 0.0  # the runtime's cost per message (software), on every message
 
     def __post_init__(self) -> None:
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
@@ -62,6 +65,8 @@ class NetworkConfig:
             raise ConfigError(f"network bandwidth must be > 0 bytes/s, got {self.bandwidth_Bps}")
         if self.jitter < 0:
             raise ConfigError(f"network jitter must be >= 0, got {self.jitter}")
+        if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
+            raise ConfigError(f"network overhead_s must be >= 0 seconds, got {self.overhead_s}")
         if not 0 <= self.loss < 1:
             raise ConfigError(f"network loss must be in [0, 1), got {self.loss}")
         from .collectives import BACKENDS
@@ -93,7 +98,8 @@ PROFILE_DESCRIPTIONS = {
 # delay).
 NETWORK_RANGES: dict[str, dict[str, float]] = {
     "latency_s": {"at_least": 0.0}, "bandwidth_Bps": {"above": 0.0},
-    "jitter": {"at_least": 0.0}, "loss": {"at_least": 0.0, "below": 1.0}}
+    "jitter": {"at_least": 0.0}, "loss": {"at_least": 0.0, "below": 1.0},
+    "overhead_s": {"at_least": 0.0}}
 
 
 def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
@@ -105,7 +111,7 @@ def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
         base = PROFILES[profile]
     else:
         base = load_network_file(profile)
-    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss", "backend"}
+    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss", "backend", "overhead_s"}
     for k in overrides:
         if k not in fields:
             raise ConfigError(f"unknown network option {k!r}; choose one of: "
@@ -135,7 +141,8 @@ def load_network_file(path: str) -> NetworkConfig:
         return NetworkConfig(float(sec["latency_s"]), float(sec["bandwidth_Bps"]),
                              float(sec.get("jitter", 0.0)), float(sec.get("loss", 0.0)),
                              profile=f"file:{path}", backend=str(sec.get("backend", "gloo")),
-                             fits=tuple(sorted(fits)))
+                             fits=tuple(sorted(fits)),
+                             overhead_s=float(sec.get("overhead_s", 0.0)))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError(f"network profile file {path!r} needs network.latency_s and "
                           "network.bandwidth_Bps (numbers) and collectives as {kind: {n: "
@@ -148,7 +155,7 @@ def network_model_info(cfg: NetworkConfig, n: int) -> dict[str, Any]:
 
     return {"profile": cfg.profile, "latency_s": cfg.latency_s,
             "bandwidth_Bps": cfg.bandwidth_Bps, "jitter": cfg.jitter, "loss": cfg.loss,
-            "backend": cfg.backend, "collectives": describe(cfg, n)}
+            "overhead_s": cfg.overhead_s, "backend": cfg.backend, "collectives": describe(cfg, n)}
 
 
 def ring_allreduce_time(nbytes: float, n: int, latency: float, bandwidth: float) -> float:
@@ -193,7 +200,8 @@ class Network:
             while self.rng.random() < self.cfg.loss:
                 attempts += 1
         rto = max(0.2, 3 * self.cfg.latency_s)
-        left = start + attempts * tx
+        # the runtime's overhead once (the sender's work); a lost transmission is resent
+        left = start + self.cfg.overhead_s + attempts * tx
         self.link_free[src] = left
         return left, left + (attempts - 1) * rto + self._latency(), attempts
 

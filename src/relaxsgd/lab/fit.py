@@ -1,0 +1,76 @@
+"""Fits of measured times to what the simulator charges (pure math; ``relaxsgd calibrate``).
+
+:func:`fit_line` fits ``t = a + b x`` to (size, seconds) points, robustly: a machine that
+measures is never quiet, and one descheduled repeat can make a size's median several times
+too long. It starts from the Theil-Sen line (the median of the pairwise slopes; it ignores
+up to ~29% of bad points) and refines it by iteratively reweighted least squares on
+*relative* residuals ``(t - a - b x) / t`` (a time's noise grows with the time) with
+Tukey's biweight (c = 4.685 robust standard deviations, the scale from the median
+absolute deviation): clean points weigh as in least squares, far-off points weigh nothing.
+Both coefficients are kept >= 0 (no negative cost).
+
+:func:`fit_p2p` turns the round trips of point-to-point messages through the runtime
+(an Exchange of ``B`` bytes each way, or a Send answered by a Send of the same size)
+into the simulator's per-message terms: ``rtt(B) = 2 (latency + overhead) + 2 B /
+bandwidth``, where ``latency`` is the network's (raw TCP, measured apart) and ``overhead``
+what the runtime adds per message (encoding, the frame tag, copies, thread hand-offs); see
+:class:`relaxsgd.sim.network.NetworkConfig`.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+TUKEY_C = 4.685
+MAD_SIGMA = 1.4826  # MAD -> standard deviation of a normal distribution
+
+
+def _weighted_line(xs: list[float], ts: list[float], ws: list[float]) -> tuple[float, float]:
+    sw = sum(ws)
+    if sw <= 0:
+        return statistics.median(ts), 0.0
+    mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
+    mt = sum(w * t for w, t in zip(ws, ts, strict=True)) / sw
+    var = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
+    b = sum(w * (x - mx) * (t - mt) for w, x, t in zip(ws, xs, ts, strict=True)) / var \
+        if var > 0 else 0.0
+    b = max(b, 0.0)
+    a = sum(w * (t - b * x) for w, x, t in zip(ws, xs, ts, strict=True)) / sw
+    return max(a, 0.0), b
+
+
+def _theil_sen(xs: list[float], ts: list[float]) -> tuple[float, float]:
+    slopes = [(ts[j] - ts[i]) / (xs[j] - xs[i])
+              for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+    b = max(statistics.median(slopes), 0.0) if slopes else 0.0
+    return max(statistics.median(t - b * x for x, t in zip(xs, ts, strict=True)), 0.0), b
+
+
+def fit_line(points: list[list[float]], iters: int = 50) -> tuple[float, float]:
+    """Robust ``t = a + b x`` (a, b >= 0) through [[x, t], ...] (see the module doc)."""
+    xs, ts = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    if len(xs) < 2:
+        return (max(ts[0], 0.0), 0.0) if ts else (0.0, 0.0)
+    a, b = _theil_sen(xs, ts)
+    base = [1.0 / max(abs(t), 1e-12) ** 2 for t in ts]  # relative residuals
+    for _ in range(iters):
+        rel = [(t - a - b * x) / max(abs(t), 1e-12) for x, t in zip(xs, ts, strict=True)]
+        scale = MAD_SIGMA * statistics.median(abs(r) for r in rel)
+        if scale <= 1e-12:  # the points lie on the line (up to rounding)
+            return _weighted_line(xs, ts, [w if abs(r) <= 1e-9 else 0.0
+                                           for w, r in zip(base, rel, strict=True)])
+        ws = [w * max(0.0, 1 - (r / (TUKEY_C * scale)) ** 2) ** 2
+              for w, r in zip(base, rel, strict=True)]
+        na, nb = _weighted_line(xs, ts, ws)
+        if abs(na - a) <= 1e-12 + 1e-9 * abs(a) and abs(nb - b) <= 1e-15 + 1e-9 * abs(b):
+            return na, nb
+        a, b = na, nb
+    return a, b
+
+
+def fit_p2p(points: list[list[float]], latency_s: float) -> tuple[float, float]:
+    """(per-message overhead s, bandwidth bytes/s) from round trips [[B, rtt], ...] of
+    ``B`` bytes each way: ``rtt = 2 (latency_s + overhead) + 2 B / bandwidth``."""
+    a, b = fit_line(points)
+    overhead = max(a / 2 - latency_s, 0.0)
+    return overhead, (2.0 / b if b > 0 else float("inf"))
