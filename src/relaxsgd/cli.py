@@ -195,6 +195,8 @@ def output_folder(args: argparse.Namespace, cfg: Any) -> str:
     from .run import default_out_dir
 
     out = cfg.out or default_out_dir(cfg)
+    if cfg.runtime == "dist":
+        _DIST_JOB.append(True)
     if _is_writer():
         prepare_out_dir(out, args.force)
         _STARTED.append(out)
@@ -202,6 +204,16 @@ def output_folder(args: argparse.Namespace, cfg: Any) -> str:
 
 
 _STARTED: list[str] = []  # output folders this process has started (for the Ctrl-C line)
+_DIST_JOB: list[bool] = []  # this process is a worker of a --runtime dist job
+
+
+def _tell_the_job(args: Any, e: BaseException) -> None:
+    """A worker of a --runtime dist job that fails before its run starts tells the others
+    (through the rendezvous store), so that they stop at once naming it."""
+    if _DIST_JOB or getattr(args, "runtime", None) == "dist":
+        from .distributed.store import announce
+
+        announce(e)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -310,6 +322,7 @@ def _import_torch_holding_ctrl_c() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -333,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_list()
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")
+        sys.stderr.flush()
+        _tell_the_job(args, e)
         return e.exit_code
     except KeyboardInterrupt as e:
         where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED
