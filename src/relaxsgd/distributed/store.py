@@ -394,7 +394,7 @@ def _reach() -> Rendezvous | None:
     """A connection to the store for :func:`announce` when none was made yet."""
     from . import auth as A
     from .environment import read_job_env
-    from .options import from_env
+    from .options import DistOptions, from_env
 
     try:
         job = read_job_env()
@@ -403,7 +403,11 @@ def _reach() -> Rendezvous | None:
     if job.world == 1:
         return None
     try:
-        key = A.store_key(A.job_auth(from_env()))
+        opts = from_env()
+    except ConfigError:  # (what failed, maybe): only the secret matters here
+        opts = DistOptions()
+    try:
+        key = A.store_key(A.job_auth(opts))
     except ConfigError:
         key = b""  # published unsigned: the others stop, saying it is not signed
     try:
