@@ -143,6 +143,10 @@ def read_job_env(env: Any = None) -> JobEnv:
 
 def check_listen_host(host: str) -> None:
     """``RELAXSGD_HOST``: an IPv4 address of this machine that peers can reach."""
+    if ":" in host:
+        raise ConfigError(f"RELAXSGD_HOST={host[:60]} is not an IPv4 address or host name; "
+                          "the point-to-point transport listens on IPv4: give this "
+                          "machine's IPv4 address")
     ip = resolve(host, "RELAXSGD_HOST", socket.AF_INET)
     what = ipaddress.ip_address(ip)
     if what.is_unspecified or what.is_multicast:

@@ -28,6 +28,7 @@ start (denial of service), but cannot make a worker use a forged value.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hmac
@@ -35,10 +36,13 @@ import itertools
 import json
 import os
 import secrets
+import select
 import socket
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError, RelaxError
@@ -102,6 +106,13 @@ class SignedStore:
     def set(self, k: str, value: str | bytes) -> None:
         v = value.encode("utf-8") if isinstance(value, str) else value
         self._op(self.raw.set, self.name(k), sign(self.key, self.name(k), v))
+
+    def claim(self, k: str, value: str) -> bytes | None:
+        """Set ``k`` unless it is there already; None, or the (verified) value there."""
+        name = self.name(k)
+        mine = sign(self.key, name, value.encode("utf-8"))
+        got = self._op(self.raw.compare_set, name, "", mine)
+        return None if got == mine else verify(self.key, name, got)
 
     def check(self, ks: list[str]) -> bool:
         return bool(self._op(self.raw.check, [self.name(k) for k in ks]))
@@ -179,12 +190,34 @@ def _await_listening(ip: str, port: int, timeout_s: float) -> None:
             time.sleep(0.1)
 
 
-def _client(ip: str, port: int, timeout_s: float) -> Any:
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 into a scratch file for the duration: torch's client logs each
+    failed try with a C++ stack of 30 lines, where one line of ours says it all."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _client(ip: str, port: int, timeout_s: float, quiet: bool = True) -> Any:
+    """A client of the store at ip:port. ``quiet``: torch's logs of a failed connection
+    are dropped (only while no other thread of ours may write to stderr: the first)."""
     import torch.distributed as dist
 
     _await_listening(ip, port, timeout_s)
     try:
-        raw = dist.TCPStore(ip, port, None, False, datetime.timedelta(seconds=CONNECT_S))
+        # (something accepts: only a stranger makes torch talk)
+        with _quiet_stderr() if quiet else contextlib.nullcontext():
+            raw = dist.TCPStore(ip, port, None, False,
+                                datetime.timedelta(seconds=CONNECT_S))
     except (RuntimeError, OSError) as e:
         raise PeerLost(f"MASTER_ADDR:MASTER_PORT {ip}:{port} accepts connections but is "
                        f"not a rendezvous store ({type(e).__name__}); give rank 0's "
@@ -234,7 +267,12 @@ class Rendezvous:
         job, nonce = self.job, secrets.token_hex(8)
         me = {"world": job.world, "nonce": nonce, "pid": os.getpid(),
               "host": socket.gethostname()[:100]}
-        store.set(f"arrived/{job.rank}", json.dumps(me))
+        taken = store.claim(f"arrived/{job.rank}", json.dumps(me))
+        if taken is not None:
+            other = json.loads(taken)
+            raise ConfigError(f"another process ({other['host']}, pid {other['pid']}) "
+                              f"already runs as RANK={job.rank} of this job: give every "
+                              "worker its own RANK")
         end = time.monotonic() + self.timeout
         waiting = set(range(job.world))
         while waiting:
@@ -253,10 +291,6 @@ class Rendezvous:
                                "meeting at another MASTER_ADDR:MASTER_PORT")
             if waiting:
                 time.sleep(POLL_S)
-        mine = json.loads(store.get(f"arrived/{job.rank}"))
-        if mine["nonce"] != nonce:
-            raise ConfigError(f"another process ({mine['host']}, pid {mine['pid']}) also "
-                              f"runs as RANK={job.rank}: give every worker its own RANK")
 
     # -- start-up failures -------------------------------------------------------------
     def watch(self) -> None:
@@ -273,23 +307,30 @@ class Rendezvous:
 
     def _watch(self) -> None:
         try:
-            raw = _client(self.ip, self.port, CONNECT_S)
-        except RelaxError:
+            raw = _client(self.ip, self.port, CONNECT_S, quiet=False)  # (a known store)
+            # a silent connection of our own: its end of stream says the host is gone,
+            # before a store operation fails (and torch logs 30 lines about it)
+            alive = socket.create_connection((self.ip, self.port), timeout=CONNECT_S)
+        except (RelaxError, OSError):
             return
-        while not self._stop.wait(WATCH_S):
-            try:
-                if not raw.check([ABORT]):
-                    continue
-                value = raw.get(ABORT)
-            except (RuntimeError, OSError) as e:
-                if not self._stop.is_set() and not self.failed:
-                    self._leave(str(_lost(e, self.where)), 5, raw)
-                return
-            if self.failed or self._stop.is_set():
-                return
-            rank, code, line = self._read_abort(value)
-            if rank != self.job.rank:
-                self._leave(line, code, raw)
+        with alive:
+            while not self._stop.is_set():
+                try:
+                    if select.select([alive], [], [], WATCH_S)[0] and not alive.recv(1):
+                        raise ConnectionResetError("the store closed our connection")
+                    if self._stop.is_set() or not raw.check([ABORT]):
+                        continue
+                    value = raw.get(ABORT)
+                except (RuntimeError, OSError) as e:
+                    if not self._stop.is_set() and not self.failed:
+                        self._leave(str(_lost(e, self.where)), 5, None)
+                    return
+                if self.failed or self._stop.is_set():
+                    return
+                rank, code, line = self._read_abort(value)
+                if rank != self.job.rank:
+                    self._leave(line, code, raw)
+                    return
 
     def _read_abort(self, value: bytes) -> tuple[int, int, str]:
         try:
@@ -304,12 +345,14 @@ class Rendezvous:
         except (ValueError, KeyError, TypeError):
             return -1, 5, f"the rendezvous store's value under {ABORT!r} is malformed; stopping"
 
-    def _leave(self, line: str, code: int, raw: Any) -> None:
+    def _leave(self, line: str, code: int, raw: Any | None) -> None:
         """Another worker failed at start-up: say so, let it know, leave now."""
         sys.stderr.write(f"relaxsgd: error: {line}\n")
         sys.stderr.flush()
         try:
-            if not self.host:
+            if raw is None:  # (the store is gone)
+                pass
+            elif not self.host:
                 raw.add(SEEN, 1)
             else:
                 self._linger(raw)
@@ -320,19 +363,24 @@ class Rendezvous:
 
     def _linger(self, raw: Any) -> None:
         """The host waits (at most LINGER_S) until every other worker saw the failure."""
-        end = time.monotonic() + LINGER_S
-        while raw.add(SEEN, 0) < self.job.world - 1 and time.monotonic() < end:
+        start = time.monotonic()
+        # (at least a few watch periods: a process that is not counted, a second one
+        # claiming a rank, say, still sees why before the store goes)
+        while time.monotonic() - start < LINGER_S and (
+                time.monotonic() - start < 5 * WATCH_S or raw.add(SEEN, 0) < self.job.world - 1):
             time.sleep(POLL_S)
 
-    def fail(self, message: str, code: int, signed: bool = True) -> None:
-        """Publish this worker's start-up failure (the first one wins) for the others."""
+    def fail(self, message: str, code: int, signed: bool = True,
+             linger: bool = True) -> None:
+        """Publish this worker's start-up failure (the first one wins) for the others;
+        the host then waits for them to have seen it (unless not ``linger``)."""
         self.failed = True
         value = json.dumps({"rank": self.job.rank, "status": code,
                             "message": message[:1000]}).encode()
         value = sign(self.key, ABORT, value) if signed else value + bytes(TAG)
         try:
             self.raw.compare_set(ABORT, "", value)
-            if self.host:
+            if self.host and linger:
                 self._linger(self.raw)
             else:
                 self.raw.add(SEEN, 1)
@@ -352,12 +400,14 @@ def _claim(text: bytes) -> str:
 
 _RDV: Rendezvous | None = None
 _ANNOUNCED: list[bool] = []
+_TRIED: list[bool] = []
 
 
 def rendezvous(job: JobEnv, key: bytes, timeout_s: float) -> Rendezvous:
     """This process's :class:`Rendezvous` (made on first use), watching start-up."""
     global _RDV
     if _RDV is None:
+        _TRIED.append(True)  # (if this fails, announce does not try again)
         _RDV = Rendezvous(job, key, timeout_s)
     _RDV.watch()
     return _RDV
@@ -380,12 +430,15 @@ def announce(e: BaseException) -> None:
     rdv = _RDV
     try:
         if rdv is None:
+            if _TRIED:  # the store itself is what could not be reached
+                return
             rdv = _reach()
             if rdv is None:
                 return
             rdv.fail(message, code, signed=rdv.key != b"")
         elif not rdv._stop.is_set():  # (after the start, the transport tells them)
-            rdv.fail(message, code)
+            # (a signal usually reaches every worker: no waiting for them then)
+            rdv.fail(message, code, linger=not isinstance(e, KeyboardInterrupt))
     except Exception:  # noqa: BLE001 - a courtesy to the others: this worker is failing
         pass
 
