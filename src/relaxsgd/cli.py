@@ -211,7 +211,7 @@ def _tell_the_job(args: Any, e: BaseException) -> None:
     """A worker of a --runtime dist job that fails before its run starts tells the others
     (through the rendezvous store), so that they stop at once naming it."""
     if _DIST_JOB or getattr(args, "runtime", None) == "dist":
-        from .distributed.store import announce
+        from .distributed.rendezvous import announce
 
         announce(e)
 

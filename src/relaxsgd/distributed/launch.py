@@ -11,7 +11,7 @@ asynchronous algorithm (SwarmSGD) carry on among the survivors; a synchronous on
 itself on every worker, naming the lost one. A worker that exits with status 2 (bad
 input: it refused the run, which the others cannot run either) does stop the job: the
 others learn it through the rendezvous store and stop by themselves within a second
-(:mod:`.store`); whoever is left :data:`BAD_INPUT_GRACE_S` later is stopped by the
+(:mod:`.rendezvous`); whoever is left :data:`BAD_INPUT_GRACE_S` later is stopped by the
 launcher, with one line naming the worker. Ctrl-C or SIGTERM to the launcher is passed
 on to every worker as SIGTERM (they write what they have and stop); whoever is still
 there after ``--grace`` seconds is killed. The exit

@@ -70,10 +70,10 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
 
     ``resume``: continue the run in ``cfg.out`` from its checkpoint files (.saving).
     Start-up: every distributed setting is checked first (:mod:`.environment`), then the
-    worker joins the job's store (:mod:`.store`) BEFORE the slow part (data, model), so
+    worker joins the job's store (:mod:`.rendezvous`) BEFORE the slow part (data, model), so
     that a worker failing anywhere before the run starts stops all the others within
     seconds, naming it."""
-    from . import store as S
+    from . import rendezvous as S
 
     env, opts, auth = check_environment()
     stop = StopFlag()
@@ -253,7 +253,7 @@ class _Job:
         except RuntimeError as e:
             raise PeerLost(f"the start barrier failed on worker {self.rank}: "
                            f"{str(e).strip().splitlines()[0][:300]}") from None
-        from .store import started
+        from .rendezvous import started
 
         started()  # from here a fault is seen by the transport (and the collectives)
         if self.rank == 0 and self.out:
