@@ -376,3 +376,19 @@ def test_a_peer_that_fails_the_handshake_fails_the_run_within_seconds(tmp_path) 
     assert "worker 1 did not prove the job secret" in err[0]
     assert codes[1] == 5 and "worker 0 stopped at start-up" in _error_lines(logs[1])[0]
     assert seconds < BOUND_S
+
+
+def test_rank_0_hosts_the_store_on_the_address_it_was_given_only() -> None:
+    from relaxsgd.distributed.environment import JobEnv
+    from relaxsgd.distributed.rendezvous import Rendezvous
+    from relaxsgd.distributed.sockets import local_address
+
+    other = local_address("10.255.255.1")  # this machine's address on its network
+    if other.startswith("127."):
+        pytest.skip("this machine has no address but loopback ones")
+    port = free_port()
+    rdv = Rendezvous(JobEnv(0, 2, 0, "127.0.0.1", "127.0.0.1", port, False), b"k" * 32, 5.0)
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with pytest.raises(OSError):  # (bound to every interface, this would connect)
+        socket.create_connection((other, port), timeout=2).close()
+    assert rdv.port == port
