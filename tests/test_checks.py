@@ -75,6 +75,7 @@ def _sites() -> list[tuple[str, object, str]]:
 
 
 _RANGES = {"olco3.s": " >= 0", "sgp.overlap": " >= 0", "lattice": " in 2..32",
+           "spawn_groups": " in 1..64",
            "choose_eps": " in 2..32", "swarm.bits": " in 2..32"}
 
 

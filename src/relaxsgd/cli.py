@@ -194,6 +194,8 @@ def output_folder(args: argparse.Namespace, cfg: Any) -> str:
     from .run import default_out_dir
 
     out = cfg.out or default_out_dir(cfg)
+    if cfg.runtime == "dist":
+        _DIST_JOB.append(True)
     if _is_writer():
         if not os.path.exists(out):
             _CREATED.append(out)
@@ -215,6 +217,16 @@ def _drop_empty_created() -> None:
 
 
 _STARTED: list[str] = []  # output folders this process has started (for the Ctrl-C line)
+_DIST_JOB: list[bool] = []  # this process is a worker of a --runtime dist job
+
+
+def _tell_the_job(args: Any, e: BaseException) -> None:
+    """A worker of a --runtime dist job that fails before its run starts tells the others
+    (through the rendezvous store), so that they stop at once naming it."""
+    if _DIST_JOB or getattr(args, "runtime", None) == "dist":
+        from .distributed.rendezvous import announce
+
+        announce(e)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -344,6 +356,7 @@ def _one_line(message: str, limit: int = 2000) -> str:
 def main(argv: list[str] | None = None) -> int:
     _STARTED.clear()
     _CREATED.clear()
+    args = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -369,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.exit_code == 2:
             _drop_empty_created()
         sys.stderr.write(f"relaxsgd: error: {_one_line(str(e))}\n")
+        sys.stderr.flush()
+        _tell_the_job(args, e)
         return e.exit_code
     except KeyboardInterrupt as e:
         where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED

@@ -96,30 +96,45 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _read_secret_file(path: str) -> bytes:
+def regular_file(path: str, what: str, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes, else one line
+    naming ``what`` (a FIFO, a device such as /dev/zero or a folder would block, read
+    without end or fail later, so they are refused before reading)."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(4097)
+        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{what} {path!r} is not a regular file; give the path "
+                                  "of a file")
+            data = f.read(limit + 1)
     except OSError as e:
-        raise ConfigError(f"RELAXSGD_SECRET_FILE {path!r} cannot be read ({e.strerror}); "
-                          "give a readable file holding the job secret") from None
-    if len(data) > 4096:
-        raise ConfigError(f"RELAXSGD_SECRET_FILE {path!r} is over 4 KiB; it should hold "
-                          "only the secret")
-    return data.strip()
+        raise ConfigError(f"{what} {path!r} cannot be read ({e.strerror or e}); give a "
+                          "readable file") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path!r} is over {limit // 1024} KiB; it is not what "
+                          "it should be")
+    return data
+
+
+def _read_secret_file(path: str) -> bytes:
+    return regular_file(path, "RELAXSGD_SECRET_FILE", 4096).strip()
 
 
 def from_env(hosts: tuple[str, ...] = ()) -> Auth:
     """The job's credentials from the environment (see the module docstring); ``hosts``:
     the addresses this worker listens on and meets the others at (for the loopback check
     of ``RELAXSGD_INSECURE``)."""
+    from .options import flag
+
     text, path = os.environ.get("RELAXSGD_SECRET"), os.environ.get("RELAXSGD_SECRET_FILE")
     if text and path:
         raise ConfigError("both RELAXSGD_SECRET and RELAXSGD_SECRET_FILE are set; keep one")
     key = text.encode("utf-8") if text else _read_secret_file(path) if path else None
     insecure = False
     if key is None:
-        if os.environ.get("RELAXSGD_INSECURE", "") not in ("1", "true", "yes"):
+        if not flag("RELAXSGD_INSECURE"):
             raise ConfigError(f"no job secret: {_ENV_HINT} (python -m relaxsgd.distributed.launch "
                               "makes one; RELAXSGD_INSECURE=1 runs without one on loopback "
                               "addresses only)")
@@ -132,6 +147,10 @@ def from_env(hosts: tuple[str, ...] = ()) -> Auth:
         raise ConfigError(f"the job secret has {len(key)} characters; use 16 or more "
                           "(e.g. 64 hex digits from secrets.token_hex(32))")
     server, client = tls_from_env()
+    if not insecure and len(set(key)) < 4:
+        raise ConfigError("the job secret is one or a few characters repeated, which anyone "
+                          "can guess; use a random one (e.g. 64 hex digits from "
+                          "secrets.token_hex(32))")
     return Auth(key, insecure, server, client)
 
 
@@ -156,20 +175,31 @@ def tls_from_env() -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
         raise ConfigError(f"TLS needs RELAXSGD_TLS_CERT, _KEY and _CA; {missing[0]} is "
                           "not set")
     cert, key, ca = vals
+    for name, path in zip(names, vals, strict=True):
+        regular_file(path, name, 1 << 20)  # (ssl would block on a FIFO, read /dev/zero)
     ctxs = []
     for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
         ctx = ssl.SSLContext(purpose)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(cert, key)
-            ctx.load_verify_locations(ca)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot load the TLS certificate, key or CA ({e}); give "
-                              "PEM files readable by this process") from None
+        for what, load in (("certificate (RELAXSGD_TLS_CERT) or its key (_KEY)",
+                            lambda c=ctx: c.load_cert_chain(cert, key)),
+                           ("CA (RELAXSGD_TLS_CA)", lambda c=ctx: c.load_verify_locations(ca))):
+            try:
+                load()
+            except (OSError, ssl.SSLError, ValueError) as e:
+                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise ConfigError(f"cannot load the TLS {what}: {why}; give PEM files, "
+                                  "the key matching the certificate") from None
         ctx.check_hostname = False  # peers are addressed by IP; trust is the job's CA
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctxs.append(ctx)
     return ctxs[0], ctxs[1]
+
+
+def store_key(auth: Auth) -> bytes:
+    """The key that signs this job's values in the rendezvous store (:mod:`.store`):
+    derived from the secret, so that a store tag reveals nothing usable elsewhere."""
+    return _mac(auth.key, b"relaxsgd rendezvous store v1")
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:

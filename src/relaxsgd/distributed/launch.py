@@ -8,7 +8,11 @@ digits, in the workers' environment only: see :mod:`.auth`) unless one is set al
 (``RELAXSGD_SECRET``, ``RELAXSGD_SECRET_FILE`` or ``RELAXSGD_INSECURE``). Unlike
 torchrun's agent, it does NOT stop the others when one worker dies: that is what lets an
 asynchronous algorithm (SwarmSGD) carry on among the survivors; a synchronous one fails by
-itself on every worker, naming the lost one. Ctrl-C or SIGTERM to the launcher is passed
+itself on every worker, naming the lost one. A worker that exits with status 2 (bad
+input: it refused the run, which the others cannot run either) does stop the job: the
+others learn it through the rendezvous store and stop by themselves within a second
+(:mod:`.rendezvous`); whoever is left :data:`BAD_INPUT_GRACE_S` later is stopped by the
+launcher, with one line naming the worker. Ctrl-C or SIGTERM to the launcher is passed
 on to every worker as SIGTERM (they write what they have and stop); whoever is still
 there after ``--grace`` seconds is killed. The exit
 status is the first non-zero status of a worker (by rank), else 0.
@@ -29,6 +33,13 @@ import time
 from collections.abc import Sequence
 
 SECRET_VARS = ("RELAXSGD_SECRET", "RELAXSGD_SECRET_FILE", "RELAXSGD_INSECURE")
+MAX_PROCS = 1024  # (environment.MAX_WORLD)
+BAD_INPUT_GRACE_S = 3.0
+PROG = "relaxsgd.distributed.launch"
+
+
+class LaunchError(Exception):
+    """The command cannot be started (one line)."""
 
 
 def job_secret_env(base: dict[str, str]) -> dict[str, str]:
@@ -95,9 +106,19 @@ class LocalJob:
                 os.makedirs(log_dir, exist_ok=True)
                 path = os.path.join(log_dir, f"rank{r}.log")
                 out = open(path, "w")  # noqa: SIM115 - closed when the process ends
-            self.procs.append(subprocess.Popen(list(cmd), env=e, stdout=out,
-                                               stderr=subprocess.STDOUT if out else None,
-                                               start_new_session=True))
+            try:
+                self.procs.append(subprocess.Popen(list(cmd), env=e, stdout=out,
+                                                   stderr=subprocess.STDOUT if out else None,
+                                                   start_new_session=True))
+            except OSError as err:  # no such program, not executable, a folder...
+                stop_groups(self.procs, 1.0)
+                what = "no such program" if isinstance(err, FileNotFoundError) else \
+                    err.strerror or str(err)
+                raise LaunchError(f"cannot start {cmd[0]!r}: {what}; give a command that "
+                                  "runs here, e.g. relaxsgd run --runtime dist ...") from None
+            finally:
+                if out is not None:
+                    out.close()  # (the child has its own copy)
             self.logs.append(path)
 
     def poll(self) -> list[int | None]:
@@ -129,19 +150,50 @@ class LocalJob:
             return f.read()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m relaxsgd.distributed.launch",
+def _bounded(kind: type, lo: float, hi: float, what: str) -> object:
+    """An argparse type: a number of ``kind`` in lo..hi (one line otherwise)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:  # (also NaN)
+            raise argparse.ArgumentTypeError(f"{what} must be in {lo:g}..{hi:g}, got "
+                                             f"{text[:40]!r}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error (as relaxsgd's)
+        sys.stderr.write(f"{PROG}: error: {message} (see 'python -m {PROG} --help')\n")
+        raise SystemExit(2)
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    ap = _Parser(prog=f"python -m {PROG}",
                                  description="start a command as n workers on this machine")
-    ap.add_argument("-n", "--nproc", type=int, required=True, help="number of workers")
-    ap.add_argument("--port", type=int, help="rendezvous port (default: a free one)")
-    ap.add_argument("--grace", type=float, default=10.0,
-                    help="seconds between SIGTERM and SIGKILL when stopping")
+    ap.add_argument("-n", "--nproc", required=True, help="number of workers",
+                    type=_bounded(int, 1, MAX_PROCS, "-n (workers)"))
+    ap.add_argument("--port", help="rendezvous port (default: a free one)",
+                    type=_bounded(int, 1, 65535, "--port"))
+    ap.add_argument("--grace", type=_bounded(float, 0, 3600, "--grace (seconds)"),
+                    default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, e.g. relaxsgd run ...")
     a = ap.parse_args(argv)
-    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
-    if not cmd or a.nproc < 1:
+    a.cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    if not a.cmd:
         ap.error("give -n N and a command")
-    job = LocalJob(cmd, a.nproc, a.port)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _arguments(argv)
+    try:
+        job = LocalJob(a.cmd, a.nproc, a.port)
+    except LaunchError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
     stopping = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -149,15 +201,24 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    refused_at = None
     while any(c is None for c in job.poll()):
         if stopping:
+            job.stop(a.grace)
+            break
+        codes = job.poll()
+        if refused_at is None and 2 in codes:
+            refused_at = time.monotonic()
+        elif refused_at is not None and time.monotonic() - refused_at > BAD_INPUT_GRACE_S:
+            sys.stderr.write(f"{PROG}: worker {codes.index(2)} refused the run (status 2); "
+                             "stopping the others\n")
             job.stop(a.grace)
             break
         time.sleep(0.05)
     codes = [p.wait() for p in job.procs]
     bad = [c for c in codes if c != 0]
     if bad:
-        sys.stderr.write(f"relaxsgd.distributed.launch: exit statuses by rank: {codes}\n")
+        sys.stderr.write(f"{PROG}: exit statuses by rank: {codes}\n")
     return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
 
 

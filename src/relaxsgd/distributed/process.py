@@ -7,8 +7,6 @@ signals while a run goes, the start-up report and the exit after a fault.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import itertools
 import os
 import signal
 import sys
@@ -16,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..devices import pick_device, shares_gpu
 from ..errors import ConfigError
@@ -24,15 +21,12 @@ from .options import DistOptions
 
 
 def job_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment."""
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except KeyError:
-        raise ConfigError("--runtime dist runs one worker per process: launch it with "
-                          "torchrun --nproc-per-node N (or "
-                          "python -m relaxsgd.distributed.launch -n N) "
-                          "so that RANK and WORLD_SIZE are set") from None
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    """(rank, world size, local rank) from torchrun's environment, checked
+    (:func:`.environment.read_job_env`: one line on a careless value)."""
+    from .environment import read_job_env
+
+    job = read_job_env()
+    return job.rank, job.world, job.local_rank
 
 
 def local_world_size(world: int) -> int:
@@ -174,24 +168,6 @@ class _Signals:
             signal.signal(s, h)
         self.w.close()
         self.r.close()
-
-
-_STORE: Any = None
-_RUNS = itertools.count()
-
-
-def run_store(rank: int, world: int, timeout_s: float) -> Any:
-    """The rendezvous store of this process's next run: one TCP store for the process's
-    life (rank 0 hosts it on MASTER_PORT, or torchrun's agent does), a fresh key prefix per
-    run, so that several runs in one process (``relaxsgd compare --runtime dist``) meet."""
-    global _STORE
-    if _STORE is None:
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        _STORE = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               int(os.environ.get("MASTER_PORT", "29500")), world,
-                               is_master=rank == 0 and not agent,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.PrefixStore(f"relaxsgd/run{next(_RUNS)}/", _STORE)
 
 
 def process_age_s() -> float | None:

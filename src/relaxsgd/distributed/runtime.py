@@ -45,10 +45,11 @@ from ..outputs import final_models, save_models
 from ..sim.compute import ComputeModel
 from . import auth as A
 from . import saving
-from .auth import job_auth, listen_host
+from .auth import listen_host
+from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
-from .options import STARTUP_S, DistOptions, from_env
+from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
     StopFlag,
@@ -58,7 +59,6 @@ from .process import (  # noqa: F401 - job_env, pick_backend: imported from here
     local_world_size,
     own_shard,
     pick_backend,
-    run_store,
     startup_report,
 )
 from .transport import PeerLost, Transport
@@ -69,11 +69,51 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
              resume: bool = False) -> dict | None:
     """Run this process's worker of ``cfg``; rank 0 returns the result (others None).
 
-    ``resume``: continue the run in ``cfg.out`` from its checkpoint files (.saving)."""
+    ``resume``: continue the run in ``cfg.out`` from its checkpoint files (.saving).
+    Start-up: every distributed setting is checked first (:mod:`.environment`), then the
+    worker joins the job's store (:mod:`.rendezvous`) BEFORE the slow part (data, model), so
+    that a worker failing anywhere before the run starts stops all the others within
+    seconds, naming it."""
+    from . import rendezvous as S
+
+    env, opts, auth = check_environment()
+    stop = StopFlag()
+    with _Signals(stop):
+        try:
+            rdv = S.rendezvous(env, A.store_key(auth), opts.rendezvous_s)
+            store, group_store = rdv.run_store()
+            prep, backend, device, out, ck, clock = _start(cfg, env, opts, store, write,
+                                                           resume)
+            rdv.meet(store)
+            try:
+                # gloo's own timeout is a backstop: the executor's waits enforce timeout_s
+                dist.init_process_group(backend, store=group_store, rank=env.rank,
+                                        world_size=env.world, timeout=datetime.timedelta(
+                                            seconds=opts.rendezvous_s))
+                clock["group"] = time.perf_counter()
+                job = _Job(cfg, prep, opts, env.rank, env.world, backend, device, auth,
+                           out, stop)
+            except RuntimeError as e:  # (torch's DistError): a peer gone in gloo's set-up
+                raise PeerLost(f"worker {env.rank} could not set up the job's process "
+                               f"groups: {str(e).strip().splitlines()[0][:300]}") from None
+            job.clock = clock
+            result = job.run(store, progress, ck)
+        except (KeyboardInterrupt, RelaxError) as e:
+            S.announce(e)  # (before the run started: the others stop, naming this one)
+            _hard_exit(e)
+        except BaseException as e:
+            S.announce(e)
+            raise
+    dist.destroy_process_group()
+    return result
+
+
+def _start(cfg: RunConfig, env: Any, opts: DistOptions, store: Any, write: bool,
+           resume: bool) -> tuple[Any, ...]:
+    """The part of the start-up before the workers meet: checks, data, model, folder."""
     from ..run import prepare
 
-    opts = from_env()
-    rank, world, local_rank = job_env()
+    world = env.world
     if world != cfg.workers and resume:
         raise ConfigError(f"the run in {cfg.out!r} has {cfg.workers} workers and this job "
                           f"{world} processes; resume it with torchrun --nproc-per-node "
@@ -85,29 +125,13 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
         torch.set_num_threads(cfg.threads)
     clock = {"entered": time.perf_counter()}
     prep = prepare(cfg)  # config errors end every rank before any connection
-    auth = job_auth(opts)
     clock["prepared"] = time.perf_counter()
-    backend, device = pick_backend(opts, local_rank, getattr(cfg, "device", None),
+    backend, device = pick_backend(opts, env.local_rank, getattr(cfg, "device", None),
                                    local_world_size(world))
-    startup = max(opts.timeout_s, STARTUP_S)
-    stop = StopFlag()
-    with _Signals(stop):
-        try:
-            store = run_store(rank, world, startup)
-            out = _out_dir(store, cfg, rank, write, resume, prep.algo.resumable)
-            ck = saving.load_for_resume(store, out, rank, world, _resolved(prep),
-                                        saving.synchronous(prep.algo)) if resume else None
-            # gloo's own timeout is a backstop: the executor's waits enforce opts.timeout_s
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=startup))
-            clock["group"] = time.perf_counter()
-            job = _Job(cfg, prep, opts, rank, world, backend, device, auth, out, stop)
-            job.clock = clock
-            result = job.run(store, progress, ck)
-        except (KeyboardInterrupt, RelaxError) as e:
-            _hard_exit(e)
-    dist.destroy_process_group()
-    return result
+    out = _out_dir(store, cfg, env.rank, write, resume, prep.algo.resumable)
+    ck = saving.load_for_resume(store, out, env.rank, world, _resolved(prep),
+                                saving.synchronous(prep.algo)) if resume else None
+    return prep, backend, device, out, ck, clock
 
 
 def _resolved(prep: Any) -> dict[str, Any]:
@@ -216,11 +240,9 @@ class _Job:
 
         cfg, prep = self.cfg, self.prep
         if self.rank == 0:
-            if self.out and ck is None:
-                os.makedirs(self.out, exist_ok=True)
-                dump_yaml(_resolved(prep), os.path.join(self.out, "config.yaml"))
-            self.rec = Recorder(prep.spec, os.path.join(self.out, "metrics.csv")
-                                if self.out else None, self.n, self.bank.d, self.n_train,
+            # metrics.csv (and config.yaml) only once every worker is connected: a job
+            # that fails to start leaves its folder as empty as it found it
+            self.rec = Recorder(prep.spec, None, self.n, self.bank.d, self.n_train,
                                 list(prep.algo.metric_keys), cfg.eval_samples)
             self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
@@ -228,9 +250,22 @@ class _Job:
                 self.evaluator.on_row = self._running
         if ck is not None:
             saving.resume_job(self, store, *ck)
-        self.tr.start(store, listen_host(self.opts), startup_s=STARTUP_S)
+        self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s)
         self.clock["built"] = time.perf_counter()
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise PeerLost(f"the start barrier failed on worker {self.rank}: "
+                           f"{str(e).strip().splitlines()[0][:300]}") from None
+        from .rendezvous import started
+
+        started()  # from here a fault is seen by the transport (and the collectives)
+        if self.rank == 0 and self.out:
+            assert self.rec is not None
+            if ck is None:
+                os.makedirs(self.out, exist_ok=True)
+                dump_yaml(_resolved(prep), os.path.join(self.out, "config.yaml"))
+            self.rec.open(os.path.join(self.out, "metrics.csv"))
         self.ex.t0 = time.perf_counter()
         self.clock["started"] = self.ex.t0
         snap = self.snap

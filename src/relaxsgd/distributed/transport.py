@@ -136,8 +136,10 @@ class Transport:
         deadline = time.monotonic() + wait
         while True:
             s: socket.socket | None = None
+            connected = False
             try:
                 s = socket.create_connection(addr, timeout=A.HANDSHAKE_S)
+                connected = True
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.auth.client_ctx is not None:
                     s = self.auth.client_ctx.wrap_socket(s)
@@ -147,11 +149,14 @@ class Transport:
             except (A.HandshakeError, OSError) as e:
                 if s is not None:
                     s.close()
-                # (the address is published once listening: refused means gone, not early)
-                again = isinstance(e, TimeoutError) or getattr(e, "retry", False)
+                # (the address is published once listening: refused means gone, not early;
+                # a peer that accepted but stays silent is not a worker of this job)
+                again = (isinstance(e, TimeoutError) and not connected) or getattr(
+                    e, "retry", False)
                 if not again or time.monotonic() > deadline:
                     hint = "" if isinstance(e, A.HandshakeError) else \
-                        " (during the handshake: see its log)"
+                        " (it did not answer our handshake: not a worker of this job?)" \
+                        if connected else " (during the handshake: see its log)"
                     raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:"
                                    f"{addr[1]}: {e}{hint}") from None
                 time.sleep(0.05 if s is None else 0.5)

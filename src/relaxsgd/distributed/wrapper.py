@@ -155,8 +155,13 @@ class Relaxed:
         self.ex = Executor(self.algo, self.w, self.tr, self.opts, groups, device)
         from torch.distributed import distributed_c10d
 
-        self.tr.start(distributed_c10d._get_default_store(), listen_host(self.opts),
-                      prefix=f"relaxsgd/wrap{next(_WRAPS)}/p2p", startup_s=STARTUP_S)
+        from .auth import store_key
+        from .store import SignedStore
+
+        # the addresses published in torch's store are signed with the job secret
+        store = SignedStore(distributed_c10d._get_default_store(), store_key(auth),
+                            f"relaxsgd/wrap{next(_WRAPS)}", STARTUP_S, "the default store")
+        self.tr.start(store, listen_host(self.opts), prefix="p2p", startup_s=STARTUP_S)
         dist.barrier()
         self._orig_step = optimizer.step
 
