@@ -202,16 +202,14 @@ class Simulation:
         wall = time.perf_counter() - self.wall0
         return self.eval_wall / wall if wall > 0 else 0.0
 
-    def evaluation_info(self) -> dict[str, Any]:
-        """result.json's ``evaluation``: on what the models were evaluated, at what cost."""
-        return {**self.rec.eval_info(), "wall_s": round(self.eval_wall, 3),
-                "wall_share": round(self.eval_share(), 4)}
-
     def _result(self, status: str, message: str, steps: float) -> dict[str, Any]:
         res = make_result(self.prep, self.rec, status, message, self.step_time,
                           self.bank.batching, aggregate_worker_metrics(self.workers), steps)
         res["device"] = str(self.device)
-        res["evaluation"] = self.evaluation_info()
+        res["evaluation"] = self.rec.eval_info()  # on what the models were evaluated
+        # what evaluating cost: wall clock, so beside wall_time_s
+        res["final"]["eval_wall_time_s"] = round(self.eval_wall, 3)
+        res["final"]["eval_wall_share"] = round(self.eval_share(), 4)
         res.update(self.models_info)
         return res
 
