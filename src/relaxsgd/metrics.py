@@ -232,7 +232,7 @@ def write_sample(out: str, rec: Recorder) -> str | None:
     if rec.spec.sample_fn is None or rec.last_mean is None:
         return None
     model = rec.spec.model_fn()
-    bind_params(model, rec.last_mean.detach().clone())
+    bind_params(model, rec.last_mean.detach().to("cpu", copy=True))  # the model is on the CPU
     path = os.path.join(out, "sample.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write(rec.spec.sample_fn(model) + "\n")
