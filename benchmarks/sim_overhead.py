@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer workers and steps")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default cpu)")
     ap.add_argument("--data-dir", help="folder of plays.txt.gz (the transformer's rows)")
+    ap.add_argument("--models", default="mlp,cnn,transformer",
+                    help="comma-separated subset of mlp, cnn, transformer")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -135,7 +137,10 @@ def main() -> None:
             f"{'batching':<8} {'simulator':>9} {'ratio':>6}")
     print(head)
     print("-" * len(head))
+    chosen = args.models.split(",")
     for label, task, opts, data_dir in models(args.data_dir):
+        if label not in chosen:
+            continue
         for n in sizes[label]:
             steps = steps_for(label, n, args.quick, device)
             base = config(task, opts, data_dir, n, steps, "localsgd", {"p": 8}, args.device)
