@@ -44,11 +44,11 @@ def rotate(x: Tensor) -> Tensor:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal scaled dot-product attention of (B, H, T, Dh) queries, keys and values.
 
-    ``F.scaled_dot_product_attention`` outside ``torch.func.vmap``; inside it (the
-    simulator's batched steps over stacked workers) the same formula in plain batched
+    ``F.scaled_dot_product_attention`` outside ``torch.func`` transforms; inside them (the
+    simulator's vmapped steps over stacked workers) the same formula in plain batched
     matrix products, because torch has no vmap batching rule for SDPA's fused kernels and
     falls back to one call per worker (a warning and a loop)."""
-    if not torch._C._functorch.is_batchedtensor(q):
+    if not torch._C._functorch.is_functorch_wrapped_tensor(q):  # vmap, or grad in vmap
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
