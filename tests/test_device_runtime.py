@@ -46,7 +46,8 @@ def test_pick_device(monkeypatch, count, requested, local_rank, want) -> None:
 
 
 @pytest.mark.parametrize("count,requested,fragment", [
-    (0, "cuda", "no CUDA GPU"), (0, "cuda:0", "no CUDA GPU"), (2, "cuda:2", "cuda:0 .. cuda:1"),
+    (0, "cuda", "no CUDA device"), (0, "cuda:0", "no CUDA device"),
+    (2, "cuda:2", "cuda:0 .. cuda:1"),
     (2, "cuda:x", "cuda:0 .. cuda:1"), (1, "tpu", "unknown"), (1, "", "unknown"),
 ])
 def test_pick_device_refuses_what_the_machine_cannot_serve(monkeypatch, count, requested,

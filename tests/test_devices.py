@@ -45,6 +45,12 @@ HOST_SIDE = {
     ("distributed/collectives.py", "all_gather"): "the encoded blob is host bytes; it is "
                                                   "copied to the backend's device to travel",
     ("lab/calibrate.py", "*"): "measures gloo collectives on the CPU",
+    ("lab/paths.py", "executor_times"): "times the runtime's path with host tensors, as the "
+                                        "transport carries them",
+    ("distributed/transport.py", "Transport._read_frame"): "a received frame lands in host "
+                                                            "memory; p2p moves it to the device",
+    ("metrics.py", "Recorder.__init__"): "a seeded permutation drawn on the CPU generator, "
+                                         "copied once to the evaluation's device",
     ("topology/base.py", "UndirectedGraph.mixing_matrix"): "pure data, read as Python floats",
     ("topology/exponential.py", "Exponential.mixing_matrix"): "pure data, read as floats",
     ("tasks/base.py", "subsample"): "data sets are built in host memory (Bank moves them)",

@@ -49,6 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "this machine); default: derived from the model's FLOPs and --compute")
     p.add_argument("--compute", help="compute profile: laptop-core (default), server-core, "
                    "t4, v100, a100, h100, or a profile file written by 'relaxsgd calibrate'")
+    p.add_argument("--device", help="where the simulator computes: auto (default: CUDA when "
+                   "present, else cpu), cpu, cuda or cuda:K")
     p.add_argument("--out", help="output folder, new or empty (default: "
                    "runs/<time>-<algo>-<task>-n<workers>)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out: the "
@@ -125,7 +127,8 @@ def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
              "topology": args.topology, "network": args.network, "steps": args.steps,
              "epochs": args.epochs, "split": args.split, "seed": args.seed,
              "data_dir": args.data_dir, "runtime": args.runtime, "evals": args.evals,
-             "out": args.out, "checkpoint_every": args.checkpoint_every}
+             "out": args.out, "checkpoint_every": args.checkpoint_every,
+             "device": args.device}
     for k, v in flags.items():
         if v is not None:
             d[k] = v

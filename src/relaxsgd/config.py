@@ -15,6 +15,7 @@ A config file has the shape of the resolved ``config.yaml`` a run writes::
     topology_options: {}
     train: {batch_size: 32, lr: 0.05, momentum: 0.9}  # over the task's TRAIN_DEFAULTS
     compute: {profile: laptop-core, step_time_s: null}  # null: FLOPs / the profile's rate
+    device: auto                 # auto (CUDA when present) | cpu | cuda | cuda:K
     epochs: 5                    # or steps: local steps per worker
     evals: 20
     seed: 0
@@ -94,6 +95,8 @@ class RunConfig:
     runtime: str = "sim"
     batching: str = "auto"
     eval_samples: int = 0  # 0: the whole test set at every evaluation
+    eval_worker_samples: int = 0  # the workers' own models on this many (0: eval_samples)
+    device: str = "auto"  # auto | cpu | cuda | cuda:K (devices.py); the simulator's device
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default (see run.py)
     data_dir: str | None = None
     checkpoint_every: int | str | None = None  # local steps, or "<x>min" (checkpoint.py)
@@ -118,6 +121,10 @@ class RunConfig:
             raise ConfigError(f"compute.speed_factors has {len(self.compute.speed_factors):,} "
                               f"factors for {self.workers} workers; give at most one per "
                               "worker (a shorter list repeats)")
+        require_int(self.eval_worker_samples, "eval_worker_samples", at_least=0)
+        from .devices import check_device
+
+        check_device(self.device)
         from .checkpoint import parse_every
 
         parse_every(self.checkpoint_every)

@@ -21,6 +21,7 @@ machine):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -109,8 +110,8 @@ def pick_device(requested: str | None, local_rank: int | None = None) -> torch.d
         req = "cuda"
     if req == "cuda" or req.startswith("cuda:"):
         if count == 0:
-            raise ConfigError(f"device {requested!r}: this machine has no CUDA GPU that "
-                              "torch can use; use device: cpu (or auto)")
+            raise ConfigError(f"device {requested!r} asked for but torch sees no CUDA device "
+                              "on this machine; use --device cpu (or auto)")
         if req == "cuda":
             return torch.device("cuda", (local_rank or 0) % count)
         index = req[5:]
@@ -126,3 +127,22 @@ def shares_gpu(local_world_size: int) -> bool:
     ranks: NCCL refuses that (one communicator per device), so the runtime uses gloo."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return 0 < count < local_world_size
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:K")
+_CUDA = re.compile(r"cuda(?::(\d{1,4}))?")
+
+
+def check_device(spec: str) -> None:
+    """ConfigError unless ``spec`` is spelt as a device choice (availability not checked:
+    a config written on one machine is read on another)."""
+    if not isinstance(spec, str) or not (spec in ("auto", "cpu") or _CUDA.fullmatch(spec)):
+        raise ConfigError(f"unknown device {spec!r}; choose one of: {', '.join(DEVICES)} "
+                          "(e.g. --device cuda:0)")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The simulator's device on this machine (``auto``: the first GPU when CUDA is
+    present, else the CPU): :func:`pick_device` for a single process."""
+    check_device(spec)
+    return pick_device(spec, None)

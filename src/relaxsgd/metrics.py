@@ -13,6 +13,12 @@ workers, of the loss and accuracy of each worker's OWN model (``loss_workers_mea
 ``accuracy_workers_mean``, each with its own BatchNorm statistics), and, for an algorithm
 whose workers all hold one shared model (OLCO3's ``xg``: ``Algorithm.shared_model_state``
 names it in ``w.state``), that model's (``loss_shared_model``, ``accuracy_shared_model``).
+
+The workers' own models are evaluated together (stacked, :func:`relaxsgd.bank.evaluate_many`)
+and, with ``eval_worker_samples`` > 0, on a fixed subsample of the test set (the same
+samples at every evaluation, drawn once from the run's seed-independent generator), while
+the mean model, worker 0's and the shared model are always evaluated on the whole (or the
+``eval_samples``-long) test set. ``result.json``'s ``evaluation`` says which.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bank import evaluate
+from .bank import eval_batched, evaluate, evaluate_many
 from .tasks.base import TaskSpec
 from .training import bind_params
 
@@ -43,6 +49,7 @@ SHARED_COLUMNS = ["loss_shared_model", "accuracy_shared_model"]
 # character for shakespeare) of the mean model, and of each worker's own model averaged
 # over the workers (what a worker would deploy without a final average).
 LM_COLUMNS = ["bpc_mean_model", "bpc_workers"]
+SUBSAMPLE_SEED = 20_240_917  # the workers' test subsample does not depend on the run's seed
 
 
 @dataclass
@@ -65,13 +72,25 @@ class Recorder:
 
     def __init__(self, spec: TaskSpec, csv_path: str | None, n: int, d: int, n_train: int,
                  extra_columns: list[str], eval_samples: int = 0,
-                 shared_model: bool = False) -> None:
+                 shared_model: bool = False, worker_samples: int = 0,
+                 device: torch.device | None = None) -> None:
         self.spec, self.n, self.d, self.n_train = spec, n, d, n_train
-        self.model = spec.model_fn()
+        self.device = device or torch.device("cpu")
+        self.model = spec.model_fn().to(self.device)
         x, y = spec.data.x_test, spec.data.y_test
         if eval_samples and eval_samples < x.shape[0]:
             x, y = x[:eval_samples], y[:eval_samples]
-        self.x_test, self.y_test = x, y
+        self.x_test, self.y_test = x.to(self.device), y.to(self.device)
+        self.x_workers, self.y_workers = self.x_test, self.y_test
+        self.worker_subsample = 0 < worker_samples < x.shape[0]
+        if self.worker_subsample:
+            # a fixed subsample (the same at every evaluation and in every run): a seeded
+            # permutation, not the first rows, since a test set may be ordered by class
+            gen = torch.Generator().manual_seed(SUBSAMPLE_SEED)
+            pick = torch.randperm(x.shape[0], generator=gen, device="cpu")
+            pick = pick[:worker_samples].sort().values
+            self.x_workers = self.x_test[pick.to(self.device)]
+            self.y_workers = self.y_test[pick.to(self.device)]
         base = BASE_COLUMNS + (SHARED_COLUMNS if shared_model else [])
         self.columns = base + [c for c in extra_columns if c not in base]
         if spec.bits_per_token:
@@ -149,21 +168,35 @@ class Recorder:
                 self._writer.writerow({k: _fmt(v) for k, v in row.items()})
             self._file.flush()
 
+    def eval_info(self) -> dict[str, Any]:
+        """On what the models are evaluated (``result.json``'s ``evaluation``)."""
+        return {"mean_model_samples": int(self.x_test.shape[0]),
+                "worker_samples": int(self.x_workers.shape[0]),
+                "worker_subsample": self.worker_subsample,
+                "workers_batched": eval_batched(self.spec, self.device)}
+
     def _workers_mean(self, X: Tensor, first: tuple[float, float],
                       buffers_of: Callable[[int], dict[str, Tensor]]) -> tuple[float, float]:
-        """Mean over workers of (loss, metric) of each one's own model; ``first`` is worker
-        0's. Workers whose parameters and statistics equal worker 0's are not re-evaluated
-        (all of them, after a synchronous average)."""
+        """Mean over workers of (loss, metric) of each one's own model on the workers' test
+        samples; ``first`` is worker 0's on the whole test set. The models are evaluated
+        together; those whose parameters and statistics equal worker 0's are not
+        re-evaluated (all of them, after a synchronous average)."""
         b0 = buffers_of(0)
-        loss, metric = first
-        for k in range(1, X.shape[0]):
-            bk = buffers_of(k)
-            if torch.equal(X[k], X[0]) and all(torch.equal(bk[n], b0[n]) for n in b0):
-                lk, mk = first
-            else:
-                lk, mk = evaluate(self.spec, self.model, X[k], bk, self.x_test, self.y_test)
-            loss, metric = loss + lk, metric + mk
-        return loss / X.shape[0], metric / X.shape[0]
+        same = [k == 0 or (torch.equal(X[k], X[0]) and all(
+            torch.equal(buffers_of(k)[n], b0[n]) for n in b0)) for k in range(X.shape[0])]
+        rows = [k for k in range(X.shape[0]) if not same[k]]
+        if self.worker_subsample:
+            rows = [0, *rows]  # worker 0 too, on the same samples as the others
+        if not rows:
+            return first
+        bufs = ({n: torch.stack([buffers_of(k)[n] for k in rows]) for n in b0}
+                if b0 else None)
+        ls, ms = evaluate_many(self.spec, self.model, X[rows] if len(rows) < X.shape[0]
+                               else X, bufs, self.x_workers, self.y_workers)
+        got = dict(zip(rows, zip(ls, ms, strict=True), strict=True))
+        base = got.get(0, first)
+        vals = [got.get(k, base) for k in range(X.shape[0])]
+        return (sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals))
 
     def close(self) -> None:
         if self._file is not None:
@@ -200,7 +233,7 @@ def write_sample(out: str, rec: Recorder) -> str | None:
     if rec.spec.sample_fn is None or rec.last_mean is None:
         return None
     model = rec.spec.model_fn()
-    bind_params(model, rec.last_mean.detach().clone())
+    bind_params(model, rec.last_mean.detach().to("cpu", copy=True))  # the model is on the CPU
     path = os.path.join(out, "sample.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write(rec.spec.sample_fn(model) + "\n")

@@ -344,7 +344,7 @@ class Transport:
                             "(RELAXSGD_MAX_MESSAGE_MB)")
         # straight into a fresh uninitialised buffer (no zero fill, no copy after): the
         # decoded tensors are views of it, owned by the receiver
-        buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+        buf = memoryview(torch.empty(size, dtype=torch.uint8, device="cpu").numpy())
         recv_into(conn, buf)
         if not self.auth.tls:
             tag = A.recv_exact(conn, mac.size)

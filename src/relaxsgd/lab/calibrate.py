@@ -8,8 +8,9 @@ Run it like a dist run, one process per worker (under ``relaxsgd lab ... --`` or
 
 Every worker measures at the same time (so cores are shared as in the real run):
 
-- the step time of the run's model and batch (median of timed local steps after a
-  warm-up; the slowest worker's), and from it the throughput ``flops_per_s`` that the
+- the step time of the run's model and batch on the worker's device (``--device``;
+  ``auto``: its GPU when CUDA is present; median of timed local steps after a warm-up;
+  the slowest worker's), and from it the throughput ``flops_per_s`` that the
   counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
@@ -55,6 +56,20 @@ def _median_time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def calibration_device(spec: str) -> torch.device:
+    """The device a calibrating worker times its step on: ``--device`` (``auto``: this
+    process's GPU, ``LOCAL_RANK`` modulo the GPUs, when CUDA is present; else the CPU)."""
+    import os
+
+    from ..devices import resolve_device
+
+    device = resolve_device(spec)
+    if spec == "auto" and device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    return device
+
+
 def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, float]:
     """(median seconds of one local step of this rank's model, FLOPs per step)."""
     from ..bank import Bank
@@ -62,14 +77,17 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
     from ..sim.compute import count_flops
 
     prep = prepare(cfg)
+    device = calibration_device(cfg.device)
     bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
-                batching="loop")
+                batching="loop", device=device)
     bank.local_steps([0], 3)
     dist.barrier()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         bank.local_steps([0], 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels, not their launch
         times.append(time.perf_counter() - t)
     return statistics.median(times), count_flops(prep.spec, cfg.train.batch_size) * \
         cfg.train.batch_size
@@ -193,7 +211,7 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
                     "flops_per_step": flops, "task": cfg.task,
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
-                              "worker"},
+                              f"worker, on {calibration_device(cfg.device).type}"},
         "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead,
                     "backend": "gloo", "collectives": fits,
                     "measured": {k: {str(n): v} for k, v in timed.items()},

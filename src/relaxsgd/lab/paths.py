@@ -71,8 +71,8 @@ def executor_times(ex: Any, rank: int, sizes: list[int],
     out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": [], "exchange": [],
                                          "sendrecv": []}
     for b in sizes:
-        x = torch.zeros(max(b // 4, 1))
-        u = torch.zeros(max(b, 1), dtype=torch.uint8)
+        x = torch.zeros(max(b // 4, 1), device="cpu")
+        u = torch.zeros(max(b, 1), dtype=torch.uint8, device="cpu")
         kinds = {"allreduce": lambda x=x: [AllReduce(x, x.numel() * 4)],
                  "allgather": lambda u=u: [AllGather(u, u.numel())]}
         if rank == 0:

@@ -4,7 +4,8 @@ GPT-2's shape (Radford et al. 2019) at toy size: token embedding, ``layers`` pre
 blocks (LayerNorm -> causal multi-head self-attention -> residual, LayerNorm -> GELU MLP
 of width 4 d -> residual), a final LayerNorm and an output layer tied to the token
 embedding (Press and Wolf 2017). Attention is
-``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``. Positions are
+``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` (under vmap, the same
+formula in batched matrix products: :func:`causal_attention`). Positions are
 ``learned`` (an embedding added to the tokens) or ``rotary`` (Su et al. 2021, RoFormer:
 queries and keys rotated by position; computed in the forward pass so that the model has
 no buffers and stays vmap-able). No dropout: training is deterministic for a seed.
@@ -40,6 +41,21 @@ def rotate(x: Tensor) -> Tensor:
     return torch.cat([out, x[..., 2 * half:]], dim=-1) if dh % 2 else out
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal scaled dot-product attention of (B, H, T, Dh) queries, keys and values.
+
+    ``F.scaled_dot_product_attention`` outside ``torch.func`` transforms; inside them (the
+    simulator's vmapped steps over stacked workers) the same formula in plain batched
+    matrix products, because torch has no vmap batching rule for SDPA's fused kernels and
+    falls back to one call per worker (a warning and a loop)."""
+    if not torch._C._functorch.is_functorch_wrapped_tensor(q):  # vmap, or grad in vmap
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
 class Block(nn.Module):
     """One pre-norm transformer block."""
 
@@ -59,7 +75,7 @@ class Block(nn.Module):
                    for z in (q, k, v))
         if self.rotary:
             q, k = rotate(q), rotate(k)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = causal_attention(q, k, v)
         h = h + self.proj(a.transpose(1, 2).reshape(b, t, d))
         return h + self.out(F.gelu(self.fc(self.ln2(h))))
 
