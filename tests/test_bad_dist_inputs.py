@@ -374,7 +374,11 @@ def test_a_peer_that_fails_the_handshake_fails_the_run_within_seconds(tmp_path) 
     err = _error_lines(logs[0])
     assert codes[0] == 5 and len(err) == 1, logs
     assert "worker 1 did not prove the job secret" in err[0]
-    assert codes[1] == 5 and "worker 0 stopped at start-up" in _error_lines(logs[1])[0]
+    # worker 1 learns it either from worker 0's stop announcement or, first under load, from
+    # worker 0 closing the connection it was opening: one line naming worker 0 either way
+    line1 = _error_lines(logs[1])[0]
+    assert codes[1] == 5 and ("worker 0 stopped at start-up" in line1
+                              or "cannot connect to worker 0" in line1), logs[1]
     assert seconds < BOUND_S
 
 

@@ -32,6 +32,7 @@ from .errors import ConfigError
 LOCK_NAME = ".relaxsgd.lock"
 _MAX_OWNER_BYTES = 4096
 _HELD: dict[str, int] = {}  # folders this process holds -> nesting depth
+_OWNED: dict[str, RunLock] = {}  # folder -> the outermost lock object holding it
 
 
 def _owner_text(raw: bytes) -> str:
@@ -88,6 +89,7 @@ class RunLock:
             os.close(fd)
         self.fd = fd
         _HELD[key] = 1
+        _OWNED[key] = self
         left = os.pread(fd, _MAX_OWNER_BYTES, 0)
         if left.strip():
             import sys
@@ -113,6 +115,7 @@ class RunLock:
             self.fd = None
             return
         del _HELD[key]
+        _OWNED.pop(key, None)
         with contextlib.suppress(OSError):
             st, fst = os.stat(self.path), os.fstat(self.fd)
             if (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev):
@@ -126,6 +129,15 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def release_all() -> None:
+    """Release every run lock this process holds, however nested: for an exit that skips
+    the context managers (the dist runtime's ``os._exit`` after a fault), so that the lock
+    file does not stay behind in a folder that a rerun must find empty."""
+    for key, lock in list(_OWNED.items()):
+        _HELD[key] = 1
+        lock.release()
 
 
 def ensure_free(folder: str) -> None:

@@ -147,6 +147,9 @@ class _Signals:
             except TimeoutError:
                 sys.stderr.write("relaxsgd: interrupted while blocked; stopping now\n")
                 sys.stderr.flush()
+                from ..runlock import release_all
+
+                release_all()
                 os._exit(130)
             except OSError:
                 return
@@ -213,4 +216,7 @@ def _hard_exit(e: BaseException) -> None:
         code = getattr(e, "exit_code", 1)
     sys.stdout.flush()
     sys.stderr.flush()
+    from ..runlock import release_all
+
+    release_all()  # os._exit skips the run's context managers
     os._exit(code)

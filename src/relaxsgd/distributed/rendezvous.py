@@ -269,6 +269,9 @@ class Rendezvous:
         except (RuntimeError, OSError):
             pass
         sys.stdout.flush()
+        from ..runlock import release_all
+
+        release_all()  # os._exit skips the run's context managers
         os._exit(code)
 
     def _linger(self, raw: Any) -> None:
