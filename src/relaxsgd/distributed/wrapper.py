@@ -57,6 +57,7 @@ from .auth import job_auth, listen_host
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
 from .runtime import pick_backend
+from .server import make_host
 from .transport import Transport
 
 _WRAPS = itertools.count()  # the k-th wrap of a process meets the k-th of the others
@@ -152,6 +153,8 @@ class Relaxed:
                             max_frame=self.opts.max_frame(2 * flat.numel()
                                                           * flat.element_size()))
         self.ex = Executor(self.algo, self.w, self.tr, self.opts, groups, device)
+        self.ex.server_host = make_host(self.algo, self.w, self.n, self.rank, self.tr,
+                                        self.ex.counts)
         from torch.distributed import distributed_c10d
 
         self.tr.start(distributed_c10d._get_default_store(), listen_host(self.opts),
@@ -182,7 +185,8 @@ class Relaxed:
             off += k
 
     def _on_message(self, src: int, msg: tuple) -> None:
-        if self.ex.on_message(src, msg):
+        host = self.ex.server_host
+        if (host is not None and host.on_message(src, msg)) or self.ex.on_message(src, msg):
             return
         if msg[0] == "done":
             self.done_from.add(src)
