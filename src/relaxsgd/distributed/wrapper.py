@@ -257,9 +257,11 @@ class Relaxed:
         self.finished = True
 
     def stats(self) -> dict[str, Any]:
-        """This worker's communication and the algorithm's counters so far."""
+        """This worker's communication and the algorithm's counters so far
+        (``server_bytes``: the parameter server's replies, on rank 0 that hosts it)."""
         c = self.ex.counts
         return {"step": self.w.step, "bytes_sent": c.bytes, "messages": c.messages,
+                "server_bytes": c.server_bytes,
                 "wire_bytes": c.wire + self.tr.wire_bytes, "stall_s": self.ex.stall,
                 "counters": dict(self.w.counters),
                 "time_s": time.perf_counter() - self.ex.t0}
