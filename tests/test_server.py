@@ -103,3 +103,53 @@ def test_the_server_link_can_be_set_apart_from_the_workers() -> None:
     received = t0 + up / bw + slat + (n - 1) * up / sbw
     assert times[n - 1][1] == pytest.approx(received + c + n * down / sbw + slat, abs=1e-12)
     assert out.result["network_model"]["server"] == {"latency_s": slat, "bandwidth_Bps": sbw}
+
+
+class _Wire:
+    """A stand-in for the transport: records what the server host sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, tuple]] = []
+        self.on_dead: list[Any] = []
+
+    def send(self, peer: int, msg: tuple, done: Any = None) -> int:
+        self.sent.append((peer, msg))
+        return 0
+
+
+def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules() -> None:
+    """Rank 0's host (relaxsgd.distributed.server): a round is served when its n uploads
+    are in; an upload of another round, a second one, or one not of the workers' form (a
+    hostile size that would allocate) is refused before it is kept."""
+    from relaxsgd.compress.topk import SparsePayload
+    from relaxsgd.distributed.collectives import Counts, DHandle
+    from relaxsgd.distributed.server import ServerHost
+    from relaxsgd.distributed.wire import WireError
+
+    d, n = 20, 3
+    topk = make_compressor("topk:k=4")
+    host = ServerHost(ParameterServer(topk, topk, True, 0), d, None, n, _Wire(), Counts())
+    msgs = [topk.compress(torch.randn(d), {}, None)[0] for _ in range(n)]
+    mine = DHandle("rank 0")
+    host.upload(0, 0, msgs[0], 32.0, local=mine)
+    assert host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
+    assert not mine.done and not host.tr.sent
+    with pytest.raises(WireError, match="round 1 while the parameter server is at round 0"):
+        host.on_message(2, ("msg", ("ps", 1), (msgs[2], 32.0)))
+    with pytest.raises(WireError, match="a second upload"):
+        host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
+    huge = SparsePayload(msgs[2].values, msgs[2].indices, 1 << 40)
+    with pytest.raises(WireError, match="not of the form of the workers' SparsePayload"):
+        host.on_message(2, ("msg", ("ps", 0), (huge, 32.0)))
+    bad = SparsePayload(msgs[2].values, msgs[2].indices + 1000, d)
+    with pytest.raises(WireError, match="does not decode"):
+        host.on_message(2, ("msg", ("ps", 0), (bad, 32.0)))
+    assert not host.on_message(2, ("msg", "other", 1))  # not an upload: not the server's
+    host.on_message(2, ("msg", ("ps", 0), (msgs[2], 32.0)))
+    # served: the reply that the simulator's server computes, to every worker
+    ref = ParameterServer(topk, topk, True, 0)
+    want = ref.serve(ref.init_state(d), msgs)
+    assert mine.done and torch.equal(mine.value.values, want.values)
+    assert [(p, m[1]) for p, m in host.tr.sent] == [(1, ("ps", 0)), (2, ("ps", 0))]
+    assert torch.equal(host.tr.sent[0][1][2].indices, want.indices)
+    assert host.round == 1 and host.counts.server_bytes == 3 * 32
