@@ -111,6 +111,7 @@ class _Wire:
     def __init__(self) -> None:
         self.sent: list[tuple[int, tuple]] = []
         self.on_dead: list[Any] = []
+        self.dead: dict[int, str] = {}
 
     def send(self, peer: int, msg: tuple, done: Any = None) -> int:
         self.sent.append((peer, msg))
@@ -153,3 +154,11 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     assert [(p, m[1]) for p, m in host.tr.sent] == [(1, ("ps", 0)), (2, ("ps", 0))]
     assert torch.equal(host.tr.sent[0][1][2].indices, want.indices)
     assert host.round == 1 and host.counts.server_bytes == 3 * 32
+
+    # a worker lost before rank 0 uploads: rank 0's wait fails at once, naming it
+    host.tr.dead[2] = "its connection closed"
+    host.upload(1, 1, msgs[1], 32.0)
+    late = DHandle("rank 0, round 1")
+    host.upload(0, 1, msgs[0], 32.0, local=late)
+    assert late.done and "lost worker 2, so the parameter server cannot complete round 1" \
+        in str(late.error)

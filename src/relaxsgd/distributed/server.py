@@ -112,6 +112,9 @@ class ServerHost:
             if local is not None:
                 self.local = local
             if len(self.uploads) < self.n:
+                lost = [r for r in sorted(self.tr.dead) if r not in self.uploads]
+                if lost and self.local is not None:  # lost before this round began
+                    self._fail_local(lost[0], self.tr.dead[lost[0]])
                 return
             got, self.uploads = self.uploads, {}
             local, self.local = self.local, None
@@ -133,10 +136,14 @@ class ServerHost:
     def _peer_dead(self, peer: int, why: str) -> None:
         """A worker lost: the current round can never complete on rank 0."""
         with self.lock:
-            local = self.local if peer not in self.uploads else None
-        if local is not None:
-            local.fail(PeerLost(f"lost worker {peer}, so the parameter server cannot "
-                                f"complete round {self.round}: {why}"))
+            if peer not in self.uploads:
+                self._fail_local(peer, why)
+
+    def _fail_local(self, peer: int, why: str) -> None:
+        """Fail rank 0's wait for the current round (under the lock)."""
+        if self.local is not None:
+            self.local.fail(PeerLost(f"lost worker {peer}, so the parameter server cannot "
+                                     f"complete round {self.round}: {why}"))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
