@@ -3,10 +3,12 @@
 Runs ``relaxsgd run``'s (and ``compare``'s) default job (``relaxsgd.defaults``: MNIST-1D with
 its CNN on 10,000 samples, 16 workers, ``wan``, 50 ms of virtual time per local step, 30
 epochs, lr 0.1, momentum 0.9) for Local SGD (p = 8), SwarmSGD and OLCO3 with their
-defaults, and OLCO3 with the other configurations it was compared with. Deterministic
-(virtual time), so the figures do not depend on the machine; the README quotes them.
+defaults, and OLCO3 with the other configurations it was compared with: the parameter
+server (``ps``) at its real cost, one hop each way (``relaxsgd.sim.server``), against
+all-reduce aggregation at gloo's. Deterministic (virtual time), so the figures do not
+depend on the machine; the README quotes them.
 
-    python benchmarks/default_job.py          # 8 runs, 30-60 min on 2 cores under load
+    python benchmarks/default_job.py          # 12 runs, 10-15 min each on 2 cores under load
     python benchmarks/default_job.py --quick  # 3 epochs: a smoke test of the script
 """
 
@@ -19,16 +21,20 @@ from relaxsgd.config import from_dict
 from relaxsgd.defaults import algorithm_options, fill_defaults
 from relaxsgd.run import prepare, simulate
 
-TOPK, PSGD = "topk:ratio=0.01", "powersgd:rank=2"
+TOPK, TOPK5, PSGD = "topk:ratio=0.01", "topk:ratio=0.05", "powersgd:rank=2"
 RUNS: list[tuple[str, dict[str, Any]]] = [
     ("localsgd", {}),
     ("swarm", {}),
-    ("olco3", {}),  # the default: top-k 1% through a parameter server, p = 4, s = 1
-    ("olco3", {"p": 8, "s": 2, "compressor": TOPK, "aggregation": "ps"}),
-    ("olco3", {"p": 8, "s": 1, "compressor": TOPK, "aggregation": "allreduce"}),
-    ("olco3", {"p": 4, "s": 1, "compressor": PSGD, "aggregation": "allreduce"}),
-    ("olco3", {"p": 8, "s": 1, "compressor": PSGD, "aggregation": "allreduce"}),
-    ("olco3", {"p": 8, "s": 2, "compressor": PSGD, "aggregation": "allreduce"}),
+    ("olco3", {}),  # the default job's: top-k 5% through the parameter server, p = 4, s = 1
+    ("olco3", {"compressor": TOPK5, "s": 0}),
+    ("olco3", {"compressor": "topk:ratio=0.1"}),
+    ("olco3", {"compressor": TOPK}),  # the module's default: top-k 1%, ps, p = 4, s = 1
+    ("olco3", {"compressor": TOPK, "s": 0}),
+    ("olco3", {"compressor": TOPK, "p": 2}),
+    ("olco3", {"compressor": TOPK, "p": 8, "s": 2}),
+    ("olco3", {"compressor": TOPK, "p": 8, "s": 1, "aggregation": "allreduce"}),
+    ("olco3", {"compressor": PSGD, "p": 4, "s": 1, "aggregation": "allreduce"}),
+    ("olco3", {"compressor": PSGD, "p": 8, "s": 2, "aggregation": "allreduce"}),
 ]
 
 
@@ -37,7 +43,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 epochs instead of 30")
     args = ap.parse_args()
     print(f"{'algorithm':<10} {'options':<62} {'acc':>6} {'acc w0':>6} {'vtime s':>8} "
-          f"{'MB/worker':>9}")
+          f"{'stall s':>8} {'MB/worker':>9}")
     for algo, opts in RUNS:
         d = fill_defaults({"algo": algo, **({"epochs": 3} if args.quick else {})})
         d["algo_options"] = {**algorithm_options(algo), **opts}
@@ -45,6 +51,7 @@ def main() -> None:
         f = res["final"]
         print(f"{algo:<10} {str(opts or '(defaults)'):<62} {f['accuracy_mean_model']:>6.4f} "
               f"{f['accuracy_worker0']:>6.4f} {f['virtual_time_s']:>8.1f} "
+              f"{f['stall_time_s_mean']:>8.1f} "
               f"{f['bytes_sent_total'] / res['workers'] / 1e6:>9.2f}", flush=True)
 
 

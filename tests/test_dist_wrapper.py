@@ -31,7 +31,9 @@ BASE: dict[str, Any] = {
 }
 CASES = [("allreduce", {}), ("localsgd", {"p": 4, "average_momentum": True}),
          ("olco3", {"s": 1, "compressor": "powersgd:rank=1", "aggregation": "allreduce"}),
-         ("pipesgd", {})]  # olco3's default aggregation is ps since issue 11: pinned
+         # the parameter server on a thread of rank 0, inside the user's own loop
+         ("olco3", {"s": 1, "compressor": "topk:ratio=0.25", "aggregation": "ps"}),
+         ("pipesgd", {})]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -91,7 +93,7 @@ def test_user_loop_with_the_wrapper_gives_the_parameters_of_relaxsgd_run(tmp_pat
         torch.testing.assert_close(X, sim.bank.X, rtol=1e-5, atol=2e-6, msg=d["algo"])
         assert all(g["refused"] for g in got)  # a step beyond total_steps is an error
         assert all(g["stats"]["step"] == d["steps"] for g in got)
-        assert (sum(g["stats"]["bytes_sent"] for g in got)
+        assert (sum(g["stats"]["bytes_sent"] + g["stats"]["server_bytes"] for g in got)
                 == sim.result["final"]["bytes_sent_total"])
 
 

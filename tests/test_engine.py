@@ -11,7 +11,6 @@ import torch
 
 from relaxsgd.algorithms.base import (
     Algorithm,
-    AllGather,
     AllReduce,
     Checkpoint,
     Compute,
@@ -21,6 +20,7 @@ from relaxsgd.algorithms.base import (
     Recv,
     Reply,
     Send,
+    ServerRound,
     Sleep,
     Spawn,
     Wait,
@@ -37,12 +37,27 @@ class _NoOptions:
     pass
 
 
-def run_program(body: Any, handler: Any = None, **over: Any) -> Any:
-    """Run ``body(self, w)`` as every worker's program; returns the SimOutcome."""
+class _GatherServer:
+    """A parameter server whose reply is the list of the round's uploads, with a state."""
+
+    def init_state(self, numel: int, layout: Any = None) -> dict[str, Any]:
+        return {"round": 0}
+
+    def serve(self, state: dict[str, Any], payloads: list[Any]) -> Any:
+        state["round"] += 1
+        return list(payloads)
+
+
+def run_program(body: Any, handler: Any = None, server: Any = None, **over: Any) -> Any:
+    """Run ``body(self, w)`` as every worker's program (``server``: the algorithm's
+    parameter server); returns the SimOutcome."""
 
     class Probe(Algorithm):
         name = "probe"
         Config = _NoOptions
+
+        def server(self) -> Any:
+            return server
 
         def program(self, w: Any) -> Any:
             return body(self, w)
@@ -170,10 +185,10 @@ def test_send_recv_spawn_and_allgather() -> None:
         h = yield Spawn(side())
         yield Compute(w.total_steps)
         v = yield Wait(h)
-        everyone = yield AllGather(w.rank, nbytes=4, pattern="ps", down_nbytes=16)
+        everyone = yield ServerRound(w.rank, nbytes=4, down_nbytes=16)
         got[w.rank] = (v, everyone)
 
-    run_program(body)
+    run_program(body, server=_GatherServer())
     for r in range(4):
         assert got[r] == (((r - 1) % 4) * 10 + 1, [0, 1, 2, 3])
 

@@ -128,7 +128,7 @@ def test_stall_is_zero_exactly_when_the_network_delivers_within_s_rounds(
               steps=p * rounds, network="custom",
               network_options={"latency_s": latency, "bandwidth_Bps": 1e9})
     net = make_network_config("custom", latency_s=latency, bandwidth_Bps=1e9)
-    lat_s, tx_s, _ = allgather_cost(net, n, [8 * 4] * n, "ring")  # top-4: values + indices
+    lat_s, tx_s = allgather_cost(net, n, [8 * 4] * n)  # top-4: values + indices
     want = expected_stall(rounds, p * step, lat_s, tx_s, s)
     assert out.result["final"]["stall_time_s_mean"] == pytest.approx(want, abs=1e-9)
     # s rounds of staleness hide an aggregation up to s rounds long (several in flight)
@@ -145,7 +145,7 @@ def test_drain_waits_and_every_worker_ends_on_the_shared_model() -> None:
     assert out.result["final"]["stall_time_s_mean"] > 0  # the drain waited
 
 
-def test_ps_mode_costs_a_real_server_and_replicates_its_state() -> None:
+def test_ps_mode_costs_a_real_server_and_keeps_its_state_there() -> None:
     n, steps, p = 4, 12, 3
     out = sim("olco3", {"p": p, "s": 1, "compressor": "topk:k=5", "aggregation": "ps",
                         "server_compressor": "topk:k=7", "compression_compensation": False},
@@ -153,10 +153,11 @@ def test_ps_mode_costs_a_real_server_and_replicates_its_state() -> None:
     rounds = steps // p
     assert out.result["final"]["payload_bytes"] == rounds * n * 8 * 5
     assert out.engine.server_bytes == rounds * n * 8 * 7
-    X = out.bank.X  # drained, no CC: every worker holds the replicated server's model
+    X = out.bank.X  # drained, no CC: every worker holds the server's model
     assert all(torch.equal(X[0], X[r]) for r in range(1, n))
-    srv = [w.state["agg"]["server"]["residual"] for w in out.workers]
-    assert all(torch.equal(srv[0], e) for e in srv[1:]) and float(srv[0].norm()) > 0
+    assert out.engine.server_state["round"] == rounds
+    assert float(out.engine.server_state["ef"]["residual"].norm()) > 0
+    assert all("server" not in w.state["agg"] for w in out.workers)  # it is the server's
 
 
 def test_config_errors_are_one_line() -> None:
@@ -228,7 +229,7 @@ def test_ps_mode_matches_an_independent_reference(comp: str, s: int, sc: bool,
         "staleness_compensation": sc, "compression_compensation": cc})
     X = olco3_reference(ref, COMPRESSORS[comp], p, s, sc, cc, ps=True, rounds=rounds)
     out = ref.check(X)
-    srv = out.workers[0].state["agg"]["server"]["residual"]
+    srv = out.engine.server_state["ef"]["residual"]
     assert float(srv.norm()) > 1e-3  # the server's compression did bite
 
 
@@ -245,10 +246,22 @@ def test_allreduce_mode_with_topk_matches_the_reference(s: int, sc: bool, cc: bo
     ref.check(X)
 
 
-def _ps(opts: dict[str, Any], steps: int = 13) -> tuple[Any, Any]:
+def _ps(opts: dict[str, Any], steps: int = 13,
+        residuals: list[torch.Tensor] | None = None) -> tuple[Any, Any]:
+    """A ps-mode run; ``residuals`` receives the server's residual after every round."""
     prep = prepare(tiny(algo="olco3", steps=steps, train=MOMENTUM, split="shards",
                         algo_options={"p": 2, "compressor": "topk:ratio=0.1",
                                       "aggregation": "ps", **opts}))
+    if residuals is not None:
+        ps = prep.algo.server()
+        serve = ps.serve
+
+        def recording(state: dict[str, Any], payloads: list[Any]) -> Any:
+            reply = serve(state, payloads)
+            residuals.append(ps.residual(state).clone())
+            return reply
+
+        ps.serve = recording
     return prep, simulate(prep)
 
 
@@ -256,16 +269,20 @@ def _ps(opts: dict[str, Any], steps: int = 13) -> tuple[Any, Any]:
 @pytest.mark.parametrize("drain", [True, False])
 def test_ps_mean_model_is_the_delay_free_trajectory_plus_the_servers_residual(
         s: int, drain: bool) -> None:
-    prep, out = _ps({"s": s, "drain": drain})
+    history: list[torch.Tensor] = []
+    prep, out = _ps({"s": s, "drain": drain}, residuals=history)
     torch.manual_seed(prep.cfg.seed)
     x0, _ = flat_params(prep.spec.model_fn())
     u = torch.stack([w.state["update_sum"] for w in out.workers]).mean(0)
-    E = out.workers[0].state["server_residual"]  # E^(k-s): of the last applied round
+    assert len(history) == 7  # 13 steps, p = 2
+    # E^(k-s): of the last applied round (after the drain: the server's latest residual)
+    E = history[-1] if drain else history[-1 - s]
     assert float(E.norm()) > 1e-3
     gap = out.bank.X.mean(0) - (x0 - u)
     torch.testing.assert_close(gap, E, rtol=0, atol=2e-6)
-    if drain:  # after the drain, that is the server's latest residual
-        torch.testing.assert_close(E, out.workers[0].state["agg"]["server"]["residual"])
+    torch.testing.assert_close(history[-1], out.engine.server_state["ef"]["residual"])
+    # the workers never receive E without server compensation
+    assert float(out.workers[0].state["server_residual"].norm()) == 0
     # with server compensation the gap closes, and the models are identity-server's
     prep, comp = _ps({"s": s, "drain": drain, "server_compensation": True})
     assert delay_free_gap(comp, prep) < 2e-6

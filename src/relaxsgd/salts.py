@@ -13,7 +13,7 @@ DATA = 1  # a worker's data sampler (bank.Bank)
 ALGO = 2  # worker.rng: the algorithm's per-worker stream (worker.LocalWorker, dist wrapper)
 AUGMENT = 11  # data augmentation, e.g. CIFAR-10 crops and flips (bank.Bank)
 SWARM_HANDLER = 12  # SwarmSGD: the stochastic rounding of replies made in a handler
-SERVER = 7_777  # the replicated parameter server's stream (algorithms.efsgd.Aggregator)
+SERVER = 7_777  # the parameter server's stream (algorithms.server.ParameterServer)
 SWARM_PLAN = 0x5A4A  # SwarmSGD's sequential edge stream (numpy, [seed, salt], not per rank)
 
 ALL = {"DATA": DATA, "ALGO": ALGO, "AUGMENT": AUGMENT, "SWARM_HANDLER": SWARM_HANDLER,

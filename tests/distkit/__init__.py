@@ -1,7 +1,7 @@
 """Helpers for testing and benchmarking the distributed runtime on one machine.
 
 - :class:`Probe`: a test algorithm that uses EVERY effect of the effect model (blocking and
-  non-blocking all-reduce of a tensor and of a list, all-gather ring and parameter server,
+  non-blocking all-reduce of a tensor and of a list, all-gather, a parameter server's round,
   send/recv, exchange answered at once and deferred to a step boundary, a spawned
   PowerSGD aggregation with two all-reduces, wait on lists, sleep, now), arranged with
   barriers so that its result does not depend on timing: the simulator and the
@@ -49,6 +49,7 @@ from relaxsgd.algorithms.base import (
     Recv,
     Reply,
     Send,
+    ServerRound,
     Sleep,
     Spawn,
     Wait,
@@ -83,6 +84,19 @@ class Probe(Algorithm):
         # (for parity), so it is the copy published at a fixed point of the round
         return Deferred(lambda w: Reply(w.state["pub2"].clone(), nbytes))
 
+    def server(self) -> Any:
+        """A parameter server that replies the mean of the uploads (2 parameters each, no
+        compression)."""
+        from relaxsgd.algorithms.server import ParameterServer
+        from relaxsgd.compress.spec import make_compressor
+
+        class SliceServer(ParameterServer):
+            def init_state(self, numel: int, layout: Any = None) -> dict[str, Any]:
+                return super().init_state(2)
+
+        ident = make_compressor("identity")
+        return SliceServer(ident, ident, False, self.info.seed)
+
     def program(self, w: Worker) -> Program:
         from relaxsgd.compress.spec import make_compressor
 
@@ -112,8 +126,8 @@ class Probe(Algorithm):
             if [g["r"] for g in gathered] != list(range(n)):
                 raise AssertionError(f"all-gather out of rank order: {gathered}")
             w.params[:2].copy_(torch.stack([g["v"] for g in gathered]).mean(0))
-            ps = yield AllGather(w.params[2:4].clone(), 8, pattern="ps", down_nbytes=8)
-            w.params[2:4].copy_(torch.stack(ps).mean(0))
+            ps = yield ServerRound(w.params[2:4].clone(), 8, 8)
+            w.params[2:4].copy_(ps)
             hs = yield Spawn(comp.mean(w.params.clone(), cstate, w.rng))
             g = yield Grad()
             w.apply_grad(g)

@@ -21,8 +21,14 @@ Effects (``result = yield Effect(...)``):
 - :class:`AllGather` ``(payload, nbytes)``: the list of every worker's payload, by rank.
   Payloads (here and in Send/Exchange) are what the distributed runtime's wire format
   encodes (:mod:`relaxsgd.distributed.wire`: None, numbers, str, bytes, lists, tuples, dicts,
-  tensors and registered payload dataclasses; never pickle). ``pattern="ring"`` or
-  ``"ps"`` (through a parameter server, whose reply of ``down_nbytes`` is broadcast).
+  tensors and registered payload dataclasses; never pickle).
+- :class:`ServerRound` ``(payload, nbytes, down_nbytes)``: upload a message to the run's
+  parameter server (:meth:`Algorithm.server`, :mod:`relaxsgd.algorithms.server`); the
+  result is the server's reply of that round, once every worker's upload of the round has
+  arrived (the k-th ServerRound of every worker is round k). One hop each way: the
+  simulator charges a latency up, the uploads serialised through the server's link, the
+  server's compute, the n replies serialised out of its link and a latency down; the
+  distributed runtime runs the server on a thread of rank 0.
 - :class:`Send` ``(peer, payload, nbytes, tag)``: one-way message into the peer's inbox;
   resolves when it has left the sender's link. :class:`Recv` ``(src, tag)`` waits for it.
 - :class:`Exchange` ``(peer, payload, nbytes)``: request/response; the peer's
@@ -110,8 +116,15 @@ class AllReduce(Effect):
 class AllGather(Effect):
     payload: Any
     nbytes: int
-    pattern: str = "ring"  # "ring" | "ps"
-    down_nbytes: int | None = None  # "ps": size of the server's broadcast reply
+    pattern: str = "ring"  # the only one: a ring (a server is ServerRound's)
+    blocking: bool = True
+
+
+@dataclass
+class ServerRound(Effect):
+    payload: Any
+    nbytes: int
+    down_nbytes: int  # the size of the server's reply to each worker, as it travels
     blocking: bool = True
 
 
@@ -289,6 +302,13 @@ class Algorithm:
     def program(self, w: Worker) -> Program:
         """The worker's main program: must do exactly ``w.total_steps`` local steps."""
         raise NotImplementedError
+
+    def server(self) -> Any:
+        """The run's parameter server (a :class:`relaxsgd.algorithms.server.ParameterServer`
+        or an object with its ``init_state(numel, layout)`` and ``serve(state, payloads)``),
+        or None when the workers never yield :class:`ServerRound`. Called once per run by
+        the runtime that hosts the server."""
+        return None
 
     def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
         """Answer an :class:`Exchange` from ``src``; runs on ``w`` when it arrives."""

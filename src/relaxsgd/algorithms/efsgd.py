@@ -17,10 +17,9 @@ all-reduces, or a ring all-gather of the payloads otherwise (top-k, sign, QSGD: 
 messages cannot be summed). ``aggregation: ps`` goes through a parameter server: workers
 upload their payloads, the server averages them, compresses the mean with
 ``server_compressor`` (default: the workers' compressor) and its own error feedback
-(``server_error_feedback``), and broadcasts that reply. The server's computation is
-replicated: every worker runs it on the gathered payloads with identical state and seeds,
-so no extra process is needed, while bytes and time are costed as a real parameter server
-incurs them (uploads through, and ``n`` replies out of, the server's link).
+(``server_error_feedback``), and sends that reply to every worker. The server is real
+(:mod:`.server`: one definition; a node with its own link in the simulator, a thread of
+rank 0 in the distributed runtime): its state lives there, not on the workers.
 
 Bytes are those of the encoded payloads (``Compressor.nbytes``); the counter
 ``payload_bytes`` adds up the size of every message a worker contributes (32 bits per
@@ -36,7 +35,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import salts
 from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 from ..compress.spec import make_compressor
@@ -51,22 +49,22 @@ from .base import (
     Grad,
     Handle,
     Program,
+    ServerRound,
     Spawn,
     Wait,
     Worker,
 )
+from .server import ParameterServer
 
 AGGREGATIONS = ("allreduce", "ps")
-SALT_SERVER = salts.SERVER
 
 
 @register_state_type
 class Delivered(NamedTuple):
     """What a finished aggregation gives: the aggregate, this worker's own decoded message,
     its error-feedback residual after the message (None without error feedback), and in ps
-    mode with server error feedback the server's residual after this round (what the
-    server's compression has held back so far; it reaches the workers, and is billed on the
-    downlink, only with ``server_compensation``)."""
+    mode with ``server_compensation`` the server's residual after this round (what the
+    server's compression has held back so far, billed on the downlink; None otherwise)."""
 
     mean: Tensor
     own: Tensor
@@ -118,15 +116,14 @@ class Aggregator:
     """Compressed aggregation with error feedback, started non-blocking from a worker program.
 
     Per-worker state lives in a dict of tensors and ints (``init_state``; checkpointable):
-    the compressor's (with the error-feedback residual), and in ps mode the replicated
-    server's (its residual, and a round counter that seeds its generator identically on
-    every worker). An aggregation of one collective (all-reduce, or all-gather without a
-    server) starts at once, so several are in flight together (each spawn runs on its own
-    process group in the distributed runtime) and s rounds of staleness can hide an
-    aggregation up to s rounds long; one with state that must advance in order (the
-    server's, in ps mode) or of several collectives (PowerSGD's protocol) is chained
-    behind the worker's previous one (FIFO), so that all workers issue their collectives
-    in the same order.
+    the compressor's (with the error-feedback residual); in ps mode the server's state is
+    the server's own (:attr:`ps`, hosted by the runtime). An aggregation of one collective
+    (all-reduce, or all-gather without a server) starts at once, so several are in flight
+    together (each spawn runs on its own process group in the distributed runtime) and s
+    rounds of staleness can hide an aggregation up to s rounds long; a server round (its
+    state advances round by round) or one of several collectives (PowerSGD's protocol) is
+    chained behind the worker's previous one (FIFO), so that every worker issues them in
+    the same order.
     """
 
     def __init__(self, inner: Compressor, error_feedback: bool, aggregation: str = "allreduce",
@@ -138,11 +135,10 @@ class Aggregator:
         self.mode = aggregation
         self.protocol = aggregation == "allreduce" and uses_protocol(inner)
         self.server = server
-        self.server_wire = (ErrorFeedback(server) if server is not None and server_error_feedback
-                            else server)
-        self.seed = seed
-        # ps: the server's residual travels with every reply (dense float32, billed)
-        self.send_server_residual = server_compensation
+        # ps: the server (the runtime hosts it); with server_compensation its residual
+        # travels with every reply (dense float32, billed)
+        self.ps = (ParameterServer(inner, server, server_error_feedback, seed,
+                                   server_compensation) if server is not None else None)
         # Per worker: its latest aggregation, for the FIFO chain. Not checkpointed, on
         # purpose: at a checkpoint every spawn has finished (the runtime waits for the
         # handles in w.state and refuses to save with a spawn running), and waiting for a
@@ -159,15 +155,8 @@ class Aggregator:
                                        self.inner.init_state(numel, layout, device),
                                        torch.Generator().manual_seed(0))
         st["msg_nbytes"] = self.inner.nbytes(probe)  # sizes do not depend on the values
-        if self.server_wire is not None:
-            st["server"] = self.server_wire.init_state(numel, layout, device)
-            sprobe, _ = self.server.compress(torch.zeros(numel, device=device),
-                                             self.server.init_state(numel, layout, device),
-                                             torch.Generator().manual_seed(0))
-            st["down_nbytes"] = self.server.nbytes(sprobe)
-            if self.send_server_residual:
-                st["down_nbytes"] += 4 * numel  # the residual, in full precision
-            st["server_round"] = 0  # seeds the server's generator, the same on every worker
+        if self.ps is not None:
+            st["down_nbytes"] = self.ps.reply_nbytes(numel, layout)
         return st
 
     def residual(self, st: dict[str, Any]) -> Tensor | None:
@@ -212,28 +201,16 @@ class Aggregator:
               nb: int, prev: Handle | None) -> Program:
         if prev is not None:
             yield Wait(prev)
-        if self.mode == "ps":
-            payloads = yield AllGather(payload, nbytes=nb, pattern="ps",
-                                       down_nbytes=st["down_nbytes"])
-            reply, server_res = self._serve(st, payloads)
-            return Delivered(reply, own, res, server_res)
+        if self.ps is not None:
+            reply = yield ServerRound(payload, nb, st["down_nbytes"])
+            mean, server_res = self.ps.decode(reply)
+            return Delivered(mean, own, res, server_res)
         if self.inner.summable:
             mean = yield AllReduce(own, nbytes=nb)
         else:
             payloads = yield AllGather(payload, nbytes=nb)
             mean = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
         return Delivered(mean, own, res)
-
-    def _serve(self, st: dict[str, Any], payloads: list[Any]) -> tuple[Tensor, Tensor | None]:
-        """The (replicated) parameter server: average, compress with its own error feedback;
-        returns the decoded reply and the server's residual after it (None without EF)."""
-        agg = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
-        gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + SALT_SERVER * 7_919 + st["server_round"]) % 2**62)
-        st["server_round"] += 1
-        reply, st["server"] = self.server_wire.compress(agg, st["server"], gen)
-        res = st["server"]["residual"] if isinstance(self.server_wire, ErrorFeedback) else None
-        return self.server_wire.decompress(reply), None if res is None else res.clone()
 
     def _protocol(self, w: Worker, st: dict[str, Any], x: Tensor, prev: Handle | None
                   ) -> Program:
@@ -292,6 +269,10 @@ class CompressedAlgorithm(Algorithm):
 
     def init_worker(self, w: Worker) -> None:
         w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout, w.params.device)
+
+    def server(self) -> ParameterServer | None:
+        """The parameter server of ``aggregation: ps`` (None otherwise)."""
+        return self.agg.ps
 
 
 @dataclass(frozen=True)

@@ -94,11 +94,10 @@ class OLCO3Config(CompressionOptions):
     xg - E - ..., so the mean model is the delay-free trajectory again (see the module
     docstring for what that costs)."""
 
-    # Defaults: the best of the configurations measured in relaxsgd compare's default job
-    # (MNIST-1D CNN, 16 workers, wan, 30 epochs; see the README's Algorithms section):
-    # top-k 1% through a parameter server (OLCO3-TC), p = 4, s = 1 reached 0.9465 in 23.6
-    # virtual s; PowerSGD rank 2 by all-reduce (OLCO3-VQ) 0.9355 in 284 s; p = 8, s = 2
-    # top-k 0.938.
+    # Defaults: top-k 1% through a parameter server (OLCO3-TC), p = 4, s = 1: in relaxsgd
+    # compare's default job (MNIST-1D CNN, 16 workers, wan, 30 epochs; the README's
+    # Algorithms section) 0.9465 in 23.6 virtual s with the server's real cost (one hop
+    # each way). The default job itself uses top-k 5% (relaxsgd.defaults: 0.959 in 23.7 s).
     compressor: str = "topk:ratio=0.01"
     aggregation: str = "ps"
     p: int = 4
@@ -137,7 +136,8 @@ class OLCO3(CompressedAlgorithm):
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)
         w.state["update_sum"] = w.params.new_zeros(w.params.numel())  # sum_k u_i^k
-        # ps mode: the server's residual after the last applied round, E^(k-s)
+        # ps mode with server_compensation: the server's residual after the last applied
+        # round, E^(k-s), as its replies carry it (zero otherwise: only the server holds E)
         w.state["server_residual"] = w.params.new_zeros(w.params.numel())
         w.state["xg"] = w.params.clone()  # the shared model, the same on every worker
         w.state["flight"] = []  # the rounds whose aggregation is not applied yet (_Round)

@@ -11,8 +11,8 @@ Communication schedule: one blocking aggregation per round, after the local step
 ``aggregation: allreduce`` gives the exact mean of the decoded messages (an all-reduce for
 summable compressors, PowerSGD's two all-reduces, an all-gather for top-k, sign, QSGD);
 ``aggregation: ps`` goes through a parameter server (the paper's master), whose reply is
-compressed by ``server_compressor`` with its own error feedback; the server's computation is
-replicated on every worker, costed as a real server would be (see ``efsgd``).
+compressed by ``server_compressor`` with its own error feedback (a real server, see
+``efsgd`` and ``server``).
 
 Metrics: ``ef_residual_norm`` (observation), ``payload_bytes`` (counter).
 """

@@ -173,17 +173,10 @@ def all_gather(eff: AllGather, n: int, rank: int, group: Any, counts: Counts,
            for r, (o, s) in enumerate(zip(outs, sizes, strict=True))]
     payloads = [g[0] for g in got]
     declared = [g[1] for g in got]
-    if eff.pattern == "ps":
-        counts.add(declared[rank], 1, (n - 1) * (top + 8))
-        if rank == 0:  # the server's broadcast, counted once for the job
-            down = eff.down_nbytes if eff.down_nbytes is not None else max(declared)
-            with counts._lock:
-                counts.server_bytes += n * down
-                counts.server_messages += n
-    elif eff.pattern == "ring":
-        counts.add((n - 1) / n * sum(declared), n - 1, (n - 1) * (top + 8))
-    else:
-        raise ValueError(f"unknown AllGather pattern {eff.pattern!r}; use ring or ps")
+    if eff.pattern != "ring":
+        raise ValueError(f"unknown AllGather pattern {eff.pattern!r}; use ring (a parameter "
+                         "server is the ServerRound effect)")
+    counts.add((n - 1) / n * sum(declared), n - 1, (n - 1) * (top + 8))
     return payloads
 
 

@@ -25,7 +25,8 @@ such a spawn. Spawns inside spawns may not issue collectives (their order would 
 timing).
 
 Point-to-point effects (Send, Recv, Exchange) and their messages are :mod:`.p2p`'s
-(:class:`~.p2p.PointToPoint`, a mixin of :class:`Executor`).
+(:class:`~.p2p.PointToPoint`, a mixin of :class:`Executor`); ServerRound is
+:mod:`.server`'s (a parameter server on a thread of rank 0).
 
 Faults. A collective waited for while any worker is known dead fails at once with
 :class:`PeerLost` naming it; one that takes longer than ``RELAXSGD_TIMEOUT`` fails naming
@@ -57,12 +58,14 @@ from ..algorithms.base import (
     Program,
     Recv,
     Send,
+    ServerRound,
     Sleep,
     Spawn,
     Wait,
 )
 from .collectives import Counts, DHandle, all_gather, all_reduce
 from .p2p import PointToPoint, finish_together, tell_abort
+from .server import ServerHost, server_round
 from .transport import PeerLost, Transport
 
 __all__ = ["Executor", "finish_together", "tell_abort"]
@@ -103,6 +106,8 @@ class Executor(PointToPoint):
         self.saver: Any = None  # a .saving.DistCheckpoints when the run checkpoints
         self.last_pos = 0.0  # the position of the main program's last safe point
         self.wall_offset = 0.0  # a resumed run's wall time before its checkpoint
+        self.server_seq = 0  # ServerRounds issued (the next one is that round)
+        self.server_host: ServerHost | None = None  # rank 0: the parameter server (.server)
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -192,6 +197,8 @@ class Executor(PointToPoint):
             h = self._recv(eff)
         elif isinstance(eff, Exchange):
             h = self._exchange(eff)
+        elif isinstance(eff, ServerRound):
+            h = server_round(self, eff)
         else:
             raise TypeError(f"unknown effect {eff!r}")
         return self._block(h, ctx) if eff.blocking else h
@@ -330,5 +337,4 @@ class Executor(PointToPoint):
 
 
 def _gather_program(eff: AllGather) -> Program:
-    return (yield AllGather(eff.payload, eff.nbytes, eff.pattern, eff.down_nbytes,
-                            blocking=True))
+    return (yield AllGather(eff.payload, eff.nbytes, eff.pattern, blocking=True))

@@ -61,6 +61,7 @@ from .process import (  # noqa: F401 - job_env, pick_backend: imported from here
     pick_backend,
     startup_report,
 )
+from .server import make_host
 from .transport import PeerLost, Transport
 from .wire import WireError
 
@@ -190,6 +191,7 @@ class _Job:
                             max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s)
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
+        self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
         self.done_from: set[int] = set()
         self.eval_wire = 0
         self.out = out if rank == 0 else None  # where rank 0 writes the outputs
@@ -211,6 +213,9 @@ class _Job:
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
+        host = self.ex.server_host
+        if host is not None and host.on_message(src, msg):
+            return
         if self.ex.on_message(src, msg):
             return
         if msg[0] == "snap":

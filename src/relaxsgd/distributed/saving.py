@@ -49,7 +49,8 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..errors import ConfigError, RelaxError
-from ..state_tree import pending_handles
+from ..state_tree import decode, pending_handles
+from ..state_tree import encode as ckpt_state
 from .collectives import DHandle, _on_work
 
 _NAME = re.compile(r"^checkpoint-rank(\d+)-at([0-9][0-9.e+-]*)\.pt$")
@@ -180,7 +181,10 @@ def executor_state(ex: Any) -> dict[str, Any]:
     return {"bytes": c.bytes, "messages": c.messages, "wire": c.wire + ex.tr.wire_bytes,
             "server_bytes": c.server_bytes, "server_messages": c.server_messages,
             "stall": ex.stall, "coll_seq": ex.coll_seq, "spawns": ex.spawns,
-            "wall": ex.now(), "last_pos": ex.last_pos}
+            "wall": ex.now(), "last_pos": ex.last_pos, "server_seq": ex.server_seq,
+            # rank 0: the parameter server's state (.server), saved like a worker's
+            "server": (ckpt_state(ex.server_host.state_dict())
+                       if ex.server_host is not None else None)}
 
 
 def restore(ck: dict[str, Any], ex: Any, bank: Any, eval_wire: float) -> None:
@@ -196,6 +200,11 @@ def restore(ck: dict[str, Any], ex: Any, bank: Any, eval_wire: float) -> None:
     ex.stall, ex.coll_seq, ex.spawns = s["stall"], int(s["coll_seq"]), int(s["spawns"])
     ex.last_pos = float(s["last_pos"])
     ex.wall_offset = float(s["wall"])
+    ex.server_seq = int(s["server_seq"])
+    if ex.server_host is not None:
+        if s["server"] is None:
+            raise ValueError("rank 0's checkpoint has no parameter server state")
+        ex.server_host.load_state_dict(decode(s["server"], done_handle, ex.device))
 
 
 # -- resuming --------------------------------------------------------------------------

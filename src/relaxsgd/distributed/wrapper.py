@@ -57,6 +57,7 @@ from .auth import job_auth, listen_host
 from .executor import Executor, finish_together, tell_abort
 from .options import STARTUP_S, from_env
 from .runtime import local_world_size, pick_backend
+from .server import make_host
 from .transport import Transport
 
 _WRAPS = itertools.count()  # the k-th wrap of a process meets the k-th of the others
@@ -153,6 +154,8 @@ class Relaxed:
                             max_frame=self.opts.max_frame(2 * flat.numel()
                                                           * flat.element_size()))
         self.ex = Executor(self.algo, self.w, self.tr, self.opts, groups, device)
+        self.ex.server_host = make_host(self.algo, self.w, self.n, self.rank, self.tr,
+                                        self.ex.counts)
         from torch.distributed import distributed_c10d
 
         from .auth import store_key
@@ -188,7 +191,8 @@ class Relaxed:
             off += k
 
     def _on_message(self, src: int, msg: tuple) -> None:
-        if self.ex.on_message(src, msg):
+        host = self.ex.server_host
+        if (host is not None and host.on_message(src, msg)) or self.ex.on_message(src, msg):
             return
         if msg[0] == "done":
             self.done_from.add(src)
@@ -259,9 +263,11 @@ class Relaxed:
         self.finished = True
 
     def stats(self) -> dict[str, Any]:
-        """This worker's communication and the algorithm's counters so far."""
+        """This worker's communication and the algorithm's counters so far
+        (``server_bytes``: the parameter server's replies, on rank 0 that hosts it)."""
         c = self.ex.counts
         return {"step": self.w.step, "bytes_sent": c.bytes, "messages": c.messages,
+                "server_bytes": c.server_bytes,
                 "wire_bytes": c.wire + self.tr.wire_bytes, "stall_s": self.ex.stall,
                 "counters": dict(self.w.counters),
                 "time_s": time.perf_counter() - self.ex.t0}

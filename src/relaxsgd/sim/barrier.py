@@ -31,6 +31,8 @@ class CheckpointBarrier:
     server_bytes: int
     server_messages: int
     _colls: dict[int, dict]
+    _rounds: dict[int, dict]
+    server_state: dict[str, Any] | None
     ckpt_at: float | None
     ckpt_every: float | None
     on_checkpoint: Any
@@ -91,7 +93,7 @@ class CheckpointBarrier:
         if not all(p.done or p.parked is not None for p in self.procs):
             return False
         busy = [p.w.rank for p in self.procs if p.live_spawns]
-        if busy or self._colls:
+        if busy or self._colls or self._rounds:
             raise Deadlock(f"a checkpoint cannot be taken: worker(s) {busy} still run a "
                            f"sub-program (or {len(self._colls)} collective(s) are "
                            f"unfinished) at their safe point; algorithm {self.algo.name!r} "
@@ -116,13 +118,16 @@ class CheckpointBarrier:
         """The engine's state at a checkpoint (plain data; see :mod:`relaxsgd.state_tree`)."""
         procs = [{"done": p.done, "finish_time": p.finish_time, "stall": p.stall,
                   "bytes_sent": p.bytes_sent, "messages": p.messages,
-                  "coll_seq": p.coll_seq, "last_pos": p.last_pos,
+                  "coll_seq": p.coll_seq, "server_seq": p.server_seq,
+                  "last_pos": p.last_pos,
                   "inbox": encode([(k, list(v)) for k, v in p.inbox.items() if v],
                                   f"worker {p.w.rank}'s inbox")}
                  for p in self.procs]
         return {"now": self.now, "server_bytes": self.server_bytes,
                 "server_messages": self.server_messages, "ckpt_at": self.ckpt_at,
                 "procs": procs, "link_free": list(self.net.link_free),
+                "server_in_free": self.net.server_in_free,
+                "server": encode(self.server_state, "the parameter server's state"),
                 "net_rng": encode(self.net.rng.getstate()),
                 "compute_rngs": [encode(r.getstate()) for r in self.compute.rngs]}
 
@@ -137,9 +142,12 @@ class CheckpointBarrier:
             p.done, p.finish_time, p.stall = bool(q["done"]), q["finish_time"], q["stall"]
             p.bytes_sent, p.messages = q["bytes_sent"], q["messages"]
             p.coll_seq, p.last_pos = q["coll_seq"], q["last_pos"]
+            p.server_seq = int(q["server_seq"])
             p.inbox = {tuple(k) if isinstance(k, list) else k: deque(v)
                        for k, v in decode(q["inbox"], done_handle)}
         self.net.link_free = [float(x) for x in s["link_free"]]
+        self.net.server_in_free = float(s["server_in_free"])
+        self.server_state = decode(s["server"], done_handle)
         self.net.rng.setstate(_random_state(decode(s["net_rng"], done_handle)))
         for r, st in zip(self.compute.rngs, s["compute_rngs"], strict=True):
             r.setstate(_random_state(decode(st, done_handle)))

@@ -1,7 +1,9 @@
 """What a collective costs on each backend: a latency part and a transmission part.
 
-``cost(cfg, kind, n, sizes)`` returns ``(latency_s, transmit_s, uses_server_link)`` for
-an all-reduce of ``max(sizes)`` bytes or an all-gather of payloads of ``sizes`` bytes.
+:func:`allreduce_cost` and :func:`allgather_cost` return ``(latency_s, transmit_s)`` for
+an all-reduce of ``nbytes`` or an all-gather of payloads of ``sizes`` bytes. (A parameter
+server is not a collective: :class:`~relaxsgd.algorithms.base.ServerRound`, costed by
+:meth:`.network.Network.to_server` / :meth:`~.network.Network.from_server`.)
 The network (:class:`.network.Network`) lets the latency parts of collectives in flight
 together overlap and makes their transmissions share the links.
 
@@ -29,8 +31,8 @@ the measured line ``a + b B`` for the run's own n, timed through the dist runtim
 executor (the whole effect: an AllGather's two gathers, copies and encoding included).
 All-gather: **2(n-1) latencies** (n=8: 0.368-0.394 s against 14L = 0.35) +
 ``(n-1) B_max / bandwidth`` (n=4, 4 MiB: 1.326 = 6L + 1.17 s against 1.26 s). The dist
-runtime's ``AllGather`` (any pattern, ``ps`` included) is two gloo all-gathers: the sizes
-(8 bytes), then the payloads padded to the largest.
+runtime's ``AllGather`` is two gloo all-gathers: the sizes (8 bytes), then the payloads
+padded to the largest.
 
 **nccl-ring** / **nccl-tree** (GPUs): NCCL's ring all-reduce is ``2(n-1)`` steps of one
 latency each with ``2(n-1)/n B`` per link; its tree all-reduce (double binary trees,
@@ -39,8 +41,7 @@ factor (NCCL's documentation, nccl-tests ``PERFORMANCE.md``: busBw = algBw x 2(n
 all-reduce, (n-1)/n for all-gather); all-gather is a ring, ``(n-1)`` latencies.
 
 **ideal**: the textbook costs the simulator used before: ring all-reduce ``2(n-1) L +
-2(n-1)/n B/bw`` (Patarasuk & Yuan 2009), ring all-gather ``(n-1) L + (n-1) B_max/bw``,
-parameter server ``2 L + (sum B_i + n B_down)/bw`` through the server's link.
+2(n-1)/n B/bw`` (Patarasuk & Yuan 2009), ring all-gather ``(n-1) L + (n-1) B_max/bw``.
 """
 
 from __future__ import annotations
@@ -79,25 +80,20 @@ def _allgather(cfg: Any, n: int, max_bytes: float, latencies: int) -> tuple[floa
         (n - 1) * max_bytes / cfg.bandwidth_Bps
 
 
-def allgather_cost(cfg: Any, n: int, sizes: list[int], pattern: str,
-                   down: float | None = None) -> tuple[float, float, bool]:
-    """(latency part, transmission part, uses the server's link) of an AllGather."""
+def allgather_cost(cfg: Any, n: int, sizes: list[int]) -> tuple[float, float]:
+    """(latency part, transmission part) of an AllGather of payloads of ``sizes`` bytes."""
     if n <= 1:
-        return 0.0, 0.0, False
+        return 0.0, 0.0
     if cfg.backend == "ideal":
-        lat, bw = cfg.latency_s, cfg.bandwidth_Bps
         o = cfg.overhead_s
-        if pattern == "ps":
-            d = down if down is not None else max(sizes)
-            return 2 * (lat + o), (sum(sizes) + n * d) / bw, True
-        return (n - 1) * (lat + o), (n - 1) * max(sizes) / bw, False
+        return (n - 1) * (cfg.latency_s + o), (n - 1) * max(sizes) / cfg.bandwidth_Bps
     fit = _fit(cfg, "allgather", n)
     if fit is not None:  # calibrated through the executor: the whole effect, both gathers
-        return fit[0], fit[1] * max(sizes), False
+        return fit[0], fit[1] * max(sizes)
     per_step = 2 if cfg.backend == "gloo" else 1
     a1, t1 = _allgather(cfg, n, SIZES_BYTES, per_step * (n - 1))
     a2, t2 = _allgather(cfg, n, max(sizes), per_step * (n - 1))
-    return a1 + t1 + a2, t2, False
+    return a1 + t1 + a2, t2
 
 
 def describe(cfg: Any, n: int) -> dict[str, Any]:
@@ -106,5 +102,5 @@ def describe(cfg: Any, n: int) -> dict[str, Any]:
     fits = {f"{k}@{m}": [a, b] for k, m, a, b in cfg.fits if m == n}
     return {"allreduce_latency_s": lat_ar,
             "allreduce_s_per_byte": allreduce_cost(cfg, n, 1.0)[1],
-            "allgather_latency_s": allgather_cost(cfg, n, [0], "ring")[0],
+            "allgather_latency_s": allgather_cost(cfg, n, [0])[0],
             "fits_used": fits}

@@ -48,6 +48,7 @@ from ..algorithms.base import (
     Recv,
     Reply,
     Send,
+    ServerRound,
     Sleep,
     Spawn,
     Wait,
@@ -61,6 +62,7 @@ from .barrier import CheckpointBarrier
 from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
 from .network import Network
+from .server import ServerNode
 
 
 class _Coro:
@@ -81,6 +83,7 @@ class _Proc:
         self.deferred: list[Callable[[], None]] = []
         self.mail: Mailbox[Handle] = Mailbox()  # Send/Recv matching (relaxsgd.mailbox)
         self.coll_seq = 0
+        self.server_seq = 0  # ServerRounds issued: the next one is that round
         self.done = False
         self.finish_time = 0.0
         self.stall = 0.0
@@ -101,7 +104,7 @@ class _Proc:
         self.mail.load_inbox(value)
 
 
-class Engine(CheckpointBarrier):
+class Engine(CheckpointBarrier, ServerNode):
     """Runs an algorithm's worker programs over a bank, a network and a compute model."""
 
     def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
@@ -117,6 +120,7 @@ class Engine(CheckpointBarrier):
         self._colls: dict[int, dict] = {}
         self.server_bytes = 0
         self.server_messages = 0
+        self._init_server(algo, workers)
         self._between = between_instants
         self.ckpt_at: float | None = None  # a safe point at or past this position parks
         self.ckpt_every: float | None = None  # then the next is the next multiple
@@ -221,6 +225,8 @@ class Engine(CheckpointBarrier):
             h = self._recv(p, eff)
         elif isinstance(eff, Exchange):
             h = self._exchange(p, eff)
+        elif isinstance(eff, ServerRound):
+            h = self._server_round(p, eff)
         else:
             raise TypeError(f"unknown effect {eff!r}")
         return self._park(coro, h) if eff.blocking else (False, h)
@@ -301,7 +307,7 @@ class Engine(CheckpointBarrier):
         kinds = {type(e).__name__ + getattr(e, "pattern", "") for e in effs}
         if len(kinds) != 1:
             raise Deadlock(f"collective #{seq} mismatched across workers: {sorted(kinds)}")
-        n, e0, server = self.n, effs[0], False
+        n, e0 = self.n, effs[0]
         if isinstance(e0, AllReduce):
             sizes = [e.nbytes if e.nbytes is not None else tensor_nbytes(e.tensors)
                      for e in effs]
@@ -320,22 +326,15 @@ class Engine(CheckpointBarrier):
         else:
             sizes = [e.nbytes for e in effs]
             payloads = [e.payload for e in effs]
-            if e0.pattern not in ("ps", "ring"):
-                raise ValueError(f"unknown AllGather pattern {e0.pattern!r}; use ring or ps")
-            lat, tx, server = allgather_cost(self.net.cfg, n, sizes, e0.pattern,
-                                             e0.down_nbytes)
-            if e0.pattern == "ps":
-                down = e0.down_nbytes if e0.down_nbytes is not None else max(sizes)
-                for r, s in enumerate(sizes):
-                    self._count(self.procs[r], s, 1)
-                self.server_bytes += n * down
-                self.server_messages += n
-            else:
-                total = sum(sizes)
-                for r in range(n):
-                    self._count(self.procs[r], (n - 1) / n * total, n - 1)
+            if e0.pattern != "ring":
+                raise ValueError(f"unknown AllGather pattern {e0.pattern!r}; use ring (a "
+                                 "parameter server is the ServerRound effect)")
+            lat, tx = allgather_cost(self.net.cfg, n, sizes)
+            total = sum(sizes)
+            for r in range(n):
+                self._count(self.procs[r], (n - 1) / n * total, n - 1)
             results = [list(payloads) for _ in range(n)]
-        end = self.net.collective(c["t"], lat, tx, server)
+        end = self.net.collective(c["t"], lat, tx)
         for r in range(n):
             self.at(end, self._resolve, c["members"][r][1], results[r])
 
@@ -383,4 +382,5 @@ class Engine(CheckpointBarrier):
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)
+
 

@@ -7,7 +7,20 @@ per message: encoding, the frame tag, copies, thread hand-offs, as ``relaxsgd ca
 fits it through the executor), and arrives ``latency`` later (times a log-normal jitter factor when
 ``jitter > 0``). With ``loss > 0`` each transmission is lost with that probability and sent
 again after a retransmission timeout of ``max(0.2 s, 3 * latency)`` (TCP's minimum RTO).
-The receiver's downlink is not modelled.
+The receiver's downlink is not modelled, except the parameter server's (below).
+
+The parameter server (``aggregation: ps``, :class:`~relaxsgd.algorithms.base.ServerRound`)
+is a node of its own, one hop from every worker, with a full-duplex link (latency
+``server_latency_s`` and bandwidth ``server_bandwidth_Bps``, the workers' unless set). An
+upload of ``B`` bytes leaves its worker's link as a message does; its bytes then pass the
+server's receiving side, which takes one upload at a time in the order they were sent, so
+it is received at ``max(left + latency, receiving side free + B / bandwidth)``. When the
+round's last upload is in and the server has computed, it sends n unicast replies of ``D``
+bytes one after the other out of its sending side (rank order; a real server writes them
+to n sockets through one NIC), each arriving a latency after it left. With every upload
+sent at ``t`` on idle links, the last reply arrives at
+``t + 2 latency + (sum B_i + n D) / bandwidth + compute``: two latencies plus the bytes
+through the server's link.
 
 Collectives cost what the real backend's algorithm costs (``network.backend``, see
 :mod:`.collectives`: gloo by default, as the dist runtime uses on CPU; NCCL ring and tree;
@@ -57,6 +70,9 @@ class NetworkConfig:
     # measured (kind, n, seconds, seconds per byte) from a calibrated profile file
     fits: tuple[tuple[str, int, float, float], ...] = ()
     overhead_s: float = 0.0  # the runtime's cost per message (software), on every message
+    # the parameter server's link (None: the same as a worker's)
+    server_latency_s: float | None = None
+    server_bandwidth_Bps: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
@@ -69,6 +85,13 @@ class NetworkConfig:
             raise ConfigError(f"network overhead_s must be >= 0 seconds, got {self.overhead_s}")
         if not 0 <= self.loss < 1:
             raise ConfigError(f"network loss must be in [0, 1), got {self.loss}")
+        if self.server_latency_s is not None and not (self.server_latency_s >= 0
+                                                      and math.isfinite(self.server_latency_s)):
+            raise ConfigError("network server_latency_s must be >= 0 seconds (or null: the "
+                              f"workers'), got {self.server_latency_s}")
+        if self.server_bandwidth_Bps is not None and not self.server_bandwidth_Bps > 0:
+            raise ConfigError("network server_bandwidth_Bps must be > 0 bytes/s (or null: "
+                              f"the workers'), got {self.server_bandwidth_Bps}")
         from .collectives import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -99,7 +122,8 @@ PROFILE_DESCRIPTIONS = {
 NETWORK_RANGES: dict[str, dict[str, float]] = {
     "latency_s": {"at_least": 0.0}, "bandwidth_Bps": {"above": 0.0},
     "jitter": {"at_least": 0.0}, "loss": {"at_least": 0.0, "below": 1.0},
-    "overhead_s": {"at_least": 0.0}}
+    "overhead_s": {"at_least": 0.0},
+    "server_latency_s": {"at_least": 0.0}, "server_bandwidth_Bps": {"above": 0.0}}
 
 
 def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
@@ -111,7 +135,8 @@ def make_network_config(profile: str, **overrides: Any) -> NetworkConfig:
         base = PROFILES[profile]
     else:
         base = load_network_file(profile)
-    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss", "backend", "overhead_s"}
+    fields = {"latency_s", "bandwidth_Bps", "jitter", "loss", "backend", "overhead_s",
+              "server_latency_s", "server_bandwidth_Bps"}
     for k in overrides:
         if k not in fields:
             raise ConfigError(f"unknown network option {k!r}; choose one of: "
@@ -155,7 +180,20 @@ def network_model_info(cfg: NetworkConfig, n: int) -> dict[str, Any]:
 
     return {"profile": cfg.profile, "latency_s": cfg.latency_s,
             "bandwidth_Bps": cfg.bandwidth_Bps, "jitter": cfg.jitter, "loss": cfg.loss,
-            "overhead_s": cfg.overhead_s, "backend": cfg.backend, "collectives": describe(cfg, n)}
+            "overhead_s": cfg.overhead_s, "backend": cfg.backend,
+            "collectives": describe(cfg, n),
+            "server": {"latency_s": server_latency(cfg),
+                       "bandwidth_Bps": server_bandwidth(cfg)}}
+
+
+def server_latency(cfg: NetworkConfig) -> float:
+    """One-way latency between a worker and the parameter server."""
+    return cfg.latency_s if cfg.server_latency_s is None else cfg.server_latency_s
+
+
+def server_bandwidth(cfg: NetworkConfig) -> float:
+    """Bytes per second of the parameter server's link (each direction)."""
+    return cfg.bandwidth_Bps if cfg.server_bandwidth_Bps is None else cfg.server_bandwidth_Bps
 
 
 def ring_allreduce_time(nbytes: float, n: int, latency: float, bandwidth: float) -> float:
@@ -181,29 +219,61 @@ class Network:
     def __init__(self, cfg: NetworkConfig, n: int, seed: int) -> None:
         self.cfg = cfg
         self.n = n
-        self.link_free = [0.0] * (n + 1)  # index n: the parameter server's link
+        # index n: the parameter server's link (its sending side)
+        self.link_free = [0.0] * (n + 1)
+        self.server_in_free = 0.0  # the server's receiving side
         self.rng = random.Random(seed * 31 + 17)
 
-    def _latency(self) -> float:
-        lat = self.cfg.latency_s
+    def _latency(self, base: float | None = None) -> float:
+        lat = self.cfg.latency_s if base is None else base
         if self.cfg.jitter:
             lat *= math.exp(self.rng.gauss(0.0, self.cfg.jitter))
         return lat
+
+    def _attempts(self) -> int:
+        attempts = 1
+        if self.cfg.loss:
+            while self.rng.random() < self.cfg.loss:
+                attempts += 1
+        return attempts
+
+    def _rto(self, latency: float) -> float:
+        return max(0.2, 3 * latency)
 
     def p2p(self, src: int, nbytes: int, t: float) -> tuple[float, float, int]:
         """Send ``nbytes`` from ``src`` at ``t``: (time it left the link, arrival time,
         transmissions made)."""
         start = max(t, self.link_free[src])
         tx = nbytes / self.cfg.bandwidth_Bps
-        attempts = 1
-        if self.cfg.loss:
-            while self.rng.random() < self.cfg.loss:
-                attempts += 1
-        rto = max(0.2, 3 * self.cfg.latency_s)
+        attempts = self._attempts()
         # the runtime's overhead once (the sender's work); a lost transmission is resent
         left = start + self.cfg.overhead_s + attempts * tx
         self.link_free[src] = left
-        return left, left + (attempts - 1) * rto + self._latency(), attempts
+        return left, left + (attempts - 1) * self._rto(self.cfg.latency_s) + self._latency(), \
+            attempts
+
+    def to_server(self, src: int, nbytes: int, t: float) -> tuple[float, int]:
+        """Upload ``nbytes`` from worker ``src`` to the parameter server at ``t``: (time
+        the server has received it, transmissions made). See the module docstring."""
+        lat = server_latency(self.cfg)
+        start = max(t, self.link_free[src])
+        attempts = self._attempts()
+        left = start + self.cfg.overhead_s + attempts * nbytes / self.cfg.bandwidth_Bps
+        self.link_free[src] = left
+        arrive = left + (attempts - 1) * self._rto(lat) + self._latency(lat)
+        got = max(arrive, self.server_in_free + nbytes / server_bandwidth(self.cfg))
+        self.server_in_free = got
+        return got, attempts
+
+    def from_server(self, nbytes: int, t: float) -> tuple[float, int]:
+        """One reply of ``nbytes`` from the parameter server, ready at ``t``: (arrival
+        time, transmissions made); replies leave its link one after the other."""
+        lat = server_latency(self.cfg)
+        start = max(t, self.link_free[self.n])
+        attempts = self._attempts()
+        left = start + self.cfg.overhead_s + attempts * nbytes / server_bandwidth(self.cfg)
+        self.link_free[self.n] = left
+        return left + (attempts - 1) * self._rto(lat) + self._latency(lat), attempts
 
     def collective(self, t_ready: float, latency_s: float, transmit_s: float,
                    server: bool = False) -> float:

@@ -1,0 +1,79 @@
+"""The simulator's parameter server: a node of the network model that serves ServerRounds.
+
+:class:`ServerNode` is a mixin of :class:`~.engine.Engine`. The server's math is the
+algorithm's (:meth:`~relaxsgd.algorithms.base.Algorithm.server`, one definition for both
+runtimes, :mod:`relaxsgd.algorithms.server`); here it only gets a place in virtual time:
+each worker's k-th :class:`~relaxsgd.algorithms.base.ServerRound` is its upload of round k,
+which leaves the worker's link and is received through the server's own
+(:meth:`.network.Network.to_server`); when all n are in, the server computes for
+:func:`~relaxsgd.algorithms.server.server_seconds` and sends one reply per worker, in rank
+order, out of its link (:meth:`.network.Network.from_server`). The worker's handle
+resolves when its reply arrives. Bytes: an upload counts as the worker's (``bytes_sent``),
+the replies as the server's (``server_bytes``, ``server_messages``), with retransmissions.
+The server's state (residual, round) is saved with the engine's checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from ..algorithms.base import Algorithm, Handle, ServerRound
+from ..algorithms.server import server_seconds
+
+
+class ServerNode:
+    """Mixin: the engine's parameter server (see the module docstring)."""
+
+    n: int
+    procs: list[Any]
+    net: Any
+    algo: Algorithm
+    server_bytes: int
+    server_messages: int
+    now: float
+    at: Callable[..., None]
+    _resolve: Callable[[Handle, Any], None]
+    _count: Callable[[Any, float, int], None]
+
+    def _init_server(self, algo: Algorithm, workers: list[Any]) -> None:
+        self._rounds: dict[int, dict] = {}  # rounds whose uploads are not all in
+        self.server = algo.server()
+        w0 = workers[0]
+        self.server_state: dict[str, Any] | None = (
+            self.server.init_state(w0.params.numel(), w0.layout)
+            if self.server is not None else None)
+
+    def _server_round(self, p: Any, eff: ServerRound) -> Handle:
+        """An upload of round ``p.server_seq``: through the worker's link into the server's
+        (:meth:`.network.Network.to_server`); the round is served once all n are in."""
+        if self.server is None:
+            raise TypeError(f"{self.algo.name} yields ServerRound but has no server "
+                            "(Algorithm.server() returned None)")
+        seq = p.server_seq
+        p.server_seq += 1
+        got, tries = self.net.to_server(p.w.rank, eff.nbytes, self.now)
+        self._count(p, eff.nbytes * tries, tries)
+        h = Handle(f"server round #{seq}")
+        r = self._rounds.setdefault(seq, {"members": {}, "t": 0.0})
+        r["members"][p.w.rank] = (eff, h)
+        r["t"] = max(r["t"], got)
+        if len(r["members"]) == self.n:
+            del self._rounds[seq]
+            self._serve(r)
+        return h
+
+    def _serve(self, r: dict) -> None:
+        """Serve a round whose uploads are all in (received by ``r["t"]``): compute, then
+        one reply per worker out of the server's link, in rank order."""
+        assert self.server is not None and self.server_state is not None
+        effs = [r["members"][k][0] for k in range(self.n)]
+        reply = self.server.serve(self.server_state, [e.payload for e in effs])
+        ready = r["t"] + server_seconds(self.n, self.procs[0].w.params.numel())
+        for k, e in enumerate(effs):
+            arrive, tries = self.net.from_server(e.down_nbytes, ready)
+            self.server_bytes += int(e.down_nbytes) * tries
+            self.server_messages += tries
+            # every worker gets a reply of its own, as over a network
+            self.at(arrive, self._resolve, r["members"][k][1], copy.deepcopy(reply))

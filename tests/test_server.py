@@ -1,0 +1,164 @@
+"""The parameter server of ``aggregation: ps`` in the simulator: the same models as the
+replicated-server emulation (pskit), and what a round trip costs (hand-computed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from pskit import emulated
+from relaxsgd.algorithms.base import Algorithm, Compute, Now, ServerRound
+from relaxsgd.algorithms.server import ParameterServer, server_seconds
+from relaxsgd.compress.spec import make_compressor
+from relaxsgd.run import prepare, simulate
+from simkit import tiny
+
+# Local steps one worker at a time: the server's replies reach the workers one after
+# another, the emulation's all at once, and vmapped groups of other sizes round otherwise.
+LOOP = {"batching": "loop", "split": "shards", "network": "wan",
+        "train": {"batch_size": 8, "lr": 0.1, "momentum": 0.9}}
+CASES = [("olco3", {"p": 2, "s": s, "compressor": "topk:ratio=0.1", "aggregation": "ps",
+                    "server_compressor": "topk:ratio=0.05"}) for s in (0, 1, 2)]
+CASES.append(("efsgd", {"compressor": "topk:ratio=0.25", "aggregation": "ps",
+                        "server_compressor": "qsgd:bits=2"}))  # random rounding
+
+
+@pytest.mark.parametrize("algo,opts", CASES, ids=[f"{a}-s{o.get('s', '')}" for a, o in CASES])
+def test_the_server_gives_the_models_of_the_replicated_emulation(algo: str,
+                                                                 opts: dict[str, Any]) -> None:
+    cfg = tiny(algo=algo, algo_options=opts, steps=14, **LOOP)
+    real = simulate(prepare(cfg))
+    emu = simulate(emulated(prepare(cfg)))
+    assert torch.equal(real.bank.X, emu.bank.X)
+    replica = emu.workers[0].state["agg"]["replica"]
+    rounds = 14 if algo == "efsgd" else 7  # a round per step / per p = 2 steps
+    assert real.engine.server_state["round"] == replica["round"] == rounds
+    assert torch.equal(real.engine.server_state["ef"]["residual"],
+                       replica["ef"]["residual"])
+    assert float(replica["ef"]["residual"].norm()) > 1e-3  # the server's compression bit
+    # one hop each way instead of two all-gathers of 2(n-1) latencies each
+    assert real.result["final"]["stall_time_s_mean"] < emu.result["final"]["stall_time_s_mean"]
+
+
+class _Echo(Algorithm):
+    """Every worker computes, then uploads UP bytes; the server replies DOWN bytes."""
+
+    name = "echo"
+
+    def __init__(self, info: Any, up: int, down: int, times: dict[int, tuple]) -> None:
+        super().__init__(None, info)
+        self.up, self.down, self.times = up, down, times
+
+    def server(self) -> Any:
+        ident = make_compressor("identity")
+        return ParameterServer(ident, ident, False, 0)
+
+    def program(self, w: Any) -> Any:
+        yield Compute(w.total_steps)
+        t0 = yield Now()
+        reply = yield ServerRound(w.params.clone() * (w.rank + 1), self.up, self.down)
+        t1 = yield Now()
+        self.times[w.rank] = (t0, t1, reply)
+
+
+def _echo(up: int, down: int, **network: float) -> tuple[dict[int, tuple], Any, Any]:
+    prep = prepare(tiny(network="custom", network_options=network))
+    times: dict[int, tuple] = {}
+    prep.algo = _Echo(prep.info, up, down, times)
+    return times, simulate(prep), prep
+
+
+def test_a_server_round_trip_is_two_latencies_plus_the_bytes_through_its_link() -> None:
+    lat, bw, up, down, n = 0.1, 1000.0, 100, 50, 4
+    times, out, prep = _echo(up, down, latency_s=lat, bandwidth_Bps=bw)
+    c = server_seconds(n, out.bank.d)
+    t0 = times[0][0]
+    # all uploads leave at t0 (0.1 s on each worker's link) and arrive a latency later;
+    # the server's link takes them in one after another: the last at t0 + L + n B/bw
+    received = t0 + lat + n * up / bw
+    for r in range(n):  # then n replies out of its link, rank order, a latency each
+        assert times[r][0] == t0
+        assert times[r][1] == pytest.approx(received + c + (r + 1) * down / bw + lat,
+                                            abs=1e-12)
+    assert times[n - 1][1] - t0 == pytest.approx(2 * lat + (n * up + n * down) / bw + c,
+                                                 abs=1e-12)
+    # every worker got the mean of the uploads, (1/n) sum_r (r + 1) x_r
+    want = sum((r + 1) * out.bank.X[r] for r in range(n)) / n
+    assert all(torch.allclose(times[r][2], want) for r in range(n))
+    assert times[0][2] is not times[1][2]  # a reply of its own
+    # bytes as they travel: the uploads are the workers', the replies the server's
+    assert [p.bytes_sent for p in out.engine.procs] == [up] * n
+    assert (out.engine.server_bytes, out.engine.server_messages) == (n * down, n)
+
+
+def test_the_server_link_can_be_set_apart_from_the_workers() -> None:
+    lat, bw, slat, sbw, up, down, n = 0.1, 1000.0, 0.05, 4000.0, 100, 50, 4
+    times, out, _ = _echo(up, down, latency_s=lat, bandwidth_Bps=bw, server_latency_s=slat,
+                          server_bandwidth_Bps=sbw)
+    t0, c = times[0][0], server_seconds(n, out.bank.d)
+    # each upload leaves its worker's link at t0 + B/bw and arrives slat later; the
+    # server's link then takes one upload at a time, B/sbw each
+    received = t0 + up / bw + slat + (n - 1) * up / sbw
+    assert times[n - 1][1] == pytest.approx(received + c + n * down / sbw + slat, abs=1e-12)
+    assert out.result["network_model"]["server"] == {"latency_s": slat, "bandwidth_Bps": sbw}
+
+
+class _Wire:
+    """A stand-in for the transport: records what the server host sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, tuple]] = []
+        self.on_dead: list[Any] = []
+        self.dead: dict[int, str] = {}
+
+    def send(self, peer: int, msg: tuple, done: Any = None) -> int:
+        self.sent.append((peer, msg))
+        return 0
+
+
+def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules() -> None:
+    """Rank 0's host (relaxsgd.distributed.server): a round is served when its n uploads
+    are in; an upload of another round, a second one, or one not of the workers' form (a
+    hostile size that would allocate) is refused before it is kept."""
+    from relaxsgd.compress.topk import SparsePayload
+    from relaxsgd.distributed.collectives import Counts, DHandle
+    from relaxsgd.distributed.server import ServerHost
+    from relaxsgd.distributed.wire import WireError
+
+    d, n = 20, 3
+    topk = make_compressor("topk:k=4")
+    host = ServerHost(ParameterServer(topk, topk, True, 0), d, None, n, _Wire(), Counts())
+    msgs = [topk.compress(torch.randn(d), {}, None)[0] for _ in range(n)]
+    mine = DHandle("rank 0")
+    host.upload(0, 0, msgs[0], 32.0, local=mine)
+    assert host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
+    assert not mine.done and not host.tr.sent
+    with pytest.raises(WireError, match="round 1 while the parameter server is at round 0"):
+        host.on_message(2, ("msg", ("ps", 1), (msgs[2], 32.0)))
+    with pytest.raises(WireError, match="a second upload"):
+        host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
+    huge = SparsePayload(msgs[2].values, msgs[2].indices, 1 << 40)
+    with pytest.raises(WireError, match="not of the form of the workers' SparsePayload"):
+        host.on_message(2, ("msg", ("ps", 0), (huge, 32.0)))
+    bad = SparsePayload(msgs[2].values, msgs[2].indices + 1000, d)
+    with pytest.raises(WireError, match="does not decode"):
+        host.on_message(2, ("msg", ("ps", 0), (bad, 32.0)))
+    assert not host.on_message(2, ("msg", "other", 1))  # not an upload: not the server's
+    host.on_message(2, ("msg", ("ps", 0), (msgs[2], 32.0)))
+    # served: the reply that the simulator's server computes, to every worker
+    ref = ParameterServer(topk, topk, True, 0)
+    want = ref.serve(ref.init_state(d), msgs)
+    assert mine.done and torch.equal(mine.value.values, want.values)
+    assert [(p, m[1]) for p, m in host.tr.sent] == [(1, ("ps", 0)), (2, ("ps", 0))]
+    assert torch.equal(host.tr.sent[0][1][2].indices, want.indices)
+    assert host.round == 1 and host.counts.server_bytes == 3 * 32
+
+    # a worker lost before rank 0 uploads: rank 0's wait fails at once, naming it
+    host.tr.dead[2] = "its connection closed"
+    host.upload(1, 1, msgs[1], 32.0)
+    late = DHandle("rank 0, round 1")
+    host.upload(0, 1, msgs[0], 32.0, local=late)
+    assert late.done and "lost worker 2, so the parameter server cannot complete round 1" \
+        in str(late.error)
