@@ -20,9 +20,10 @@ from relaxsgd.algorithms.efsgd import Aggregator, Delivered
 class ReplicatedServer(Aggregator):
     """An Aggregator whose ps rounds are an all-gather + the server's math on every worker."""
 
-    def init_state(self, numel: int, layout: list | None) -> dict[str, Any]:
-        st = super().init_state(numel, layout)
-        st["replica"] = self.ps.init_state(numel, layout)
+    def init_state(self, numel: int, layout: list | None,
+                   device: Any = None) -> dict[str, Any]:
+        st = super().init_state(numel, layout, device)
+        st["replica"] = self.ps.init_state(numel, layout, device)
         return st
 
     def _send(self, st: dict[str, Any], payload: Any, own: Any, res: Any, nb: int,

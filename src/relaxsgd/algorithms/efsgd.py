@@ -156,7 +156,7 @@ class Aggregator:
                                        torch.Generator().manual_seed(0))
         st["msg_nbytes"] = self.inner.nbytes(probe)  # sizes do not depend on the values
         if self.ps is not None:
-            st["down_nbytes"] = self.ps.reply_nbytes(numel, layout)
+            st["down_nbytes"] = self.ps.reply_nbytes(numel, layout, device)
         return st
 
     def residual(self, st: dict[str, Any]) -> Tensor | None:

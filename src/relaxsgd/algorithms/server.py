@@ -71,12 +71,14 @@ class ParameterServer:
         self.seed = seed
         self.send_residual = send_residual
 
-    def init_state(self, numel: int, layout: list | None = None) -> dict[str, Any]:
-        """The state before round 0 (``numel`` parameters, the workers' ``layout``)."""
-        self._probe, _ = self.inner.compress(torch.zeros(numel),
-                                             self.inner.init_state(numel, layout),
+    def init_state(self, numel: int, layout: list | None = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
+        """The state before round 0 (``numel`` parameters, the workers' ``layout``), its
+        tensors on ``device`` (where the server computes: the workers' device)."""
+        self._probe, _ = self.inner.compress(torch.zeros(numel, device=device),
+                                             self.inner.init_state(numel, layout, device),
                                              torch.Generator().manual_seed(0))
-        return {"ef": self.wire.init_state(numel, layout), "round": 0}
+        return {"ef": self.wire.init_state(numel, layout, device), "round": 0}
 
     def check(self, payload: Any) -> None:
         """ValueError unless ``payload`` is a message of this run's workers: the same form
@@ -116,9 +118,11 @@ class ParameterServer:
             return self.server.decompress(msg), res
         return self.server.decompress(reply), None
 
-    def reply_nbytes(self, numel: int, layout: list | None = None) -> int:
+    def reply_nbytes(self, numel: int, layout: list | None = None,
+                     device: torch.device | str | None = None) -> int:
         """Bytes of one reply on the wire (the sizes do not depend on the values)."""
-        probe, _ = self.server.compress(torch.zeros(numel), self.server.init_state(numel, layout),
+        probe, _ = self.server.compress(torch.zeros(numel, device=device),
+                                        self.server.init_state(numel, layout, device),
                                         torch.Generator().manual_seed(0))
         return self.server.nbytes(probe) + (4 * numel if self.send_residual else 0)
 

@@ -71,9 +71,9 @@ class ServerHost:
     """Rank 0's server role: collects each round's uploads, serves, replies."""
 
     def __init__(self, server: Any, numel: int, layout: Any, n: int, tr: Any,
-                 counts: Any) -> None:
+                 counts: Any, device: Any = None) -> None:
         self.server, self.n, self.tr, self.counts = server, n, tr, counts
-        self.state = server.init_state(numel, layout)
+        self.state = server.init_state(numel, layout, device)
         self.round = 0
         self.uploads: dict[int, tuple[Any, float]] = {}
         self.local: DHandle | None = None  # rank 0's own wait for the current round
@@ -205,4 +205,4 @@ def make_host(algo: Any, w: Any, n: int, rank: int, tr: Any, counts: Any) -> Ser
     server = algo.server() if rank == SERVER_RANK else None
     if server is None:
         return None
-    return ServerHost(server, w.params.numel(), w.layout, n, tr, counts)
+    return ServerHost(server, w.params.numel(), w.layout, n, tr, counts, w.params.device)

@@ -42,7 +42,7 @@ class ServerNode:
         self.server = algo.server()
         w0 = workers[0]
         self.server_state: dict[str, Any] | None = (
-            self.server.init_state(w0.params.numel(), w0.layout)
+            self.server.init_state(w0.params.numel(), w0.layout, w0.params.device)
             if self.server is not None else None)
 
     def _server_round(self, p: Any, eff: ServerRound) -> Handle:
