@@ -281,9 +281,13 @@ def throughput(steps: int) -> None:
             measured = f["samples_total"] / wall
             st = r.result["dist"]["step_time_s_per_worker"]
             in_run = sum(st.values()) / len(st)
-            preds = [predicted(cfg, s, profile) for s in (alone, shared, in_run)]
+            # (the "before" rows: only the prediction with their own step time; each
+            # prediction is a whole simulation of the run, most of the benchmark's time)
+            preds = [None, None, predicted(cfg, in_run, profile)] if before else \
+                [predicted(cfg, s, profile) for s in (alone, shared, in_run)]
             got[(algo, before)] = (measured, measured / preds[2])
-            cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}"
+            cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
+                            f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
             label = f"{algo} (before)" if before else algo
             print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} "
