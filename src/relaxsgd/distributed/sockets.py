@@ -136,3 +136,11 @@ def recv_into(conn: socket.socket, buf: Any) -> None:
         if r == 0:
             raise EOFError
         got += r
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut both directions of ``sock`` (a blocked reader or writer on it returns)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

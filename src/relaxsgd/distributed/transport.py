@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import auth as A
-from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts, send_room
+from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts, send_room, shut
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
@@ -180,7 +180,7 @@ class Transport:
         src = -1
         # a hard deadline for the whole handshake, TLS included (whose reads each have
         # the socket timeout, so a peer dripping bytes could stretch it): shut it down
-        timer = threading.Timer(A.HANDSHAKE_S + 1.0, _shut, args=(conn,))
+        timer = threading.Timer(A.HANDSHAKE_S + 1.0, shut, args=(conn,))
         timer.daemon = True
         timer.start()
         try:
@@ -399,10 +399,3 @@ class Transport:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
