@@ -230,14 +230,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    throughput(40 if a.quick else 200)
+    throughput(40 if a.quick else 200, every_prediction=not a.quick)
 
 
 BEFORE = ("allreduce", "swarm")  # also run as before: every message via a sender thread
 
 
-def throughput(steps: int) -> None:
-    """Samples/s of each algorithm, measured and predicted (see the module doc)."""
+def throughput(steps: int, every_prediction: bool = True) -> None:
+    """Samples/s of each algorithm, measured and predicted (see the module doc); without
+    ``every_prediction`` (--quick) only the prediction with the run's own step time."""
     from distkit import run_jobs
     from relaxsgd.algorithms import ALGORITHMS
     from relaxsgd.config import from_dict
@@ -281,9 +282,14 @@ def throughput(steps: int) -> None:
             measured = f["samples_total"] / wall
             st = r.result["dist"]["step_time_s_per_worker"]
             in_run = sum(st.values()) / len(st)
-            preds = [predicted(cfg, s, profile) for s in (alone, shared, in_run)]
+            # (the "before" rows and --quick: only the prediction with the run's own step
+            # time; each prediction is a whole simulation, most of the benchmark's time)
+            preds = [None, None, predicted(cfg, in_run, profile)] \
+                if before or not every_prediction else \
+                [predicted(cfg, s, profile) for s in (alone, shared, in_run)]
             got[(algo, before)] = (measured, measured / preds[2])
-            cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}"
+            cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
+                            f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
             label = f"{algo} (before)" if before else algo
             print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} "

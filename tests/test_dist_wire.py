@@ -24,6 +24,7 @@ from relaxsgd.algorithms import ALGORITHMS
 from relaxsgd.algorithms.base import AllGather, Exchange, Reply, Send
 from relaxsgd.config import from_dict
 from relaxsgd.distributed import auth as A
+from relaxsgd.distributed.transport import Transport
 from relaxsgd.distributed.wire import KINDS, WireError, check_message, decode, encode
 from relaxsgd.errors import ConfigError
 from relaxsgd.run import prepare, simulate
@@ -326,3 +327,60 @@ def test_rank_0_accepts_only_well_formed_snapshots_of_the_sender_itself() -> Non
     for snap, src in bad:
         with pytest.raises(WireError):
             spec.check(snap, src)
+
+
+class _DictStore:
+    """The two calls of a torch store the transport makes, in one process."""
+
+    def __init__(self) -> None:
+        self.d: dict[str, bytes] = {}
+        self.cv = threading.Condition()
+
+    def set(self, k: str, v: str) -> None:
+        with self.cv:
+            self.d[k] = v.encode()
+            self.cv.notify_all()
+
+    def get(self, k: str) -> bytes:
+        with self.cv:
+            self.cv.wait_for(lambda: k in self.d, timeout=10)
+            return self.d[k]
+
+
+def test_messages_on_an_idle_link_skip_the_sender_thread_and_big_answers_cross() -> None:
+    """Two transports answer each other's requests at the same moment with answers far
+    bigger than a socket takes at once: each reader hands its answer to its sender thread
+    (a reader blocked writing to a reader blocked writing would wait for ever), while the
+    small requests from the calling threads go out at once, never through a queue."""
+    big = torch.arange(6 << 20, dtype=torch.float32)  # 24 MB
+    got = [threading.Event(), threading.Event()]
+    trs: list[Transport] = []
+
+    def on_message(me: int) -> Any:
+        def handle(src: int, msg: tuple) -> None:
+            if msg[0] == "xreq":
+                trs[me].send(src, ("xrep", msg[1], big))
+            elif msg[0] == "xrep" and torch.equal(msg[2], big):
+                got[me].set()
+        return handle
+
+    auth = A.Auth(os.urandom(32))
+    store = _DictStore()
+    trs.extend(Transport(r, 2, on_message(r), 20.0, auth=auth, max_frame=64 << 20)
+               for r in range(2))
+    starts = [threading.Thread(target=t.start, args=(store, "127.0.0.1")) for t in trs]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join(timeout=20)
+    for k in range(5):
+        for t in trs:
+            t.send(1 - t.rank, ("msg", k, torch.ones(4)))
+    assert [t.handed_off for t in trs] == [0, 0]  # an idle link: written at once
+    for t in trs:
+        t.send(1 - t.rank, ("xreq", 1, torch.ones(4)))
+    assert all(g.wait(20) for g in got), "the answers did not cross"
+    assert [t.dead for t in trs] == [{}, {}]
+    assert min(t.handed_off for t in trs) >= 1  # each big answer, from a reader thread
+    for t in trs:
+        t.close(wait_s=2.0)

@@ -6,8 +6,11 @@ re-exported by :mod:`.transport`, where callers import it from.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -89,6 +92,18 @@ class SendQueue:
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 
 
+def send_room(sock: socket.socket) -> int:
+    """Bytes that ``sock`` surely takes now without blocking: half its send buffer (the
+    kernel counts its own overhead in it) less what is still queued there (Linux
+    ``TIOCOUTQ``); 0 where unknown."""
+    try:
+        buf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        out = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
+    return buf // 2 - out
+
+
 def send_parts(sock: socket.socket, parts: list) -> None:
     """Write ``parts`` (bytes-like) in order with scatter-gather ``sendmsg``: no joined
     copy, few system calls (TLS sockets, which have no sendmsg: ``sendall`` each)."""
@@ -121,3 +136,11 @@ def recv_into(conn: socket.socket, buf: Any) -> None:
         if r == 0:
             raise EOFError
         got += r
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut both directions of ``sock`` (a blocked reader or writer on it returns)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

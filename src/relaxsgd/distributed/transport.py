@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import auth as A
-from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts
+from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts, send_room, shut
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
@@ -50,6 +50,7 @@ MAX_WARNINGS = 20
 
 
 _STOP = object()
+_THREAD = threading.local()  # .reader: this thread reads a connection (see _write_now)
 
 
 class Transport:
@@ -84,6 +85,7 @@ class Transport:
         self._seq: dict[int, int] = {}  # the next frame's number, per outgoing connection
         self._wlocks: dict[int, threading.Lock] = {}  # one writer at a time per connection
         self.inline_send = True  # False: every message through the sender thread
+        self.handed_off = 0  # messages that went through a sender thread's queue
         self._listener: socket.socket | None = None
         self._incoming: dict[int, socket.socket] = {}
         self._joined = threading.Condition()
@@ -183,7 +185,7 @@ class Transport:
         src = -1
         # a hard deadline for the whole handshake, TLS included (whose reads each have
         # the socket timeout, so a peer dripping bytes could stretch it): shut it down
-        timer = threading.Timer(A.HANDSHAKE_S + 1.0, _shut, args=(conn,))
+        timer = threading.Timer(A.HANDSHAKE_S + 1.0, shut, args=(conn,))
         timer.daemon = True
         timer.start()
         try:
@@ -227,9 +229,9 @@ class Transport:
     # -- sending -------------------------------------------------------------------
     def send(self, peer: int, msg: tuple, done: Callable[[BaseException | None], None]
              | None = None) -> int:
-        """Queue ``msg`` for ``peer``; ``done(error)`` runs once it left (or failed).
-
-        Waits while the peer's queue is full; drops the peer if it stays full for the
+        """Send ``msg`` to ``peer``: written at once by this thread when the connection is
+        idle, else queued for its sender thread; ``done(error)`` runs once it left (or
+        failed). Waits while the peer's queue is full; drops the peer if it stays full for the
         peer timeout. Returns the message's size on the wire.
         """
         frames = encode(msg)
@@ -243,7 +245,9 @@ class Transport:
             return 0
         if self.inline_send and self._write_now(peer, frames, done):
             pass  # written by this thread: no hand-off to the sender thread
-        elif not self._queues[peer].put((frames, done), size, self.peer_timeout):
+        elif self._queues[peer].put((frames, done), size, self.peer_timeout):
+            self.handed_off += 1
+        else:
             self.mark_dead(peer, f"it read nothing for {self.peer_timeout:g}s "
                            "(RELAXSGD_PEER_TIMEOUT) while its send queue was full")
             if done is not None:
@@ -258,8 +262,14 @@ class Transport:
         """Write a message on the calling thread when nothing is queued for ``peer``
         and no other thread is writing to it (the common case: no thread hand-off, no
         GIL round trip); False: queue it. The socket's timeout bounds a peer that reads
-        nothing, as the queue's does."""
+        nothing, as the queue's does; a reader thread (answering an exchange) writes only
+        a frame the socket takes without blocking, so readers never wait on each other."""
         lock = self._wlocks[peer]
+        # a reader thread writes only what the socket takes at once: two readers each
+        # blocked writing a big answer to the other would wait for each other
+        if getattr(_THREAD, "reader", False) and (
+                self.auth.tls or wire_size(frames) + 64 > send_room(self._out[peer])):
+            return False
         if not lock.acquire(blocking=False):
             return False
         try:
@@ -311,6 +321,7 @@ class Transport:
 
     # -- receiving -----------------------------------------------------------------
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
+        _THREAD.reader = True
         seq = 0
         while src not in self.dead:
             try:
@@ -372,8 +383,6 @@ class Transport:
         with self._joined:
             self._joined.notify_all()
 
-    _mark_dead = mark_dead  # (the old private name)
-
     # -- shutdown ------------------------------------------------------------------
     def close(self, wait_s: float = 5.0) -> None:
         """Say goodbye to every live peer, flush, and wait (a little) for their goodbyes."""
@@ -395,10 +404,3 @@ class Transport:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -93,6 +93,22 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
         cfg.train.batch_size
 
 
+def collective_times(sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
+    """{kind: [[bytes, median seconds], ...]} for raw gloo all-reduce and all-gather (not
+    the executor's: ``benchmarks/sim_fidelity.py --gloo`` prints gloo's own costs)."""
+    n = dist.get_world_size()
+    out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": []}
+    for b in sizes:
+        t = torch.zeros(max(b // 4, 1))
+        out["allreduce"].append([float(b), _median_time(lambda t=t: dist.all_reduce(t),
+                                                         repeats)])
+        u = torch.zeros(max(b, 1), dtype=torch.uint8)
+        outs = [torch.zeros_like(u) for _ in range(n)]
+        out["allgather"].append([float(b), _median_time(
+            lambda u=u, outs=outs: dist.all_gather(outs, u), repeats)])
+    return out
+
+
 def fit_line(points: list[list[float]]) -> tuple[float, float]:
     """Robust ``t = a + b x`` (a, b >= 0): :func:`relaxsgd.lab.fit.fit_line`."""
     return _fit_line(points)
