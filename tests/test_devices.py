@@ -45,8 +45,8 @@ HOST_SIDE = {
     ("distributed/collectives.py", "all_gather"): "the encoded blob is host bytes; it is "
                                                   "copied to the backend's device to travel",
     ("lab/calibrate.py", "*"): "measures gloo collectives on the CPU",
-    ("lab/paths.py", "executor_times"): "times the runtime's path with host tensors, as the "
-                                        "transport carries them",
+    ("lab/paths.py", "*"): "times the runtime's path with host tensors, as the transport "
+                           "carries them",
     ("distributed/transport.py", "Transport._read_frame"): "a received frame lands in host "
                                                             "memory; p2p moves it to the device",
     ("metrics.py", "Recorder.__init__"): "a seeded permutation drawn on the CPU generator, "

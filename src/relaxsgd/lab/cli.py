@@ -93,24 +93,27 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     import torch.distributed as dist
 
     from ..config import from_dict
-    from ..distributed.auth import job_auth
-    from ..distributed.options import from_env
-    from ..distributed.process import run_store
-    from ..distributed.runtime import job_env
+    from ..distributed.auth import store_key
+    from ..distributed.environment import check
+    from ..distributed.rendezvous import rendezvous
     from ..distributed.sockets import local_address
     from ..sim.profile_file import write_profile
     from .calibrate import calibrate
 
-    rank, world, _ = job_env()
+    # the dist runtime's start-up: every setting checked (a missing secret is one line
+    # before any connection), then the job's signed store
+    env, opts, auth = check()
+    rank, world = env.rank, env.world
     out = cfg_dict.pop("out", None) or "profile.yaml"
     cfg = from_dict({**cfg_dict, "workers": world, "runtime": "sim"})
     torch.set_num_threads(max(cfg.threads, 1))
     host = os.environ.get("RELAXSGD_HOST") or local_address(
         os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    job_auth(from_env())  # no secret: one line before any connection
-    store = run_store(rank, world, 300.0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    rdv = rendezvous(env, store_key(auth), opts.rendezvous_s)
+    store, group_store = rdv.run_store()
+    rdv.meet(store)
+    dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=opts.rendezvous_s))
     try:
         prof = calibrate(cfg, rank, host, store)
     finally:

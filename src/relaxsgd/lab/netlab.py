@@ -226,7 +226,7 @@ class Lab:
         secret = job_secret_env({**os.environ, **(extra_env or {})})
         for i in range(self.n):
             self.spawn(i, argv, env={"RANK": str(i), "WORLD_SIZE": str(self.n),
-                                     "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "1",
+                                     "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                                      "MASTER_ADDR": self.address(0),
                                      "MASTER_PORT": str(port),
                                      "RELAXSGD_HOST": self.address(i),
