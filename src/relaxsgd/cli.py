@@ -1,5 +1,5 @@
 """The ``relaxsgd`` command line: ``run``, ``compare``, ``report``, ``list``, ``lab``,
-``calibrate``.
+``calibrate``, ``tune``.
 
 Every bad input ends in one line ``relaxsgd: error: ...`` on stderr and exit status 2;
 a diverged run exits 3 after writing what it measured; Ctrl-C exits 130 after the same.
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab_parser(sub)
     add_calibrate_parser(sub, _common)
+    from .tune.cli import add_tune_parser
+
+    add_tune_parser(sub, _common)
     ap.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
     return ap
 
@@ -330,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         if args.cmd == "resume":
             return cmd_resume(args)
+        if args.cmd == "tune":
+            from .tune.cli import cmd_tune
+
+            return cmd_tune(args)
         return cmd_list()
     except RelaxError as e:
         sys.stderr.write(f"relaxsgd: error: {e}\n")

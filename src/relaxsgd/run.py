@@ -16,6 +16,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -175,10 +176,13 @@ def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str,
 
 
 def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
-             resume: dict[str, Any] | None = None) -> SimOutcome:
+             resume: dict[str, Any] | None = None,
+             on_eval: Callable[[dict[str, Any]], None] | None = None) -> SimOutcome:
     """Run ``prep`` in the simulator; a diverged or interrupted run raises after writing.
 
-    ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from."""
+    ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from.
+    ``on_eval``: called with every evaluation's row as it is recorded (``relaxsgd tune``
+    prunes and stops trials from it; an exception it raises ends the run unwritten)."""
     cfg, n, total = prep.cfg, prep.cfg.workers, prep.total_steps
     # A finished run's bank (and its data set) is freed only by the cyclic garbage collector
     # (vmap closures, generator frames and engine callbacks form cycles), whose thresholds
@@ -255,6 +259,8 @@ def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
         if done[0] >= next_eval[0]:
             row = snapshot(now)
             next_eval[0] = (done[0] // every + 1) * every
+            if on_eval is not None:
+                on_eval(row)
             bar.update(done[0], f"acc {row['accuracy_mean_model']:.4f}")
             checkpoint_result(row)
         saver.poll()
