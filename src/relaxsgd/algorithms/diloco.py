@@ -83,7 +83,7 @@ class DiLoCoConfig:
 class DiLoCo(CompressedAlgorithm):
     name = "diloco"
     Config = DiLoCoConfig
-    search_space = {"p": Int(2, 128, log=True), "outer_lr": Float(0.1, 1.5, log=True),
+    search_space = {"p": Int(2, 500, log=True), "outer_lr": Float(0.1, 1.5, log=True),
                     "outer_momentum": Float(0.0, 0.95)}
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
     resumable = True

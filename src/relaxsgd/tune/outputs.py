@@ -141,18 +141,28 @@ def table(plan: Plan, studies: dict[str, Any]) -> list[list[str]]:
              "tuned vtime s", "tuned MB/worker", "gain", "trials", "tuned settings"]]
     for r in summary(plan, studies):
         b, d = r["best"], r["default"]
-        gain = "-"
-        if b is not None and d is not None and d.user_attrs.get("reached", True) \
-                and isinstance(d.user_attrs.get("value"), float) and b.user_attrs["value"]:
-            ratio = d.user_attrs["value"] / b.user_attrs["value"]
-            gain = f"{ratio:.2f}x" if obj.kind == "time-to" else \
-                f"{b.user_attrs['value'] - d.user_attrs['value']:+.4g}"
+        gain = _gain(obj, b, d)
         sets = ", ".join(f"{k}={_short(v)}" for k, v in r["best_settings"].items())
         counts = ", ".join(f"{n} {k}" for k, n in r["counts"].items())
         rows.append([r["algorithm"], _fig(d, "value", ".4g"), _fig(d, "virtual_time_s", ".1f"),
                      _mb(d), _fig(b, "value", ".4g"), _fig(b, "virtual_time_s", ".1f"), _mb(b),
                      gain, counts, sets or "-"])
     return rows
+
+
+def _gain(obj: Objective, b: Any, d: Any) -> str:
+    """Time-to: default time / tuned time (">" when the default never reached the
+    target: its time is then more than its run's end); final: tuned - default."""
+    if b is None or d is None or not isinstance(d.user_attrs.get("value"), float) \
+            or b.user_attrs.get("reached") is False:
+        return "-"
+    bv, dv = b.user_attrs["value"], d.user_attrs["value"]
+    if obj.kind != "time-to":
+        return f"{bv - dv:+.4g}"
+    if d.user_attrs.get("reached") is False:
+        end = d.user_attrs.get("virtual_time_s")
+        return f">{end / bv:.2f}x" if isinstance(end, float) and bv > 0 else "-"
+    return f"{dv / bv:.2f}x" if bv > 0 else "-"
 
 
 def _mb(t: Any) -> str:

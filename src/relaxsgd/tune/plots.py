@@ -60,7 +60,8 @@ def _objective(plan: Plan, studies: dict[str, Any], rows: list[dict[str, Any]]) 
         line = ax.plot(xs, ys, ".", alpha=0.6)[0]
         run = [better(ys[: i + 1]) for i in range(len(ys))]
         ax.step(xs, run, where="post", color=line.get_color(), label=algo)
-    if obj.kind == "time-to":
+    if obj.kind == "time-to" and all(r["objective"] > 0 for r in rows
+                                     if r["status"] == "complete" and _finite(r["objective"])):
         ax.set_yscale("log")
     ax.set_xlabel("trial")
     ax.set_ylabel(obj.describe())
@@ -74,7 +75,8 @@ def _pareto(plan: Plan, studies: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
     pts = [(r["virtual_time_s"], r["bytes_per_worker"], r["algorithm"]) for r in rows
            if r["status"] in ("complete", "over_budget") and _finite(r["virtual_time_s"])
-           and _finite(r["bytes_per_worker"])]
+           and _finite(r["bytes_per_worker"]) and r["virtual_time_s"] > 0
+           and r["bytes_per_worker"] > 0]  # log axes: one worker sends nothing
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

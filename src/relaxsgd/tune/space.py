@@ -18,8 +18,9 @@ A ``--space`` file (YAML) narrows or fixes keys, for every algorithm or per algo
     swarm:
       algo.bits: [4, 8]                            # a list: one of these values
 
-A key the algorithm's (or the training) options do not have, a range outside the
-declared one, or a value the option refuses is one line (ConfigError, exit 2).
+A key the algorithm's (or the training) options do not have, a range outside the range the
+algorithm declares, or a value the option refuses is one line (ConfigError, exit 2); the
+training ranges derived from the recipe may be widened.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def narrow(algo: str, space: dict[str, Param], key: str, spec: Any
            ) -> tuple[dict[str, Param], Any]:
     """``space`` with ``key`` narrowed by a --space file's ``spec``; returns (space, fixed
     value or None). A dict spec is a range, a list the choices, a scalar a fixed value."""
-    declared = space.get(key)
+    # the algorithm's declared ranges bound what a file may ask; the training ranges
+    # derived from the recipe are only a starting point (the option's own checks bound it)
+    declared = space.get(key) if key.startswith("algo.") else None
     out = dict(space)
     if isinstance(spec, dict):
         extra = set(spec) - {"low", "high", "log"}

@@ -104,6 +104,9 @@ def load_studies(plan: Plan, folder: str, create: bool = False) -> dict[str, Any
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # constraints_func is the samplers' documented way in optuna 3.x; 5.x prefers
+    # Trial.set_constraint and says so once per trial
+    warnings.filterwarnings("ignore", message=".*set_constraint.*", category=FutureWarning)
     storage = open_storage(folder)
     obj = plan.obj()
     out = {}
