@@ -197,8 +197,8 @@ def _run_processes(folder: str, deadline: float | None, jobs: int,
     from .runner import _worker_main
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(folder, deadline, os.getpid()))
-             for _ in range(jobs)]
+    procs = [ctx.Process(target=_worker_main, args=(folder, deadline, os.getpid(), k))
+             for k in range(jobs)]
     for p in procs:
         p.start()
         time.sleep(0.5)  # let each create its connection before the next (SQLite)

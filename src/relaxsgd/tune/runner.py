@@ -106,14 +106,14 @@ def _attrs(set_attr: Callable[[str, Any], None], out: Outcome, obj: Any) -> None
 
 
 def work(folder: str, deadline: float | None, on_trial: Callable[[], None] | None = None,
-         parent: int | None = None) -> None:
+         parent: int | None = None, worker: int = 0) -> None:
     """Run trials until every algorithm has its --trials, the deadline passes, or (in a
     worker process) the parent tune is gone."""
     import torch
 
     torch.set_num_threads(1)
     plan = Plan.load(folder)
-    studies = load_studies(plan, folder)
+    studies = load_studies(plan, folder, worker=worker)
     while deadline is None or time.time() < deadline:
         if parent is not None and os.getppid() != parent:
             return  # the tune that started us was killed: leave the rest to --resume
@@ -125,10 +125,10 @@ def work(folder: str, deadline: float | None, on_trial: Callable[[], None] | Non
             on_trial()
 
 
-def _worker_main(folder: str, deadline: float | None, parent: int) -> None:
+def _worker_main(folder: str, deadline: float | None, parent: int, worker: int) -> None:
     """A --jobs worker process (spawned)."""
     try:
-        work(folder, deadline, parent=parent)
+        work(folder, deadline, parent=parent, worker=worker)
     except KeyboardInterrupt:
         pass
 

@@ -98,8 +98,10 @@ def open_storage(folder: str) -> Any:
         storage_url(folder), engine_kwargs={"connect_args": {"timeout": 120}})
 
 
-def load_studies(plan: Plan, folder: str, create: bool = False) -> dict[str, Any]:
-    """The algorithms' studies, with their samplers and pruner (created when asked)."""
+def load_studies(plan: Plan, folder: str, create: bool = False, worker: int = 0
+                 ) -> dict[str, Any]:
+    """The algorithms' studies, with their samplers and pruner (created when asked).
+    ``worker``: the --jobs process's index, so that parallel samplers draw differently."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -111,7 +113,13 @@ def load_studies(plan: Plan, folder: str, create: bool = False) -> dict[str, Any
     obj = plan.obj()
     out = {}
     for i, algo in enumerate(plan.algos):
-        seed = plan.seed * 1000 + i
+        seed = plan.seed * 1000 + i + 100 * worker
+        if not create:  # a resumed study: a fresh stream, not the first session's again
+            try:
+                seed += 7919 * len(optuna.load_study(study_name=algo, storage=storage)
+                                   .get_trials(deepcopy=False))
+            except KeyError:
+                pass
         constraints = _constraint if obj.budget_bytes is not None else None
         if plan.pareto:
             sampler: Any = optuna.samplers.NSGAIISampler(
