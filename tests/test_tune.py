@@ -131,11 +131,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, needle):
 
 # -- a tune, killed and resumed; its best config reruns -----------------------------------
 
-def _finished(db: str) -> list[tuple[int, str]]:
+def _finished(db: str, running: bool = False) -> list[tuple[int, str]]:
+    cond = "state = 'RUNNING'" if running else "state != 'RUNNING' and state != 'WAITING'"
     try:
         with sqlite3.connect(db, timeout=30) as c:
-            return c.execute("select number, state from trials where state != 'RUNNING' "
-                             "and state != 'WAITING' order by number").fetchall()
+            return c.execute(f"select number, state from trials where {cond} "
+                             "order by number").fetchall()
     except sqlite3.Error:
         return []
 
@@ -152,12 +153,14 @@ def test_killed_tune_resumes_and_keeps_every_finished_trial(tmp_path, capsys):
                             stderr=subprocess.DEVNULL)
     db = os.path.join(out, "study.db")
     t0 = time.time()
-    while len(_finished(db)) < 2 and time.time() - t0 < 120 and proc.poll() is None:
+    # kill it in the middle of its third trial
+    while not (len(_finished(db)) >= 2 and _finished(db, running=True)) \
+            and time.time() - t0 < 120 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _finished(db)
-    assert 2 <= len(before) < 4, before
+    assert len(before) == 2 and _finished(db, running=True), before
     with sqlite3.connect(db) as c:
         values = dict(c.execute("select trial_id, value from trial_values").fetchall())
     assert main(["tune", "--resume", out, "-q"]) == 0
@@ -168,6 +171,10 @@ def test_killed_tune_resumes_and_keeps_every_finished_trial(tmp_path, capsys):
         after = dict(c.execute("select trial_id, value from trial_values").fetchall())
     assert all(after[k] == v for k, v in values.items())  # nothing finished was lost
     assert [n for n, _ in before] == [n for n, _ in _finished(db)][: len(before)]
+    with sqlite3.connect(db) as c:  # the killed trial is kept as such, and ran again
+        killed = c.execute("select count(*) from trial_user_attributes where key = 'status' "
+                           "and value_json = '\"killed\"'").fetchone()[0]
+    assert killed == 1
     capsys.readouterr()
     # a folder holding a tune is refused for a new one (resume it instead)
     assert main(["tune", "--algos", "localsgd", *TINY, "--out", out, "-q"]) == 2
