@@ -30,7 +30,7 @@ class LocalSGD(Algorithm):
     name = "localsgd"
     Config = LocalSGDConfig
     resumable = True
-    search_space = {"p": Int(1, 64, log=True)}
+    search_space = {"p": Int(1, 256, log=True)}
 
     def program(self, w: Worker) -> Program:
         cfg: LocalSGDConfig = self.cfg
