@@ -25,6 +25,8 @@ before it). Main rows (all-reduce, Local SGD and DiLoCo) give mean +- std over 3
     nice python benchmarks/lm_wan.py            # full: 16 runs, 23 min with 2 processes
                                                 # on 2 cores at load average 10-15
     nice python benchmarks/lm_wan.py --quick    # a smoke version: 40 steps, 1 seed
+    nice python benchmarks/lm_wan.py --tune     # DiLoCo tuned by relaxsgd tune against
+                                                # all-reduce AdamW (lm_wan_tune.py)
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ METHODS: list[tuple[str, str, dict[str, Any], bool]] = [  # label, algo, options
 
 
 def config(args: argparse.Namespace, algo: str, opts: dict[str, Any], seed: int) -> Any:
+    opts = dict(opts)
+    train = opts.pop("_train", {})  # --tune: the tuned inner optimizer's options
     return from_dict({"algo": algo, "algo_options": opts, "task": "shakespeare",
+                      "train": train,
                       "task_options": MODEL, "data_dir": args.data_dir,
                       "workers": args.workers, "steps": args.steps, "evals": args.evals,
                       "network": "wan", "split": "play", "seed": seed,
@@ -139,11 +144,21 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=128, help="validation windows")
     ap.add_argument("--only", default="", help="comma-separated labels' prefixes to run")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--tune", action="store_true", help="tune DiLoCo (H, inner and outer "
+                    "lr, outer momentum) with relaxsgd tune, then compare it with all-reduce "
+                    "AdamW over 3 fresh seeds (lm_wan_tune.py)")
+    ap.add_argument("--tune-trials", type=int, default=12, help="--tune: DiLoCo trials")
+    ap.add_argument("--tune-out", default=None, help="--tune: the tune's folder")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.data_dir, "plays.txt.gz")):
         sys.exit(f"relaxsgd: error: {args.data_dir}/plays.txt.gz not found; pass --data-dir")
     args.steps = args.steps or (40 if args.quick else 300)
     args.evals = 4 if args.quick else 12
+    if args.tune:
+        from lm_wan_tune import tune_and_compare
+
+        tune_and_compare(args, config, _one)
+        return
     seeds = args.seeds or (1 if args.quick else 3)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     jobs = [(label, algo, opts, s) for label, algo, opts, main_row in METHODS

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -176,8 +177,11 @@ def run_sim(prep: Prepared, out: str | None, progress: bool = True) -> dict[str,
 
 
 def simulate(prep: Prepared, out: str | None = None, progress: bool = False,
-             resume: dict[str, Any] | None = None) -> SimOutcome:
+             resume: dict[str, Any] | None = None,
+             on_eval: Callable[[dict[str, Any]], None] | None = None) -> SimOutcome:
     """Run ``prep`` in the simulator; a diverged or interrupted run raises after writing.
 
-    ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from."""
-    return Simulation(prep, out, progress, resume).run()
+    ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from.
+    ``on_eval``: called with every evaluation's row as it is recorded (``relaxsgd tune``
+    prunes and stops trials from it; an exception it raises ends the run unwritten)."""
+    return Simulation(prep, out, progress, resume, on_eval=on_eval).run()

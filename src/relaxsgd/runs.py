@@ -6,7 +6,8 @@ algorithm. :func:`report` prints the summary table of every run found, writes th
 side by side and, with ``--markdown FILE``, a Markdown report (setting, table, plots) a
 user can paste. Runs made at different times compare this way; a stopped run (Ctrl-C,
 divergence, SIGKILL) is read as far as it got. A folder that is not a run, or a run
-whose files cannot be read, is one line naming the folder and what is wrong.
+whose files cannot be read, is one line naming the folder and what is wrong. A tune folder
+(``relaxsgd tune``) prints its table of the best trial per algorithm against the default.
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ def report(dirs: list[str], out: str | None, markdown: str | None, force: bool) 
     from .outputs import atomic_write, prepare_out_dir
     from .report import markdown_report, plot_runs, plot_title, summary_table
 
+    tunes = [d for d in dirs if os.path.isfile(os.path.join(d, "tune.json"))]
+    if tunes:  # a tune folder: its table of the best per algorithm against the defaults
+        from .tune.outputs import show
+
+        for d in tunes:
+            print(show(d))
+        dirs = [d for d in dirs if d not in tunes]
+        if not dirs:
+            return 0
     folders = [f for d in dirs for f in find_runs(d)]
     results, runs, labels = [], [], set()
     for f in folders:

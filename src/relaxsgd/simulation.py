@@ -17,6 +17,7 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,9 +81,11 @@ class Simulation:
     ``resume``: a checkpoint (:func:`relaxsgd.checkpoint.load`) to continue from."""
 
     def __init__(self, prep: Prepared, out: str | None = None, progress: bool = False,
-                 resume: dict[str, Any] | None = None) -> None:
+                 resume: dict[str, Any] | None = None,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         cfg, n = prep.cfg, prep.cfg.workers
         self.prep, self.out, self.resume, self.n = prep, out, resume, n
+        self.on_eval = on_eval  # e.g. relaxsgd tune's pruning; see run.simulate
         # A finished run's bank (and its data set) is freed only by the cyclic garbage
         # collector (vmap closures, generator frames and engine callbacks form cycles),
         # whose thresholds count Python objects, not tensor memory: without this, a
@@ -193,6 +196,8 @@ class Simulation:
         if self.done >= self.next_eval:
             row = self.evaluate(now)
             self.next_eval = (self.done // self.every + 1) * self.every
+            if self.on_eval is not None:
+                self.on_eval(row)
             self.bar.update(self.done, f"acc {row['accuracy_mean_model']:.4f} "
                             f"eval {self.eval_share():.0%}")
             self._running_result(row)

@@ -291,6 +291,10 @@ class Algorithm:
     # True when the workers never wait for each other (SwarmSGD, AD-PSGD): the distributed
     # runtime then saves each worker on its own, without a barrier (relaxsgd.distributed.saving)
     asynchronous: ClassVar[bool] = False
+    # The options ``relaxsgd tune`` searches, by Config field name, with their ranges and
+    # scales (relaxsgd.tune.params: Float, Int, Choice; log for rates and periods). The
+    # training options (lr, momentum, ...) come from the task's recipe, not from here.
+    search_space: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:
         self.cfg = cfg

@@ -37,6 +37,7 @@ import torch
 
 from ..compress.spec import make_compressor
 from ..errors import ConfigError
+from ..tune.params import Float
 from .base import Algorithm, Checkpoint, Grad, Program, RunInfo, Worker
 from .dpsgd import Mixer, gossip, mix
 
@@ -65,6 +66,7 @@ class ChocoConfig:
 class ChocoSGD(Algorithm):
     name = "choco"
     Config = ChocoConfig
+    search_space = {"gamma": Float(0.05, 1.0, log=True)}
     needs_topology = True
     metric_keys = ("interactions_per_worker",)
     resumable = True

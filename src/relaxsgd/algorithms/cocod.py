@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
+from ..tune.params import Int
 from .base import AllReduce, Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -51,6 +52,7 @@ class CoCoDConfig(CompressionOptions):
 class CoCoDSGD(CompressedAlgorithm):
     name = "cocod"
     Config = CoCoDConfig
+    search_space = {"p": Int(1, 64, log=True)}
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     resumable = True
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..checks import require_int
 from ..errors import ConfigError
 from ..state_tree import register_state_type
+from ..tune.params import Choice, Float, Int
 from .base import Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, Pending, parse_compression
 
@@ -82,6 +83,8 @@ class DiLoCoConfig:
 class DiLoCo(CompressedAlgorithm):
     name = "diloco"
     Config = DiLoCoConfig
+    search_space = {"p": Int(2, 500, log=True), "outer_lr": Float(0.1, 1.5, log=True),
+                    "outer_momentum": Float(0.0, 0.95)}
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
     resumable = True
 
@@ -165,6 +168,9 @@ def fragment_bounds(layout: list, k: int) -> list[tuple[int, int, list]]:
 class StreamingDiLoCo(CompressedAlgorithm):
     name = "streaming-diloco"
     Config = StreamingDiLoCoConfig
+    search_space = {"p": Int(4, 128, log=True), "tau": Int(0, 8),
+                    "fragments": Choice((1, 2, 4)), "outer_lr": Float(0.1, 1.5, log=True),
+                    "outer_momentum": Float(0.0, 0.95)}
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     resumable = True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
+from ..tune.params import Int
 from .base import Algorithm, AllReduce, Checkpoint, Compute, Program, Worker
 
 
@@ -29,6 +30,7 @@ class LocalSGD(Algorithm):
     name = "localsgd"
     Config = LocalSGDConfig
     resumable = True
+    search_space = {"p": Int(1, 256, log=True)}
 
     def program(self, w: Worker) -> Program:
         cfg: LocalSGDConfig = self.cfg

@@ -73,6 +73,7 @@ from torch import Tensor
 from ..checks import require_int
 from ..requires import Needs
 from ..state_tree import register_state_type
+from ..tune.params import Choice, Int
 from .base import Checkpoint, Compute, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions, Pending
 
@@ -129,6 +130,9 @@ class _Round(NamedTuple):
 class OLCO3(CompressedAlgorithm):
     name = "olco3"
     Config = OLCO3Config
+    search_space = {"p": Int(1, 32, log=True), "s": Int(0, 3),
+                    "compressor": Choice(("topk:ratio=0.001", "topk:ratio=0.01", "topk:ratio=0.1")),
+                    "aggregation": Choice(("ps", "allreduce"))}
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     shared_model_state = "xg"  # every worker holds xg: evaluated beside the mean model
     resumable = True

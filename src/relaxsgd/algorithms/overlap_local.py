@@ -31,6 +31,7 @@ from typing import Any
 
 from ..checks import require_int
 from ..errors import ConfigError
+from ..tune.params import Float, Int
 from .base import AllReduce, Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -72,6 +73,8 @@ class OverlapLocalConfig(CompressionOptions):
 class OverlapLocalSGD(CompressedAlgorithm):
     name = "overlap-local"
     Config = OverlapLocalConfig
+    search_space = {"p": Int(1, 64, log=True), "alpha": Float(0.0, 1.0),
+                    "beta": Float(0.0, 0.95)}
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     resumable = True
 

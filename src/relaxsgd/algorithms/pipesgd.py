@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
+from ..tune.params import Int
 from .base import Checkpoint, Grad, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -47,6 +48,7 @@ class PipeSGDConfig(CompressionOptions):
 class PipeSGD(CompressedAlgorithm):
     name = "pipesgd"
     Config = PipeSGDConfig
+    search_space = {"s": Int(0, 4)}
     metric_keys = ("staleness_mean", "ef_residual_norm_mean", "payload_bytes")
     resumable = True
 

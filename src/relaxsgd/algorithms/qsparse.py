@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import require_int
+from ..tune.params import Choice, Int
 from .base import Checkpoint, Compute, Program, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions
 
@@ -44,6 +45,9 @@ class QsparseConfig(CompressionOptions):
 class QsparseLocalSGD(CompressedAlgorithm):
     name = "qsparse"
     Config = QsparseConfig
+    search_space = {"p": Int(1, 64, log=True),
+                    "compressor": Choice(("topk:ratio=0.001", "topk:ratio=0.01",
+                                          "topk:ratio=0.1"))}
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
     resumable = True
 

@@ -111,6 +111,7 @@ from torch import Tensor
 from .. import salts
 from ..devices import draw
 from ..training import seeded_generator
+from ..tune.params import Choice, Int
 from .base import (
     Algorithm,
     Checkpoint,
@@ -140,6 +141,8 @@ from .swarm_state import undirected_neighbors as undirected_neighbors
 class SwarmSGD(Algorithm):
     name = "swarm"
     Config = SwarmConfig
+    search_space = {"H": Int(1, 32, log=True), "bits": Int(4, 16),
+                    "overlap": Choice((False, True))}
     needs_topology = True
     metric_keys = ("interactions_per_worker", "decode_failures", "fallback_bytes",
                    "staleness_mean", "lattice_eps_mean")

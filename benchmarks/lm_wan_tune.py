@@ -1,0 +1,93 @@
+"""``lm_wan.py --tune``: DiLoCo tuned by ``relaxsgd tune`` on the Shakespeare setting of
+lm_wan.py, then compared with all-reduce AdamW on fresh seeds.
+
+1. All-reduce AdamW, seed 0: its bytes per worker B.
+2. ``relaxsgd tune --algos diloco --objective final:bpc --budget-bytes B/20`` on seed 0:
+   H (algo.p) in [10, 200], inner AdamW lr in [5e-4, 1e-2], outer lr in [0.1, 1.5], outer
+   momentum in [0, 0.95] (log scales for H and the rates); the byte budget keeps only
+   configurations with at least 20x fewer bytes per worker than all-reduce.
+3. The tuned configuration and all-reduce AdamW on seeds 1, 2, 3 (not the seed tuned on):
+   final bits per character of the mean model, bytes per worker.
+
+Goals (issue 19): DiLoCo's mean bpc within 3% of all-reduce AdamW's, with >= 20x fewer bytes
+per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+SPACE = """\
+diloco:
+  algo.p: {low: 10, high: 200, log: true}
+  algo.outer_lr: {low: 0.1, high: 1.5, log: true}
+  algo.outer_momentum: {low: 0.0, high: 0.95}
+  train.lr: {low: 0.0005, high: 0.01, log: true}
+  train.beta1: 0.9
+  train.warmup_steps: 20
+"""
+SEEDS = (1, 2, 3)
+
+
+def tune_and_compare(args: argparse.Namespace, config: Callable[..., Any],
+                     one: Callable[[tuple], dict[str, Any]]) -> None:
+    from relaxsgd.cli import main as cli
+
+    t0 = time.perf_counter()
+    print(f"load before: {os.getloadavg()}", flush=True)
+    ar0 = one((args, "allreduce", {}, 0))
+    budget = ar0["bytes"] / 20
+    out = args.tune_out or tempfile.mkdtemp(prefix="lm-wan-tune-")
+    if os.path.isdir(out) and os.listdir(out):
+        sys.exit(f"relaxsgd: error: --tune-out {out!r} is not empty")
+    job = json.loads(json.dumps(config(args, "diloco", {}, 0).to_dict()))  # tuples -> lists
+    job.pop("out", None)
+    with open(out + ".job.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(job, f)
+    with open(out + ".space.yaml", "w", encoding="utf-8") as f:
+        f.write(SPACE)
+    rc = cli(["tune", "--algos", "diloco", "--config", out + ".job.yaml", "--objective",
+              "final:bpc", "--budget-bytes", str(budget), "--space", out + ".space.yaml",
+              "--trials", str(args.tune_trials), "--out", out, "--jobs", "1"])
+    if rc != 0:
+        sys.exit(rc)
+    path = os.path.join(out, "diloco", "trial.json")
+    if not os.path.isfile(path):
+        sys.exit("no DiLoCo trial met the byte budget (see report.md); GOAL not measurable")
+    with open(path, encoding="utf-8") as f:
+        best = json.load(f)["settings"]
+    opts = {k[5:]: v for k, v in best.items() if k.startswith("algo.")}
+    opts["_train"] = {k[6:]: v for k, v in best.items()
+                      if k.startswith("train.") and k != "train.beta1"}
+    print(f"tuned DiLoCo (seed 0): {best}", flush=True)
+    rows = {"all-reduce AdamW": [one((args, "allreduce", {}, s)) for s in SEEDS],
+            "DiLoCo tuned": [one((args, "diloco", opts, s)) for s in SEEDS],
+            "DiLoCo H=20 (untuned)": [one((args, "diloco", {"p": 20}, s)) for s in SEEDS]}
+    ref = statistics.mean(r["bpc"] for r in rows["all-reduce AdamW"])
+    ref_b = statistics.mean(r["bytes"] for r in rows["all-reduce AdamW"])
+    print(f"\n# Shakespeare, {args.workers} workers, play split, wan, {args.steps} local "
+          f"steps; seeds {list(SEEDS)} (tuned on seed 0, {args.tune_trials} trials)")
+    print(f"{'method':<24} {'bpc mean':>16} {'vs AR':>7} {'MB/worker':>10} {'bytes x':>8}")
+    for label, rs in rows.items():
+        bpc = [r["bpc"] for r in rs]
+        mb = statistics.mean(r["bytes"] for r in rs)
+        print(f"{label:<24} {statistics.mean(bpc):.4f}+-{statistics.stdev(bpc):.4f} "
+              f"{100 * (statistics.mean(bpc) / ref - 1):>+6.1f}% {mb / 1e6:>10.2f} "
+              f"{ref_b / max(mb, 1):>8.1f}")
+    tuned = rows["DiLoCo tuned"]
+    gap = statistics.mean(r["bpc"] for r in tuned) / ref - 1
+    fewer = ref_b / statistics.mean(r["bytes"] for r in tuned)
+    print(f"goal: bpc within 3% of all-reduce ({100 * gap:+.1f}%: "
+          f"{'met' if gap <= 0.03 else 'NOT met'}), >= 20x fewer bytes ({fewer:.1f}x: "
+          f"{'met' if fewer >= 20 else 'NOT met'}); tune in {out}; wall "
+          f"{time.perf_counter() - t0:.0f} s; load after: {os.getloadavg()}")

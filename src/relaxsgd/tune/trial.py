@@ -1,0 +1,99 @@
+"""One trial: a job's config dict run in the simulator (in this process, nothing written),
+stopped early when its score is settled, scored by the objective.
+
+Statuses: ``complete``; ``pruned`` (the pruner stopped it); ``over_budget`` (it sent more
+than ``--budget-bytes`` per worker: infeasible); ``refused`` (the algorithm or the job
+refused the configuration: a ConfigError, not a crash); ``diverged``; ``failed`` (any
+other error, with its message).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, RelaxError
+from .objective import Objective
+
+Prune = Callable[[int, float], bool]  # (evaluation index, intermediate value) -> prune?
+
+
+class _Stop(Exception):
+    """Raised from the evaluation hook to end a trial whose outcome is settled."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Outcome:
+    """What a trial measured (the user attributes of its Optuna trial)."""
+
+    status: str
+    value: float | None = None
+    reached: bool = False
+    virtual_time_s: float | None = None
+    bytes_per_worker: float | None = None
+    metric: float | None = None
+    evals: int = 0
+    wall_s: float = 0.0
+    message: str = ""
+    config: dict[str, Any] | None = field(default=None, repr=False)
+
+    def attrs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = None
+              ) -> Outcome:
+    """Run the raw config dict ``job`` and score it; never raises for a bad configuration
+    or a diverged run (Ctrl-C still propagates)."""
+    from ..config import from_dict
+    from ..run import prepare, simulate
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+
+    def on_eval(row: dict[str, Any]) -> None:
+        rows.append(row)
+        reason = objective.stop_reason(row)
+        if reason is not None:
+            raise _Stop(reason)
+        if prune is not None and len(rows) > 1 and \
+                prune(len(rows) - 1, objective.intermediate(rows)):
+            raise _Stop("pruned")
+
+    config = None
+    status, message = "complete", ""
+    try:
+        prep = prepare(from_dict({**job, "out": None}))
+        config = prep.resolved
+        rows = simulate(prep, None, False, on_eval=on_eval).rows
+    except _Stop as e:
+        status = {"pruned": "pruned", "bytes": "over_budget"}.get(e.reason, "complete")
+        message = {"reached": "stopped at the target", "vtime": "stopped past --budget-vtime",
+                   "bytes": "stopped past --budget-bytes"}.get(e.reason, "")
+    except ConfigError as e:
+        status, message = "refused", str(e)
+    except RelaxError as e:  # a divergence (exit status 3), reported after its rows
+        status, message = ("diverged" if e.exit_code == 3 else "failed"), str(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - a crashing configuration must not stop a tune
+        status, message = "failed", f"{type(e).__name__}: {e}"[:300]
+    out = Outcome(status, message=message, config=config, evals=len(rows),
+                  wall_s=time.perf_counter() - t0)
+    if rows and status in ("complete", "pruned", "over_budget"):
+        value, reached = objective.score(rows)
+        kept = objective.within_budget(rows)
+        last = kept[-1]
+        at = next((r for r in kept if objective.reached(r)), last) \
+            if objective.kind == "time-to" else last
+        out.value, out.reached = value, reached
+        out.virtual_time_s = float(at["virtual_time_s"])
+        out.bytes_per_worker = float(at["bytes_sent_per_worker_max"])
+        out.metric = objective.value(at)
+    return out
