@@ -146,6 +146,7 @@ def _p2p(device: str):
     p = PointToPoint()
     p.tr, p.lock = _Wire(), threading.RLock()
     p.w = types.SimpleNamespace(params=torch.zeros(4, device=device))
+    p.device = torch.device(device)
     p.counts = types.SimpleNamespace(add=lambda *a: None)
     p.opts = types.SimpleNamespace(timeout_s=5.0, peer_timeout_s=5.0)
     p._init_p2p()

@@ -40,7 +40,8 @@ class _NoOptions:
 class _GatherServer:
     """A parameter server whose reply is the list of the round's uploads, with a state."""
 
-    def init_state(self, numel: int, layout: Any = None) -> dict[str, Any]:
+    def init_state(self, numel: int, layout: Any = None,
+                   device: Any = None) -> dict[str, Any]:
         return {"round": 0}
 
     def serve(self, state: dict[str, Any], payloads: list[Any]) -> Any:

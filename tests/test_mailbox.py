@@ -149,6 +149,8 @@ def _p2p() -> object:
     import threading
     import types
 
+    import torch
+
     from relaxsgd.distributed.p2p import PointToPoint
 
     class P(PointToPoint):
@@ -157,6 +159,7 @@ def _p2p() -> object:
     p = P()
     p.tr = types.SimpleNamespace(on_dead=[], dead={})
     p.lock = threading.RLock()
+    p.device = torch.device("cpu")
     p.opts = types.SimpleNamespace(timeout_s=60.0)
     p._init_p2p()
     return p

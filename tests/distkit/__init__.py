@@ -91,8 +91,9 @@ class Probe(Algorithm):
         from relaxsgd.compress.spec import make_compressor
 
         class SliceServer(ParameterServer):
-            def init_state(self, numel: int, layout: Any = None) -> dict[str, Any]:
-                return super().init_state(2)
+            def init_state(self, numel: int, layout: Any = None,
+                           device: Any = None) -> dict[str, Any]:
+                return super().init_state(2, None, device)
 
         ident = make_compressor("identity")
         return SliceServer(ident, ident, False, self.info.seed)

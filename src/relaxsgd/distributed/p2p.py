@@ -35,7 +35,8 @@ PROBE_EVERY_S = 1.0
 
 class PointToPoint:
     """Mixin of :class:`~.executor.Executor`: needs ``tr``, ``lock``, ``w``, ``algo``,
-    ``opts``, ``counts``, ``ids``, ``busy``, ``finished``, ``coll_seq``, ``abort``."""
+    ``opts``, ``counts``, ``ids``, ``busy``, ``finished``, ``coll_seq``, ``abort`` and
+    ``device`` (the worker's: where received tensors go)."""
 
     tr: Transport
     lock: threading.RLock
@@ -114,10 +115,10 @@ class PointToPoint:
     # host memory before it is handed to the transport (one DMA transfer a tensor), and
     # what arrives is decoded on the CPU and copied once to this worker's device here.
     def _outgoing(self, payload: Any) -> Any:
-        return payload if self.w.params.device.type == "cpu" else to_host_tree(payload)
+        return payload if self.device.type == "cpu" else to_host_tree(payload)
 
     def _incoming(self, payload: Any) -> Any:
-        device = self.w.params.device
+        device = self.device
         return payload if device.type == "cpu" else move(payload, device)
 
     # -- receiving -----------------------------------------------------------------

@@ -40,7 +40,6 @@ class _Stub:
     """The little of a worker the executor reads outside local steps."""
 
     step = 0
-    params = torch.empty(0, device="cpu")  # the executor's device boundary reads its device
 
     def count(self, *args: Any, **kwargs: Any) -> None:
         pass
