@@ -269,3 +269,16 @@ def shield_interrupts() -> Iterator[list[int]]:
         yield held
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def new_run_folder(label: str) -> str:
+    """A folder name under ``runs/`` that does not exist yet: ``<time stamp>-<label>``,
+    with ``-2``, ``-3``... when two runs start in the same second."""
+    import time
+
+    base = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{label}")
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path

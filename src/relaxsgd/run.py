@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,7 +23,7 @@ from .algorithms.base import Algorithm, RunInfo
 from .bank import check_fits
 from .config import RunConfig, _typed, dump_yaml
 from .errors import ConfigError
-from .outputs import discard_refused, shield_interrupts, write_json
+from .outputs import discard_refused, new_run_folder, shield_interrupts, write_json
 from .results import (  # noqa: F401  (re-exported: the dist runtime imports them from here)
     INTERRUPTED,
     INTERRUPTED_FINAL,
@@ -112,13 +111,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 def default_out_dir(cfg: RunConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{stamp}-{cfg.algo}-{cfg.task}-n{cfg.workers}")
-    path, k = base, 1
-    while os.path.exists(path):
-        k += 1
-        path = f"{base}-{k}"
-    return path
+    return new_run_folder(f"{cfg.algo}-{cfg.task}-n{cfg.workers}")
 
 
 def run(cfg: RunConfig, progress: bool = True, write: bool = True,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import time
 from typing import Any
 
 from ..errors import ConfigError
@@ -102,10 +100,6 @@ def _algo_cls(algo: str) -> Any:
 
 
 def _default_out(job: dict[str, Any]) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{stamp}-tune-{job.get('task')}-n{job.get('workers')}")
-    path, k = base, 1
-    while os.path.exists(path):
-        k += 1
-        path = f"{base}-{k}"
-    return path
+    from ..outputs import new_run_folder
+
+    return new_run_folder(f"tune-{job.get('task')}-n{job.get('workers')}")
