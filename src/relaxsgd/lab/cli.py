@@ -114,6 +114,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     rdv.meet(store)
     dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=opts.rendezvous_s))
+    rdv.started()  # as the runtime does: start-up failures are no longer watched for
     try:
         prof = calibrate(cfg, rank, host, store)
     finally:
