@@ -326,6 +326,18 @@ def test_mnist1d_leaves_global_rng_alone() -> None:
     assert np.random.rand() == want_np and random.random() == want_py
 
 
+def test_mnist1d_rebuilt_gives_the_same_data_in_its_own_tensors() -> None:
+    # the generated sets are kept for a rebuild (tune's trials); each build owns its tensors
+    a = _build("mnist1d", {"num_samples": 120}, seed=11).data
+    a.x_train.add_(1.0)
+    a.y_test.zero_()
+    b = _build("mnist1d", {"num_samples": 120}, seed=11).data
+    assert not torch.equal(a.x_train, b.x_train) and int(b.y_test.max()) > 0
+    c = _build("mnist1d", {"num_samples": 120}, seed=12).data  # another seed: other data
+    assert not torch.equal(b.x_train, c.x_train)
+    assert torch.allclose(b.x_train, a.x_train - 1.0, atol=1e-5)
+
+
 def test_resnet20_size_norms_and_buffers() -> None:
     bn, gn = resnet20(10), resnet20(10, norm="gn", gn_groups=4)
     n_params = sum(p.numel() for p in bn.parameters())
