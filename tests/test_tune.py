@@ -73,6 +73,34 @@ def test_study_finds_the_best_learning_rate_of_a_quadratic(tmp_path):
     assert found["value"] <= finite[best_lr] * 1.05
 
 
+LOGREG = {"task": "logreg", "workers": 2, "steps": 40, "evals": 8, "algo": "localsgd",
+          "task_options": {"n_train": 400, "n_test": 200}, "network": "datacenter",
+          "compute": {"step_time_s": 0.01}, "train": {"lr": 0.1}}
+
+
+def test_a_time_to_trial_stops_at_the_target_or_past_the_best_time():
+    obj = parse_objective("time-to:accuracy=0.38")
+    whole = run_trial(LOGREG, parse_objective("final:accuracy"))
+    first = run_trial(LOGREG, obj)
+    assert first.status == "complete" and first.reached and first.message.startswith(
+        "stopped at the target") and first.evals < whole.evals
+    # a bound it beats changes nothing; one it cannot beat stops it at the first
+    # evaluation past the bound, as a pruned trial that scores worse than the bound
+    again = run_trial(LOGREG, obj, bound=first.value * 1.01)
+    assert (again.status, again.value, again.evals) == ("complete", first.value, first.evals)
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare, simulate
+
+    times = [r["virtual_time_s"] for r in simulate(prepare(from_dict(
+        {**LOGREG, "out": None}))).rows]
+    bound = first.value * 0.3
+    beaten = run_trial(LOGREG, obj, bound=bound)
+    assert beaten.status == "pruned" and "past the best time" in beaten.message
+    assert not beaten.reached and beaten.value > first.value
+    past = next(k for k, t in enumerate(times) if t > bound)
+    assert (beaten.evals, beaten.virtual_time_s) == (past + 1, times[past])
+
+
 # -- spaces -------------------------------------------------------------------------------
 
 def test_every_declared_space_is_checked_against_its_options(monkeypatch):
@@ -202,3 +230,9 @@ def test_best_config_reruns_to_its_trials_figures(tmp_path, capsys):
     assert "localsgd" in shown and "virtual time to accuracy >= 0.3" in shown
     for f in ("trials.csv", "report.md", "objective_over_trials.png", "study.db"):
         assert os.path.isfile(os.path.join(out, f)), f
+    # later trials are bounded by the best time so far
+    from relaxsgd.tune.runner import _bound
+    from relaxsgd.tune.study import Plan, load_studies
+
+    plan = Plan.load(out)
+    assert _bound(plan, load_studies(plan, out)["localsgd"]) == trial["value"]

@@ -35,7 +35,7 @@ def run_one(plan: Plan, studies: dict[str, Any], algo: str) -> Outcome:
         trial.report(value, step)
         return trial.should_prune()
 
-    out = run_trial(apply_params(plan.jobs[algo], params), obj, prune)
+    out = run_trial(apply_params(plan.jobs[algo], params), obj, prune, _bound(plan, study))
     _attrs(trial.set_user_attr, out, obj)
     if out.status == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
@@ -46,6 +46,19 @@ def run_one(plan: Plan, studies: dict[str, Any], algo: str) -> Outcome:
     else:
         study.tell(trial, _values(plan, out))
     return out
+
+
+def _bound(plan: Plan, study: Any) -> float | None:
+    """The best time to the target ``study`` has measured (a time-to trial past it cannot
+    be the best); None for other objectives, and on a Pareto front (a slower trial may
+    still send fewer bytes)."""
+    from .outputs import best_trial
+
+    obj = plan.obj()
+    if obj.kind != "time-to" or plan.pareto:
+        return None
+    best = best_trial(study, obj)
+    return float(best.user_attrs["value"]) if best and best.user_attrs.get("reached") else None
 
 
 def _run_default(plan: Plan, study: Any, algo: str) -> Outcome:

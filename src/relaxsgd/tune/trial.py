@@ -1,6 +1,13 @@
 """One trial: a job's config dict run in the simulator (in this process, nothing written),
 stopped early when its score is settled, scored by the objective.
 
+A ``time-to`` trial stops at the first evaluation that reaches the target (what follows
+cannot change its score), and, given ``bound`` (the best time to the target its
+algorithm's study has measured so far), at the first evaluation past ``bound`` that has
+not reached it: its time to the target is then more than the best's, so it cannot be the
+best (status ``pruned``, message "past the best time so far"). Both are sound: neither
+changes which trial is the best.
+
 Statuses: ``complete``; ``pruned`` (the pruner stopped it); ``over_budget`` (it sent more
 than ``--budget-bytes`` per worker: infeasible); ``refused`` (the algorithm or the job
 refused the configuration: a ConfigError, not a crash); ``diverged``; ``failed`` (any
@@ -47,10 +54,11 @@ class Outcome:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = None
-              ) -> Outcome:
+def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = None,
+              bound: float | None = None) -> Outcome:
     """Run the raw config dict ``job`` and score it; never raises for a bad configuration
-    or a diverged run (Ctrl-C still propagates)."""
+    or a diverged run (Ctrl-C still propagates). ``bound``: stop a time-to trial once it
+    is past this virtual time without reaching the target (module docstring)."""
     from ..config import from_dict
     from ..run import prepare, simulate
 
@@ -65,6 +73,9 @@ def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = N
         if prune is not None and len(rows) > 1 and \
                 prune(len(rows) - 1, objective.intermediate(rows)):
             raise _Stop("pruned")
+        if bound is not None and objective.kind == "time-to" and \
+                float(row["virtual_time_s"]) > bound:
+            raise _Stop("beaten")
 
     config = None
     status, message = "complete", ""
@@ -73,9 +84,12 @@ def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = N
         config = prep.resolved
         rows = simulate(prep, None, False, on_eval=on_eval).rows
     except _Stop as e:
-        status = {"pruned": "pruned", "bytes": "over_budget"}.get(e.reason, "complete")
+        status = {"pruned": "pruned", "beaten": "pruned",
+                  "bytes": "over_budget"}.get(e.reason, "complete")
         message = {"reached": "stopped at the target", "vtime": "stopped past --budget-vtime",
-                   "bytes": "stopped past --budget-bytes"}.get(e.reason, "")
+                   "bytes": "stopped past --budget-bytes",
+                   "beaten": f"stopped past the best time so far ({bound or 0:.4g} virtual s)"
+                   }.get(e.reason, "")
     except ConfigError as e:
         status, message = "refused", str(e)
     except RelaxError as e:  # a divergence (exit status 3), reported after its rows
