@@ -209,6 +209,27 @@ def test_killed_tune_resumes_and_keeps_every_finished_trial(tmp_path, capsys):
     assert "holds another tune" in capsys.readouterr().err
 
 
+def test_a_resumed_tune_has_what_is_left_of_its_time_budget(tmp_path, capsys):
+    from relaxsgd.tune.study import Plan, load_studies, record_spent, spent
+
+    t0 = time.time()
+    rc, out = _tune(tmp_path, "t", "--trials", "1", "--no-prune")
+    took = time.time() - t0
+    plan = Plan.load(out)
+    assert rc == 0 and 0 < spent(load_studies(plan, out)) <= took  # recorded
+    # earlier sessions spent 100 s: a 60 s budget is used up (a budget restarted at each
+    # resume would run trials up to --trials)
+    record_spent(load_studies(plan, out), 100.0)
+    assert main(["tune", "--resume", out, "--time", "60s", "--trials", "30", "-q"]) == 0
+    assert len(_rows(out)) == 1
+    assert spent(load_studies(Plan.load(out), out)) >= 100.0
+    # 57 s of 60 spent: trials start for the 3 s left, not up to --trials
+    record_spent(load_studies(plan, out), 57.0)
+    assert main(["tune", "--resume", out, "--time", "60s", "--trials", "30", "-q"]) == 0
+    assert 1 < len(_rows(out)) < 30
+    assert spent(load_studies(Plan.load(out), out)) > 57.0
+
+
 def test_best_config_reruns_to_its_trials_figures(tmp_path, capsys):
     rc, out = _tune(tmp_path, "t", "--trials", "3", "--objective", "time-to:accuracy=0.3")
     assert rc == 0

@@ -48,10 +48,12 @@ def add_tune_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None])
     t.add_argument("--trials", type=int, help="trials per algorithm (the first is its "
                    "default configuration; default 20 without --time)")
     t.add_argument("--time", metavar="DURATION", help="wall-time budget of the whole tune: "
-                   "30m, 2h, 90s (no trial starts after it)")
+                   "30m, 2h, 90s (no trial starts after it; a resumed tune's earlier "
+                   "sessions count)")
     t.add_argument("--jobs", type=int, default=1, help="trials run in parallel (processes)")
     t.add_argument("--resume", metavar="DIR", help="continue the tune in DIR (killed or "
-                   "stopped; --trials, --time, --jobs may be given again)")
+                   "stopped; --trials, --time, --jobs may be given again; the time already "
+                   "spent counts against --time)")
     common(t)
 
 
@@ -161,18 +163,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _run(folder: str, plan: Any, jobs: int, quiet: bool) -> int:
     from .outputs import show, write_all
     from .runner import ProgressLine, work
-    from .study import load_studies, recover_killed
+    from .study import load_studies, record_spent, recover_killed, spent
 
-    deadline = time.time() + plan.time_s if plan.time_s else None
     studies = load_studies(plan, folder)
+    t0, before = time.time(), spent(studies)  # earlier sessions' wall time counts
+    deadline = t0 + plan.time_s - before if plan.time_s else None
+    if deadline is not None and deadline <= t0 and not quiet:
+        print(f"relaxsgd: note: the tune's --time of {plan.time_s:g} s is spent ({before:.0f}"
+              " s so far); no trial starts (give a longer --time to go on)", file=sys.stderr)
     bar = ProgressLine(plan, folder, deadline, jobs, quiet)
     bar.update(studies)
+    last = [t0]
+
+    def tick() -> None:
+        bar.update(studies)
+        if time.time() - last[0] >= 5.0:
+            last[0] = time.time()
+            record_spent(studies, before + last[0] - t0)
+
     try:
         if jobs == 1:
-            work(folder, deadline, on_trial=lambda: bar.update(studies))
+            work(folder, deadline, on_trial=tick)
         else:
-            _run_processes(folder, deadline, jobs, lambda: bar.update(studies))
+            _run_processes(folder, deadline, jobs, tick)
     except KeyboardInterrupt:
+        record_spent(studies, before + time.time() - t0)
         bar.close()
         recover_killed(load_studies(plan, folder))
         write_all(folder, quiet)
@@ -180,6 +195,7 @@ def _run(folder: str, plan: Any, jobs: int, quiet: bool) -> int:
         print(f"relaxsgd: tune interrupted; what was measured is in {folder} (continue "
               f"with 'relaxsgd tune --resume {folder}')", file=sys.stderr)
         return 130
+    record_spent(studies, before + time.time() - t0)
     bar.update(studies)
     bar.close()
     write_all(folder, quiet)

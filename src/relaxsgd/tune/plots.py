@@ -104,13 +104,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+MIN_IMPORTANCE_TRIALS = 5
+
+
 def _importance(plan: Plan, studies: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
     import matplotlib.pyplot as plt
     import optuna
     from optuna.importance import FanovaImportanceEvaluator
+    from optuna.trial import TrialState
 
     found = {}
     for algo in plan.algos:
+        done = studies[algo].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(done) < MIN_IMPORTANCE_TRIALS:
+            continue  # fANOVA's forest on a handful of trials says nothing (and takes s)
         try:
             found[algo] = optuna.importance.get_param_importances(
                 studies[algo], evaluator=FanovaImportanceEvaluator(seed=plan.seed),

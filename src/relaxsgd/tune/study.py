@@ -7,8 +7,11 @@ algorithms, each algorithm's job (config dict) and space, the objective and the 
 Budgets: ``trials`` per algorithm (the first trial of each is the algorithm's default
 configuration in the job, run unpruned, so that the tuned best is measured against it);
 ``time_s`` of wall time over the whole tune (no trial starts after it; running ones
-finish). Algorithms take turns (the one with the fewest trials goes next), so a time
-budget is shared evenly.
+finish), the sessions of a resumed tune together: the wall time spent so far is recorded
+in the study (:func:`spent`; a killed session's is as of its last record, after each
+trial and every few seconds with ``--jobs``), and a resumed tune has what is left.
+Algorithms take turns (the one with the fewest trials goes next), so a time budget is
+shared evenly.
 
 Samplers: TPE (seeded; ``constraints_func`` for the byte budget), or NSGA-II with two
 objectives (the objective and bytes per worker) when a Pareto front is asked for. Pruner:
@@ -139,6 +142,19 @@ def load_studies(plan: Plan, folder: str, create: bool = False, worker: int = 0
         else:
             out[algo] = optuna.load_study(**kw)
     return out
+
+
+SPENT = "wall_spent_s"  # user attribute of the first algorithm's study
+
+
+def spent(studies: dict[str, Any]) -> float:
+    """Wall seconds the tune's sessions have spent so far (as last recorded)."""
+    first = next(iter(studies.values()))
+    return float(first.user_attrs.get(SPENT, 0.0))
+
+
+def record_spent(studies: dict[str, Any], seconds: float) -> None:
+    next(iter(studies.values())).set_user_attr(SPENT, float(seconds))
 
 
 def _constraint(trial: Any) -> list[float]:
