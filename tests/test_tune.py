@@ -230,6 +230,23 @@ def test_a_resumed_tune_has_what_is_left_of_its_time_budget(tmp_path, capsys):
     assert spent(load_studies(Plan.load(out), out)) > 57.0
 
 
+def test_a_running_default_counts_when_choosing_whose_turn_it_is():
+    from types import SimpleNamespace as NS
+
+    from optuna.trial import TrialState
+
+    from relaxsgd.tune.study import next_algo
+
+    done = NS(user_attrs={"default": True, "status": "complete"}, state=TrialState.COMPLETE)
+    studies = {"localsgd": NS(user_attrs={}, get_trials=lambda deepcopy: [done]),
+               # diloco's default is running in another process: recorded when it ends
+               "diloco": NS(user_attrs={"default_claim": "123"}, get_trials=lambda deepcopy: [])}
+    plan = NS(algos=["localsgd", "diloco"], trials=3)
+    assert next_algo(plan, studies) == "localsgd"  # one each: the first in order
+    studies["diloco"].user_attrs = {}
+    assert next_algo(plan, studies) == "diloco"
+
+
 def test_best_config_reruns_to_its_trials_figures(tmp_path, capsys):
     rc, out = _tune(tmp_path, "t", "--trials", "3", "--objective", "time-to:accuracy=0.3")
     assert rc == 0

@@ -196,14 +196,17 @@ def _default_done(study: Any) -> bool:
 
 
 def next_algo(plan: Plan, studies: dict[str, Any]) -> str | None:
-    """The algorithm whose turn it is (fewest trials, finished or running), or None when
-    every algorithm has its --trials."""
+    """The algorithm whose turn it is (fewest trials, finished or running, a running
+    default included), or None when every algorithm has its --trials."""
     from optuna.trial import TrialState
 
     best, fewest = None, math.inf
     for algo in plan.algos:
-        trials = studies[algo].get_trials(deepcopy=False)
+        study = studies[algo]
+        trials = study.get_trials(deepcopy=False)
         k = sum(1 for t in trials if status_of(t) in COUNTED or t.state == TrialState.RUNNING)
+        if study.user_attrs.get("default_claim") and not _default_done(study):
+            k += 1  # its default is running (recorded only when it ends)
         if plan.trials is not None and k >= plan.trials:
             continue
         if k < fewest:
