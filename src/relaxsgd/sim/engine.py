@@ -125,6 +125,11 @@ class Engine(CheckpointBarrier, ServerNode):
         self.ckpt_at: float | None = None  # a safe point at or past this position parks
         self.ckpt_every: float | None = None  # then the next is the next multiple
         self.on_checkpoint: Callable[[Engine], None] | None = None
+        self.exchange_batches = 0  # handler calls that answered several exchanges at once
+
+    # Exchanges that reach distinct workers at one instant are answered by one
+    # Algorithm.on_exchange_batch call (False: one on_exchange call each; the same run)
+    batch_exchanges = True
 
     # -- scheduling ----------------------------------------------------------------
     def at(self, t: float, fn: Callable, *args: Any) -> None:
@@ -150,7 +155,10 @@ class Engine(CheckpointBarrier, ServerNode):
         while True:
             while self._q and self._q[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._q)
-                fn(*args)
+                if self.batch_exchanges and fn == self._answer:
+                    self._answer_run(args)
+                else:
+                    fn(*args)
             if self._between is not None:
                 self._between(self.now)
             if self._pending:
@@ -368,8 +376,33 @@ class Engine(CheckpointBarrier, ServerNode):
         self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
         return h
 
+    def _answer_run(self, first: tuple) -> None:
+        """``first`` and the exchanges that arrive right after it at this instant, at
+        other workers: their handlers in one :meth:`Algorithm.on_exchange_batch` call,
+        then the replies in arrival order. The same events in the same order as one by
+        one (events pushed meanwhile sort after them), and distinct workers' handlers
+        commute, so the run is unchanged; only the algorithm's tensor work is shared."""
+        run, seen = [first], {first[0]}
+        while (self._q and self._q[0][0] <= self.now and self._q[0][2] == self._answer
+               and self._q[0][3][0] not in seen):
+            run.append(heapq.heappop(self._q)[3])
+            seen.add(run[-1][0])
+        if len(run) == 1:
+            self._answer(*first)
+            return
+        self.exchange_batches += 1
+        ws, srcs = [q.w for q, *_ in run], [src.w.rank for _, src, *_ in run]
+        payloads = [payload for _, _, payload, _ in run]
+        many = getattr(self.algo, "on_exchange_batch", None)  # (duck-typed test algorithms)
+        answers = many(ws, srcs, payloads) if many is not None else \
+            [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
+        for (q, src, _, h), ans in zip(run, answers, strict=True):
+            self._answered(q, src, ans, h)
+
     def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
-        ans = self.algo.on_exchange(q.w, src.w.rank, payload)
+        self._answered(q, src, self.algo.on_exchange(q.w, src.w.rank, payload), h)
+
+    def _answered(self, q: _Proc, src: _Proc, ans: Reply | Deferred, h: Handle) -> None:
         if isinstance(ans, Deferred):
             fn = ans.fn
             if q.busy_until is not None:
