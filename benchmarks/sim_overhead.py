@@ -1,6 +1,7 @@
 """How close the simulator runs to the physical limit of a device.
 
-For the MNIST-1D MLP (40-256-256-10) and 1-D CNN at 64, 1,024 and 8,192 workers, and the
+For the MNIST-1D MLP (40-256-256-10), the 1-D CNN and logistic regression (32 features,
+10 classes; ``--models logreg``) at 64, 1,024 and 8,192 workers, and the
 Shakespeare transformer at 64 (when ``/work/shared/data/shakespeare`` or ``--data-dir``
 has ``plays.txt.gz``), it prints the simulator's throughput in worker-steps per second
 running Local SGD (p = 8), all-reduce SGD and SwarmSGD, next to the limit measured on the
@@ -40,7 +41,8 @@ ALGOS = [("localsgd", {"p": 8}), ("allreduce", {}), ("swarm", {})]
 
 def models(data_dir: str | None) -> list[tuple[str, str, dict[str, Any], str | None]]:
     out = [("mlp", "mnist1d", {"model": "mlp", "hidden": [256, 256]}, None),
-           ("cnn", "mnist1d", {"model": "cnn"}, None)]
+           ("cnn", "mnist1d", {"model": "cnn"}, None),
+           ("logreg", "logreg", {"dim": 32, "classes": 10}, None)]
     lm = data_dir or SHAKESPEARE
     if os.path.isfile(os.path.join(lm, "plays.txt.gz")):
         out.append(("transformer", "shakespeare", {"sample_chars": 0}, lm))
@@ -52,6 +54,8 @@ def config(task: str, opts: dict[str, Any], data_dir: str | None, n: int, steps:
     opts = dict(opts)
     if task == "mnist1d":  # enough samples for n shards of at least one batch each
         opts["num_samples"] = max(4000, 40 * n)  # 80% train: 32 n
+    elif task == "logreg":
+        opts["n_train"], opts["n_test"] = max(4000, 32 * n), 1000
     d = {"algo": algo, "algo_options": algo_options, "task": task, "task_options": opts,
          "data_dir": data_dir, "workers": n, "steps": steps, "evals": 1,
          "eval_samples": 64, "compute": {"step_time_s": 0.01}, "network": "cloud",
@@ -122,14 +126,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default cpu)")
     ap.add_argument("--data-dir", help="folder of plays.txt.gz (the transformer's rows)")
     ap.add_argument("--models", default="mlp,cnn,transformer",
-                    help="comma-separated subset of mlp, cnn, transformer")
+                    help="comma-separated subset of mlp, cnn, transformer, logreg")
+    ap.add_argument("--algos", default=",".join(a for a, _ in ALGOS),
+                    help="comma-separated subset of localsgd, allreduce, swarm")
+    ap.add_argument("--workers", help="comma-separated worker counts (default: by model)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
     # --quick (a loaded 2-core CPU in minutes): the MLP at 64 and 256 workers, the CNN at
     # 64, the transformer at 8 (its vmapped limit at 64 workers needs several GB)
-    sizes = {"mlp": [64, 256], "cnn": [64], "transformer": [8]} if args.quick else \
-        {"mlp": [64, 1024, 8192], "cnn": [64, 1024, 8192], "transformer": [64]}
+    sizes = {"mlp": [64, 256], "cnn": [64], "transformer": [8], "logreg": [256]} \
+        if args.quick else {"mlp": [64, 1024, 8192], "cnn": [64, 1024, 8192],
+                            "transformer": [64], "logreg": [1024, 8192]}
+    if args.workers:
+        sizes = {k: [int(v) for v in args.workers.split(",")] for k in sizes}
+    algos = [(a, o) for a, o in ALGOS if a in args.algos.split(",")]
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread; "
           "worker-steps/s (higher is better); ratio = simulator / vmapped limit; "
           f"load {os.getloadavg()[0]:.1f}")
@@ -145,7 +156,7 @@ def main() -> None:
             steps = steps_for(label, n, args.quick, device)
             base = config(task, opts, data_dir, n, steps, "localsgd", {"p": 8}, args.device)
             limit = limit_rate(base, device)
-            for algo, algo_opts in ALGOS:
+            for algo, algo_opts in algos:
                 cfg = config(task, opts, data_dir, n, steps, algo, algo_opts, args.device)
                 rate, used = sim_rate(cfg)
                 print(f"{label:<12} {n:>5} {steps:>5} {limit:>9.0f} {algo:<10} {used:<8} "
@@ -156,7 +167,7 @@ def steps_for(label: str, n: int, quick: bool, device: torch.device) -> int:
     """Steps per worker: enough for a stable rate, few enough for a CPU in --quick."""
     if device.type == "cuda":
         return 16 if label == "transformer" else 32
-    base = {"mlp": 16, "cnn": 8, "transformer": 2}[label]
+    base = {"mlp": 16, "cnn": 8, "transformer": 2, "logreg": 16}[label]
     return max(2, base * 64 // n) if quick else base
 
 

@@ -209,3 +209,27 @@ def test_vmapped_conv_and_transformer_steps_equal_the_loop(tmp_path, model) -> N
     # each worker's own, so they show a step computed for the wrong worker
     torch.testing.assert_close(a.bank.M, b.bank.M, rtol=1e-4, atol=1e-5)
     assert not torch.equal(a.bank.M[0], a.bank.M[1])
+
+
+# -- batched sampling ----------------------------------------------------------------------
+
+def test_batched_sampling_gives_each_samplers_own_batches() -> None:
+    """Bank._indices (one gather for all rows) equals each row's Sampler.next: through the
+    ends of passes (a new permutation), subsets of rows, and a restored sampler state."""
+    prep = prepare(tiny(workers=3, train={"batch_size": 40}))
+    # unequal shards; 79 and 121 end a pass one sample short of / past a batch boundary
+    shards = [s[:m] for s, m in zip(prep.shards, (79, 100, 121), strict=True)]
+    make = lambda: bank_mod.Bank(prep.spec, prep.cfg.train, [0, 1, 2], shards, 5, 99)  # noqa: E731
+    fast, ref = make(), make()
+    saved = None
+    for t, rows in enumerate([[0, 1, 2], [1], [2, 0], [0, 1, 2], [0, 1, 2], [1, 2]] * 3):
+        if t == 7:
+            saved = [s.state_dict() for s in fast.samplers]
+        if t == 12:  # both go back to step 7's state, as a resumed run does
+            for b in (fast, ref):
+                for s, st in zip(b.samplers, saved, strict=True):
+                    s.load_state_dict(st)
+        got = fast._indices(rows)
+        want = torch.stack([ref.samplers[k].next(40) for k in rows])
+        assert torch.equal(got, want), t
+    assert all(s.passes >= 2 for s in fast.samplers)

@@ -60,6 +60,12 @@ class Bank:
         self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
                          for r in self.ranks]
         self.aug_gens = [seeded_generator(seed, r, SALT_AUGMENT) for r in self.ranks]
+        # the samplers' permutations stacked (padded to the longest shard) on the data's
+        # device, so that a batch of all rows is one gather (see _indices)
+        longest = max((shards[r].numel() for r in self.ranks), default=0)
+        self._perms = torch.zeros(rows, longest, dtype=torch.int64, device=self.device)
+        self._perm_seen: list[Tensor | None] = [None] * rows
+        self._cols = torch.arange(train.batch_size, device=self.device)
         self.xdata = spec.data.x_train.to(self.device)
         self.ydata = spec.data.y_train.to(self.device)
         has_buffers = any(True for _ in self.template.buffers())
@@ -102,25 +108,49 @@ class Bank:
         flat = torch.cat([grads[name].reshape(g, -1) for name, _ in self.layout], dim=1)
         return flat, loss
 
-    def _batch(self, k: int) -> tuple[Tensor, Tensor]:
-        idx = self.samplers[k].next(self.train.batch_size)
+    def _indices(self, rows: Sequence[int]) -> Tensor:
+        """The next batch of each row's sampler, ``(len(rows), batch)``: exactly
+        ``samplers[k].next(batch)`` for each, gathered in one indexing call from the
+        samplers' permutations stacked in ``_perms`` (a row whose pass ends takes its
+        sampler's own path, which draws the next permutation)."""
+        b, perms, seen = self.train.batch_size, self._perms, self._perm_seen
+        starts, ends_pass = [], []
+        for j, k in enumerate(rows):
+            s = self.samplers[k]
+            if s.perm is not seen[k]:  # a new pass or a restored checkpoint
+                perms[k, :s.perm.numel()] = s.perm
+                seen[k] = s.perm
+            if s.pos + b <= s.perm.numel():
+                starts.append(s.pos)
+                s.pos += b
+            else:
+                starts.append(0)
+                ends_pass.append(j)
+        at = torch.tensor(starts, device=perms.device).unsqueeze(1) + self._cols
+        idx = perms[torch.tensor(list(rows), device=perms.device).unsqueeze(1), at]
+        for j in ends_pass:
+            idx[j] = self.samplers[rows[j]].next(b)
+        return idx
+
+    def _batches(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Each row's next training batch, stacked: ``(len(rows), batch, ...)``."""
+        idx = self._indices(rows)
         xb, yb = self.xdata[idx], self.ydata[idx]
-        if self.spec.augment is not None:
-            xb = self.spec.augment(xb, self.aug_gens[k])
+        if self.spec.augment is not None:  # each worker's own augmentation stream
+            xb = torch.stack([self.spec.augment(xb[j], self.aug_gens[k])
+                              for j, k in enumerate(rows)])
         return xb, yb
 
     def grads(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Stochastic gradients (rows x d, fresh) and batch losses of these rows' workers."""
+        xbs, ybs = self._batches(rows)
         if self.batching == "vmap":
-            batches = [self._batch(k) for k in rows]
-            xb = torch.stack([b[0] for b in batches])
-            yb = torch.stack([b[1] for b in batches])
-            g, loss = self._vmap_grads(self._rows(rows), xb, yb)
+            g, loss = self._vmap_grads(self._rows(rows), xbs, ybs)
         else:
             g = torch.empty(len(rows), self.d, device=self.device)
             loss = torch.empty(len(rows), device=self.device)
             for j, k in enumerate(rows):
-                xb, yb = self._batch(k)
+                xb, yb = xbs[j], ybs[j]
                 m = self.modules[k]
                 m.zero_grad(set_to_none=True)
                 lo = self.spec.loss_fn(m(xb), yb)

@@ -317,3 +317,11 @@ class Algorithm:
     def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
         """Answer an :class:`Exchange` from ``src``; runs on ``w`` when it arrives."""
         raise NotImplementedError(f"{self.name} does not answer exchanges")
+
+    def on_exchange_batch(self, ws: list[Worker], srcs: list[int],
+                          payloads: list[Any]) -> list[Reply | Deferred]:
+        """Answer several exchanges that reach DISTINCT workers at the same time: must
+        return, and leave in the workers, exactly what :meth:`on_exchange` on each in
+        order would (the simulator calls it; a handler touches its own worker only, so
+        distinct workers' handlers commute). Override to batch the tensor work."""
+        return [self.on_exchange(w, s, p) for w, s, p in zip(ws, srcs, payloads, strict=True)]

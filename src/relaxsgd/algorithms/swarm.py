@@ -128,6 +128,7 @@ from .base import (
     Wait,
     Worker,
 )
+from .swarm_batch import answer_many
 from .swarm_codec import Codec
 from .swarm_codec import effective_safety as effective_safety  # re-exported
 from .swarm_config import SMALL, SwarmConfig
@@ -316,6 +317,10 @@ class SwarmSGD(Algorithm):
         if self.cfg.averaging == "blocking":
             return Deferred(lambda wk: self._answer(wk, src, payload))
         return self._answer(w, src, payload)
+
+    def on_exchange_batch(self, ws: list[Worker], srcs: list[int],
+                          payloads: list[Any]) -> list[Reply | Deferred]:
+        return answer_many(self, ws, srcs, payloads)  # lattice requests coded together
 
     def _answer(self, w: Worker, src: int, req: dict) -> Reply:
         """Partner side of an interaction (at once, or at the step boundary if blocking)."""

@@ -9,7 +9,8 @@ it starts: requests that fall at the same time are flushed together, once all ev
 that instant are processed, so that the bank can batch them (vmap). The worker is busy
 until ``start + duration``; actions that handlers defer to its "next step boundary" run
 then. Evaluation hooks run between instants, after all events at the current time and
-before that instant's computations are flushed.
+before that instant's computations are flushed. Exchanges that arrive together at distinct
+workers are answered by one batched handler call (:mod:`.p2p`), with the same result.
 
 Checkpoints (the rule is in :mod:`relaxsgd.algorithms.base`). A :class:`Checkpoint` effect
 is a safe point; when a checkpoint is due there (``ckpt_at`` reached), the worker waits for
@@ -39,14 +40,12 @@ from ..algorithms.base import (
     AllReduce,
     Checkpoint,
     Compute,
-    Deferred,
     Effect,
     Exchange,
     Grad,
     Handle,
     Now,
     Recv,
-    Reply,
     Send,
     ServerRound,
     Sleep,
@@ -62,6 +61,7 @@ from .barrier import CheckpointBarrier
 from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
 from .network import Network
+from .p2p import PointToPoint
 from .server import ServerNode
 
 
@@ -104,7 +104,7 @@ class _Proc:
         self.mail.load_inbox(value)
 
 
-class Engine(CheckpointBarrier, ServerNode):
+class Engine(CheckpointBarrier, ServerNode, PointToPoint):
     """Runs an algorithm's worker programs over a bank, a network and a compute model."""
 
     def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
@@ -125,6 +125,7 @@ class Engine(CheckpointBarrier, ServerNode):
         self.ckpt_at: float | None = None  # a safe point at or past this position parks
         self.ckpt_every: float | None = None  # then the next is the next multiple
         self.on_checkpoint: Callable[[Engine], None] | None = None
+        self.exchange_batches = 0  # handler calls that answered several exchanges at once
 
     # -- scheduling ----------------------------------------------------------------
     def at(self, t: float, fn: Callable, *args: Any) -> None:
@@ -150,7 +151,10 @@ class Engine(CheckpointBarrier, ServerNode):
         while True:
             while self._q and self._q[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._q)
-                fn(*args)
+                if self.batch_exchanges and fn == self._answer:
+                    self._answer_run(args)
+                else:
+                    fn(*args)
             if self._between is not None:
                 self._between(self.now)
             if self._pending:
@@ -337,50 +341,3 @@ class Engine(CheckpointBarrier, ServerNode):
         end = self.net.collective(c["t"], lat, tx)
         for r in range(n):
             self.at(end, self._resolve, c["members"][r][1], results[r])
-
-    def _send(self, p: _Proc, eff: Send) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
-        self._count(p, eff.nbytes * tries, tries)
-        h = Handle("send")
-        self.at(left, self._resolve, h, None)
-        self.at(arrive, self._deliver, self.procs[eff.peer], (p.w.rank, eff.tag), eff.payload)
-        return h
-
-    def _deliver(self, q: _Proc, key: Any, payload: Any) -> None:
-        waiter = q.mail.deliver(key, payload)
-        if waiter is not None:
-            self._resolve(waiter, payload)
-
-    def _recv(self, p: _Proc, eff: Recv) -> Handle:
-        key = (eff.src, eff.tag)
-        h = Handle(f"recv{key}")
-        found, payload = p.mail.take(key)
-        if found:
-            h.done, h.value = True, payload
-        else:
-            p.mail.wait(key, h)
-        return h
-
-    def _exchange(self, p: _Proc, eff: Exchange) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
-        self._count(p, eff.nbytes * tries, tries)
-        h = Handle(f"exchange->{eff.peer}")
-        self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
-        return h
-
-    def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
-        ans = self.algo.on_exchange(q.w, src.w.rank, payload)
-        if isinstance(ans, Deferred):
-            fn = ans.fn
-            if q.busy_until is not None:
-                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
-                return
-            ans = fn(q.w)
-        self._reply(q, src, ans, h)
-
-    def _reply(self, q: _Proc, src: _Proc, ans: Reply, h: Handle) -> None:
-        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
-        self._count(q, ans.nbytes * tries, tries)
-        self.at(arrive, self._resolve, h, ans.payload)
-
-

@@ -1,0 +1,113 @@
+"""The engine's point-to-point messages: Send/Recv, and Exchange answered by a handler.
+
+Contract (a mixin of :class:`~relaxsgd.sim.engine.Engine`): a :class:`Send` occupies the
+sender's link (:meth:`Network.p2p`) and is delivered into the receiver's mailbox at its
+arrival time; an :class:`Exchange` runs the partner's ``Algorithm.on_exchange`` at its
+arrival time (a :class:`Deferred` answer waits for the partner's step boundary when it is
+computing) and the reply occupies the partner's link.
+
+Batched gossip: exchanges that arrive at the same instant one after the other, at distinct
+workers, are answered by one ``Algorithm.on_exchange_batch`` call, whose contract is to
+equal one ``on_exchange`` call each in order (a handler touches its own worker only). The
+replies then leave in arrival order, so the network's draws and every later event are
+those of the one-by-one run; ``Engine.batch_exchanges = False`` is that run (the tests
+compare the two).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import Any
+
+from ..algorithms.base import Algorithm, Deferred, Exchange, Handle, Recv, Reply, Send
+
+
+class PointToPoint:
+    """Mixin: the engine's Send, Recv and Exchange (see the module docstring)."""
+
+    procs: list[Any]
+    net: Any
+    algo: Algorithm
+    now: float
+    _q: list
+    at: Callable[..., None]
+    _resolve: Callable[[Handle, Any], None]
+    _count: Callable[[Any, float, int], None]
+
+    # Exchanges that reach distinct workers at one instant are answered by one
+    # Algorithm.on_exchange_batch call (False: one on_exchange call each; the same run)
+    batch_exchanges = True
+    exchange_batches = 0  # handler calls that answered several exchanges at once
+
+    def _send(self, p: Any, eff: Send) -> Handle:
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        self._count(p, eff.nbytes * tries, tries)
+        h = Handle("send")
+        self.at(left, self._resolve, h, None)
+        self.at(arrive, self._deliver, self.procs[eff.peer], (p.w.rank, eff.tag), eff.payload)
+        return h
+
+    def _deliver(self, q: Any, key: Any, payload: Any) -> None:
+        waiter = q.mail.deliver(key, payload)
+        if waiter is not None:
+            self._resolve(waiter, payload)
+
+    def _recv(self, p: Any, eff: Recv) -> Handle:
+        key = (eff.src, eff.tag)
+        h = Handle(f"recv{key}")
+        found, payload = p.mail.take(key)
+        if found:
+            h.done, h.value = True, payload
+        else:
+            p.mail.wait(key, h)
+        return h
+
+    def _exchange(self, p: Any, eff: Exchange) -> Handle:
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        self._count(p, eff.nbytes * tries, tries)
+        h = Handle(f"exchange->{eff.peer}")
+        self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
+        return h
+
+    def _answer_run(self, first: tuple) -> None:
+        """``first`` and the exchanges that arrive right after it at this instant, at
+        other workers: their handlers in one :meth:`Algorithm.on_exchange_batch` call,
+        then the replies in arrival order. The same events in the same order as one by
+        one (events pushed meanwhile sort after them), and distinct workers' handlers
+        commute, so the run is unchanged; only the algorithm's tensor work is shared."""
+        run, seen = [first], {first[0]}
+        while (self._q and self._q[0][0] <= self.now and self._q[0][2] == self._answer
+               and self._q[0][3][0] not in seen):
+            run.append(heapq.heappop(self._q)[3])
+            seen.add(run[-1][0])
+        if len(run) == 1:
+            self._answer(*first)
+            return
+        self.exchange_batches += 1
+        ws, srcs = [q.w for q, *_ in run], [src.w.rank for _, src, *_ in run]
+        payloads = [payload for _, _, payload, _ in run]
+        many = getattr(self.algo, "on_exchange_batch", None)  # (duck-typed test algorithms)
+        answers = many(ws, srcs, payloads) if many is not None else \
+            [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
+        for (q, src, _, h), ans in zip(run, answers, strict=True):
+            self._answered(q, src, ans, h)
+
+    def _answer(self, q: Any, src: Any, payload: Any, h: Handle) -> None:
+        self._answered(q, src, self.algo.on_exchange(q.w, src.w.rank, payload), h)
+
+    def _answered(self, q: Any, src: Any, ans: Reply | Deferred, h: Handle) -> None:
+        if isinstance(ans, Deferred):
+            fn = ans.fn
+            if q.busy_until is not None:
+                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
+                return
+            ans = fn(q.w)
+        self._reply(q, src, ans, h)
+
+    def _reply(self, q: Any, src: Any, ans: Reply, h: Handle) -> None:
+        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
+        self._count(q, ans.nbytes * tries, tries)
+        self.at(arrive, self._resolve, h, ans.payload)
+
+

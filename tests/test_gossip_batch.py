@@ -1,0 +1,123 @@
+"""Batched gossip: concurrent interactions coded together equal the same ones one by one.
+
+The simulator answers the exchanges that reach distinct workers at the same virtual time
+with one ``Algorithm.on_exchange_batch`` call (SwarmSGD codes the lattice requests and
+replies of all of them as rows of one matrix: relaxsgd.quantize.lattice_rows). That is a
+speed-up only: the models, the codec state, the counters and the bytes must be exactly
+those of one ``on_exchange`` call per exchange (Engine.batch_exchanges = False), and the
+row math exactly the per-chunk quantizer's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import relaxsgd.algorithms.swarm_batch as swarm_batch
+from relaxsgd.quantize import lattice_rows as rows
+from relaxsgd.quantize.lattice import LatticeQuantizer
+from relaxsgd.run import prepare, simulate
+from relaxsgd.sim.engine import Engine
+from simkit import tiny
+
+SIZES = (5, 3, 17, 1)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_lattice_rows_equal_the_quantizer_chunk_by_chunk(bits) -> None:
+    g, d = 3, sum(SIZES)
+    x = torch.randn(g, d, generator=torch.Generator().manual_seed(1))
+    eps = [[0.013, 0.2, 0.004, 1.5], [0.07, 0.011, 0.3, 0.02], [0.5, 0.5, 0.5, 0.5]]
+    eps = [rows.wire_eps(e) for e in eps]
+    u = torch.rand(g, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    codes, checks, own = rows.encode_rows(x, torch.tensor(eps, dtype=torch.float64), u,
+                                          bits, SIZES)
+    # a reference near x decodes; one far off (3/4 of the lattice period) does not
+    ref = x + 0.3 * torch.tensor(eps, dtype=torch.float64).repeat_interleave(
+        torch.tensor(SIZES), 1).float()
+    ref[1, 6] += 0.75 * 2 ** bits * eps[1][1]  # chunk 1 of row 1: out of the radius
+    got, got_checks = rows.decode_rows(codes, torch.tensor(eps, dtype=torch.float64), ref,
+                                       bits, SIZES)
+    quant = LatticeQuantizer(bits)
+    for i in range(g):
+        ui = u[i]
+        off = 0
+        for k, s in enumerate(SIZES):
+            part = x[i, off:off + s]
+            # the quantizer's own draws: give it u's numbers through a generator stub
+            p = _encode_with(quant, part, eps[i][k], ui[off:off + s])
+            assert torch.equal(p.codes, codes[i, off:off + s])
+            assert p.check == int(checks[i, k]) and p.eps == eps[i][k]
+            assert torch.equal(quant.decode(p, part)[0], own[i, off:off + s])
+            value, ok = quant.decode(p, ref[i, off:off + s])
+            assert torch.equal(value, got[i, off:off + s])
+            assert ok == (int(got_checks[i, k]) == p.check)
+            assert ok == ((i, k) != (1, 1))  # only the displaced chunk fails
+            off += s
+
+
+def _encode_with(quant: LatticeQuantizer, part: torch.Tensor, eps: float,
+                 u: torch.Tensor):
+    """``quant.encode(part, eps)`` with the uniform draws ``u`` (patched torch.rand)."""
+    real = torch.rand
+    try:
+        torch.rand = lambda *a, **k: u.clone()  # noqa: E731 - the draw the rows used
+        return quant.encode(part, eps=eps, generator=torch.Generator())
+    finally:
+        torch.rand = real
+
+
+CASES = {
+    "default": {},  # lattice 8 bits, adaptive eps, non-blocking, exact mean
+    "16-bit, plain mean": {"bits": 16, "exact_mean": False},
+    "fixed eps, failing decodes": {"eps": 2e-4, "bits": 8},
+    "one tensor": {"per_tensor": False, "overlap": True},
+    "blocking (one by one)": {"averaging": "blocking"},
+    "qsgd (one by one)": {"quantizer": "qsgd"},
+}
+
+
+def _run(batch: bool, opts: dict, monkeypatch) -> tuple:
+    monkeypatch.setattr(Engine, "batch_exchanges", batch)
+    calls = []
+    real = swarm_batch._answer_lattice
+    monkeypatch.setattr(swarm_batch, "_answer_lattice",
+                        lambda *a: calls.append(len(a[1])) or real(*a))
+    out = simulate(prepare(tiny(algo="swarm", algo_options=opts, workers=8, steps=16,
+                                network="cloud", train={"momentum": 0.9})))
+    return out, calls
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
+    opts = CASES[case]
+    a, batched = _run(True, opts, monkeypatch)
+    b, single = _run(False, opts, monkeypatch)
+    assert a.engine.exchange_batches > 0 and b.engine.exchange_batches == 0
+    coded = "one by one" not in case
+    assert (sum(batched) > 0) == coded and not single  # the batched path did run
+    assert torch.equal(a.bank.X, b.bank.X) and torch.equal(a.bank.M, b.bank.M)
+    for wa, wb in zip(a.workers, b.workers, strict=True):
+        assert wa.counters == wb.counters and wa.obs_sum == wb.obs_sum
+        assert wa.obs_count == wb.obs_count
+        for key in ("xhat", "acc", "last_sent", "spread", "seq"):
+            va, vb = wa.state.get(key), wb.state.get(key)
+            assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), key
+        assert wa.state["hrng"].get_state().equal(wb.state["hrng"].get_state())
+        assert wa.state["pending"].keys() == wb.state["pending"].keys()
+    fa = {k: v for k, v in a.result["final"].items() if "wall" not in k}
+    fb = {k: v for k, v in b.result["final"].items() if "wall" not in k}
+    assert fa == fb
+    if "failing" in case:
+        assert fa["decode_failures"] > 0  # the resend path was batched too
+
+
+def test_adpsgd_answers_in_groups_equal_one_by_one(monkeypatch) -> None:
+    # an algorithm without its own batch: the engine's grouping alone must change nothing
+    outs = []
+    for batch in (True, False):
+        monkeypatch.setattr(Engine, "batch_exchanges", batch)
+        outs.append(simulate(prepare(tiny(algo="adpsgd", workers=8, steps=16,
+                                          network="cloud"))))
+    assert outs[0].engine.exchange_batches > 0
+    assert torch.equal(outs[0].bank.X, outs[1].bank.X)
