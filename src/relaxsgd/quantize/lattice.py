@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..checks import require_int
+from ..codec_meter import metered
 from ..devices import draw
 from ..errors import ConfigError
 
@@ -280,6 +281,7 @@ class LatticeQuantizer:
             eps = self.eps_for(max_abs(x - reference) if reference is not None else 0.0)
         return self.encode_value(x, eps, generator)[0]
 
+    @metered("encoded", lambda out, a, k: out[1].numel())
     def encode_value(self, x: Tensor, eps: float,
                      generator: torch.Generator | None = None) -> tuple[LatticePayload, Tensor]:
         """``(payload, x_hat)`` for step ``eps``: ``x_hat`` is what the payload decodes to
@@ -317,6 +319,7 @@ class LatticeQuantizer:
             return r.to(_NATIVE[self.bits])  # truncation keeps the low bits
         return pack_bits(r & (self.q - 1), self.bits)
 
+    @metered("decoded", lambda out, a, k: out[0].numel())
     def decode(self, payload: LatticePayload, reference: Tensor) -> tuple[Tensor, bool]:
         """``(x_hat, ok)``: the residue class point nearest to ``reference`` (the
         receiver's own model), and whether the checksum confirms it is the sent point.

@@ -55,6 +55,7 @@ from ..algorithms.base import (
     tensor_nbytes,
 )
 from ..bank import Bank
+from ..codec_meter import metering
 from ..errors import Deadlock, Diverged
 from ..mailbox import Mailbox
 from ..worker import LocalWorker
@@ -173,19 +174,38 @@ class Engine(CheckpointBarrier, ServerNode):
             coro.proc.stall += self.now - coro.stall_from
             coro.stall_from = None
         while True:
-            try:
-                eff = coro.gen.send(value)
-            except StopIteration as stop:
-                if coro.main:
-                    coro.proc.done = True
-                    coro.proc.finish_time = self.now
-                else:
-                    coro.proc.live_spawns -= 1
-                self._resolve(coro.handle, stop.value)
+            with metering() as work:  # the codecs the program runs before its next effect
+                try:
+                    eff = coro.gen.send(value)
+                except StopIteration as stop:
+                    eff, value = None, stop.value
+            coding = self.compute.codec_time(coro.proc.w.rank, work.encoded, work.decoded)
+            if coding > 0:  # what follows the coding waits for it (compute, not a stall)
+                self.at(self.now + coding, self._go_on, coro, eff, value)
+                return
+            if eff is None:
+                self._end(coro, value)
                 return
             blocked, value = self._dispatch(coro, eff)
             if blocked:
                 return
+
+    def _go_on(self, coro: _Coro, eff: Effect | None, value: Any) -> None:
+        """After a program's codec time: its effect (or its end), then on as usual."""
+        if eff is None:
+            self._end(coro, value)
+            return
+        blocked, value = self._dispatch(coro, eff)
+        if not blocked:
+            self._advance(coro, value)
+
+    def _end(self, coro: _Coro, value: Any) -> None:
+        if coro.main:
+            coro.proc.done = True
+            coro.proc.finish_time = self.now
+        else:
+            coro.proc.live_spawns -= 1
+        self._resolve(coro.handle, value)
 
     def _park(self, coro: _Coro, h: Handle, stall: bool = True) -> tuple[bool, Any]:
         if h.done:
@@ -369,14 +389,32 @@ class Engine(CheckpointBarrier, ServerNode):
         return h
 
     def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
-        ans = self.algo.on_exchange(q.w, src.w.rank, payload)
+        with metering() as work:
+            ans = self.algo.on_exchange(q.w, src.w.rank, payload)
         if isinstance(ans, Deferred):
             fn = ans.fn
             if q.busy_until is not None:
-                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
+                q.deferred.append(lambda: self._coded_reply(q, src, fn, h))
                 return
+            self._coded_reply(q, src, fn, h, work.encoded, work.decoded)
+            return
+        self._reply_after(q, src, ans, h, work.encoded, work.decoded)
+
+    def _coded_reply(self, q: _Proc, src: _Proc, fn: Callable[[Any], Reply], h: Handle,
+                     encoded: int = 0, decoded: int = 0) -> None:
+        """A deferred answer, its codec time with the handler's own."""
+        with metering() as work:
             ans = fn(q.w)
-        self._reply(q, src, ans, h)
+        self._reply_after(q, src, ans, h, encoded + work.encoded, decoded + work.decoded)
+
+    def _reply_after(self, q: _Proc, src: _Proc, ans: Reply, h: Handle, encoded: int,
+                     decoded: int) -> None:
+        """The reply leaves once the responder has coded it (its handler's codec time)."""
+        coding = self.compute.codec_time(q.w.rank, encoded, decoded)
+        if coding > 0:
+            self.at(self.now + coding, self._reply, q, src, ans, h)
+        else:
+            self._reply(q, src, ans, h)
 
     def _reply(self, q: _Proc, src: _Proc, ans: Reply, h: Handle) -> None:
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
