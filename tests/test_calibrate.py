@@ -102,15 +102,37 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     assert 3.5 * DELAY < a < 8 * DELAY  # the executor's: two gloo all-gathers of two each
     assert 0 <= net["overhead_s"] < DELAY  # the runtime's own cost per message
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
+    assert 0 < comp["decode_s"] < 1e-5 and 0 < comp["encode_s"] < 1e-5  # (ns an element)
     out = tmp_path / "sim"
     assert main(["run", "--task", "logreg", "--workers", "2", "--steps", "4", "--algo",
                  "allreduce", "--network", str(prof), "--compute", str(prof), "-q",
                  "--out", str(out)]) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["compute_model"]["step_time_s"] == comp["step_time_s"]
+    assert res["compute_model"]["codec"] == {"encode_s": comp["encode_s"],
+                                             "decode_s": comp["decode_s"]}
     assert res["network_model"]["collectives"]["fits_used"]["allreduce@2"] == \
         net["collectives"]["allreduce"]["2"]
     assert res["network_model"]["overhead_s"] == net["overhead_s"]
+
+
+def test_codec_time_is_the_lattice_codecs_time_per_element(monkeypatch) -> None:
+    """Each of the 3 tensors (3000 values in all) takes 12 ms to encode and 1.5 ms to
+    decode: 12 and 1.5 us a value (sleep only adds: the costs are at least that)."""
+    import time
+
+    import torch
+
+    from relaxsgd.lab.calibrate import codec_time
+    from relaxsgd.quantize.lattice import LatticeQuantizer
+
+    enc, dec = LatticeQuantizer.encode_value, LatticeQuantizer.decode
+    monkeypatch.setattr(LatticeQuantizer, "encode_value",
+                        lambda *a, **k: (time.sleep(12e-3), enc(*a, **k))[1])
+    monkeypatch.setattr(LatticeQuantizer, "decode",
+                        lambda *a, **k: (time.sleep(1.5e-3), dec(*a, **k))[1])
+    e, d = codec_time([torch.zeros(1000), torch.zeros(10, 100), torch.zeros(1000)], 3)
+    assert 1.2e-5 <= e < 1e-4 and 1.5e-6 <= d < 1.2e-5  # (sleeps overrun under load)
 
 
 @needs_lab

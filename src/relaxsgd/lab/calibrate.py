@@ -12,6 +12,10 @@ Every worker measures at the same time (so cores are shared as in the real run):
   ``auto``: its GPU when CUDA is present; median of timed local steps after a warm-up;
   the slowest worker's), and from it the throughput ``flops_per_s`` that the
   counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
+- the codec's cost per element: SwarmSGD's 8-bit lattice codec (the real one) encoding
+  (with the sender's own copy) and decoding the run's model, one eps a tensor, medians,
+  the slowest worker's (``encode_s``, ``decode_s``: what the simulator charges for every
+  quantizer and compressor, :mod:`relaxsgd.codec_meter`);
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
@@ -196,6 +200,31 @@ def executor_path(store: Any, rank: int, n: int, host: str,
         tr.close(wait_s=2.0)
 
 
+def codec_time(params: list[torch.Tensor], repeats: int = 9) -> tuple[float, float]:
+    """(encode, decode) seconds per element of the 8-bit lattice codec on ``params`` (one
+    message: every tensor coded with its own eps, as SwarmSGD sends them), medians."""
+    from ..quantize.lattice import LatticeQuantizer
+
+    q, g = LatticeQuantizer(8), torch.Generator(device=params[0].device).manual_seed(0)
+    xs = [p.detach().reshape(-1).float() for p in params]
+    refs = [x + 1e-3 * torch.rand(x.shape, generator=g, device=x.device) for x in xs]
+    eps = q.eps_for(2e-3)
+    pays = [q.encode(x, eps, g) for x in xs]
+    enc, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in xs:
+            q.encode_value(x, eps, g)
+        t1 = time.perf_counter()
+        for p, r in zip(pays, refs, strict=True):
+            q.decode(p, r)
+        t2 = time.perf_counter()
+        enc.append(t1 - t)
+        dec.append(t2 - t1)
+    d = max(sum(x.numel() for x in xs), 1)
+    return statistics.median(enc) / d, statistics.median(dec) / d
+
+
 def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
               repeats: int = 7) -> dict[str, Any]:
     """Measure on every worker (a process group on ``store`` must be up); the profile
@@ -210,7 +239,10 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
     from ..run import prepare
 
-    d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
+    params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
+    d = sum(p.numel() for p in params)
+    costs = torch.tensor(codec_time(params), dtype=torch.float64)
+    dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest worker's, as the step time
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
@@ -225,6 +257,7 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
                     "flops_per_step": flops, "task": cfg.task,
+                    "encode_s": float(costs[0]), "decode_s": float(costs[1]),
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
                               f"worker, on {calibration_device(cfg.device).type}"},
