@@ -15,7 +15,7 @@ import yaml
 
 from relaxsgd.cli import main
 from relaxsgd.lab.calibrate import fit_line
-from relaxsgd.lab.fit import fit_p2p
+from relaxsgd.lab.fit import fit_p2p, fit_server
 from relaxsgd.sim.collectives import allreduce_cost
 from relaxsgd.sim.network import Network, load_network_file
 from test_lab import needs_lab
@@ -67,6 +67,25 @@ def test_the_p2p_fit_recovers_a_known_overhead_and_bandwidth(
             abs((mt - slope * mx) / 2 - lat - over) > 0.1 * (lat + over)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_server_fit_recovers_the_simulators_server_link(n: int) -> None:
+    """Worker 1's round times on the simulator's own network model (every worker uploads
+    B at t=0 on idle links, replies in rank order) give back its server latency and
+    bandwidth, the workers' overhead and bandwidth known."""
+    from relaxsgd.sim.network import NetworkConfig
+
+    cfg = NetworkConfig(0.003, 5e7, overhead_s=2e-4, server_latency_s=0.011,
+                        server_bandwidth_Bps=2e8)
+    points = []
+    for b in (1024, 65536, 262144, 1 << 21):
+        net = Network(cfg, n, 0)
+        ready = max(net.to_server(r, b, 0.0)[0] for r in range(n))
+        arrivals = [net.from_server(b, ready)[0] for _ in range(n)]
+        points.append([float(b), arrivals[1]])
+    lat, bw = fit_server(points, n, 2e-4, 5e7)
+    assert lat == pytest.approx(0.011, rel=1e-6) and bw == pytest.approx(2e8, rel=1e-6)
+
+
 def test_the_network_model_charges_the_fitted_overhead_on_every_message(tmp_path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text(yaml.safe_dump({"network": {"latency_s": 0.01, "bandwidth_Bps": 1e6,
@@ -101,6 +120,10 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     a, _ = net["collectives"]["allgather"]["2"]
     assert 3.5 * DELAY < a < 8 * DELAY  # the executor's: two gloo all-gathers of two each
     assert 0 <= net["overhead_s"] < DELAY  # the runtime's own cost per message
+    # rank 0's server, one hop away; the fit is what makes the simulator's round (three
+    # overheads: rank 0's reply goes first) match the real one (two: it is local), so it
+    # may come out below the delay by up to an overhead
+    assert DELAY - net["overhead_s"] <= net["server_latency_s"] < 3 * DELAY
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
     assert 0 < comp["decode_s"] < 1e-5 and 0 < comp["encode_s"] < 1e-5  # (ns an element)
     out = tmp_path / "sim"
@@ -114,6 +137,7 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     assert res["network_model"]["collectives"]["fits_used"]["allreduce@2"] == \
         net["collectives"]["allreduce"]["2"]
     assert res["network_model"]["overhead_s"] == net["overhead_s"]
+    assert res["network_model"]["server"]["latency_s"] == net["server_latency_s"]
 
 
 def test_codec_time_is_the_lattice_codecs_time_per_element(monkeypatch) -> None:

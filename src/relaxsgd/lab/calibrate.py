@@ -25,7 +25,10 @@ Every worker measures at the same time (so cores are shared as in the real run):
   give what the simulator charges: ``t(B) = a + b B`` per collective (from 1 KiB: gloo
   takes fewer steps for a tensor of a few elements), and per message ``overhead_s`` (the
   runtime's cost on top of the latency) and ``bandwidth_Bps`` from the round trips,
-  ``rtt = 2 (latency + overhead) + 2 B / bandwidth``.
+  ``rtt = 2 (latency + overhead) + 2 B / bandwidth``; and the parameter server's round
+  trip through :mod:`relaxsgd.distributed.server` (every worker's ServerRound, worker 1's
+  time), fitted to the simulator's server link (``server_latency_s``,
+  ``server_bandwidth_Bps``, :func:`.fit.fit_server`).
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -44,7 +47,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from .fit import fit_line as _fit_line
-from .fit import fit_p2p
+from .fit import fit_p2p, fit_server
 
 PING_BYTES = 64
 BULK_BYTES = 4 << 20
@@ -184,14 +187,22 @@ def executor_path(store: Any, rank: int, n: int, host: str,
     from ..distributed.auth import job_auth
     from ..distributed.executor import Executor
     from ..distributed.options import from_env
+    from ..distributed.server import SERVER_RANK, ServerHost
     from ..distributed.transport import Transport
-    from .paths import _Echo, _Stub, executor_times
+    from .paths import _Echo, _EchoServer, _Stub, executor_times
 
     opts = from_env()
-    tr = Transport(rank, n, lambda src, msg: ex.on_message(src, msg), opts.timeout_s,
+
+    def route(src: int, msg: tuple) -> None:  # uploads to the server first, as a run does
+        if ex.server_host is None or not ex.server_host.on_message(src, msg):
+            ex.on_message(src, msg)
+
+    tr = Transport(rank, n, route, opts.timeout_s,
                    auth=job_auth(opts), max_frame=2 * max(sizes) + (1 << 20),
                    peer_timeout_s=opts.peer_timeout_s)
     ex = Executor(_Echo(), _Stub(), tr, opts, [], torch.device("cpu"))  # type: ignore[arg-type]
+    if rank == SERVER_RANK:
+        ex.server_host = ServerHost(_EchoServer(), 1, None, n, tr, ex.counts)
     tr.start(store, host, prefix="relaxsgd/calibrate")
     try:
         return executor_times(ex, rank, sizes, repeats)
@@ -251,9 +262,12 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     fits = {k: {str(n): list(fit_line([p for p in timed[k] if p[0] >= 1024]))}
             for k in ("allreduce", "allgather")}
     overhead, bw = 0.0, raw_bw
+    server: dict[str, Any] = {}
     if n >= 2:
         overhead, fitted = fit_p2p(timed["exchange"] + timed["sendrecv"], lat)
         bw = fitted if math.isfinite(fitted) else raw_bw
+        s_lat, s_bw = fit_server([p for p in timed["server"] if p[0] >= 1024], n, overhead, bw)
+        server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw}
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
                     "flops_per_step": flops, "task": cfg.task,
@@ -261,12 +275,13 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
                               f"worker, on {calibration_device(cfg.device).type}"},
-        "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead,
+        "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead, **server,
                     "backend": "gloo", "collectives": fits,
                     "measured": {k: {str(n): v} for k, v in timed.items()},
                     "raw_tcp": {"latency_s": lat, "bandwidth_Bps": raw_bw},
                     "source": f"relaxsgd calibrate: TCP ping between workers 0 and 1 "
                               f"(latency); the dist runtime's executor, {n} workers: "
                               "Exchange and Send/Recv round trips (overhead, bandwidth), "
-                              "AllReduce and AllGather (collectives), robust fits"},
+                              "AllReduce and AllGather (collectives), parameter-server "
+                              "rounds (the server's latency and bandwidth), robust fits"},
     }
