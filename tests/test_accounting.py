@@ -375,3 +375,22 @@ def test_a_fixed_step_time_charges_no_codec_time_unless_asked(tmp_path: Any) -> 
     assert not ComputeConfig(step_time_s=0.05).charges_codec
     assert ComputeConfig(step_time_s=0.05, codec="on").charges_codec
     assert not ComputeConfig(step_time_s=None, codec="off").charges_codec
+
+
+def test_powersgd_mean_meters_its_encode_before_and_its_decode_after_the_all_reduces() -> None:
+    """PowerSGD's all-reduce protocol codes inside ``mean`` (no compress call): x's 12
+    values encoded before the first all-reduce leaves, decoded after the last."""
+    from relaxsgd.codec_meter import metering
+    from relaxsgd.compress.powersgd import PowerSGD
+
+    ps, x = PowerSGD(rank=1), torch.arange(12.0)
+    state = ps.init_state(12, [("w", torch.Size([3, 4]))])
+    prog = ps.mean(x, state)
+    with metering() as work:
+        eff = next(prog)
+    assert (work.encoded, work.decoded) == (12, 0)
+    with metering() as work:
+        eff = prog.send(eff.tensors)
+        with pytest.raises(StopIteration):
+            prog.send(eff.tensors)
+    assert (work.encoded, work.decoded) == (0, 12)
