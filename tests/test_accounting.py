@@ -375,6 +375,7 @@ def test_a_fixed_step_time_charges_no_codec_time_unless_asked(tmp_path: Any) -> 
     assert not ComputeConfig(step_time_s=0.05).charges_codec
     assert ComputeConfig(step_time_s=0.05, codec="on").charges_codec
     assert not ComputeConfig(step_time_s=None, codec="off").charges_codec
+    assert tiny(compute={"codec": True}).compute.codec == "on"  # --set compute.codec=on
 
 
 def test_powersgd_mean_meters_its_encode_before_and_its_decode_after_the_all_reduces() -> None:

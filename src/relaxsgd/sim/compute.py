@@ -112,7 +112,7 @@ class ComputeConfig:
     sigma: float = 0.5
     straggler_p: float = 0.05
     straggler_f: float = 5.0
-    codec: str = "auto"  # codec time: auto (unless step_time_s is a number), on, off
+    codec: str | bool = "auto"  # codec time: auto (unless the step time is fixed), on, off
 
     NEEDS = (Needs("speed_factors", lambda c: c.heterogeneity == "fixed",
                    "compute.heterogeneity=fixed"),
@@ -132,6 +132,8 @@ class ComputeConfig:
         elif st is not None:
             require_float(st, "compute.step_time_s", above=0)
         require_float(self.workers_per_core, "compute.workers_per_core", above=0)
+        if isinstance(self.codec, bool):  # YAML reads on/off as booleans
+            object.__setattr__(self, "codec", "on" if self.codec else "off")
         if self.codec not in CODEC:
             raise ConfigError(f"compute.codec must be one of {', '.join(CODEC)} (codec time "
                               f"charged), got {self.codec!r}")
