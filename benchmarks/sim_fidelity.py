@@ -277,6 +277,7 @@ def main() -> None:
         return scale_table(args.quick)
     steps = args.steps or (60 if args.quick else 200)
     work = args.work or tempfile.mkdtemp(prefix="sim-fidelity-")
+    os.makedirs(work, exist_ok=True)  # a --work folder that is not there yet
     cases = [("shaped", 2)] if args.quick else [("shaped", 2), ("shaped", 4),
                                                 ("unshaped", 2), ("unshaped", 4)]
     if args.cases:
