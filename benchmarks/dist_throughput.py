@@ -11,6 +11,8 @@ second measured, and what the simulator predicts for the same run, with
 - the network model calibrated on the loopback through the runtime's own path
   (``relaxsgd calibrate`` on the 4 processes: latency, the executor's per-message overhead
   and bandwidth, its all-reduce and all-gather lines);
+- the codec time per element (``encode_s``, ``decode_s``) that calibrate measured through
+  the real lattice codec, charged where the runtime pays it (``compute.codec: on``);
 - the compute model measured on this machine, three ways: the step time of one process
   alone (``measure_step_time``, what the simulator measures by default), that times the
   processes per core (here 4 processes share 2 cores, which the simulator does not model),
@@ -106,7 +108,9 @@ def predicted(cfg: dict[str, Any], step_time: float, profile: str) -> float:
     from relaxsgd.config import from_dict
     from relaxsgd.run import prepare, simulate
 
-    d = {**cfg, "workers": N, "network": profile, "compute": {"step_time_s": step_time}}
+    # the step time given, and the codec time per element that calibrate measured
+    d = {**cfg, "workers": N, "network": profile,
+         "compute": {"step_time_s": step_time, "profile": profile, "codec": "on"}}
     res = simulate(prepare(from_dict(d))).result["final"]
     return res["samples_total"] / res["virtual_time_s"]
 
@@ -251,7 +255,8 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
     with tempfile.TemporaryDirectory() as d:
         profile = runtime_profile(cfgs[0], d)
         with open(profile, encoding="utf-8") as f:
-            net = __import__("yaml").safe_load(f)["network"]
+            prof = __import__("yaml").safe_load(f)
+        net, comp = prof["network"], prof["compute"]
         alone = measure_step_time(prepare(from_dict({**cfgs[0], "workers": N})))
         queued = ",".join(str(k) for k, r in enumerate(runs_of) if r[2])
         runs = run_jobs(cfgs, N, os.path.join(d, "runs"), timeout=1800,
@@ -265,7 +270,8 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
         print(f"network as the runtime pays it (relaxsgd calibrate, {N} processes): latency "
               f"{net['latency_s'] * 1e6:.0f} us, overhead {net['overhead_s'] * 1e6:.0f} us a "
               f"message, bandwidth {net['bandwidth_Bps'] / 1e9:.2f} GB/s; step time alone "
-              f"{alone * 1e3:.1f} ms")
+              f"{alone * 1e3:.1f} ms; codec (8-bit lattice) {comp['encode_s'] * 1e9:.1f} ns "
+              f"an element encoded, {comp['decode_s'] * 1e9:.1f} decoded")
         cores = os.cpu_count() or 1
         shared = alone * max(1.0, N / cores)
         print(f"CPU bound of this machine ({cores} cores, compute only): "

@@ -3,7 +3,14 @@
     python benchmarks/p2p_profile.py                 # d = the throughput benchmark's model
     python benchmarks/p2p_profile.py --d 100000 --reps 300
 
-Three sections, each printed as a table (medians; microseconds):
+Four sections, each printed as a table (medians; microseconds unless said):
+
+0. SwarmSGD's lattice codec (8 bits, one eps a tensor, the model's layout) per message, in
+   milliseconds: the sender's encode (the payload and its own decoded copy), the
+   receiver's decode; with ``--codec-before COMMIT`` also the codec of that commit
+   (``src/relaxsgd/quantize/lattice.py`` loaded from git; its sender decoded its own
+   payload a second time), interleaved in the same loop. Then the other quantizers a
+   message may pass through (qsgd difference, top-k 1%), current code only.
 
 1. CPU per message of ``d`` float32 parameters in this process: encoding
    (:func:`relaxsgd.distributed.wire.encode`), the frame tag (HMAC-SHA256 and Poly1305,
@@ -49,6 +56,62 @@ def median_us(fn: Any, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e6
+
+
+# -- 0. the codecs ------------------------------------------------------------------------
+def lattice_at(commit: str) -> Any:
+    """``relaxsgd/quantize/lattice.py`` as of ``commit`` (git show), as a module of the
+    package (its relative imports resolve against the current tree)."""
+    import importlib.util
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    text = subprocess.run(["git", "show", f"{commit}:src/relaxsgd/quantize/lattice.py"],
+                          cwd=root, check=True, capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("relaxsgd.quantize._lattice_before", None)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    mod.__package__ = "relaxsgd.quantize"
+    sys.modules[spec.name] = mod  # type: ignore[union-attr]  (dataclasses look it up)
+    exec(compile(text, f"lattice.py@{commit}", "exec"), mod.__dict__)  # our own source
+    return mod
+
+
+def codec_costs(sizes: list[int], reps: int, before: str | None) -> dict[str, float]:
+    """Milliseconds a message (medians of ``reps``, the ways interleaved)."""
+    import torch
+
+    from relaxsgd.compress.topk import TopK
+    from relaxsgd.quantize.lattice import LatticeQuantizer
+    from relaxsgd.quantize.qsgd_diff import QSGDDiffQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g) * 0.05 for n in sizes]
+    refs = [x + 1e-3 * torch.randn(x.shape, generator=g) for x in xs]
+    new = LatticeQuantizer(8)
+    eps = new.eps_for(2e-3)
+    pays = [new.encode(x, eps, g) for x in xs]
+    ways: dict[str, Any] = {
+        "lattice encode + own copy": lambda: [new.encode_value(x, eps, g) for x in xs],
+        "lattice decode": lambda: [new.decode(p, r) for p, r in zip(pays, refs, strict=True)]}
+    if before:
+        old = lattice_at(before).LatticeQuantizer(8)
+        ways[f"  at {before}: encode + own copy"] = lambda: [
+            old.decode(old.encode(x, eps, g), x) for x in xs]
+        ways[f"  at {before}: decode"] = lambda: [old.decode(p, r)
+                                                  for p, r in zip(pays, refs, strict=True)]
+    flat, flat_ref = torch.cat(xs), torch.cat(refs)
+    qd, tk = QSGDDiffQuantizer(8), TopK(0.01)
+    qp = qd.encode(flat, generator=g, reference=flat_ref)
+    ways.update({"qsgd-diff encode": lambda: qd.encode(flat, generator=g, reference=flat_ref),
+                 "qsgd-diff decode": lambda: qd.decode(qp, flat_ref),
+                 "top-k 1% compress": lambda: tk.compress(flat, {})})
+    got: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(reps):
+        for k, fn in ways.items():
+            t = time.perf_counter()
+            fn()
+            got[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in got.items()}
 
 
 # -- 1. CPU per message ------------------------------------------------------------------
@@ -255,11 +318,15 @@ def allreduces(n: int, d: int, reps: int) -> dict[str, float]:
     return out
 
 
-def default_d() -> int:
+def model_sizes() -> list[int]:
+    """The sizes of the throughput benchmark's model's parameter tensors."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from dist_throughput import config, param_count
+    from dist_throughput import N, config
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare
 
-    return param_count(config("allreduce", {}, 1))
+    model = prepare(from_dict({**config("allreduce", {}, 1), "workers": N})).spec.model_fn()
+    return [p.numel() for p in model.parameters()]
 
 
 def main() -> None:
@@ -267,10 +334,22 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=0, help="parameters (default: the "
                     "throughput benchmark's model)")
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--codec-before", metavar="COMMIT", help="also time the lattice codec "
+                    "of this commit (e.g. 5469e81~1), interleaved")
+    ap.add_argument("--codec-only", action="store_true", help="section 0 only")
     a = ap.parse_args()
-    d = a.d or default_d()
+    sizes = [a.d] if a.d else model_sizes()
+    d = sum(sizes)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min); "
-          f"d = {d} float32 parameters ({4 * d / 1e6:.2f} MB)")
+          f"d = {d} float32 parameters ({4 * d / 1e6:.2f} MB) in {len(sizes)} tensors")
+    import torch
+
+    torch.set_num_threads(1)  # as each worker process runs
+    print(f"0. codecs per message, this process, one thread (ms, median of {a.reps}):")
+    for k, v in codec_costs(sizes, a.reps, a.codec_before).items():
+        print(f"   {k:<36} {v:9.2f}")
+    if a.codec_only:
+        return
     print("1. CPU per message, this process (us, median):")
     for k, v in message_costs(d, a.reps).items():
         print(f"   {k:<28} {v:9.0f}")

@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="local steps per worker (default 200, "
                     "quick 60)")
     ap.add_argument("--work", default=None, help="folder for profiles and runs")
+    ap.add_argument("--cases", default=None, help="link:n pairs, comma-separated (e.g. "
+                    "shaped:2,unshaped:2; default: --quick shaped:2, else all four)")
     ap.add_argument("--resim", action="store_true", help="only the table, from the real "
                     "runs and profiles already in --work (re-running the simulator)")
     args = ap.parse_args()
@@ -275,8 +277,17 @@ def main() -> None:
         return scale_table(args.quick)
     steps = args.steps or (60 if args.quick else 200)
     work = args.work or tempfile.mkdtemp(prefix="sim-fidelity-")
+    os.makedirs(work, exist_ok=True)  # a --work folder that is not there yet
     cases = [("shaped", 2)] if args.quick else [("shaped", 2), ("shaped", 4),
                                                 ("unshaped", 2), ("unshaped", 4)]
+    if args.cases:
+        try:
+            cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+        except (IndexError, ValueError):
+            raise SystemExit(f"--cases {args.cases!r}: give link:n pairs such as "
+                             "shaped:2,unshaped:4") from None
+        if any(link not in ("shaped", "unshaped") or n < 2 for link, n in cases):
+            raise SystemExit(f"--cases {args.cases!r}: link is shaped or unshaped, n >= 2")
     table = {}
     t = time.perf_counter()
     for link, n in cases:

@@ -294,3 +294,104 @@ def test_the_reported_consensus_distance_is_that_of_the_final_models() -> None:
     assert inter == pytest.approx(round(inter)) and inter >= 1
     assert f["messages_total"] == 2 * round(inter)  # a request and a reply each
     assert f["bytes_sent_total"] == 4 * d * f["messages_total"]
+
+
+# -- codec time --------------------------------------------------------------------------
+ENC, DEC = 1e-3, 2e-3  # seconds an element encoded / decoded (the profile file's)
+
+
+def _codec_profile(tmp_path: Any) -> str:
+    f = tmp_path / "codec.yaml"
+    f.write_text(f"compute: {{flops_per_s: 1.0e9, encode_s: {ENC}, decode_s: {DEC}}}\n")
+    return str(f)
+
+
+def _codec_program(seen: dict[str, float]) -> tuple[Any, Any]:
+    """0 lattice-encodes 10 values and exchanges them with 1, who decodes them and encodes
+    its own 10 for the reply; 0 decodes the reply. 2 copies 1000 values (identity: no
+    coding), top-k compresses 20 and sends them to 3, who decompresses them (20 values)."""
+    from relaxsgd.compress.identity import Identity
+    from relaxsgd.compress.topk import TopK
+    from relaxsgd.quantize.lattice import LatticeQuantizer
+
+    q, x = LatticeQuantizer(8), torch.linspace(-1, 1, 10)
+
+    def body(self: Any, w: Any) -> Any:
+        if w.rank == 0:
+            payload, _ = q.encode_value(x, 0.01, w.rng)
+            got = yield Exchange(1, payload, 100)
+            q.decode(got, x)
+            seen["0 decoded"] = yield Now()
+        elif w.rank == 2:
+            Identity().compress(torch.zeros(1000), {})
+            payload, _ = TopK(k=2).compress(torch.arange(20.0), {})
+            yield Send(3, payload, 200, blocking=True)
+            seen["2 sent"] = yield Now()
+        elif w.rank == 3:
+            payload = yield Recv(2)
+            seen["3 got"] = yield Now()
+            TopK(k=2).decompress(payload)
+            seen["3 decoded"] = yield Now()
+
+    def handler(self: Any, w: Any, src: int, payload: Any) -> Reply:
+        q.decode(payload, x)
+        seen["1 answers"] = 1.0
+        return Reply(q.encode_value(x, 0.01, w.rng)[0], 100)
+
+    return body, handler
+
+
+def test_codec_time_delays_what_follows_the_coding_on_each_side(tmp_path: Any) -> None:
+    """Codec time from the profile (ENC, DEC a value), charged where the runtime pays it:
+    0's 10 encoded values before its request leaves; 1's 10 decoded + 10 encoded before
+    its reply leaves; 0's 10 decoded after the reply; 2 (speed factor 2) 20 compressed
+    before its send; 3's 20 decompressed after the message arrives. The identity's copy
+    costs nothing."""
+    seen: dict[str, float] = {}
+    body, handler = _codec_program(seen)
+    link = OV + 100 / BW
+    run_program(body, handler, **NET, compute={
+        "codec": "on", "profile": _codec_profile(tmp_path), "heterogeneity": "fixed",
+        "speed_factors": [1, 1, 2, 1]})
+    request_in = 10 * ENC + link + L
+    reply_in = request_in + 10 * (DEC + ENC) + link + L
+    assert seen["0 decoded"] == pytest.approx(reply_in + 10 * DEC)
+    sent = 2 * 20 * ENC + OV + 200 / BW
+    assert seen["2 sent"] == pytest.approx(sent)
+    assert seen["3 got"] == pytest.approx(sent + L)
+    assert seen["3 decoded"] == pytest.approx(sent + L + 20 * DEC)
+
+
+def test_a_fixed_step_time_charges_no_codec_time_unless_asked(tmp_path: Any) -> None:
+    """codec: auto with a fixed step time (tiny's, the default job's kind): no codec time;
+    the same profile's costs are charged only with codec: on."""
+    seen: dict[str, float] = {}
+    body, handler = _codec_program(seen)
+    run_program(body, handler, **NET, compute={"profile": _codec_profile(tmp_path)})
+    link = OV + 100 / BW
+    assert seen["0 decoded"] == pytest.approx(2 * (link + L))
+    assert seen["3 decoded"] == pytest.approx(OV + 200 / BW + L)
+    assert ComputeConfig(step_time_s=None).charges_codec
+    assert not ComputeConfig(step_time_s=0.05).charges_codec
+    assert ComputeConfig(step_time_s=0.05, codec="on").charges_codec
+    assert not ComputeConfig(step_time_s=None, codec="off").charges_codec
+    assert tiny(compute={"codec": True}).compute.codec == "on"  # --set compute.codec=on
+
+
+def test_powersgd_mean_meters_its_encode_before_and_its_decode_after_the_all_reduces() -> None:
+    """PowerSGD's all-reduce protocol codes inside ``mean`` (no compress call): x's 12
+    values encoded before the first all-reduce leaves, decoded after the last."""
+    from relaxsgd.codec_meter import metering
+    from relaxsgd.compress.powersgd import PowerSGD
+
+    ps, x = PowerSGD(rank=1), torch.arange(12.0)
+    state = ps.init_state(12, [("w", torch.Size([3, 4]))])
+    prog = ps.mean(x, state)
+    with metering() as work:
+        eff = next(prog)
+    assert (work.encoded, work.decoded) == (12, 0)
+    with metering() as work:
+        eff = prog.send(eff.tensors)
+        with pytest.raises(StopIteration):
+            prog.send(eff.tensors)
+    assert (work.encoded, work.decoded) == (0, 12)

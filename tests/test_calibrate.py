@@ -15,7 +15,7 @@ import yaml
 
 from relaxsgd.cli import main
 from relaxsgd.lab.calibrate import fit_line
-from relaxsgd.lab.fit import fit_p2p
+from relaxsgd.lab.fit import fit_p2p, fit_server
 from relaxsgd.sim.collectives import allreduce_cost
 from relaxsgd.sim.network import Network, load_network_file
 from test_lab import needs_lab
@@ -67,6 +67,25 @@ def test_the_p2p_fit_recovers_a_known_overhead_and_bandwidth(
             abs((mt - slope * mx) / 2 - lat - over) > 0.1 * (lat + over)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_server_fit_recovers_the_simulators_server_link(n: int) -> None:
+    """Worker 1's round times on the simulator's own network model (every worker uploads
+    B at t=0 on idle links, replies in rank order) give back its server latency and
+    bandwidth, the workers' overhead and bandwidth known."""
+    from relaxsgd.sim.network import NetworkConfig
+
+    cfg = NetworkConfig(0.003, 5e7, overhead_s=2e-4, server_latency_s=0.011,
+                        server_bandwidth_Bps=2e8)
+    points = []
+    for b in (1024, 65536, 262144, 1 << 21):
+        net = Network(cfg, n, 0)
+        ready = max(net.to_server(r, b, 0.0)[0] for r in range(n))
+        arrivals = [net.from_server(b, ready)[0] for _ in range(n)]
+        points.append([float(b), arrivals[1]])
+    lat, bw = fit_server(points, n, 2e-4, 5e7)
+    assert lat == pytest.approx(0.011, rel=1e-6) and bw == pytest.approx(2e8, rel=1e-6)
+
+
 def test_the_network_model_charges_the_fitted_overhead_on_every_message(tmp_path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text(yaml.safe_dump({"network": {"latency_s": 0.01, "bandwidth_Bps": 1e6,
@@ -101,16 +120,43 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     a, _ = net["collectives"]["allgather"]["2"]
     assert 3.5 * DELAY < a < 8 * DELAY  # the executor's: two gloo all-gathers of two each
     assert 0 <= net["overhead_s"] < DELAY  # the runtime's own cost per message
+    # rank 0's server, one hop away; the fit is what makes the simulator's round (three
+    # overheads: rank 0's reply goes first) match the real one (two: it is local), so it
+    # may come out below the delay by up to an overhead
+    assert DELAY - net["overhead_s"] <= net["server_latency_s"] < 3 * DELAY
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
+    assert 0 < comp["decode_s"] < 1e-5 and 0 < comp["encode_s"] < 1e-5  # (ns an element)
     out = tmp_path / "sim"
     assert main(["run", "--task", "logreg", "--workers", "2", "--steps", "4", "--algo",
                  "allreduce", "--network", str(prof), "--compute", str(prof), "-q",
                  "--out", str(out)]) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["compute_model"]["step_time_s"] == comp["step_time_s"]
+    assert res["compute_model"]["codec"] == {"encode_s": comp["encode_s"],
+                                             "decode_s": comp["decode_s"]}
     assert res["network_model"]["collectives"]["fits_used"]["allreduce@2"] == \
         net["collectives"]["allreduce"]["2"]
     assert res["network_model"]["overhead_s"] == net["overhead_s"]
+    assert res["network_model"]["server"]["latency_s"] == net["server_latency_s"]
+
+
+def test_codec_time_is_the_lattice_codecs_time_per_element(monkeypatch) -> None:
+    """Each of the 3 tensors (3000 values in all) takes 12 ms to encode and 1.5 ms to
+    decode: 12 and 1.5 us a value (sleep only adds: the costs are at least that)."""
+    import time
+
+    import torch
+
+    from relaxsgd.lab.calibrate import codec_time
+    from relaxsgd.quantize.lattice import LatticeQuantizer
+
+    enc, dec = LatticeQuantizer.encode_value, LatticeQuantizer.decode
+    monkeypatch.setattr(LatticeQuantizer, "encode_value",
+                        lambda *a, **k: (time.sleep(12e-3), enc(*a, **k))[1])
+    monkeypatch.setattr(LatticeQuantizer, "decode",
+                        lambda *a, **k: (time.sleep(1.5e-3), dec(*a, **k))[1])
+    e, d = codec_time([torch.zeros(1000), torch.zeros(10, 100), torch.zeros(1000)], 3)
+    assert 1.2e-5 <= e < 1e-4 and 1.5e-6 <= d < 1.2e-5  # (sleeps overrun under load)
 
 
 @needs_lab

@@ -52,13 +52,14 @@ def test_a_run_records_its_compute_and_network_model() -> None:
     res = simulate(prepare(cfg)).result
     cm, nm = res["compute_model"], res["network_model"]
     assert cm["kind"] == "profile" and cm["profile"] == "t4"
+    assert cm["codec"] == {"encode_s": 2e-10, "decode_s": 1e-10}  # the t4 profile's
     assert cm["flops_per_sample"] == 4 * D * C and cm["batch_size"] == B
     assert res["step_time_s"] == pytest.approx(1e-3 + 4 * D * C * B / 2.5e12)
     assert nm["profile"] == "wan" and nm["backend"] == "gloo" and nm["latency_s"] == 0.04
     assert nm["collectives"]["allreduce_latency_s"] == pytest.approx(4 * 3 * 0.04)
     fixed = simulate(prepare(tiny(algo="localsgd"))).result["compute_model"]
     assert fixed == {"kind": "fixed", "step_time_s": 0.01, "workers_per_core": 1.0,
-                     "heterogeneity": "none"}
+                     "heterogeneity": "none", "codec": "off"}  # a fixed step: no codec
 
 
 def test_measure_is_an_explicit_choice_and_a_calibrated_file_is_used(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from relaxsgd.quantize.lattice import (
     LatticeQuantizer,
     checksum,
     choose_eps,
+    float_checksum,
     pack_bits,
     unpack_bits,
 )
@@ -40,6 +42,77 @@ def test_pack_unpack_roundtrip(bits) -> None:
         packed = pack_bits(v, bits)
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel * bits / 8)
         assert torch.equal(unpack_bits(packed, bits, numel), v)
+
+
+def _bits_reference(values: list[int], bits: int) -> list[int]:
+    """The wire layout written out: bit k of value i is bit i * bits + k of the stream,
+    bit j of the stream is bit j % 8 of byte j // 8 (least significant first)."""
+    stream = [(v >> k) & 1 for v in values for k in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return [sum(b << i for i, b in enumerate(stream[j:j + 8])) for j in range(0, len(stream), 8)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 9, 10, 12, 14, 16, 18, 20, 24, 31, 32])
+def test_pack_bits_writes_the_documented_layout(bits) -> None:
+    # widths packed a word at a time (g values per int64) and widths packed bit by bit
+    for numel in (1, 13, 64):
+        v = torch.randint(0, 2 ** bits, (numel,), generator=_gen(bits), dtype=torch.int64)
+        v[0] = 2 ** bits - 1  # all ones: a shift or mask off by one shows
+        want = _bits_reference(v.tolist(), bits)
+        assert pack_bits(v, bits).tolist() == want
+        assert torch.equal(unpack_bits(torch.tensor(want, dtype=torch.uint8), bits, numel), v)
+
+
+def _hash_reference(r: list[int]) -> int:
+    """checksum's definition in Python integers: sum_i a_i (r_i mod P) mod P, with a_i the
+    documented integer mix of the index i (1-based), nonzero mod P."""
+    p, total = 2 ** 31 - 1, 0
+    for i, v in enumerate(r, start=1):
+        a = (i % p) * 1_103_515_245 % p
+        a ^= a >> 15
+        a = a * 2_147_483_629 % p
+        a ^= a >> 13
+        total += (a % (p - 1) + 1) * (v % p)
+    return total % p
+
+
+@pytest.mark.parametrize("scale", [3, 2 ** 20, 2 ** 30, 2 ** 31, 2 ** 45, 2 ** 62])
+def test_checksum_is_the_linear_hash_whatever_the_size_of_the_integers(scale) -> None:
+    # small integers are hashed in one block, larger ones in blocks of 2^32 // max|r|
+    # (2^30: blocks of 4, and a tail), from 2^31 on reduced mod P first
+    r = torch.randint(-scale, scale, (203,), generator=_gen(scale % 1000), dtype=torch.int64)
+    r[5] = -scale
+    assert checksum(r) == _hash_reference(r.tolist())
+    ends = torch.tensor([-2 ** 63, 2 ** 63 - 1, 0, -1, 1])
+    assert checksum(ends) == _hash_reference(ends.tolist())
+
+
+@pytest.mark.parametrize("scale", [1, 2 ** 10, 2 ** 28, 2 ** 40])
+def test_float_checksum_is_the_checksum_of_the_integers(scale) -> None:
+    # two float64 dot products while bound * numel < 2^37, the int64 hash beyond
+    r = torch.randint(-scale, scale + 1, (1000,), generator=_gen(7), dtype=torch.int64)
+    assert float_checksum(r.to(torch.float64), float(scale)) == _hash_reference(r.tolist())
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8, 16, 32])
+def test_encode_value_is_what_the_receiver_decodes(bits) -> None:
+    q = LatticeQuantizer(bits)
+    x, b = _pair(3001, 0.5 * (2 ** (bits - 1) - 1) * 1e-3, seed=bits)
+    for ref in (x, b):  # the sender's own copy, a receiver inside the radius
+        payload, x_hat = q.encode_value(x.to(torch.float32), 1e-3, _gen(1))
+        decoded, ok = q.decode(payload, ref.to(torch.float32))
+        assert ok and torch.equal(x_hat, decoded) and x_hat.dtype == torch.float32
+
+
+def test_decode_refuses_codes_that_do_not_match_bits_and_numel() -> None:
+    q = LatticeQuantizer(8)
+    p = q.encode(torch.zeros(10), 0.1, _gen())
+    with pytest.raises(ConfigError, match="codes"):
+        q.decode(dataclasses.replace(p, codes=p.codes[:1]), torch.zeros(10))
+    with pytest.raises(ConfigError, match="codes"):
+        q.decode(dataclasses.replace(p, codes=p.codes.to(torch.int32)), torch.zeros(10))
+    with pytest.raises(ConfigError, match="bits"):
+        q.decode(dataclasses.replace(p, bits=200), torch.zeros(10))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 9, 16])

@@ -38,7 +38,7 @@ from .results import (
     make_result,
     write_result,
 )
-from .sim.compute import ComputeModel, resolve_step_time
+from .sim.compute import ComputeModel, codec_costs, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
 from .sim.saving import SimCheckpoints
@@ -117,6 +117,9 @@ class Simulation:
         for w in self.workers:
             prep.algo.init_worker(w)
         net_cfg = make_network_config(cfg.network, **cfg.network_options)
+        codec = codec_costs(cfg.compute)
+        compute_info["codec"] = ({"encode_s": codec[0], "decode_s": codec[1]} if codec
+                                 else "off")
         self.models_info = {"compute_model": compute_info,
                             "network_model": network_model_info(net_cfg, n)}
         self.shared_key = getattr(prep.algo, "shared_model_state", None)  # OLCO3's "xg"
@@ -135,7 +138,7 @@ class Simulation:
                                     self._run_state)
         self.engine = Engine(prep.algo, self.workers, self.bank,
                              Network(net_cfg, n, cfg.seed),
-                             ComputeModel(cfg.compute, n, cfg.seed, self.step_time),
+                             ComputeModel(cfg.compute, n, cfg.seed, self.step_time, codec),
                              between_instants=self._between)
         self.saver.attach(self.engine, resume is not None)
         if resume is not None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..quantize.lattice import LatticeQuantizer
+from ..quantize.lattice import LatticeQuantizer, max_abs
 from ..quantize.qsgd_diff import QSGDDiffQuantizer
 from .base import Worker, tensor_nbytes
 
@@ -61,10 +61,6 @@ def effective_safety(bits: int, safety: float) -> float:
     adaptive eps both decodes and stays bounded, and :class:`~.swarm.SwarmConfig` refuses
     it (a fixed ``eps`` is still allowed)."""
     return min(safety, safety_cap(bits))
-
-
-def _max_abs(t: Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
 
 
 class Codec:
@@ -130,11 +126,11 @@ class Codec:
         spread = st["spread"] or [0.0] * len(self.sizes)
         for k, (part, last) in enumerate(zip(c.split(self.sizes),
                                              st["last_sent"].split(self.sizes), strict=True)):
-            gap = spread[k] + _max_abs(part - last)
-            eps = max(self.q.eps_for(gap), _max_abs(part) / 2.0 ** 48)
-            payload = self.q.encode(part, eps=eps, generator=gen)
+            gap = spread[k] + max_abs(part - last)
+            eps = max(self.q.eps_for(gap), max_abs(part) / 2.0 ** 48)
+            payload, q_own = self.q.encode_value(part, eps, gen)  # = decode(payload, part)
             payloads.append(payload)
-            own.append(self.q.decode(payload, part)[0])  # exact: part is within one step
+            own.append(q_own)
             weighted_eps += payload.eps * part.numel()
         st["last_sent"].copy_(c)
         w.observe("lattice_eps", weighted_eps / max(c.numel(), 1))
@@ -145,7 +141,7 @@ class Codec:
         """Update the observed spread, per chunk: the largest coordinate gap between a
         partner's decoded copy and this worker's, as a decaying maximum."""
         old = w.state["spread"] or [0.0] * len(self.sizes)  # (None before the first)
-        w.state["spread"] = [max(_max_abs(a - b), self.decay * o) for a, b, o in
+        w.state["spread"] = [max(max_abs(a - b), self.decay * o) for a, b, o in
                              zip(parts, ref.split(self.sizes), old, strict=True)]
 
     def decode(self, w: Worker, src: int, msg: dict, ref: Tensor) -> tuple[Tensor, bool]:

@@ -42,15 +42,35 @@ import torch
 from torch import Tensor
 
 from ..algorithms.base import AllGather, AllReduce, Program
+from ..codec_meter import metered
 from ..errors import ConfigError
 
 Layout = list[tuple[str, torch.Size]]
+
+
+def _compressed(out: Any, args: tuple, kwargs: dict) -> int:
+    x = args[1] if len(args) > 1 else kwargs["x"]
+    return x.numel() if args[0].codes else 0
+
+
+def _decompressed(out: Any, args: tuple, kwargs: dict) -> int:
+    return out.numel() if args[0].codes and isinstance(out, Tensor) else 0
 
 
 class Compressor:
     name: ClassVar[str] = ""
     unbiased: bool = False
     summable: bool = False
+    codes: ClassVar[bool] = True  # False: nothing is coded (the identity), no codec time
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every compressor's own compress/decompress is metered for the simulator's
+        codec time (:mod:`relaxsgd.codec_meter`)."""
+        super().__init_subclass__(**kwargs)
+        for name, kind, count in (("compress", "encoded", _compressed),
+                                  ("decompress", "decoded", _decompressed)):
+            if name in cls.__dict__:
+                setattr(cls, name, metered(kind, count)(cls.__dict__[name]))
 
     def init_state(self, numel: int, layout: Layout | None = None,
                    device: torch.device | str | None = None) -> dict[str, Any]:

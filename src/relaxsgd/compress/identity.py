@@ -21,6 +21,7 @@ class Identity(Compressor):
     name: ClassVar[str] = "identity"
     unbiased = True
     summable = True
+    codes: ClassVar[bool] = False  # a copy: no codec time in the simulator
 
     def compress(self, x: Tensor, state: dict[str, Any],
                  generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:

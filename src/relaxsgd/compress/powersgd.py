@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..algorithms.base import AllReduce, Program
 from ..checks import require_int
+from ..codec_meter import note
 from ..devices import draw
 from ..errors import ConfigError
 from .base import Compressor, Layout, check_flat
@@ -161,8 +162,11 @@ class PowerSGD(Compressor):
 
     def mean(self, x: Tensor, state: dict[str, Any],
              generator: torch.Generator | None = None) -> Program:
-        """Sub-program: Algorithm 1 of the paper (see the module docstring)."""
+        """Sub-program: Algorithm 1 of the paper (see the module docstring). Its codec
+        work is metered like compress/decompress (:mod:`relaxsgd.codec_meter`): ``x``
+        encoded before the first all-reduce, decoded after the last."""
         check_flat(x)
+        note(encoded=x.numel())
         dense, mats = self._split(x.detach(), state)
         mats = [m.float() for m in mats]
         ps = [m @ q for m, q in zip(mats, state["q"], strict=True)]
@@ -184,6 +188,7 @@ class PowerSGD(Compressor):
                           state)
         own = self._join(dense.clone(), [p @ q.T for p, q in zip(p_hats, local_qs, strict=True)],
                          state)
+        note(decoded=x.numel())
         return mean, own, {**state, "q": [q.clone() for q in mean_qs]}
 
 

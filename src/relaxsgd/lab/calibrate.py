@@ -12,6 +12,10 @@ Every worker measures at the same time (so cores are shared as in the real run):
   ``auto``: its GPU when CUDA is present; median of timed local steps after a warm-up;
   the slowest worker's), and from it the throughput ``flops_per_s`` that the
   counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
+- the codec's cost per element: SwarmSGD's 8-bit lattice codec (the real one) encoding
+  (with the sender's own copy) and decoding the run's model, one eps a tensor, medians,
+  the slowest worker's (``encode_s``, ``decode_s``: what the simulator charges for every
+  quantizer and compressor, :mod:`relaxsgd.codec_meter`);
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
@@ -21,7 +25,10 @@ Every worker measures at the same time (so cores are shared as in the real run):
   give what the simulator charges: ``t(B) = a + b B`` per collective (from 1 KiB: gloo
   takes fewer steps for a tensor of a few elements), and per message ``overhead_s`` (the
   runtime's cost on top of the latency) and ``bandwidth_Bps`` from the round trips,
-  ``rtt = 2 (latency + overhead) + 2 B / bandwidth``.
+  ``rtt = 2 (latency + overhead) + 2 B / bandwidth``; and the parameter server's round
+  trip through :mod:`relaxsgd.distributed.server` (every worker's ServerRound, worker 1's
+  time), fitted to the simulator's server link (``server_latency_s``,
+  ``server_bandwidth_Bps``, :func:`.fit.fit_server`).
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -40,7 +47,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from .fit import fit_line as _fit_line
-from .fit import fit_p2p
+from .fit import fit_p2p, fit_server
 
 PING_BYTES = 64
 BULK_BYTES = 4 << 20
@@ -180,20 +187,53 @@ def executor_path(store: Any, rank: int, n: int, host: str,
     from ..distributed.auth import job_auth
     from ..distributed.executor import Executor
     from ..distributed.options import from_env
+    from ..distributed.server import SERVER_RANK, ServerHost
     from ..distributed.transport import Transport
-    from .paths import _Echo, _Stub, executor_times
+    from .paths import _Echo, _EchoServer, _Stub, executor_times
 
     opts = from_env()
-    tr = Transport(rank, n, lambda src, msg: ex.on_message(src, msg), opts.timeout_s,
+
+    def route(src: int, msg: tuple) -> None:  # uploads to the server first, as a run does
+        if ex.server_host is None or not ex.server_host.on_message(src, msg):
+            ex.on_message(src, msg)
+
+    tr = Transport(rank, n, route, opts.timeout_s,
                    auth=job_auth(opts), max_frame=2 * max(sizes) + (1 << 20),
                    peer_timeout_s=opts.peer_timeout_s)
     ex = Executor(_Echo(), _Stub(), tr, opts, [], torch.device("cpu"))  # type: ignore[arg-type]
+    if rank == SERVER_RANK:
+        ex.server_host = ServerHost(_EchoServer(), 1, None, n, tr, ex.counts)
     tr.start(store, host, prefix="relaxsgd/calibrate")
     try:
         return executor_times(ex, rank, sizes, repeats)
     finally:
         dist.barrier()
         tr.close(wait_s=2.0)
+
+
+def codec_time(params: list[torch.Tensor], repeats: int = 9) -> tuple[float, float]:
+    """(encode, decode) seconds per element of the 8-bit lattice codec on ``params`` (one
+    message: every tensor coded with its own eps, as SwarmSGD sends them), medians."""
+    from ..quantize.lattice import LatticeQuantizer
+
+    q, g = LatticeQuantizer(8), torch.Generator(device=params[0].device).manual_seed(0)
+    xs = [p.detach().reshape(-1).float() for p in params]
+    refs = [x + 1e-3 * torch.rand(x.shape, generator=g, device=x.device) for x in xs]
+    eps = q.eps_for(2e-3)
+    pays = [q.encode(x, eps, g) for x in xs]
+    enc, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in xs:
+            q.encode_value(x, eps, g)
+        t1 = time.perf_counter()
+        for p, r in zip(pays, refs, strict=True):
+            q.decode(p, r)
+        t2 = time.perf_counter()
+        enc.append(t1 - t)
+        dec.append(t2 - t1)
+    d = max(sum(x.numel() for x in xs), 1)
+    return statistics.median(enc) / d, statistics.median(dec) / d
 
 
 def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
@@ -210,7 +250,10 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
     from ..run import prepare
 
-    d = sum(p.numel() for p in prepare(cfg).spec.model_fn().parameters())
+    params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
+    d = sum(p.numel() for p in params)
+    costs = torch.tensor(codec_time(params), dtype=torch.float64)
+    dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest worker's, as the step time
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
@@ -219,21 +262,26 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     fits = {k: {str(n): list(fit_line([p for p in timed[k] if p[0] >= 1024]))}
             for k in ("allreduce", "allgather")}
     overhead, bw = 0.0, raw_bw
+    server: dict[str, Any] = {}
     if n >= 2:
         overhead, fitted = fit_p2p(timed["exchange"] + timed["sendrecv"], lat)
         bw = fitted if math.isfinite(fitted) else raw_bw
+        s_lat, s_bw = fit_server([p for p in timed["server"] if p[0] >= 1024], n, overhead, bw)
+        server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw}
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
                     "flops_per_step": flops, "task": cfg.task,
+                    "encode_s": float(costs[0]), "decode_s": float(costs[1]),
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
                               f"worker, on {calibration_device(cfg.device).type}"},
-        "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead,
+        "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead, **server,
                     "backend": "gloo", "collectives": fits,
                     "measured": {k: {str(n): v} for k, v in timed.items()},
                     "raw_tcp": {"latency_s": lat, "bandwidth_Bps": raw_bw},
                     "source": f"relaxsgd calibrate: TCP ping between workers 0 and 1 "
                               f"(latency); the dist runtime's executor, {n} workers: "
                               "Exchange and Send/Recv round trips (overhead, bandwidth), "
-                              "AllReduce and AllGather (collectives), robust fits"},
+                              "AllReduce and AllGather (collectives), parameter-server "
+                              "rounds (the server's latency and bandwidth), robust fits"},
     }

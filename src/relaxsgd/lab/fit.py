@@ -74,3 +74,21 @@ def fit_p2p(points: list[list[float]], latency_s: float) -> tuple[float, float]:
     a, b = fit_line(points)
     overhead = max(a / 2 - latency_s, 0.0)
     return overhead, (2.0 / b if b > 0 else float("inf"))
+
+
+def fit_server(points: list[list[float]], n: int, overhead_s: float,
+               bandwidth_Bps: float) -> tuple[float, float | None]:
+    """(server latency s, server bandwidth bytes/s or None: not resolved) from worker 1's
+    parameter-server rounds [[B, t], ...] of ``B`` bytes up and down, ``n`` workers
+    uploading at once, on the simulator's model (:mod:`relaxsgd.sim.network`): its upload
+    leaves its link (``overhead + B / bandwidth``) and arrives a server latency later,
+    the server's receiving side takes the n uploads one after the other (``n - 1`` more
+    ``B / server bandwidth``), then the replies leave in rank order, worker 1's second
+    (two ``overhead + B / server bandwidth``), a latency each way::
+
+        t = 3 overhead + 2 server_latency + B (1 / bandwidth + (n + 1) / server_bandwidth)
+    """
+    a, b = fit_line(points)
+    latency = max((a - 3 * overhead_s) / 2, 0.0)
+    extra = b - 1.0 / bandwidth_Bps if bandwidth_Bps > 0 else b
+    return latency, ((n + 1) / extra if extra > 0 else None)

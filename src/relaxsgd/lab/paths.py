@@ -10,7 +10,11 @@ run by a real executor on a real, authenticated transport, timed around its ``yi
 - ``exchange``: worker 0's blocking :class:`Exchange` of ``B`` bytes with worker 1, which
   answers with ``B`` bytes from its reader thread (as SwarmSGD's partner does);
 - ``sendrecv``: worker 0 sends ``B`` bytes to worker 1 (:class:`Send`), which receives
-  them (:class:`Recv`) and sends ``B`` bytes back: a round trip of two messages.
+  them (:class:`Recv`) and sends ``B`` bytes back: a round trip of two messages;
+- ``server``: every worker's :class:`ServerRound` of ``B`` bytes up and ``B`` down through
+  the dist runtime's parameter server (:mod:`relaxsgd.distributed.server`, a thread of
+  worker 0, here serving :class:`_EchoServer`), timed on worker 1 (worker 0's own upload
+  skips the network).
 
 Each size's time is the median of ``repeats``; :mod:`.fit` turns them into the
 simulator's terms.
@@ -25,7 +29,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..algorithms.base import AllGather, AllReduce, Exchange, Program, Recv, Reply, Send
+from ..algorithms.base import (
+    AllGather,
+    AllReduce,
+    Exchange,
+    Program,
+    Recv,
+    Reply,
+    Send,
+    ServerRound,
+)
 
 
 class _Echo:
@@ -34,6 +47,17 @@ class _Echo:
 
     def on_exchange(self, w: Any, src: int, payload: Any) -> Reply:
         return Reply(torch.empty_like(payload), payload.numel())
+
+
+class _EchoServer:
+    """The parameter server of the timing programs: the reply is worker 0's upload (the
+    size of one), served at once."""
+
+    def init_state(self, numel: int, layout: Any, device: Any) -> dict[str, Any]:
+        return {}
+
+    def serve(self, state: dict[str, Any], payloads: list[Any]) -> Any:
+        return payloads[0]
 
 
 class _Stub:
@@ -69,12 +93,13 @@ def executor_times(ex: Any, rank: int, sizes: list[int],
                    repeats: int) -> dict[str, list[list[float]]]:
     """{kind: [[bytes, median seconds], ...]} through ``ex`` (every rank calls this)."""
     out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": [], "exchange": [],
-                                         "sendrecv": []}
+                                         "sendrecv": [], "server": []}
     for b in sizes:
         x = torch.zeros(max(b // 4, 1), device="cpu")
         u = torch.zeros(max(b, 1), dtype=torch.uint8, device="cpu")
         kinds = {"allreduce": lambda x=x: [AllReduce(x, x.numel() * 4)],
-                 "allgather": lambda u=u: [AllGather(u, u.numel())]}
+                 "allgather": lambda u=u: [AllGather(u, u.numel())],
+                 "server": lambda u=u: [ServerRound(u, u.numel(), u.numel())]}
         if rank == 0:
             kinds["exchange"] = lambda u=u: [Exchange(1, u, u.numel())]
             kinds["sendrecv"] = lambda u=u: [Send(1, u, u.numel(), tag=0, blocking=True),
@@ -88,4 +113,8 @@ def executor_times(ex: Any, rank: int, sizes: list[int],
         for kind, effects in kinds.items():
             _timed(ex, effects, 2)  # warm-up (connections, allocator)
             out[kind].append([float(b), statistics.median(_timed(ex, effects, repeats))])
+    # the server's rounds as worker 1 sees them (worker 0 hosts the server)
+    t = torch.tensor([v for _, v in out["server"]], dtype=torch.float64)
+    dist.broadcast(t, min(1, dist.get_world_size() - 1))
+    out["server"] = [[b, float(v)] for (b, _), v in zip(out["server"], t, strict=True)]
     return out

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..checks import require_int
+from ..codec_meter import metered
 from ..devices import draw
 from ..errors import ConfigError
 
@@ -48,10 +49,15 @@ EPS_BYTES = 4
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Pack non-negative ints ``< 2^bits`` (any shape) into ``ceil(numel*bits/8)`` uint8.
 
-    Little-endian bit order, value after value. Loops over bit positions (not values) so the
-    temporaries stay at one byte per bit.
+    Little-endian bit order, value after value. Where ``g = 8 / gcd(bits, 8)`` values (the
+    fewest that end on a byte boundary) fit one int64 (bits 1-8, 10, 12, 14, 16, 20, 24, 28,
+    32) they are shifted into one word that is cut into bytes: a few passes over the
+    values. Other widths loop over bit positions, temporaries one byte a bit.
     """
     v = values.reshape(-1).to(torch.int64)
+    group = _group(bits)
+    if group:
+        return _pack_words(v, bits, group)
     nbits = v.numel() * bits
     flat = torch.zeros(math.ceil(nbits / 8) * 8, dtype=torch.uint8, device=v.device)
     grid = flat[:nbits].view(-1, bits) if nbits else flat[:0].view(0, bits)
@@ -64,8 +70,32 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
     return out
 
 
+def _group(bits: int) -> int:
+    """Values per word: the fewest that fill whole bytes, if they fit in 64 bits, else 0."""
+    g = 8 // math.gcd(bits, 8)
+    return g if g * bits <= 64 else 0
+
+
+def _pack_words(v: Tensor, bits: int, group: int) -> Tensor:
+    n, nbytes = v.numel(), math.ceil(v.numel() * bits / 8)
+    if group > 1 and n % group:  # pad with zeros to whole groups (the tail bits are zero)
+        v = torch.cat([v, v.new_zeros(group - n % group)])
+    cols = v.view(-1, group)
+    word = cols[:, 0].clone()
+    for j in range(1, group):  # value j at bit j * bits (two's complement past bit 62)
+        word |= cols[:, j] << (j * bits)
+    width = group * bits // 8  # bytes a word
+    out = torch.empty(word.numel(), width, dtype=torch.uint8, device=v.device)
+    for k in range(width):
+        out[:, k] = (word >> (8 * k)) & 255
+    return out.view(-1)[:nbytes]
+
+
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: ``numel`` int64 values in ``[0, 2^bits)``."""
+    group = _group(bits)
+    if group:
+        return _unpack_words(packed, bits, group, numel)
     flat = packed.new_empty(packed.numel() * 8, dtype=torch.uint8)
     octets = flat.view(-1, 8)
     for k in range(8):
@@ -75,6 +105,22 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     for k in range(bits):
         out |= grid[:, k].to(torch.int64) << k
     return out
+
+
+def _unpack_words(packed: Tensor, bits: int, group: int, numel: int) -> Tensor:
+    width = group * bits // 8
+    words = math.ceil(numel / group)
+    octets = packed.new_zeros(words * width)
+    octets[:min(packed.numel(), octets.numel())] = packed[:octets.numel()]
+    octets = octets.view(words, width).to(torch.int64)
+    word = octets[:, 0].clone()
+    for k in range(1, width):
+        word |= octets[:, k] << (8 * k)
+    out = torch.empty(words, group, dtype=torch.int64, device=packed.device)
+    mask = (1 << bits) - 1
+    for j in range(group):
+        out[:, j] = (word >> (j * bits)) & mask
+    return out.view(-1)[:numel]
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,17 +137,61 @@ def _coefficients(numel: int, device: torch.device) -> Tensor:
 
 
 def checksum(r: Tensor) -> int:
-    """Random linear hash of an int64 vector mod ``2^31 - 1`` (deterministic, shared).
+    """Random linear hash of an int64 vector mod ``2^31 - 1`` (deterministic, shared):
+    ``sum_i a_i r_i mod P``.
 
-    The coefficient of index ``i`` comes from a fixed integer mix of ``i``; every
-    intermediate product stays below ``2^62``, so int64 never overflows.
+    The coefficient of index ``i`` comes from a fixed integer mix of ``i``. The sum is
+    linear, so ``r`` need not be reduced mod ``P`` first when its products cannot overflow:
+    with ``|r_i| <= R < 2^31`` every ``a_i r_i`` is below ``2^62`` in size, and blocks of
+    ``2^32 // R`` of them sum below ``2^63`` (the whole vector in one block for the values a
+    lattice codes, ``R`` in the thousands). Larger values are reduced mod ``P`` first (the
+    same number: the hash is a function of ``r mod P``).
     """
-    terms = (torch.remainder(r.reshape(-1), _P) * _coefficients(r.numel(), r.device)) % _P
-    return int(terms.sum() % _P)  # sum < numel * 2^31 < 2^63 for numel < 2^32
+    flat = r.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return 0
+    lo, hi = (int(v) for v in torch.aminmax(flat))
+    bound = max(-lo, hi, 1)
+    coef = _coefficients(n, r.device)
+    if bound >= 1 << 31:  # products could overflow: reduce mod P first
+        flat, bound = torch.remainder(flat, _P), _P - 1
+    terms = flat * coef
+    block = (1 << 32) // bound  # sum of a block < block * bound * 2^31 <= 2^63
+    if block >= n:
+        return int(terms.sum()) % _P
+    whole = n - n % block
+    sums = terms[:whole].view(-1, block).sum(1) % _P  # each < P; fewer than 2^32 of them
+    return (int(sums.sum()) + int(terms[whole:].sum())) % _P
 
 
-def _max_abs(t: Tensor) -> float:
-    return float(t.detach().abs().max()) if t.numel() else 0.0
+@functools.lru_cache(maxsize=64)
+def _coefficient_halves(numel: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The coefficients as float64 ``(a >> 16, a & 0xFFFF)``, for :func:`float_checksum`."""
+    a = _coefficients(numel, device)
+    return (a >> 16).to(torch.float64), (a & 0xFFFF).to(torch.float64)
+
+
+def float_checksum(r: Tensor, bound: float) -> int:
+    """:func:`checksum` of the integers held exactly in float64 ``r`` (``|r_i| <= bound``)
+    by two float64 dot products with the 15- and 16-bit halves of the coefficients: every
+    product and partial sum is an integer below ``bound * numel * 2^16``, exact in float64
+    (in any summation order) while that is below ``2^53``. Beyond it (or at NaN) the
+    integers are hashed as int64 by :func:`checksum`. Same value either way."""
+    flat = r.reshape(-1)
+    n = flat.numel()
+    if not bound * max(n, 1) < 2.0 ** 37:  # (also false at NaN)
+        return checksum(flat.to(torch.int64))
+    hi, lo = _coefficient_halves(n, r.device)
+    return (int(torch.dot(flat, hi)) * 65536 + int(torch.dot(flat, lo))) % _P
+
+
+def max_abs(t: Tensor) -> float:
+    """``max |t|`` in one pass without a temporary (NaN if any value is NaN)."""
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
 
 
 def choose_eps(distance_estimate: float, bits: int, safety: float = 4.0) -> float:
@@ -122,6 +212,17 @@ def choose_eps(distance_estimate: float, bits: int, safety: float = 4.0) -> floa
     if not (math.isfinite(safety) and safety > 0):
         raise ConfigError(f"lattice safety must be a finite number > 0, got {safety!r}")
     return max(safety * distance_estimate / (2 ** (bits - 1) - 1), 1e-12)
+
+
+def _check_codes(p: LatticePayload) -> None:
+    """A payload (possibly from the network) whose codes are what its bits and numel say."""
+    if not (isinstance(p.bits, int) and 2 <= p.bits <= 32):
+        raise ConfigError(f"lattice payload: bits={p.bits!r}, expected 2..32")
+    want = (_NATIVE.get(p.bits, torch.uint8),
+            p.numel if p.bits in _NATIVE else math.ceil(p.numel * p.bits / 8))
+    if (p.codes.dtype, p.codes.numel()) != want:
+        raise ConfigError(f"lattice payload: {p.codes.numel()} codes of {p.codes.dtype} for "
+                          f"{p.numel} values of {p.bits} bits; expected {want[1]} of {want[0]}")
 
 
 @dataclass(frozen=True)
@@ -177,28 +278,48 @@ class LatticeQuantizer:
             if self.eps is None and reference is None:
                 raise ConfigError("lattice encode needs eps: pass eps=, a fixed eps to "
                                   "LatticeQuantizer, or a reference to choose it from")
-            eps = self.eps_for(_max_abs(x - reference) if reference is not None else 0.0)
+            eps = self.eps_for(max_abs(x - reference) if reference is not None else 0.0)
+        return self.encode_value(x, eps, generator)[0]
+
+    @metered("encoded", lambda out, a, k: out[1].numel())
+    def encode_value(self, x: Tensor, eps: float,
+                     generator: torch.Generator | None = None) -> tuple[LatticePayload, Tensor]:
+        """``(payload, x_hat)`` for step ``eps``: ``x_hat`` is what the payload decodes to
+        against any reference within the decode radius (``x`` itself among them), made
+        from the integers at hand: the sender's own copy without a second pass of decode.
+
+        Cost: float64 throughout (``x / eps`` must be exact to the rounding), in one
+        buffer updated in place, and the residue is the low bits of ``r`` (a cast or a
+        mask, not an integer division; equal to ``r mod q`` in two's complement).
+        """
         # what float32 carries (a host scalar: read back at once)
         wire_eps = float(torch.tensor(eps, dtype=torch.float32, device="cpu"))
         if not (math.isfinite(wire_eps) and wire_eps > 0):
             raise ConfigError(f"lattice eps must be a finite float32 > 0, got {eps!r}")
-        eps, size = wire_eps, _max_abs(x)
+        eps, size = wire_eps, max_abs(x)
         if size / eps >= 2.0 ** 52:  # keep r = x / eps exact in float64 and int64
             raise ConfigError(f"lattice eps={eps:g} is too small for values of size "
                               f"{size:g}; use eps >= {size / 2.0 ** 50:g}")
-        y = x.detach().reshape(-1).to(torch.float64) / eps
-        low = torch.floor(y)
+        flat = x.detach().reshape(-1)
+        y = torch.empty(flat.shape, dtype=torch.float64, device=flat.device)
+        y.copy_(flat).div_(eps)
         u = draw(torch.rand, y.shape, generator=generator, dtype=torch.float64, device=y.device)
-        r = low.to(torch.int64) + (u < (y - low)).to(torch.int64)  # unbiased: E[r] = y
-        z = torch.remainder(r, self.q)
-        if self.bits in _NATIVE:
-            # Store the bit pattern in the signed type of the same width (two's complement).
-            signed = z - self.q * (z >= self.q // 2) if self.bits > 8 else z
-            codes = signed.to(_NATIVE[self.bits])
-        else:
-            codes = pack_bits(z, self.bits)
-        return LatticePayload(codes, eps, checksum(r), self.bits, y.numel(), x.shape, x.dtype)
+        low = torch.floor(y)
+        y.sub_(low)  # the fraction, in [0, 1)
+        r = low.add_(u.lt_(y))  # floor + 1 with probability frac: E[r] = x / eps (exact)
+        check = float_checksum(r, size / eps + 1)
+        codes = self._codes(r.to(torch.int64))
+        x_hat = r.mul_(eps).to(x.dtype).reshape(x.shape)  # r eps, as decode makes it
+        return LatticePayload(codes, eps, check, self.bits, r.numel(), x.shape, x.dtype), x_hat
 
+    def _codes(self, r: Tensor) -> Tensor:
+        """``r mod q`` as sent: the native types hold the low ``bits`` of ``r`` (the bit
+        pattern in the signed type of that width), other widths bit-packed."""
+        if self.bits in _NATIVE:
+            return r.to(_NATIVE[self.bits])  # truncation keeps the low bits
+        return pack_bits(r & (self.q - 1), self.bits)
+
+    @metered("decoded", lambda out, a, k: out[0].numel())
     def decode(self, payload: LatticePayload, reference: Tensor) -> tuple[Tensor, bool]:
         """``(x_hat, ok)``: the residue class point nearest to ``reference`` (the
         receiver's own model), and whether the checksum confirms it is the sent point.
@@ -206,15 +327,24 @@ class LatticeQuantizer:
         if reference.numel() != payload.numel:
             raise ConfigError(f"lattice decode: reference has {reference.numel()} values, "
                               f"the payload {payload.numel}; decode against the same model")
+        _check_codes(payload)
         q, eps = 1 << payload.bits, payload.eps
-        if payload.bits in _NATIVE:
-            z = torch.remainder(payload.codes.to(torch.int64), q)
+        if payload.bits in _NATIVE:  # r mod q: the low bits of the code's pattern
+            z = payload.codes.to(torch.int64).bitwise_and_(q - 1)
         else:
             z = unpack_bits(payload.codes, payload.bits, payload.numel)
-        b = reference.detach().reshape(-1).to(torch.float64) / eps
-        r = torch.round((b - z) / q).to(torch.int64) * q + z
-        ok = checksum(r) == payload.check
-        x_hat = (r.to(torch.float64) * eps).to(payload.dtype).reshape(payload.shape)
+        flat = reference.detach().reshape(-1)
+        b = torch.empty(flat.shape, dtype=torch.float64, device=flat.device)
+        b.copy_(flat).div_(eps).sub_(z).div_(q).round_()  # round((b - z) / q)
+        bound = max_abs(flat) / eps + q + 1  # |r| <= |b| + q / 2 (NaN: not below 2^52)
+        if bound < 2.0 ** 52:  # r = m q + z is exact in float64: no integer pass
+            r = b.mul_(q).add_(z)
+            ok = float_checksum(r, bound) == payload.check
+        else:  # as int64 (wraps like the encoder's integers would, if ever)
+            ri = b.to(torch.int64).mul_(q).add_(z)
+            ok = checksum(ri) == payload.check
+            r = b.copy_(ri)
+        x_hat = r.mul_(eps).to(payload.dtype).reshape(payload.shape)
         return x_hat, ok
 
     def nbytes(self, payload: LatticePayload) -> int:

@@ -24,6 +24,19 @@ Heterogeneity multiplies the step time:
 - ``lognormal``: a factor exp(N(0, sigma^2)) per worker, drawn once (seeded);
 - ``stragglers``: each step is slowed by ``straggler_f`` with probability ``straggler_p``,
   drawn per step from the worker's own seeded stream (so event order never changes it).
+
+Codec time (``compute.codec``). Encoding and decoding messages (quantizers, compressors) is
+work on the critical path of the exchange it serves: the engine counts the elements coded
+between two effects of a program (:mod:`relaxsgd.codec_meter`) and delays the next effect
+(the send, the step) by ``encoded x encode_s + decoded x decode_s``, and delays a handler's
+reply by the handler's own. The per-element costs come from the compute profile (a named
+one's documented figures, or a calibrated file's, measured through the real codec by
+``relaxsgd calibrate``), scaled by ``max(1, wpc)`` and each worker's heterogeneity factor
+like a step. ``codec: auto`` (default) charges it unless ``step_time_s`` is a number: a
+fixed step time states the compute in virtual seconds rather than a machine's, and the
+default job's figures are measured that way (its codec time is not part of them); ``on``
+charges it whatever the step time (a step time measured in a real run, with the profile
+naming the machine), ``off`` never.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from ..errors import ConfigError
 from ..requires import Needs, check_needs
 
 KINDS = ("none", "fixed", "lognormal", "stragglers")
+CODEC = ("auto", "on", "off")
 DEFAULT_PROFILE = "laptop-core"
 
 
@@ -49,6 +63,16 @@ class ComputeProfile:
     flops_per_s: float
     overhead_s: float  # per local step: Python, kernel launches, elementwise, optimizer
     source: str
+    encode_s: float = 1.0e-8  # per element encoded (a quantizer's encode, a compress)
+    decode_s: float = 6.0e-9  # per element decoded
+
+
+# One core of this project's machine (one torch thread), p2p_profile.py section 0: SwarmSGD's
+# 8-bit lattice on the MNIST CNN (455k parameters, 8 tensors), encode with the sender's own
+# copy 4.3 ms, decode 2.6 ms at load ~1 (9.5 and 5.7 ns an element). GPUs: not measured;
+# ~20 float64 passes at a few hundred GB/s sustained, 2e-10 and 1e-10 s an element.
+CPU_CODEC = {"encode_s": 1.0e-8, "decode_s": 6.0e-9}
+GPU_CODEC = {"encode_s": 2.0e-10, "decode_s": 1.0e-10}
 
 
 # Sustained numbers for small models (MLPs, small CNNs, batch 32-128) in eager PyTorch,
@@ -56,22 +80,25 @@ class ComputeProfile:
 PROFILES: dict[str, ComputeProfile] = {p.name: p for p in [
     ComputeProfile("laptop-core", 20e9, 3e-4,
                    "one core of a recent laptop CPU (AVX2, ~3.5 GHz: 112 GFLOP/s fp32 "
-                   "peak); ~20% of peak, the share the 'server-core' measurement gets"),
+                   "peak); ~20% of peak, the share the 'server-core' measurement gets",
+                   **CPU_CODEC),
     ComputeProfile("server-core", 35e9, 2.5e-4,
                    "one core of the AMD EPYC VM this project is developed on, measured "
                    "with --step-time measure (batch 32, one thread): logreg 0.24 ms, "
-                   "MNIST-1D MLP 0.55 ms (14.4 MFLOP), its CNN 2.2 ms (56 MFLOP)"),
+                   "MNIST-1D MLP 0.55 ms (14.4 MFLOP), its CNN 2.2 ms (56 MFLOP)",
+                   **CPU_CODEC),
     ComputeProfile("t4", 2.5e12, 1.0e-3,
                    "NVIDIA T4: 8.1 TFLOP/s fp32 peak (datasheet); ~30% sustained, ~1 ms "
-                   "of launches per eager step (~100 kernels x ~10 us)"),
+                   "of launches per eager step (~100 kernels x ~10 us)", **GPU_CODEC),
     ComputeProfile("v100", 5e12, 6e-4,
-                   "NVIDIA V100 SXM2: 15.7 TFLOP/s fp32 peak (datasheet); ~30% sustained"),
+                   "NVIDIA V100 SXM2: 15.7 TFLOP/s fp32 peak (datasheet); ~30% sustained",
+                   **GPU_CODEC),
     ComputeProfile("a100", 20e12, 5e-4,
                    "NVIDIA A100: 19.5 TFLOP/s fp32, 156 TF32 peak (datasheet); TF32 "
-                   "matmuls at ~13% of the TF32 peak for small layers"),
+                   "matmuls at ~13% of the TF32 peak for small layers", **GPU_CODEC),
     ComputeProfile("h100", 50e12, 4e-4,
                    "NVIDIA H100 SXM: 67 TFLOP/s fp32, 495 TF32 dense peak (datasheet); "
-                   "~10% of TF32 peak for small layers"),
+                   "~10% of TF32 peak for small layers", **GPU_CODEC),
 ]}
 
 
@@ -85,6 +112,7 @@ class ComputeConfig:
     sigma: float = 0.5
     straggler_p: float = 0.05
     straggler_f: float = 5.0
+    codec: str | bool = "auto"  # codec time: auto (unless the step time is fixed), on, off
 
     NEEDS = (Needs("speed_factors", lambda c: c.heterogeneity == "fixed",
                    "compute.heterogeneity=fixed"),
@@ -104,6 +132,11 @@ class ComputeConfig:
         elif st is not None:
             require_float(st, "compute.step_time_s", above=0)
         require_float(self.workers_per_core, "compute.workers_per_core", above=0)
+        if isinstance(self.codec, bool):  # YAML reads on/off as booleans
+            object.__setattr__(self, "codec", "on" if self.codec else "off")
+        if self.codec not in CODEC:
+            raise ConfigError(f"compute.codec must be one of {', '.join(CODEC)} (codec time "
+                              f"charged), got {self.codec!r}")
         if self.heterogeneity not in KINDS:
             raise ConfigError(f"unknown compute.heterogeneity {self.heterogeneity!r}; "
                               f"choose one of: {', '.join(KINDS)}")
@@ -123,6 +156,11 @@ class ComputeConfig:
         st = self.step_time_s
         return float(st) if isinstance(st, (int, float)) else None
 
+    @property
+    def charges_codec(self) -> bool:
+        """Whether codec time is charged (``codec``: auto = unless the step time is fixed)."""
+        return self.codec == "on" or (self.codec == "auto" and self.fixed_step_time is None)
+
 
 def load_profile(name: str) -> tuple[ComputeProfile, dict[str, Any]]:
     """A named profile, or the ``compute`` section of a calibrated profile file (with the
@@ -136,13 +174,16 @@ def load_profile(name: str) -> tuple[ComputeProfile, dict[str, Any]]:
     try:
         prof = ComputeProfile(f"file:{name}", float(sec["flops_per_s"]),
                               float(sec.get("overhead_s", 0.0)),
-                              str(sec.get("source", "calibrated")))
+                              str(sec.get("source", "calibrated")),
+                              float(sec.get("encode_s", CPU_CODEC["encode_s"])),
+                              float(sec.get("decode_s", CPU_CODEC["decode_s"])))
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"compute profile file {name!r} needs compute.flops_per_s (a "
                           "number) as written by 'relaxsgd calibrate'") from None
-    if not (prof.flops_per_s > 0 and prof.overhead_s >= 0):
-        raise ConfigError(f"compute profile file {name!r}: flops_per_s must be > 0 and "
-                          "overhead_s >= 0")
+    if not (prof.flops_per_s > 0 and prof.overhead_s >= 0 and prof.encode_s >= 0
+            and prof.decode_s >= 0):
+        raise ConfigError(f"compute profile file {name!r}: flops_per_s must be > 0, "
+                          "overhead_s, encode_s and decode_s >= 0")
     return prof, sec
 
 
@@ -154,9 +195,14 @@ def profile_step_time(flops_per_sample: float, batch_size: int, prof: ComputePro
 
 
 class ComputeModel:
-    def __init__(self, cfg: ComputeConfig, n: int, seed: int, step_time_s: float) -> None:
+    """Virtual durations: ``duration`` of local steps, ``codec_time`` of coded elements
+    (``codec``: the profile's ``(encode_s, decode_s)`` per element, None: not charged)."""
+
+    def __init__(self, cfg: ComputeConfig, n: int, seed: int, step_time_s: float,
+                 codec: tuple[float, float] | None = None) -> None:
         self.cfg = cfg
         self.step_time = step_time_s
+        self.codec = codec
         self.rngs = [random.Random(seed * 1_000_033 + i) for i in range(n)]
         if cfg.heterogeneity == "fixed":
             f = cfg.speed_factors
@@ -173,6 +219,25 @@ class ComputeModel:
         r, p, f = self.rngs[rank], self.cfg.straggler_p, self.cfg.straggler_f
         slow = sum(1 for _ in range(steps) if r.random() < p)
         return base * (steps + (f - 1) * slow)
+
+    def codec_time(self, rank: int, encoded: int, decoded: int) -> float:
+        """Seconds ``rank`` spends coding that many elements (0 when not charged): the
+        profile's per-element costs, times ``max(1, wpc)`` and the worker's speed factor
+        (stragglers: the codec is not a step, no straggler draw)."""
+        if self.codec is None or not (encoded or decoded):
+            return 0.0
+        enc, dec = self.codec
+        return ((encoded * enc + decoded * dec) * self.factors[rank]
+                * max(1.0, self.cfg.workers_per_core))
+
+
+def codec_costs(cfg: ComputeConfig) -> tuple[float, float] | None:
+    """``(encode_s, decode_s)`` per element from ``cfg``'s profile, or None when
+    ``cfg`` does not charge codec time."""
+    if not cfg.charges_codec:
+        return None
+    prof, _ = load_profile(cfg.profile)
+    return prof.encode_s, prof.decode_s
 
 
 def count_flops(spec: Any, batch_size: int) -> float:

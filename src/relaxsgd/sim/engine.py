@@ -54,6 +54,7 @@ from ..algorithms.base import (
     tensor_nbytes,
 )
 from ..bank import Bank
+from ..codec_meter import metering
 from ..errors import Deadlock, Diverged
 from ..mailbox import Mailbox
 from ..worker import LocalWorker
@@ -177,19 +178,38 @@ class Engine(CheckpointBarrier, ServerNode, PointToPoint):
             coro.proc.stall += self.now - coro.stall_from
             coro.stall_from = None
         while True:
-            try:
-                eff = coro.gen.send(value)
-            except StopIteration as stop:
-                if coro.main:
-                    coro.proc.done = True
-                    coro.proc.finish_time = self.now
-                else:
-                    coro.proc.live_spawns -= 1
-                self._resolve(coro.handle, stop.value)
+            with metering() as work:  # the codecs the program runs before its next effect
+                try:
+                    eff = coro.gen.send(value)
+                except StopIteration as stop:
+                    eff, value = None, stop.value
+            coding = self.compute.codec_time(coro.proc.w.rank, work.encoded, work.decoded)
+            if coding > 0:  # what follows the coding waits for it (compute, not a stall)
+                self.at(self.now + coding, self._go_on, coro, eff, value)
+                return
+            if eff is None:
+                self._end(coro, value)
                 return
             blocked, value = self._dispatch(coro, eff)
             if blocked:
                 return
+
+    def _go_on(self, coro: _Coro, eff: Effect | None, value: Any) -> None:
+        """After a program's codec time: its effect (or its end), then on as usual."""
+        if eff is None:
+            self._end(coro, value)
+            return
+        blocked, value = self._dispatch(coro, eff)
+        if not blocked:
+            self._advance(coro, value)
+
+    def _end(self, coro: _Coro, value: Any) -> None:
+        if coro.main:
+            coro.proc.done = True
+            coro.proc.finish_time = self.now
+        else:
+            coro.proc.live_spawns -= 1
+        self._resolve(coro.handle, value)
 
     def _park(self, coro: _Coro, h: Handle, stall: bool = True) -> tuple[bool, Any]:
         if h.done:

@@ -167,11 +167,17 @@ def load_network_file(path: str) -> NetworkConfig:
                              float(sec.get("jitter", 0.0)), float(sec.get("loss", 0.0)),
                              profile=f"file:{path}", backend=str(sec.get("backend", "gloo")),
                              fits=tuple(sorted(fits)),
-                             overhead_s=float(sec.get("overhead_s", 0.0)))
+                             overhead_s=float(sec.get("overhead_s", 0.0)),
+                             server_latency_s=_maybe_float(sec.get("server_latency_s")),
+                             server_bandwidth_Bps=_maybe_float(sec.get("server_bandwidth_Bps")))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError(f"network profile file {path!r} needs network.latency_s and "
                           "network.bandwidth_Bps (numbers) and collectives as {kind: {n: "
                           "[a, b]}}, as written by 'relaxsgd calibrate'") from None
+
+
+def _maybe_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def network_model_info(cfg: NetworkConfig, n: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..algorithms.base import Algorithm, Deferred, Exchange, Handle, Recv, Reply, Send
+from ..codec_meter import metering
 
 
 class PointToPoint:
@@ -34,6 +35,7 @@ class PointToPoint:
     at: Callable[..., None]
     _resolve: Callable[[Handle, Any], None]
     _count: Callable[[Any, float, int], None]
+    compute: Any
 
     # Exchanges that reach distinct workers at one instant are answered by one
     # Algorithm.on_exchange_batch call (False: one on_exchange call each; the same run)
@@ -88,26 +90,49 @@ class PointToPoint:
         ws, srcs = [q.w for q, *_ in run], [src.w.rank for _, src, *_ in run]
         payloads = [payload for _, _, payload, _ in run]
         many = getattr(self.algo, "on_exchange_batch", None)  # (duck-typed test algorithms)
-        answers = many(ws, srcs, payloads) if many is not None else \
-            [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
+        with metering() as work:
+            answers = many(ws, srcs, payloads) if many is not None else \
+                [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
+        # each handler's share of the batch's codec work: the handlers of one run code
+        # messages of one size (a gossip algorithm's model), so the share is exactly what
+        # each would have metered alone (the one-by-one run's figures)
+        k = len(run)
         for (q, src, _, h), ans in zip(run, answers, strict=True):
-            self._answered(q, src, ans, h)
+            self._answered(q, src, ans, h, work.encoded / k, work.decoded / k)
 
     def _answer(self, q: Any, src: Any, payload: Any, h: Handle) -> None:
-        self._answered(q, src, self.algo.on_exchange(q.w, src.w.rank, payload), h)
+        with metering() as work:
+            ans = self.algo.on_exchange(q.w, src.w.rank, payload)
+        self._answered(q, src, ans, h, work.encoded, work.decoded)
 
-    def _answered(self, q: Any, src: Any, ans: Reply | Deferred, h: Handle) -> None:
+    def _answered(self, q: Any, src: Any, ans: Reply | Deferred, h: Handle,
+                  encoded: float = 0, decoded: float = 0) -> None:
         if isinstance(ans, Deferred):
             fn = ans.fn
             if q.busy_until is not None:
-                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
+                q.deferred.append(lambda: self._coded_reply(q, src, fn, h))
                 return
+            self._coded_reply(q, src, fn, h, encoded, decoded)
+            return
+        self._reply_after(q, src, ans, h, encoded, decoded)
+
+    def _coded_reply(self, q: Any, src: Any, fn: Callable[[Any], Reply], h: Handle,
+                     encoded: float = 0, decoded: float = 0) -> None:
+        """A deferred answer, its codec time with the handler's own."""
+        with metering() as work:
             ans = fn(q.w)
-        self._reply(q, src, ans, h)
+        self._reply_after(q, src, ans, h, encoded + work.encoded, decoded + work.decoded)
+
+    def _reply_after(self, q: Any, src: Any, ans: Reply, h: Handle, encoded: float,
+                     decoded: float) -> None:
+        """The reply leaves once the responder has coded it (its handler's codec time)."""
+        coding = self.compute.codec_time(q.w.rank, encoded, decoded)
+        if coding > 0:
+            self.at(self.now + coding, self._reply, q, src, ans, h)
+        else:
+            self._reply(q, src, ans, h)
 
     def _reply(self, q: Any, src: Any, ans: Reply, h: Handle) -> None:
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)
-
-
