@@ -74,26 +74,33 @@ CASES = {
     "one tensor": {"per_tensor": False, "overlap": True},
     "blocking (one by one)": {"averaging": "blocking"},
     "qsgd (one by one)": {"quantizer": "qsgd"},
+    "codec time charged (one by one)": {},  # compute.codec=on: the engine does not batch
 }
 
 
-def _run(batch: bool, opts: dict, monkeypatch) -> tuple:
+def _run(batch: bool, opts: dict, monkeypatch, codec: str = "auto") -> tuple:
     monkeypatch.setattr(Engine, "batch_exchanges", batch)
     calls = []
     real = swarm_batch._answer_lattice
     monkeypatch.setattr(swarm_batch, "_answer_lattice",
                         lambda *a: calls.append(len(a[1])) or real(*a))
     out = simulate(prepare(tiny(algo="swarm", algo_options=opts, workers=8, steps=16,
-                                network="cloud", train={"momentum": 0.9})))
+                                network="cloud", train={"momentum": 0.9},
+                                compute={"codec": codec})))
     return out, calls
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
-    opts = CASES[case]
-    a, batched = _run(True, opts, monkeypatch)
-    b, single = _run(False, opts, monkeypatch)
-    assert a.engine.exchange_batches > 0 and b.engine.exchange_batches == 0
+    opts, codec = CASES[case], "on" if "codec" in case else "auto"
+    if codec == "on":  # the charge changes the run (and below: the batch does not)
+        with monkeypatch.context() as m:
+            free = _run(True, opts, m)[0].result["final"]["virtual_time_s"]
+    a, batched = _run(True, opts, monkeypatch, codec)
+    b, single = _run(False, opts, monkeypatch, codec)
+    if codec == "on":
+        assert a.result["final"]["virtual_time_s"] != free
+    assert (a.engine.exchange_batches > 0) == (codec != "on") and not b.engine.exchange_batches
     coded = "one by one" not in case
     assert (sum(batched) > 0) == coded and not single  # the batched path did run
     assert torch.equal(a.bank.X, b.bank.X) and torch.equal(a.bank.M, b.bank.M)

@@ -152,7 +152,9 @@ class Engine(CheckpointBarrier, ServerNode, PointToPoint):
         while True:
             while self._q and self._q[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._q)
-                if self.batch_exchanges and fn == self._answer:
+                # (not while codec time is charged: a batch's handlers may code different
+                # amounts, e.g. a fallback chunk, and the charge is per handler)
+                if fn == self._answer and self.batch_exchanges and self.compute.codec is None:
                     self._answer_run(args)
                 else:
                     fn(*args)

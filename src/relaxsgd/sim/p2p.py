@@ -6,6 +6,11 @@ arrival time; an :class:`Exchange` runs the partner's ``Algorithm.on_exchange`` 
 arrival time (a :class:`Deferred` answer waits for the partner's step boundary when it is
 computing) and the reply occupies the partner's link.
 
+Codec time (:mod:`relaxsgd.codec_meter`): a handler's coding delays its reply. Runs that
+charge it are not batched (the engine's loop), since the handlers of a batch may code
+different amounts (a chunk sent in full precision after a failed decode) and the charge is
+per handler.
+
 Batched gossip: exchanges that arrive at the same instant one after the other, at distinct
 workers, are answered by one ``Algorithm.on_exchange_batch`` call, whose contract is to
 equal one ``on_exchange`` call each in order (a handler touches its own worker only). The
@@ -90,15 +95,10 @@ class PointToPoint:
         ws, srcs = [q.w for q, *_ in run], [src.w.rank for _, src, *_ in run]
         payloads = [payload for _, _, payload, _ in run]
         many = getattr(self.algo, "on_exchange_batch", None)  # (duck-typed test algorithms)
-        with metering() as work:
-            answers = many(ws, srcs, payloads) if many is not None else \
-                [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
-        # each handler's share of the batch's codec work: the handlers of one run code
-        # messages of one size (a gossip algorithm's model), so the share is exactly what
-        # each would have metered alone (the one-by-one run's figures)
-        k = len(run)
+        answers = many(ws, srcs, payloads) if many is not None else \
+            [self.algo.on_exchange(*a) for a in zip(ws, srcs, payloads, strict=True)]
         for (q, src, _, h), ans in zip(run, answers, strict=True):
-            self._answered(q, src, ans, h, work.encoded / k, work.decoded / k)
+            self._answered(q, src, ans, h)
 
     def _answer(self, q: Any, src: Any, payload: Any, h: Handle) -> None:
         with metering() as work:
