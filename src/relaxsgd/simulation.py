@@ -28,6 +28,7 @@ from .checkpoint import RESTORE_ERRORS
 from .config import dump_yaml
 from .devices import resolve_device
 from .errors import ConfigError, Diverged, StoppedAtCheckpoint
+from .membership import NotElastic, QuorumLost
 from .metrics import CommStats, Recorder, aggregate_worker_metrics
 from .outputs import models_payload, save_models, shield_interrupts, write_json
 from .progress import Progress
@@ -91,6 +92,7 @@ class Simulation:
         if churn:
             check_churn(prep)
         self.on_eval = on_eval  # e.g. relaxsgd tune's pruning; see run.simulate
+        self.failure: Exception | None = None  # a membership failure (raised after writing)
         # A finished run's bank (and its data set) is freed only by the cyclic garbage
         # collector (vmap closures, generator frames and engine callbacks form cycles),
         # whose thresholds count Python objects, not tensor memory: without this, a
@@ -259,6 +261,8 @@ class Simulation:
             t_run = time.perf_counter() - t_run
         except Diverged as e:
             status, message, vtime = "diverged", str(e), engine.now
+        except (QuorumLost, NotElastic) as e:  # churn: written, then raised (exit 5)
+            status, message, vtime, self.failure = "failed", str(e), engine.now, e
         except StoppedAtCheckpoint as e:
             how = "Ctrl-C" if e.signum == signal.SIGINT else "SIGTERM"
             status, vtime, stopped_at = "interrupted", engine.now, e
@@ -300,6 +304,8 @@ class Simulation:
                     bank.mean_buffers(), list(range(n))))
         if status == "diverged":
             raise DivergedAfterWrite(message, self.out)
+        if status == "failed" and self.failure is not None:
+            raise self.failure
         if stopped_at is not None:
             raise stopped_at
         if status == "interrupted" or held:

@@ -24,7 +24,10 @@ The rules are :mod:`relaxsgd.membership`'s and docs/distributed.md's "Membership
   1/participants; the backend's cost for that many). A worker admitted after the round
   started is a listener: it gets the round's result and contributes nothing. Below
   ``min_quorum`` participants the round waits ``quorum_wait_s`` (newcomers then count as
-  participants), then the run fails with a line naming who is missing.
+  participants), then the run fails with a line naming who is missing. A worker that is
+  back (its rejoin or join requested) counts toward that quorum at once, as torchft's
+  healing replicas do: the round completes with the participants' mean, and the newcomer
+  receives its state at the donor's next safe point, right after the round.
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class ChurnNode:
             self._leave(p, cause)
         else:
             self._admissions.append({"worker": rank, "cause": cause, "step": 0})
+            for key in [k for k, r in self._qrounds.items() if r["waiting"]]:
+                self._try_complete(key)  # a worker back counts toward a waiting quorum
 
     def _leave(self, p: Any, cause: str) -> None:
         assert self.members is not None
@@ -259,7 +264,7 @@ class ChurnNode:
         r = self._qrounds[key]
         if not r["expected"] <= set(r["members"]):
             return
-        if len(r["members"]) < self.min_quorum:
+        if len(r["members"]) + len(self._admissions) < self.min_quorum:
             if not r["waiting"]:
                 r["waiting"] = True
                 self.at(self.now + self.quorum_wait_s, self._quorum_timeout, key, self.now)
@@ -274,7 +279,7 @@ class ChurnNode:
 
     def _quorum_timeout(self, key: tuple[str, int], since: float) -> None:
         r = self._qrounds.get(key)
-        if r is None or len(r["members"]) >= self.min_quorum:
+        if r is None or len(r["members"]) + len(self._admissions) >= self.min_quorum:
             return
         missing = [q.w.rank for q in self.procs if q.w.rank not in r["members"]
                    and q.w.rank in (self.members.used if self.members else ())]
