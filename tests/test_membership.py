@@ -232,3 +232,10 @@ def test_a_lost_quorum_exits_5_after_writing_the_result(tmp_path, capsys) -> Non
     assert code == 5 and err.count("\n") == 1 and "missing [1]" in err, err
     res = json.loads((tmp_path / "o" / "result.json").read_text())
     assert res["status"] == "failed" and res["membership"]["events"][0]["worker"] == 1
+
+
+def test_a_run_whose_workers_all_left_fails_with_one_line(tmp_path) -> None:
+    sim = _sim(tmp_path, "swarm", "worker,event,time\n0,leave,0.01\n1,leave,0.01\n"
+               "2,leave,0.02\n3,leave,0.03\n", steps=20)
+    with pytest.raises(QuorumLost, match=r"every worker left \(the last at t=0.03s\)"):
+        sim.run()

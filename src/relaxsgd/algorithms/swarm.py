@@ -99,14 +99,11 @@ asked at a moment, as by Ctrl-C, can come that much later than in the async sche
 Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
 the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
 
-Membership (issue 20, :mod:`relaxsgd.membership`): ``gossip``: the async schedule draws each
-partner among its LIVE neighbours (``Members()``); an exchange with a partner that left
-meanwhile raises ``PeerUnavailable`` and is skipped (its half of an average may be lost: the
-sum of the models is kept only by the interactions that complete). A (re)joiner takes its
-lowest-id live neighbour's model, optimizer state and ``w.state`` (its published copy, codec
-state) at that neighbour's safe point; a newcomer id has its place in the graph over
-``elastic.max_workers`` nodes. The sequential schedule is ``fixed``: its edge stream is
-fixed by the seed.
+Membership (issue 20): ``gossip``. The async schedule draws each partner among its live
+neighbours (``Members()``); an exchange with one that left meanwhile raises
+``PeerUnavailable`` and is skipped. A (re)joiner copies its lowest-id live neighbour's state
+at that one's safe point; the graph spans ``elastic.max_workers`` ids. The sequential
+schedule is ``fixed`` (its edge stream is fixed by the seed).
 """
 
 from __future__ import annotations

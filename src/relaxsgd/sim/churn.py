@@ -330,6 +330,13 @@ class ChurnNode:
             end = max(end, arrive)
         return end, reply
 
+    def all_gone(self) -> None:
+        """Every worker left and none finished: the run cannot go on (one line)."""
+        last = self.members.events[-1]["time"] if self.members and self.members.events else 0
+        raise QuorumLost(f"every worker left (the last at t={last:g}s) before any finished; "
+                         "a worker comes back only from a live one's state: lower "
+                         "elastic.churn's failure rate or its downtime")
+
     def churn_record(self) -> dict[str, Any] | None:
         """``result.json["membership"]``, or None without churn."""
         return None if self.members is None else self.members.record()

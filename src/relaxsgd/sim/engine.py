@@ -42,16 +42,13 @@ from ..algorithms.base import (
     AllReduce,
     Checkpoint,
     Compute,
-    Deferred,
     Effect,
     Exchange,
     Grad,
     Handle,
     Members,
     Now,
-    PeerUnavailable,
     Recv,
-    Reply,
     Send,
     ServerRound,
     Sleep,
@@ -68,6 +65,7 @@ from .churn import ChurnNode, Failed
 from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
 from .network import Network
+from .p2p import PointToPoint
 from .server import ServerNode
 
 
@@ -115,7 +113,7 @@ class _Proc:
         self.mail.load_inbox(value)
 
 
-class Engine(CheckpointBarrier, ServerNode, ChurnNode):
+class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
     """Runs an algorithm's worker programs over a bank, a network and a compute model."""
 
     def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
@@ -177,6 +175,8 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode):
         stuck = [p for p in self.procs if not p.done and not p.gone]
         if stuck:
             raise Deadlock(self._stuck_message(stuck))
+        if not any(p.done for p in self.procs):
+            self.all_gone()  # churn: every worker left before any finished
         return max(p.finish_time for p in self.procs)
 
     def _start(self, p: _Proc) -> None:
@@ -372,58 +372,3 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode):
         end = self.net.collective(c["t"], lat, tx)
         for r in range(n):
             self.at(end, self._resolve, c["members"][r][1], results[r])
-
-    def _send(self, p: _Proc, eff: Send) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
-        self._count(p, eff.nbytes * tries, tries)
-        h = Handle("send")
-        self.at(left, self._resolve, h, None)
-        self.at(arrive, self._deliver, self.procs[eff.peer], (p.w.rank, eff.tag), eff.payload)
-        return h
-
-    def _deliver(self, q: _Proc, key: Any, payload: Any) -> None:
-        if q.gone:
-            return  # it left: the message is lost with it
-        waiter = q.mail.deliver(key, payload)
-        if waiter is not None:
-            self._resolve(waiter, payload)
-
-    def _recv(self, p: _Proc, eff: Recv) -> Handle:
-        key = (eff.src, eff.tag)
-        h = Handle(f"recv{key}")
-        found, payload = p.mail.take(key)
-        if found:
-            h.done, h.value = True, payload
-        else:
-            p.mail.wait(key, h)
-        return h
-
-    def _exchange(self, p: _Proc, eff: Exchange) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
-        self._count(p, eff.nbytes * tries, tries)
-        h = Handle(f"exchange->{eff.peer}")
-        self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
-        return h
-
-    def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
-        if q.gone:
-            self._resolve(h, Failed(PeerUnavailable(q.w.rank, "it left")))
-            return
-        ans = self.algo.on_exchange(q.w, src.w.rank, payload)
-        if isinstance(ans, Deferred):
-            fn = ans.fn
-            if q.busy_until is not None:
-                q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
-                q.owed.append(h)
-                return
-            ans = fn(q.w)
-        self._reply(q, src, ans, h)
-
-    def _reply(self, q: _Proc, src: _Proc, ans: Reply, h: Handle) -> None:
-        if h in q.owed:
-            q.owed.remove(h)
-        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
-        self._count(q, ans.nbytes * tries, tries)
-        self.at(arrive, self._resolve, h, ans.payload)
-
-
