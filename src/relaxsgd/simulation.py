@@ -87,8 +87,9 @@ class Simulation:
                  on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         cfg, n = prep.cfg, prep.cfg.workers
         self.prep, self.out, self.resume, self.n = prep, out, resume, n
-        churn = cfg.elastic.churn.active
         ids = cfg.elastic.ids(n)  # worker ids: rows of the bank (elastic.max_workers)
+        # elastic: churn, or ids beyond the workers (absent until they join)
+        churn = cfg.elastic.churn.active or ids > n
         if churn:
             check_churn(prep)
         self.on_eval = on_eval  # e.g. relaxsgd tune's pruning; see run.simulate

@@ -160,8 +160,11 @@ class ChurnNode:
             e = queued.pop(0)
             self._admissions.append({"worker": e.worker, "cause": "trace", "step": e.step})
         for a in list(self._admissions):
-            if a["worker"] is None:
-                a["worker"] = self.members.next_new_id() if self.members else None
+            if a["worker"] is None:  # a new id: the lowest never used nor promised
+                taken = {x["worker"] for x in self._admissions} | \
+                    {q.w.rank for q in self.procs if q.arriving}
+                a["worker"] = next((i for i in range(len(self.procs)) if i not in taken
+                                    and self.members and i not in self.members.used), None)
                 if a["worker"] is None:
                     self._admissions.remove(a)  # every id is taken: refused
                     continue

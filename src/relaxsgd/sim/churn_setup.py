@@ -22,15 +22,15 @@ if TYPE_CHECKING:
 def check_churn(prep: Prepared) -> None:
     """ConfigError when ``prep``'s churn cannot run in the simulator."""
     cfg, algo = prep.cfg, prep.algo
-    if algo.membership == "fixed":
+    if algo.membership == "fixed" and cfg.elastic.churn.active:
         why = getattr(algo, "fixed_reason", "it has no elastic support")
         raise ConfigError(f"algorithm {cfg.algo!r} cannot run with elastic.churn (membership "
                           f"'fixed': {why}); choose a gossip or quorum algorithm (relaxsgd "
                           "list algorithms), or leave elastic.churn out")
     if cfg.checkpoint_every is not None:
-        raise ConfigError("checkpoint_every cannot be combined with elastic.churn in the "
-                          "simulator yet (membership state is not checkpointed); leave one "
-                          "of them out")
+        raise ConfigError("checkpoint_every cannot be combined with elastic.churn or "
+                          "elastic.max_workers > workers in the simulator yet (membership "
+                          "state is not checkpointed); leave one of them out")
     if cfg.elastic.churn.trace is not None:
         read_trace(cfg.elastic.churn.trace, cfg.workers, cfg.elastic.ids(cfg.workers))
 
