@@ -87,7 +87,8 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
              and getattr(ALGORITHMS.get(c.algo), "membership", "fixed") == "fixed"]
     if fixed:  # refused before the first run, not after the others (issue 20)
         raise ConfigError(f"{', '.join(fixed)} cannot run with elastic.churn (membership "
-                          "'fixed'; see relaxsgd list); leave them out of --algos")
+                          "'fixed': see docs/distributed.md, Membership); leave them out of "
+                          "--algos")
     return base, configs
 
 

@@ -25,8 +25,8 @@ def check_churn(prep: Prepared) -> None:
     if algo.membership == "fixed" and cfg.elastic.churn.active:
         why = getattr(algo, "fixed_reason", "it has no elastic support")
         raise ConfigError(f"algorithm {cfg.algo!r} cannot run with elastic.churn (membership "
-                          f"'fixed': {why}); choose a gossip or quorum algorithm (relaxsgd "
-                          "list algorithms), or leave elastic.churn out")
+                          f"'fixed': {why}); choose a gossip or quorum algorithm "
+                          "(docs/distributed.md, Membership), or leave elastic.churn out")
     if cfg.checkpoint_every is not None:
         raise ConfigError("checkpoint_every cannot be combined with elastic.churn or "
                           "elastic.max_workers > workers in the simulator yet (membership "
