@@ -275,8 +275,10 @@ class ChurnNode:
         del self._qrounds[key]
         end, value = (self._serve_quorum if key[0] == "server" else self._reduce_quorum)(r)
         self._qdone[key] = (end, value)
+        # keep the results a worker may still ask for as a late listener (a newcomer on
+        # its way counts: it starts from its donor's round counter)
         low = min([q.coll_seq if key[0] == "coll" else q.server_seq
-                   for q in self.procs if not q.gone] or [0])
+                   for q in self.procs if not q.gone or q.arriving] or [0])
         for k in [k for k in self._qdone if k[0] == key[0] and k[1] < low - 1]:
             del self._qdone[k]
 
