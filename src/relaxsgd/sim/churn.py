@@ -267,7 +267,7 @@ class ChurnNode:
         r = self._qrounds[key]
         if not r["expected"] <= set(r["members"]):
             return
-        if len(r["members"]) + len(self._admissions) < self.min_quorum:
+        if len(r["members"]) + self._back() < self.min_quorum:
             if not r["waiting"]:
                 r["waiting"] = True
                 self.at(self.now + self.quorum_wait_s, self._quorum_timeout, key, self.now)
@@ -282,9 +282,14 @@ class ChurnNode:
         for k in [k for k in self._qdone if k[0] == key[0] and k[1] < low - 1]:
             del self._qdone[k]
 
+    def _back(self) -> int:
+        """Workers that are back and wait for their state (they count toward a quorum)."""
+        return sum(1 for a in self._admissions
+                   if a["worker"] is None or self.procs[a["worker"]].gone)
+
     def _quorum_timeout(self, key: tuple[str, int], since: float) -> None:
         r = self._qrounds.get(key)
-        if r is None or len(r["members"]) + len(self._admissions) >= self.min_quorum:
+        if r is None or len(r["members"]) + self._back() >= self.min_quorum:
             return
         missing = [q.w.rank for q in self.procs if q.w.rank not in r["members"]
                    and q.w.rank in (self.members.used if self.members else ())]
