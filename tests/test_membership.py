@@ -153,7 +153,7 @@ def test_churn_draws_depend_on_seed_and_worker_only() -> None:
 
 def test_a_churn_run_is_deterministic_under_its_seed(tmp_path) -> None:
     def events(seed: int) -> list:
-        cfg = simkit.tiny(algo="swarm", steps=40, seed=seed,
+        cfg = simkit.tiny(algo="swarm", steps=24, seed=seed,
                           elastic={"churn": {"mtbf_s": 0.2, "downtime_s": 0.05}})
         out = Simulation(prepare(cfg)).run()
         return [out.result["membership"]["events"], out.result["final"]["loss_mean_model"]]
