@@ -80,6 +80,8 @@ def test_swarm_pairwise_averaging_keeps_the_sum_across_a_leave_and_a_join(tmp_pa
     # and the averaging did happen (the test would pass trivially without interactions)
     assert out.result["final"]["interactions_per_worker"] > 1
     assert out.result["membership"]["events"][1]["event"] == "join"
+    # partners are drawn among the live workers: none asked the departed one
+    assert out.result["final"].get("peer_unavailable", 0) == 0
 
 
 def test_a_rejoined_worker_starts_from_its_donors_state(tmp_path) -> None:

@@ -61,7 +61,8 @@ class PointToPoint:
         return h
 
     def _answer(self, q: Any, src: Any, payload: Any, h: Handle) -> None:
-        if q.gone:
+        if q.gone:  # counted as the distributed runtime counts it
+            src.w.count("peer_unavailable")
             self._resolve(h, Failed(PeerUnavailable(q.w.rank, "it left")))
             return
         ans = self.algo.on_exchange(q.w, src.w.rank, payload)
