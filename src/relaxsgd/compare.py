@@ -83,6 +83,12 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
             build_topology(cfg)  # an unreadable edge list is refused before any run
             graph_checked = True
         configs.append(cfg)
+    fixed = [c.algo for c in configs if c.elastic.churn.active
+             and getattr(ALGORITHMS.get(c.algo), "membership", "fixed") == "fixed"]
+    if fixed:  # refused before the first run, not after the others (issue 20)
+        raise ConfigError(f"{', '.join(fixed)} cannot run with elastic.churn (membership "
+                          "'fixed': see docs/distributed.md, Membership); leave them out of "
+                          "--algos")
     return base, configs
 
 
@@ -119,8 +125,10 @@ def _compare_into(args: argparse.Namespace, out: str, configs: list) -> int:
     if done:  # else a worker of rank > 0 in --runtime dist: rank 0 writes
         _write_summary(done, out, interrupted=False)
     if diverged:
+        word = "diverged or failed" if any(d.endswith(" (failed)") for d in diverged) \
+            else "diverged"
         raise ComparisonDiverged(
-            f"{len(diverged)} of {len(configs)} algorithms diverged ({', '.join(diverged)}; "
+            f"{len(diverged)} of {len(configs)} algorithms {word} ({', '.join(diverged)}; "
             "the warning above says where); the others ran to the end and the summary "
             f"holds every row (outputs in {out})")
     return 0
@@ -136,16 +144,20 @@ class ComparisonDiverged(RelaxError):
 def _run_one(cfg: Any, progress: bool, diverged: list[str]) -> dict[str, Any] | None:
     """One algorithm's run; a divergence is reported, its algorithm added to
     ``diverged`` and its written result returned."""
+    from .membership import NotElastic, QuorumLost
     from .run import run
     from .runs import read_result
 
     try:
         return run(cfg, progress=progress)
     except RelaxError as e:
-        if e.exit_code != Diverged.exit_code:  # anything else stops the comparison
+        # a diverged run or one that lost its quorum under churn is a result; anything
+        # else stops the comparison
+        if e.exit_code != Diverged.exit_code and not isinstance(e, (QuorumLost, NotElastic)):
             raise
         sys.stderr.write(f"relaxsgd: warning: {cfg.algo} {e}; the comparison goes on\n")
-        diverged.append(cfg.algo)
+        diverged.append(cfg.algo if e.exit_code == Diverged.exit_code
+                        else f"{cfg.algo} (failed)")
         return read_result(cfg.out) if os.path.isfile(os.path.join(cfg.out, "result.json")) \
             else None
 
@@ -178,7 +190,9 @@ def _write_summary(done: list, out: str, interrupted: bool) -> None:
         atomic_write(os.path.join(out, "summary.txt"), table + note + "\n")
         runs = [(r["algorithm"], read_rows(folder)) for r, folder in done]
         try:
-            plot_runs(runs, out, title=plot_title(done[0][0]))
+            members = [(r["algorithm"], r["membership"]) for r, _ in done
+                       if isinstance(r.get("membership"), dict)]
+            plot_runs(runs, out, title=plot_title(done[0][0]), members=members or None)
         except Exception as e:  # noqa: BLE001 - a plot must never lose the table
             print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)
     print(table + note)

@@ -12,9 +12,11 @@ Rows = list[dict[str, Any]]
 
 
 def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "",
-              title: str = "") -> list[str]:
+              title: str = "", members: list[tuple[str, Any]] | None = None) -> list[str]:
     """Write accuracy-vs-virtual-time and accuracy-vs-bytes PNGs (atomically); returns
-    their paths. ``title`` names the setting (:func:`plot_title`)."""
+    their paths. ``title`` names the setting (:func:`plot_title`). ``members``: (label,
+    ``result["membership"]``) of the runs with churn; when there is one, also
+    ``live_workers_vs_time.png`` (issue 20)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +49,56 @@ def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "",
         plt.close(fig)
         atomic_write(path, buf.getvalue())
         paths.append(path)
+    if members:
+        paths.append(_plot_members(members, os.path.join(out, prefix +
+                                                         "live_workers_vs_time.png"), title))
     return paths
+
+
+def _plot_members(members: list[tuple[str, Any]], path: str, title: str) -> str:
+    """The number of live workers over virtual time, a step line per run."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for label, m in members:
+        pts = (m or {}).get("live_over_time") or []
+        if pts:
+            ax.step([float(t) for t, _ in pts], [int(k) for _, k in pts], where="post",
+                    label=label)
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("live workers")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def membership_lines(results: list[dict[str, Any]], limit: int = 20) -> list[str]:
+    """Markdown lines of the membership events of the runs that had churn (the first
+    ``limit`` of each, then how many more)."""
+    lines: list[str] = []
+    for r in results:
+        m = r.get("membership")
+        if not isinstance(m, dict):
+            continue
+        ev = [e for e in m.get("events") or [] if isinstance(e, dict)]
+        counts = {k: sum(1 for e in ev if e.get("event") == k)
+                  for k in ("leave", "rejoin", "join")}
+        lines += ["", f"Membership of {r.get('algorithm')}: {counts['leave']} leave(s), "
+                  f"{counts['rejoin']} rejoin(s), {counts['join']} join(s) "
+                  f"(max_workers {m.get('max_workers')}, min_quorum {m.get('min_quorum')}).",
+                  ""]
+        lines += [f"- t={_num(e.get('time'), '.2f')}s worker {e.get('worker')} "
+                  f"{e.get('event')} ({e.get('cause')})" for e in ev[:limit]]
+        if len(ev) > limit:
+            lines.append(f"- ... {len(ev) - limit} more in result.json")
+    return lines
 
 
 def _fmt_bytes(b: float) -> str:
@@ -131,5 +182,6 @@ def markdown_report(results: list[dict[str, Any]], folders: list[str],
     notes = [f"- {r.get('algorithm')}: {r['message']}" for r in results if r.get("message")]
     if notes:
         lines += ["", *notes]
+    lines += membership_lines(results)
     lines += ["", *(f"![{os.path.basename(p)}]({p})" for p in plots)]
     return "\n".join(lines) + "\n"

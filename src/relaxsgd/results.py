@@ -82,6 +82,9 @@ def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
     try:
         from .report import plot_runs, plot_title
 
-        plot_runs([(result["algorithm"], rec.rows)], out, title=plot_title(result))
+        members = [(result["algorithm"], result["membership"])] \
+            if "membership" in result else None
+        plot_runs([(result["algorithm"], rec.rows)], out, title=plot_title(result),
+                  members=members)
     except Exception as e:  # a plot must never lose the measured results
         print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)

@@ -140,10 +140,18 @@ def report(dirs: list[str], out: str | None, markdown: str | None, force: bool) 
         runs.append((res["algorithm"], read_rows(f, required=bool(res["final"]))))
     table = summary_table(results)
     print(table)
+    from .report import membership_lines
+
+    events = membership_lines(results)  # churn: the membership events (issue 20)
+    if events:
+        print("\n".join(events).lstrip("\n"))
     plots: list[str] = []
     if out is not None:
         prepare_out_dir(out, force)
-        plots = plot_runs(runs, out, title=plot_title(results[0], results))
+        members = [(str(r.get("algorithm")), r["membership"]) for r in results
+                   if isinstance(r.get("membership"), dict)]
+        plots = plot_runs(runs, out, title=plot_title(results[0], results),
+                          members=members or None)
         atomic_write(os.path.join(out, "summary.txt"), table + "\n")
         print(f"plots in {out}", file=sys.stderr)
     if markdown is not None:

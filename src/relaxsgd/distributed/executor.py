@@ -53,6 +53,7 @@ from ..algorithms.base import (
     Effect,
     Exchange,
     Grad,
+    Members,
     Now,
     PeerUnavailable,
     Program,
@@ -160,6 +161,8 @@ class Executor(PointToPoint):
             raise TypeError("local computation belongs in the main program, not a spawn")
         if isinstance(eff, Now):
             return self.now()
+        if isinstance(eff, Members):  # a fixed worker set (issue 20: erun's elastic runtime
+            return tuple(range(self.n))  # answers from Transport.live())
         if isinstance(eff, Checkpoint):
             return self._safe_point(eff, ctx)
         if isinstance(eff, Sleep):

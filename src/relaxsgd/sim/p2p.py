@@ -4,7 +4,9 @@ Contract (a mixin of :class:`~relaxsgd.sim.engine.Engine`): a :class:`Send` occu
 sender's link (:meth:`Network.p2p`) and is delivered into the receiver's mailbox at its
 arrival time; an :class:`Exchange` runs the partner's ``Algorithm.on_exchange`` at its
 arrival time (a :class:`Deferred` answer waits for the partner's step boundary when it is
-computing) and the reply occupies the partner's link.
+computing) and the reply occupies the partner's link. Under churn (:mod:`.churn`) a message
+to a worker that left is lost, and an Exchange with it (or whose deferred answer it owed)
+raises ``PeerUnavailable`` in the requester.
 
 Codec time (:mod:`relaxsgd.codec_meter`): a handler's coding delays its reply. Runs that
 charge it are not batched (the engine's loop), since the handlers of a batch may code
@@ -25,8 +27,18 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
-from ..algorithms.base import Algorithm, Deferred, Exchange, Handle, Recv, Reply, Send
+from ..algorithms.base import (
+    Algorithm,
+    Deferred,
+    Exchange,
+    Handle,
+    PeerUnavailable,
+    Recv,
+    Reply,
+    Send,
+)
 from ..codec_meter import metering
+from .churn import Failed
 
 
 class PointToPoint:
@@ -56,6 +68,8 @@ class PointToPoint:
         return h
 
     def _deliver(self, q: Any, key: Any, payload: Any) -> None:
+        if q.gone:
+            return  # it left: the message is lost with it
         waiter = q.mail.deliver(key, payload)
         if waiter is not None:
             self._resolve(waiter, payload)
@@ -88,8 +102,9 @@ class PointToPoint:
                and self._q[0][3][0] not in seen):
             run.append(heapq.heappop(self._q)[3])
             seen.add(run[-1][0])
-        if len(run) == 1:
-            self._answer(*first)
+        if len(run) == 1 or any(q.gone for q, *_ in run):
+            for args in run:  # (one that left fails its requester: one by one)
+                self._answer(*args)
             return
         self.exchange_batches += 1
         ws, srcs = [q.w for q, *_ in run], [src.w.rank for _, src, *_ in run]
@@ -101,6 +116,10 @@ class PointToPoint:
             self._answered(q, src, ans, h)
 
     def _answer(self, q: Any, src: Any, payload: Any, h: Handle) -> None:
+        if q.gone:  # counted as the distributed runtime counts it
+            src.w.count("peer_unavailable")
+            self._resolve(h, Failed(PeerUnavailable(q.w.rank, "it left")))
+            return
         with metering() as work:
             ans = self.algo.on_exchange(q.w, src.w.rank, payload)
         self._answered(q, src, ans, h, work.encoded, work.decoded)
@@ -111,6 +130,7 @@ class PointToPoint:
             fn = ans.fn
             if q.busy_until is not None:
                 q.deferred.append(lambda: self._coded_reply(q, src, fn, h))
+                q.owed.append(h)
                 return
             self._coded_reply(q, src, fn, h, encoded, decoded)
             return
@@ -133,6 +153,8 @@ class PointToPoint:
             self._reply(q, src, ans, h)
 
     def _reply(self, q: Any, src: Any, ans: Reply, h: Handle) -> None:
+        if h in q.owed:
+            q.owed.remove(h)
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)
