@@ -25,9 +25,9 @@ TOPK, TOPK5, PSGD = "topk:ratio=0.01", "topk:ratio=0.05", "powersgd:rank=2"
 RUNS: list[tuple[str, dict[str, Any]]] = [
     ("localsgd", {}),
     ("swarm", {}),
-    ("olco3", {}),  # the default job's: top-k 5% through the parameter server, p = 4, s = 1
+    ("olco3", {"compressor": TOPK5}),  # the default job's until the tune: p = 4, s = 1
     ("olco3", {"compressor": TOPK5, "s": 0}),
-    ("olco3", {"compressor": "topk:ratio=0.1"}),
+    ("olco3", {}),  # the default job's: top-k 10% through the parameter server, p = 4, s = 1
     ("olco3", {"compressor": TOPK}),  # the module's default: top-k 1%, ps, p = 4, s = 1
     ("olco3", {"compressor": TOPK, "s": 0}),
     ("olco3", {"compressor": TOPK, "p": 2}),

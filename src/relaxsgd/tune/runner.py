@@ -167,11 +167,12 @@ class ProgressLine:
         best = self._best(studies)
         if best:
             line += f" | best {best}"
+        news = line  # not on a terminal (a log): a line when a trial ends, not every tick
         line += f" | {_dur(time.time() - self.t0)} elapsed{self._left(trials)}"
-        if line != self.last:
+        if (line if self.tty else news) != self.last:
             sys.stderr.write(("\r\033[K" if self.tty else "") + line + ("" if self.tty else "\n"))
             sys.stderr.flush()
-            self.last = line
+            self.last = line if self.tty else news
 
     def close(self) -> None:
         if not self.quiet and self.tty and self.last:
