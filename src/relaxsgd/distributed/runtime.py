@@ -49,6 +49,7 @@ from .auth import listen_host
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
+from .membership import member_registry
 from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
@@ -189,7 +190,8 @@ class _Job:
         # evaluator, on rank 0) move them where they are used
         self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
                             max_frame=opts.max_frame(model_bytes),
-                            peer_timeout_s=opts.peer_timeout_s)
+                            peer_timeout_s=opts.peer_timeout_s,
+                            on_demand=opts.connect == "demand")
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
         self.done_from: set[int] = set()
@@ -255,7 +257,8 @@ class _Job:
                 self.evaluator.on_row = self._running
         if ck is not None:
             saving.resume_job(self, store, *ck)
-        self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s)
+        self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
+                      registry=member_registry(store, self.opts))
         self.clock["built"] = time.perf_counter()
         try:
             dist.barrier()
