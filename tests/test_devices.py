@@ -39,7 +39,7 @@ NO_DEVICE_ARG = {"from_numpy", "frombuffer"}  # always on the CPU
 HOST_SIDE = {
     ("bank.py", "Bank.__init__"): "loss_sum: a metrics accumulator the host reads",
     ("devices.py", "to_host"): "the pinned host copy of a CUDA tensor, for the wire",
-    ("quantize/lattice.py", "LatticeQuantizer.encode"): "eps as float32: a host scalar",
+    ("quantize/lattice.py", "LatticeQuantizer.encode_value"): "eps as float32: a host scalar",
     ("quantize/lattice_rows.py", "wire_eps"): "eps as float32: host scalars, read back at once",
     ("distributed/wire.py", "*"): "the wire format's framing works in host memory; the "
                                   "executor/p2p boundary copies to and from the device",

@@ -84,9 +84,9 @@ def test_plots_are_titled_with_task_workers_and_network(runs, monkeypatch, tmp_p
 
     real = report.plot_runs
 
-    def spy(runs_, out, prefix="", title=""):
+    def spy(runs_, out, prefix="", title="", **kw):
         titles.append(title)
-        return real(runs_, out, prefix, title)
+        return real(runs_, out, prefix, title, **kw)
 
     monkeypatch.setattr(report, "plot_runs", spy)
     assert main(["run", "--algo", "allreduce", *QUICK, "--out", str(tmp_path / "t")]) == 0
