@@ -241,3 +241,24 @@ def test_a_run_whose_workers_all_left_fails_with_one_line(tmp_path) -> None:
                "2,leave,0.02\n3,leave,0.03\n", steps=20)
     with pytest.raises(QuorumLost, match=r"every worker left \(the last at t=0.03s\)"):
         sim.run()
+
+
+def test_compare_and_report_show_the_membership(tmp_path, capsys) -> None:
+    import json
+
+    from relaxsgd.cli import main
+
+    (tmp_path / "t.csv").write_text("worker,event,step\n1,leave,2\n1,rejoin,4\n")
+    out = tmp_path / "c"
+    assert main(["compare", "--algos", "localsgd,swarm", "--task", "logreg", "--workers", "3",
+                 "--steps", "8", "-q", "--step-time", "0.01", "--set", "localsgd.p=2",
+                 "--set", f"elastic.churn.trace={tmp_path / 't.csv'}",
+                 "--out", str(out)]) == 0
+    for a in ("localsgd", "swarm"):
+        res = json.loads((out / a / "result.json").read_text())
+        assert [e["event"] for e in res["membership"]["events"]] == ["leave", "rejoin"], a
+    assert (out / "live_workers_vs_time.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["report", str(out / "localsgd")]) == 0
+    assert "worker 1 leave (trace)" in capsys.readouterr().out
+    assert "live_workers" in (out / "swarm" / "metrics.csv").read_text().splitlines()[0]

@@ -192,7 +192,8 @@ def _write_summary(done: list, out: str, interrupted: bool) -> None:
         try:
             members = [(r["algorithm"], r["membership"]) for r, _ in done
                        if isinstance(r.get("membership"), dict)]
-            plot_runs(runs, out, title=plot_title(done[0][0]), members=members or None)
+            plot_runs(runs, out, title=plot_title(done[0][0]),
+                      **({"members": members} if members else {}))
         except Exception as e:  # noqa: BLE001 - a plot must never lose the table
             print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)
     print(table + note)

@@ -101,16 +101,6 @@ class Membership:
                 "events": [dict(e) for e in self.events],
                 "live_over_time": [list(x) for x in self.live_over_time]}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"live": sorted(self.live), "used": sorted(self.used),
-                "events": [dict(e) for e in self.events],
-                "live_over_time": [list(x) for x in self.live_over_time]}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.live, self.used = set(s["live"]), set(s["used"])
-        self.events = [dict(e) for e in s["events"]]
-        self.live_over_time = [list(x) for x in s["live_over_time"]]
-
 
 def donor_for(live: Iterable[int], joiner: int, neighbors: Sequence[int] | None = None) -> int:
     """Who hands its state to ``joiner``: its lowest-id live graph neighbour (gossip, when
@@ -167,7 +157,3 @@ class ChurnDraws:
         if self.mtbf_s is None:
             return None
         return up_since + self._rng(worker).expovariate(1.0 / self.mtbf_s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {str(k): list(r.getstate()[1]) + [r.getstate()[0]]
-                for k, r in self._rngs.items()}

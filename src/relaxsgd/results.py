@@ -82,9 +82,9 @@ def write_result(out: str, result: dict[str, Any], rec: Recorder) -> None:
     try:
         from .report import plot_runs, plot_title
 
-        members = [(result["algorithm"], result["membership"])] \
-            if "membership" in result else None
-        plot_runs([(result["algorithm"], rec.rows)], out, title=plot_title(result),
-                  members=members)
+        # the membership plot only for a run with churn (the call is as before otherwise)
+        more = {"members": [(result["algorithm"], result["membership"])]} \
+            if "membership" in result else {}
+        plot_runs([(result["algorithm"], rec.rows)], out, title=plot_title(result), **more)
     except Exception as e:  # a plot must never lose the measured results
         print(f"relaxsgd: warning: plots not written: {e}", file=sys.stderr)

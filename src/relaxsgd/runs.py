@@ -151,7 +151,7 @@ def report(dirs: list[str], out: str | None, markdown: str | None, force: bool) 
         members = [(str(r.get("algorithm")), r["membership"]) for r in results
                    if isinstance(r.get("membership"), dict)]
         plots = plot_runs(runs, out, title=plot_title(results[0], results),
-                          members=members or None)
+                          **({"members": members} if members else {}))
         atomic_write(os.path.join(out, "summary.txt"), table + "\n")
         print(f"plots in {out}", file=sys.stderr)
     if markdown is not None:

@@ -32,8 +32,9 @@ is always read live, at the request's arrival).
 
 Membership (issue 20, :mod:`relaxsgd.membership`): ``gossip``: each averaging partner is
 drawn among the LIVE targets (``Members()``); an exchange with a partner that left raises
-``PeerUnavailable`` and the step goes on without the average. A (re)joiner takes its lowest-
-id live neighbour's model and state at that neighbour's safe point.
+``PeerUnavailable`` and the step goes on without the average. A (re)joiner takes the lowest
+live id's model and state at that worker's safe point (its pending averages, in ``w.state``,
+come with it).
 """
 
 from __future__ import annotations
