@@ -74,11 +74,14 @@ CASES = {
     "one tensor": {"per_tensor": False, "overlap": True},
     "blocking (one by one)": {"averaging": "blocking"},
     "qsgd (one by one)": {"quantizer": "qsgd"},
+    "two rows a call": {},  # CPU_COORDS set to 2 models: several calls, some of one row
 }
 
 
-def _run(batch: bool, opts: dict, monkeypatch) -> tuple:
+def _run(batch: bool, opts: dict, monkeypatch, coords: int | None = None) -> tuple:
     monkeypatch.setattr(Engine, "batch_exchanges", batch)
+    if coords is not None:
+        monkeypatch.setattr(swarm_batch, "CPU_COORDS", coords)
     calls = []
     real = swarm_batch._answer_lattice
     monkeypatch.setattr(swarm_batch, "_answer_lattice",
@@ -91,8 +94,11 @@ def _run(batch: bool, opts: dict, monkeypatch) -> tuple:
 @pytest.mark.parametrize("case", list(CASES))
 def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
     opts = CASES[case]
-    a, batched = _run(True, opts, monkeypatch)
+    coords = 2 * 36 if case == "two rows a call" else None  # tiny's logreg: d = 8 * 4 + 4
+    a, batched = _run(True, opts, monkeypatch, coords)
     b, single = _run(False, opts, monkeypatch)
+    if coords:
+        assert set(batched) == {2}
     assert a.engine.exchange_batches > 0 and b.engine.exchange_batches == 0
     coded = "one by one" not in case
     assert (sum(batched) > 0) == coded and not single  # the batched path did run
