@@ -127,3 +127,17 @@ def test_adpsgd_answers_in_groups_equal_one_by_one(monkeypatch) -> None:
                                           network="cloud"))))
     assert outs[0].engine.exchange_batches > 0
     assert torch.equal(outs[0].bank.X, outs[1].bank.X)
+
+
+@pytest.mark.parametrize("name", ["complete", "ring", "torus", "hypercube", "random-regular",
+                                  "exponential"])
+def test_neighbour_lists_equal_the_union_of_the_edges(name, monkeypatch) -> None:
+    # a static undirected graph reads its adjacency (fast); the union of the edges of every
+    # step of the period is the definition
+    from relaxsgd.algorithms import swarm_state
+    from relaxsgd.topology import base, make_topology
+    topo = make_topology(name, 16, seed=3)
+    fast = swarm_state.undirected_neighbors(topo, 16)
+    monkeypatch.setattr(swarm_state, "UndirectedGraph", type(None))  # the edge loop
+    assert fast == swarm_state.undirected_neighbors(topo, 16)
+    assert isinstance(topo, base.UndirectedGraph) == (name != "exponential")
