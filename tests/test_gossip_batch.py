@@ -75,11 +75,15 @@ CASES = {
     "blocking (one by one)": {"averaging": "blocking"},
     "qsgd (one by one)": {"quantizer": "qsgd"},
     "codec time charged (one by one)": {},  # compute.codec=on: the engine does not batch
+    "two rows a call": {},  # CPU_COORDS set to 2 models: several calls, some of one row
 }
 
 
-def _run(batch: bool, opts: dict, monkeypatch, codec: str = "auto") -> tuple:
+def _run(batch: bool, opts: dict, monkeypatch, codec: str = "auto",
+         coords: int | None = None) -> tuple:
     monkeypatch.setattr(Engine, "batch_exchanges", batch)
+    if coords is not None:
+        monkeypatch.setattr(swarm_batch, "CPU_COORDS", coords)
     calls = []
     real = swarm_batch._answer_lattice
     monkeypatch.setattr(swarm_batch, "_answer_lattice",
@@ -93,13 +97,16 @@ def _run(batch: bool, opts: dict, monkeypatch, codec: str = "auto") -> tuple:
 @pytest.mark.parametrize("case", list(CASES))
 def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
     opts, codec = CASES[case], "on" if "codec" in case else "auto"
+    coords = 2 * 36 if case == "two rows a call" else None  # tiny's logreg: d = 8 * 4 + 4
     if codec == "on":  # the charge changes the run (and below: the batch does not)
         with monkeypatch.context() as m:
             free = _run(True, opts, m)[0].result["final"]["virtual_time_s"]
-    a, batched = _run(True, opts, monkeypatch, codec)
+    a, batched = _run(True, opts, monkeypatch, codec, coords)
     b, single = _run(False, opts, monkeypatch, codec)
     if codec == "on":
         assert a.result["final"]["virtual_time_s"] != free
+    if coords:
+        assert set(batched) == {2}
     assert (a.engine.exchange_batches > 0) == (codec != "on") and not b.engine.exchange_batches
     coded = "one by one" not in case
     assert (sum(batched) > 0) == coded and not single  # the batched path did run
@@ -128,3 +135,17 @@ def test_adpsgd_answers_in_groups_equal_one_by_one(monkeypatch) -> None:
                                           network="cloud"))))
     assert outs[0].engine.exchange_batches > 0
     assert torch.equal(outs[0].bank.X, outs[1].bank.X)
+
+
+@pytest.mark.parametrize("name", ["complete", "ring", "torus", "hypercube", "random-regular",
+                                  "exponential"])
+def test_neighbour_lists_equal_the_union_of_the_edges(name, monkeypatch) -> None:
+    # a static undirected graph reads its adjacency (fast); the union of the edges of every
+    # step of the period is the definition
+    from relaxsgd.algorithms import swarm_state
+    from relaxsgd.topology import base, make_topology
+    topo = make_topology(name, 16, seed=3)
+    fast = swarm_state.undirected_neighbors(topo, 16)
+    monkeypatch.setattr(swarm_state, "UndirectedGraph", type(None))  # the edge loop
+    assert fast == swarm_state.undirected_neighbors(topo, 16)
+    assert isinstance(topo, base.UndirectedGraph) == (name != "exponential")

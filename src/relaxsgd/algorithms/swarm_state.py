@@ -18,6 +18,7 @@ import numpy as np
 from torch import Tensor
 
 from .. import salts
+from ..topology.base import UndirectedGraph
 from .base import Worker
 
 Plan = list[tuple[int, int, int, bool]]
@@ -26,6 +27,11 @@ Plan = list[tuple[int, int, int, bool]]
 def undirected_neighbors(topology: Any, n: int) -> list[list[int]]:
     """Neighbour lists of the union of the topology's edges over one period (a
     time-varying or directed graph becomes the undirected graph of all its links)."""
+    if (isinstance(topology, UndirectedGraph) and getattr(topology, "period", 1) == 1
+            and topology.n == n):
+        # a static undirected graph's adjacency is that union already; rebuilding it from
+        # n^2/2 edge tuples took 15 s of a 35 s run at 1,024 workers on the complete graph
+        return [[j for j in topology.neighbors(i) if j != i] for i in range(n)]
     adj: list[set[int]] = [set() for _ in range(n)]
     for s in range(getattr(topology, "period", 1)):
         for a, b in topology.edges(s):
