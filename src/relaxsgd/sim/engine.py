@@ -8,8 +8,10 @@ Local computation (:class:`Compute`, :class:`Grad`) is done eagerly, at the virt
 it starts: requests that fall at the same time are flushed together, once all events of
 that instant are processed, so that the bank can batch them (vmap). The worker is busy
 until ``start + duration``; actions that handlers defer to its "next step boundary" run
-then. Evaluation hooks run between instants, after all events at the current time and
-before that instant's computations are flushed.
+then. Codec work a program or a handler does (:mod:`relaxsgd.codec_meter`) delays what
+follows it: the program's next effect, the handler's reply. Evaluation hooks run between
+instants, after all events at the current time and before that instant's computations
+are flushed.
 
 Checkpoints (the rule is in :mod:`relaxsgd.algorithms.base`). A :class:`Checkpoint` effect
 is a safe point; when a checkpoint is due there (``ckpt_at`` reached), the worker waits for
