@@ -8,9 +8,11 @@ Local computation (:class:`Compute`, :class:`Grad`) is done eagerly, at the virt
 it starts: requests that fall at the same time are flushed together, once all events of
 that instant are processed, so that the bank can batch them (vmap). The worker is busy
 until ``start + duration``; actions that handlers defer to its "next step boundary" run
-then. Evaluation hooks run between instants, after all events at the current time and
-before that instant's computations are flushed. Exchanges that arrive together at distinct
-workers are answered by one batched handler call (:mod:`.p2p`), with the same result.
+then. Codec work a program or a handler does (:mod:`relaxsgd.codec_meter`) delays what
+follows it: the program's next effect, the handler's reply. Evaluation hooks run between
+instants, after all events at the current time and before that instant's computations
+are flushed. Exchanges that arrive together at distinct workers are answered by one
+batched handler call (:mod:`.p2p`), with the same result (not while codec time is charged).
 
 Checkpoints (the rule is in :mod:`relaxsgd.algorithms.base`). A :class:`Checkpoint` effect
 is a safe point; when a checkpoint is due there (``ckpt_at`` reached), the worker waits for
