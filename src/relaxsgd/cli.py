@@ -17,6 +17,15 @@ from typing import Any
 
 from .compare import DEFAULT_COMPARE
 from .errors import ConfigError, RelaxError, StoppedAtCheckpoint
+from .jobargs import (
+    CREATED,
+    DIST_JOB,
+    STARTED,
+    config_dict,
+    drop_empty_created,
+    is_writer,
+    output_folder,
+)
 
 __all__ = ["DEFAULT_COMPARE", "build_parser", "config_dict", "main"]
 
@@ -126,120 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_dict(args: argparse.Namespace, algo: str | None) -> dict[str, Any]:
-    """The raw config dict: the file (or, without one, the default job), flags, --set."""
-    from .config import apply_set, check_types, load_yaml
-    from .run import algorithm_options, task_options
-
-    if args.steps is not None and args.epochs is not None:
-        raise ConfigError("give --steps (local steps per worker) or --epochs (passes over "
-                          "the training set), not both")
-    d: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    _drop_used_out(d, args)
-    flags = {"algo": algo, "task": args.task, "workers": args.workers,
-             "topology": args.topology, "network": args.network, "steps": args.steps,
-             "epochs": args.epochs, "split": args.split, "seed": args.seed,
-             "data_dir": args.data_dir, "runtime": args.runtime, "evals": args.evals,
-             "out": args.out, "checkpoint_every": args.checkpoint_every,
-             "device": args.device}
-    for k, v in flags.items():
-        if v is not None:
-            d[k] = v
-    if args.steps is not None:
-        d.pop("epochs", None)
-    if args.epochs is not None:
-        d.pop("steps", None)
-    if not args.config:
-        from .defaults import algorithm_options as job_options
-        from .defaults import fill_defaults
-
-        d = fill_defaults(d)
-        d["algo_options"] = {**job_options(d.get("algo") or "localsgd"),
-                             **(d.get("algo_options") or {})}
-    check_types(d)  # before any name is looked up
-    train = d.setdefault("train", {}) or {}
-    d["train"] = train
-    if args.batch_size is not None:
-        train["batch_size"] = args.batch_size
-    if args.lr is not None:
-        train["lr"] = args.lr
-    if args.step_time is not None:
-        d["compute"] = {**(d.get("compute") or {}),
-                        "step_time_s": _step_time_flag(args.step_time)}
-    if args.compute is not None:
-        d["compute"] = {**(d.get("compute") or {}), "profile": args.compute}
-        if args.step_time is None:
-            # --compute names the device: its step time, not a fixed one from the default
-            # job or the config file
-            d["compute"].pop("step_time_s", None)
-    names = {"algo": algorithm_options(d.get("algo", "localsgd")),
-             "task": task_options(d.get("task", "mnist1d"))}
-    for item in args.set:
-        apply_set(d, item, names)
-    return d
-
-
-def _step_time_flag(text: str) -> float | str:
-    """``--step-time``: a number of seconds, or 'measure' (checked by ComputeConfig)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _drop_used_out(d: dict[str, Any], args: argparse.Namespace) -> None:
-    """A config file's ``out:`` never sends a new run into a folder that holds one (a run's
-    own config.yaml fed back, say): without --out/--force it is dropped, with a note."""
-    out = d.get("out")
-    if out is None or args.out is not None or args.force:
-        return
-    if isinstance(out, str) and os.path.isdir(out) and os.listdir(out):
-        sys.stderr.write(f"relaxsgd: note: the config's out: {out!r} already holds a run; "
-                         "writing to a new folder (give --out, or --force to reuse it)\n")
-        d.pop("out")
-
-
-def _is_writer() -> bool:
-    """True unless this is a worker of rank > 0 of --runtime dist (rank 0 writes)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def output_folder(args: argparse.Namespace, cfg: Any) -> str:
-    """The run's output folder, checked (and cleaned with --force) before anything runs."""
-    from .outputs import prepare_out_dir
-    from .run import default_out_dir
-
-    out = cfg.out or default_out_dir(cfg)
-    if cfg.runtime == "dist":
-        _DIST_JOB.append(True)
-    if _is_writer():
-        if not os.path.exists(out):
-            _CREATED.append(out)
-        prepare_out_dir(out, args.force)
-        _STARTED.append(out)
-    return out
-
-
-_CREATED: list[str] = []  # output folders this process made (removed if refused, empty)
-
-
-def _drop_empty_created() -> None:
-    """A run refused after its folder was made leaves no folder (if nothing is in it)."""
-    import contextlib
-
-    for folder in _CREATED:
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-
-
-_STARTED: list[str] = []  # output folders this process has started (for the Ctrl-C line)
-_DIST_JOB: list[bool] = []  # this process is a worker of a --runtime dist job
-
-
 def _tell_the_job(args: Any, e: BaseException) -> None:
     """A worker of a --runtime dist job that fails before its run starts tells the others
     (through the rendezvous store), so that they stop at once naming it."""
-    if _DIST_JOB or getattr(args, "runtime", None) == "dist":
+    if DIST_JOB or getattr(args, "runtime", None) == "dist":
         from .distributed.rendezvous import announce
 
         announce(e)
@@ -266,7 +165,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     args.runtime = "dist"
     cfg = from_dict(config_dict(args, args.algo))
     become(claim(args.address, cfg))  # (its id claimed: from here a dist worker)
-    _DIST_JOB.append(True)
+    DIST_JOB.append(True)
     return cmd_run(args)
 
 
@@ -281,7 +180,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"{folder!r} is not a run folder (it has no config.yaml); give "
                           "the folder a run wrote")
     with contextlib.ExitStack() as held:
-        if _is_writer():  # before the status is read: a second resume is refused here
+        if is_writer():  # before the status is read: a second resume is refused here
             held.enter_context(RunLock(folder))
         status = _resume_locked(args, folder, path)
     return status
@@ -301,9 +200,9 @@ def _resume_locked(args: argparse.Namespace, folder: str, path: str) -> int:
         raise ConfigError(f"the run in {folder!r} already completed; nothing to resume "
                           f"(start a new one with 'relaxsgd run --config {path}')")
     cfg = from_dict({**load_yaml(path), "out": folder})
-    _STARTED.append(folder)
+    STARTED.append(folder)
     result = run(cfg, progress=not args.quiet, resume=True)
-    if result is not None and _is_writer():
+    if result is not None and is_writer():
         print(summary_table([result]))
         print(f"outputs in {folder}")
     return 0
@@ -381,8 +280,8 @@ def _one_line(message: str, limit: int = 2000) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _STARTED.clear()
-    _CREATED.clear()
+    STARTED.clear()
+    CREATED.clear()
     args = None
     try:
         parser = build_parser()
@@ -413,13 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_list()
     except RelaxError as e:
         if e.exit_code == 2:
-            _drop_empty_created()
+            drop_empty_created()
         sys.stderr.write(f"relaxsgd: error: {_one_line(str(e))}\n")
         sys.stderr.flush()
         _tell_the_job(args, e)
         return e.exit_code
     except KeyboardInterrupt as e:
-        where = (f"; what was measured so far is in {_STARTED[-1]}" if _STARTED
+        where = (f"; what was measured so far is in {STARTED[-1]}" if STARTED
                  else " before anything was written")
         if isinstance(e, StoppedAtCheckpoint):  # Ctrl-C or SIGTERM, with a checkpoint
             sys.stderr.write(f"relaxsgd: interrupted{where}; {e.note}\n")

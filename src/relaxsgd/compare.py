@@ -58,9 +58,9 @@ def _per_algorithm_sets(items: list[str], algos: list[str]
 def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str, Any], list]:
     """The shared config dict and one checked RunConfig per algorithm (``out`` unset)."""
     from .algorithms import ALGORITHMS
-    from .cli import config_dict
     from .config import _typed, from_dict, parse_value
     from .defaults import algorithm_options
+    from .jobargs import config_dict
     from .run import build_topology
 
     shared, per = _per_algorithm_sets(args.set, algos)
@@ -93,16 +93,16 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
 
 
 def compare(args: argparse.Namespace) -> int:
-    from .cli import output_folder
     from .config import from_dict
+    from .jobargs import output_folder
 
     algos = parse_algos(args.algos)
     base, configs = build_configs(args, algos)
     out = output_folder(args, from_dict({**base, "algo": "compare", "algo_options": {}}))
-    from .cli import _is_writer
+    from .jobargs import is_writer
     from .runlock import RunLock
 
-    with RunLock(out) if _is_writer() else contextlib.nullcontext():
+    with RunLock(out) if is_writer() else contextlib.nullcontext():
         return _compare_into(args, out, configs)
 
 

@@ -39,7 +39,7 @@ def _fixed_keys(items: list[str], algo: str, lr_flag: bool) -> set[str]:
 
 
 def _job(args: argparse.Namespace, algo: str, sets: list[str]) -> dict[str, Any]:
-    from ..cli import config_dict
+    from ..jobargs import config_dict
     from .cli import job_args
 
     d = config_dict(job_args(args, sets), algo)
