@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from .checks import require_at_most, require_float, require_int
+from .elastic_config import ElasticConfig, elastic_from_dict
 from .errors import ConfigError, shown
 from .sim.compute import ComputeConfig
 from .training import TrainConfig
@@ -101,6 +102,7 @@ class RunConfig:
     data_dir: str | None = None
     checkpoint_every: int | str | None = None  # local steps, or "<x>min" (checkpoint.py)
     out: str | None = None
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)  # elastic_config.py
 
     def __post_init__(self) -> None:
         require_int(self.workers, "workers", at_least=1)
@@ -137,6 +139,7 @@ class RunConfig:
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
         check_split_options(self.split, self.split_options)
+        self.elastic.check(self.workers)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise ConfigError(f"data directory {self.data_dir!r} does not exist; give the "
                               "folder that holds the data set's files")
@@ -240,10 +243,11 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             train_d = {**getattr(TASKS.module(task), "TRAIN_DEFAULTS", {}), **train_d}
     train = _typed(TrainConfig, train_d, "train")
     compute = _typed(ComputeConfig, d.pop("compute", None) or {}, "compute")
+    elastic = elastic_from_dict(d.pop("elastic", None))
     for sec in SECTIONS.values():
         d[sec] = dict(d.get(sec) or {})
     cfg = _typed(RunConfig, d, "run")
-    return dataclasses.replace(cfg, train=train, compute=compute)
+    return dataclasses.replace(cfg, train=train, compute=compute, elastic=elastic)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -307,9 +311,18 @@ def apply_set(d: dict[str, Any], item: str, option_names: dict[str, list[str]]) 
             section(SECTIONS[head])[rest] = value
         elif head in ("train", "compute"):
             section(head)[rest] = value
+        elif head == "elastic":  # elastic.min_quorum=2, elastic.churn.mtbf_s=600
+            sub, dot2, leaf = rest.partition(".")
+            section(head)
+            if dot2 and sub == "churn":
+                if d[head].get("churn") is None:
+                    d[head]["churn"] = {}
+                d[head]["churn"][leaf] = value
+            else:
+                d[head][rest] = value
         else:
             raise ConfigError(f"unknown --set section {head!r}; choose one of: "
-                              f"{', '.join([*SECTIONS, 'train', 'compute'])}")
+                              f"{', '.join([*SECTIONS, 'train', 'compute', 'elastic'])}")
         return
     if key in option_names.get("algo", []):
         section("algo_options")[key] = value

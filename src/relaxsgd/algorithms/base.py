@@ -39,6 +39,9 @@ Effects (``result = yield Effect(...)``):
   main one; returns a :class:`Handle` at once; ``yield Wait(handle)`` gives its return value.
 - :class:`Wait` ``(handle or list of handles)``: the result(s); time spent here is stall.
 - :class:`Sleep` ``(seconds)``, :class:`Now` ``()``.
+- :class:`Members` ``()``: the sorted tuple of live worker ids as this worker knows them
+  now (costs nothing, like ``Now``); without churn always ``(0, ..., n-1)``. Gossip
+  algorithms draw their partners from it (see "Membership" below).
 - :class:`Checkpoint` ``(position)``: a safe point (see "Checkpoints" below).
 
 Every communication effect takes ``blocking``; ``blocking=False`` returns a
@@ -68,7 +71,20 @@ and asynchronous algorithms; a schedule of numbered interactions uses its number
 In the simulator the resumed run equals, bit for bit, the run that was never interrupted
 with the same checkpoint schedule (a conformance test checks every algorithm).
 
-Faults (distributed runtime only; the simulator never raises it): when the peer of an
+Membership (issue 20; :mod:`relaxsgd.membership`, docs/distributed.md "Membership").
+Workers may leave (killed, frozen past the peer timeout), rejoin (a restarted worker keeps
+its id) and join (a new id, up to ``elastic.max_workers``). ``Algorithm.membership`` says
+how an algorithm copes: ``"gossip"`` (partners among ``Members()``; no rounds),
+``"quorum"`` (every AllReduce/AllGather/ServerRound is taken among its participants: the
+workers present when it started that have not left when it completes, the mean weighted
+1/len(participants); AllGather's list has ``None`` for non-participants, by worker id), or
+``"fixed"`` (a leave ends the run with one line). A (re)joining worker receives its
+donor's state at the donor's next ``Checkpoint()`` (parameters, optimizer state,
+``w.step``, ``w.state`` and the runtime's counters), then :meth:`Algorithm.adopt` fixes
+what must not be copied, and ``program(w)`` starts as on resume. Every live worker hears
+of a departure through :meth:`Algorithm.on_leave`.
+
+Faults (the distributed runtime, and the simulator under churn): when the peer of an
 :class:`Exchange` or :class:`Recv` is gone (its process died) or does not answer within the
 runtime's peer timeout, :class:`PeerUnavailable` is raised inside the program at that
 ``yield`` (or at the ``Wait`` of its handle). An asynchronous algorithm that can go on
@@ -171,6 +187,11 @@ class Sleep(Effect):
 @dataclass
 class Now(Effect):
     pass
+
+
+@dataclass
+class Members(Effect):
+    """The sorted tuple of live worker ids as this worker knows them now (no cost)."""
 
 
 @dataclass
@@ -295,6 +316,9 @@ class Algorithm:
     # scales (relaxsgd.tune.params: Float, Int, Choice; log for rates and periods). The
     # training options (lr, momentum, ...) come from the task's recipe, not from here.
     search_space: ClassVar[dict[str, Any]] = {}
+    # What the algorithm does when the worker set changes (module docstring,
+    # "Membership"): "gossip", "quorum" or "fixed"; the class docstring says why.
+    membership: ClassVar[str] = "fixed"
 
     def __init__(self, cfg: Any, info: RunInfo) -> None:
         self.cfg = cfg
@@ -313,6 +337,16 @@ class Algorithm:
         or None when the workers never yield :class:`ServerRound`. Called once per run by
         the runtime that hosts the server."""
         return None
+
+    def on_leave(self, w: Worker, gone: int) -> None:
+        """Called on every live worker ``w`` when it learns that ``gone`` left (at once for
+        a closed connection, after the peer timeout for a frozen one). Default: nothing."""
+
+    def adopt(self, w: Worker, donor: int) -> None:
+        """Called on a (re)joining worker ``w`` after the runtime copied into it the donor's
+        parameters, buffers, optimizer state, ``w.step``, ``w.state`` and the runtime's own
+        counters; fix here what must not be copied (a residual that is the donor's own
+        error, a stream that must be the worker's own). Default: nothing."""
 
     def on_exchange(self, w: Worker, src: int, payload: Any) -> Reply | Deferred:
         """Answer an :class:`Exchange` from ``src``; runs on ``w`` when it arrives."""
