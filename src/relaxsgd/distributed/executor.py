@@ -53,6 +53,7 @@ from ..algorithms.base import (
     Effect,
     Exchange,
     Grad,
+    Members,
     Now,
     PeerUnavailable,
     Program,
@@ -64,7 +65,9 @@ from ..algorithms.base import (
     Wait,
 )
 from .collectives import Counts, DHandle, all_gather, all_reduce
+from .elastic import live_of
 from .p2p import PointToPoint, finish_together, tell_abort
+from .quorum import QHandle, QuorumCollectives
 from .server import ServerHost, server_round
 from .transport import PeerLost, Transport
 
@@ -108,6 +111,7 @@ class Executor(PointToPoint):
         self.wall_offset = 0.0  # a resumed run's wall time before its checkpoint
         self.server_seq = 0  # ServerRounds issued (the next one is that round)
         self.server_host: ServerHost | None = None  # rank 0: the parameter server (.server)
+        self.quorum: QuorumCollectives | None = None  # an elastic job's collectives (.quorum)
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -160,6 +164,8 @@ class Executor(PointToPoint):
             raise TypeError("local computation belongs in the main program, not a spawn")
         if isinstance(eff, Now):
             return self.now()
+        if isinstance(eff, Members):  # (.elastic: the live set this worker knows)
+            return tuple(sorted(live_of(self.tr)))
         if isinstance(eff, Checkpoint):
             return self._safe_point(eff, ctx)
         if isinstance(eff, Sleep):
@@ -176,7 +182,9 @@ class Executor(PointToPoint):
         if isinstance(eff, Spawn):
             h = self._spawn(eff.program, ctx)
             return self._block(h, ctx) if eff.blocking else h
-        if isinstance(eff, AllReduce):
+        if isinstance(eff, (AllReduce, AllGather)) and self.quorum is not None:
+            h = self._quorum(eff, ctx)
+        elif isinstance(eff, AllReduce):
             h = all_reduce(eff, self.n, self._group(ctx), self.counts, self.device)
             self.coll_seq += 1
         elif isinstance(eff, AllGather):
@@ -202,6 +210,18 @@ class Executor(PointToPoint):
         else:
             raise TypeError(f"unknown effect {eff!r}")
         return self._block(h, ctx) if eff.blocking else h
+
+    def _quorum(self, eff: AllReduce | AllGather, ctx: _Ctx) -> QHandle:
+        """An elastic job's collective: round ``coll_seq`` of the quorum (.quorum)."""
+        assert self.quorum is not None
+        if not ctx.main:
+            raise TypeError("an elastic job runs the collectives of the main program only "
+                            "(a spawn's would need an order among rounds that a member "
+                            "change breaks); this algorithm cannot run elastic")
+        k, self.coll_seq = self.coll_seq, self.coll_seq + 1
+        if isinstance(eff, AllReduce):
+            return self.quorum.all_reduce(k, eff, self.counts)
+        return self.quorum.all_gather(k, eff, self.counts)
 
     def _safe_point(self, eff: Checkpoint, ctx: _Ctx) -> None:
         """A safe point: save this worker's part when a checkpoint is due (.saving)."""
@@ -267,8 +287,8 @@ class Executor(PointToPoint):
             if h is not None and h.deadline is not None and now > h.deadline:
                 self._timed_out(h, what)
                 return
-            if now - start > self.opts.timeout_s:
-                raise PeerLost(self._diagnose(what, ctx))
+            if now - start > self.opts.timeout_s and not isinstance(h, QHandle):
+                raise PeerLost(self._diagnose(what, ctx))  # (a quorum round: its own)
 
     def _check_abort(self) -> None:
         if self.abort is not None:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ..algorithms.base import AllGather, AllReduce, tensor_nbytes
+from ..membership import QuorumLost, quorum_failure, quorum_mean
 from .collectives import Counts, DHandle
 from .transport import PeerLost
 
@@ -50,10 +51,6 @@ KEEP = 16  # finished rounds whose results are kept for late contributors
 MAX_AHEAD = 64  # rounds ahead of this worker's own that a peer may fill (bounded tables)
 MEAN, GATHER = 0, 1
 SLICE = 0.1
-
-
-class QuorumLost(PeerLost):
-    """Fewer than ``min_quorum`` members for ``quorum_wait_s``: the run cannot go on."""
 
 
 class QHandle(DHandle):
@@ -208,24 +205,21 @@ class QuorumCollectives:
 
     def _below_line(self, k: int, parts: list[int]) -> str:
         missing = [i for i in range(self.n_max) if i not in parts]
-        return (f"round {k} of the quorum collectives has {len(parts)} participant(s) "
-                f"{parts}, below elastic.min_quorum={self.min_quorum}; waited "
-                f"{self.quorum_wait_s:g}s (elastic.quorum_wait_s) for the missing "
-                f"worker(s) {missing} to (re)join")
+        return quorum_failure(f"collective round {k} (worker {self.rank})", parts, missing,
+                              self.min_quorum, self.quorum_wait_s)
 
     def _finish_round(self, k: int, mode: int, parts: list[int],
                       got: dict[int, Any]) -> None:
         items = [got[p] for p in parts]
-        if mode == MEAN:
-            sums = [t.clone() for t in items[0]]
+        if mode == MEAN:  # the simulator's mean (membership.quorum_mean), in id order
+            first = items[0]
             for item in items[1:]:
-                if len(item) != len(sums) or any(a.shape != b.shape or a.dtype != b.dtype
-                                                  for a, b in zip(item, sums, strict=True)):
+                if len(item) != len(first) or any(a.shape != b.shape or a.dtype != b.dtype
+                                                  for a, b in zip(item, first, strict=True)):
                     raise PeerLost(f"round {k}: the contributions to an all-reduce differ "
                                    "in shape or dtype between workers")
-                for s, t in zip(sums, item, strict=True):
-                    s.add_(t)
-            value: Any = [s.div_(len(parts)) for s in sums]
+            value: Any = [quorum_mean([item[i] for item in items])
+                          for i in range(len(first))]
         else:
             value = items
         self.results[k] = (tuple(parts), value)

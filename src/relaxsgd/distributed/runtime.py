@@ -46,6 +46,7 @@ from ..sim.compute import ComputeModel
 from . import auth as A
 from . import saving
 from .auth import listen_host
+from .elastic import ElasticWorker, is_elastic
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
@@ -86,11 +87,13 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
             prep, backend, device, out, ck, clock = _start(cfg, env, opts, store, write,
                                                            resume)
             rdv.meet(store)
+            elastic = is_elastic(cfg)
             try:
                 # gloo's own timeout is a backstop: the executor's waits enforce timeout_s
-                dist.init_process_group(backend, store=group_store, rank=env.rank,
-                                        world_size=env.world, timeout=datetime.timedelta(
-                                            seconds=opts.rendezvous_s))
+                if not elastic:  # (an elastic job has no process group: .elastic)
+                    dist.init_process_group(backend, store=group_store, rank=env.rank,
+                                            world_size=env.world, timeout=datetime.timedelta(
+                                                seconds=opts.rendezvous_s))
                 clock["group"] = time.perf_counter()
                 job = _Job(cfg, prep, opts, env.rank, env.world, backend, device, auth,
                            out, stop)
@@ -105,7 +108,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
         except BaseException as e:
             S.announce(e)
             raise
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return result
 
 
@@ -177,7 +181,9 @@ class _Job:
         prep.info.dim = self.bank.d
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
-        self.groups = [dist.new_group(list(range(n))) for _ in range(opts.spawn_groups)]
+        self.elastic = is_elastic(cfg)
+        self.groups = [] if self.elastic else [dist.new_group(list(range(n)))
+                                               for _ in range(opts.spawn_groups)]
         buffers = self.bank.buffers_of(0)
         model_bytes = sum(t.numel() * t.element_size()
                           for t in [self.w.params, *buffers.values()])
@@ -208,13 +214,18 @@ class _Job:
         self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
-        if out is not None and prep.algo.resumable:
+        # an elastic job: quorum collectives on the transport (no checkpoints: their
+        # barriers need every worker; a lost one comes back by live recovery instead)
+        self.el = ElasticWorker(self) if self.elastic else None
+        if out is not None and prep.algo.resumable and not self.elastic:
             self.ex.saver = saving.attach(self, out, _resolved(prep))
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
         host = self.ex.server_host
         if host is not None and host.on_message(src, msg):
+            return
+        if self.el is not None and self.el.on_message(src, msg):
             return
         if self.ex.on_message(src, msg):
             return
@@ -258,7 +269,8 @@ class _Job:
         self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s)
         self.clock["built"] = time.perf_counter()
         try:
-            dist.barrier()
+            if not self.elastic:  # (elastic: the transport's start met every worker)
+                dist.barrier()
         except RuntimeError as e:
             raise PeerLost(f"the start barrier failed on worker {self.rank}: "
                            f"{str(e).strip().splitlines()[0][:300]}") from None
@@ -301,7 +313,8 @@ class _Job:
                                f"within {self.opts.timeout_s:g}s")
             if self.evaluator is not None and self.evaluator.error is not None:
                 raise RuntimeError(f"evaluation failed: {self.evaluator.error}")
-            lost_workers_check(self.tr, self.ex.coll_seq)
+            if not self.elastic:  # (elastic: a quorum went on without the lost ones)
+                lost_workers_check(self.tr, self.ex.coll_seq)
         except StoppedAtCheckpoint as e:  # (a KeyboardInterrupt: caught first)
             how = "Ctrl-C" if e.signum == signal.SIGINT else "SIGTERM"
             status, message, err = "interrupted", f"interrupted by {how}; {e.note}", e

@@ -1,0 +1,103 @@
+"""Elastic execution of a dist job (issue 20): quorum collectives, leaves, members.
+
+A job is *elastic* when its workers may change while it runs: ``RELAXSGD_ELASTIC=1`` in
+the workers' environment (``relaxsgd.distributed.launch --restarts K`` with K > 0 and
+``relaxsgd join`` set it), or ``elastic.max_workers`` above ``workers``. Such a job has no
+gloo process group at all (it would break at the first death, and rebuilding one per
+membership needs every member in a barrier): its collectives are the quorum rounds of
+:mod:`.quorum` on the job's authenticated transport, and a member change costs the
+others nothing but the round it happens in.
+
+What each kind of algorithm (``Algorithm.membership``) gets here:
+
+- ``"quorum"``: every AllReduce/AllGather of the main program is a quorum round; a
+  departure drops the worker from the round under way and from the next ones, and
+  ``Algorithm.on_leave`` runs on every survivor (under the worker lock).
+- ``"gossip"``: ``Members()`` is the live set the transport knows; exchanges with a lost
+  partner raise ``PeerUnavailable`` as before; ``on_leave`` runs as above.
+- ``"fixed"``: the first departure ends the worker with one line
+  (:func:`relaxsgd.membership.fixed_failure`), as a non-elastic job does.
+
+A job that is not elastic is untouched: gloo collectives exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..membership import NotElastic, fixed_failure
+from .options import flag
+from .quorum import QuorumCollectives
+
+
+def is_elastic(cfg: Any) -> bool:
+    """Whether ``cfg``'s dist job runs elastic (see the module docstring)."""
+    e = getattr(cfg, "elastic", None)
+    most = e.max_workers if e is not None and e.max_workers is not None else cfg.workers
+    return flag("RELAXSGD_ELASTIC") or most > cfg.workers
+
+
+def live_of(tr: Any) -> frozenset[int]:
+    """The live ids ``tr`` knows, itself included (the transport's ``live()`` when it
+    has one; else every id it has not marked lost)."""
+    live = getattr(tr, "live", None)
+    if callable(live):
+        return frozenset(live()) | {tr.rank}
+    return frozenset(r for r in range(tr.n) if r not in tr.dead)
+
+
+class ElasticWorker:
+    """The elastic side of one worker of a job (``runtime._Job``): quorum collectives
+    on its executor and what happens on a member's departure or arrival."""
+
+    def __init__(self, job: Any) -> None:
+        self.job, self.ex, self.tr = job, job.ex, job.tr
+        self.algo = job.prep.algo
+        e = job.cfg.elastic
+        self.n_max = e.max_workers if e.max_workers is not None else job.n
+        self.gone: set[int] = set()
+        self.ex.quorum = QuorumCollectives(
+            job.rank, self.n_max, self._send, lambda: live_of(self.tr), range(job.n),
+            e.min_quorum, e.quorum_wait_s, job.opts.timeout_s)
+        self.tr.on_dead.append(lambda r, why: self.left(r, why))
+        on_member = getattr(self.tr, "on_member", None)
+        if callable(on_member):
+            on_member(self._member)
+
+    def _send(self, peer: int, msg: tuple) -> None:
+        self.tr.send(peer, msg)
+
+    def _member(self, kind: str, worker: int, info: str) -> None:
+        if kind == "leave":
+            self.left(worker, info)
+        elif kind == "join":
+            self.joined(worker)
+
+    def left(self, worker: int, why: str) -> None:
+        """``worker`` left: drop it from the rounds, tell the algorithm (once per leave)."""
+        ex = self.ex
+        with ex.lock:
+            if worker in self.gone or worker == self.job.rank:
+                return
+            self.gone.add(worker)
+        assert ex.quorum is not None
+        ex.quorum.member_left(worker)
+        if getattr(self.algo, "membership", "fixed") == "fixed":
+            if ex.abort is None:
+                ex.abort = NotElastic(fixed_failure(self.algo.name, worker, why))
+            return
+        with ex.lock:
+            self.algo.on_leave(ex.w, worker)
+
+    def joined(self, worker: int) -> None:
+        with self.ex.lock:
+            self.gone.discard(worker)
+        if self.ex.quorum is not None:
+            self.ex.quorum.member_joined(worker)
+        ev = self.job.evaluator
+        if ev is not None:
+            ev.dead.discard(worker)
+
+    def on_message(self, src: int, msg: tuple) -> bool:
+        q = self.ex.quorum
+        return q is not None and q.on_message(src, msg)
