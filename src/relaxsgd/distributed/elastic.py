@@ -23,9 +23,11 @@ A job that is not elastic is untouched: gloo collectives exactly as before.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..membership import NotElastic, fixed_failure
+from .handover import Donor, Joiner
 from .options import flag
 from .quorum import QuorumCollectives
 
@@ -56,6 +58,8 @@ class ElasticWorker:
         e = job.cfg.elastic
         self.n_max = e.max_workers if e.max_workers is not None else job.n
         self.gone: set[int] = set()
+        self.ex.donor = Donor(job)
+        self.joiner: Joiner | None = None
         self.ex.quorum = QuorumCollectives(
             job.rank, self.n_max, self._send, lambda: live_of(self.tr), range(job.n),
             e.min_quorum, e.quorum_wait_s, job.opts.timeout_s)
@@ -98,6 +102,43 @@ class ElasticWorker:
         if ev is not None:
             ev.dead.discard(worker)
 
+    @property
+    def rejoining(self) -> bool:
+        """Whether this process is a restarted worker (or a joiner): incarnation > 0."""
+        inc = getattr(self.tr, "incarnation", None)
+        if callable(inc):
+            return int(inc(self.job.rank)) > 0
+        return int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) > 0
+
+    def rejoin(self) -> int:
+        """Take the job's state from a live donor (.handover), adopt it; the donor."""
+        job = self.job
+        self.joiner = Joiner(job)
+        nbrs = None
+        if getattr(self.algo, "membership", "") == "gossip" and hasattr(self.algo,
+                                                                       "neighbors"):
+            nbrs = list(self.algo.neighbors(job.rank))
+        donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
+        assert self.ex.quorum is not None
+        with self.ex.quorum.cv:
+            self.ex.quorum.current = self.ex.coll_seq
+        with self.ex.lock:
+            self.algo.adopt(self.ex.w, donor)
+        if job.rank != 0:  # rank 0 records this worker's snapshots again from here
+            self.tr.send(0, ("hjoin", int(job.snap.next)))
+        return donor
+
     def on_message(self, src: int, msg: tuple) -> bool:
-        q = self.ex.quorum
-        return q is not None and q.on_message(src, msg)
+        kind = msg[0]
+        if kind == "hask":
+            self.ex.donor.ask(src, msg[1])
+        elif kind == "hand":
+            if self.joiner is not None:
+                self.joiner.on_hand(src, msg[1], msg[2], msg[3])
+        elif kind == "hjoin":
+            if self.job.evaluator is not None:
+                self.job.evaluator.revive(src, msg[1])
+        else:
+            q = self.ex.quorum
+            return q is not None and q.on_message(src, msg)
+        return True

@@ -112,6 +112,7 @@ class Executor(PointToPoint):
         self.server_seq = 0  # ServerRounds issued (the next one is that round)
         self.server_host: ServerHost | None = None  # rank 0: the parameter server (.server)
         self.quorum: QuorumCollectives | None = None  # an elastic job's collectives (.quorum)
+        self.donor: Any = None  # an elastic job's .handover.Donor (served at safe points)
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -230,6 +231,8 @@ class Executor(PointToPoint):
         pos = float(self.w.step if eff.position is None else eff.position)
         with self.lock:  # (read with it by .stopping's answers)
             self.last_pos = pos
+        if self.donor is not None and self.donor.due():  # a (re)joiner waits for this one
+            self.donor.serve(ctx)
         if self.saver is not None and self.saver.due(pos):
             self.saver.take(self, pos, ctx)
 

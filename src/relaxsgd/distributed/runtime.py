@@ -290,6 +290,8 @@ class _Job:
                        progress and self.rank == 0)
         status, message, err = "completed", "", None
         try:
+            if self.el is not None and self.el.rejoining:  # live recovery (.handover)
+                self.el.rejoin()
             self.ex.start(prep.algo.program(self.w))
             self.stop.enabled = self.ex.saver is not None  # a signal: checkpoint, then end
             snap.maybe()
