@@ -23,7 +23,6 @@ class AllReduceSGD(Algorithm):
     name = "allreduce"
     Config = AllReduceConfig
     resumable = True
-    membership = "quorum"  # (minimal stand-in for esim's per-algorithm choice)
 
     def program(self, w: Worker) -> Program:
         while w.step < w.total_steps:

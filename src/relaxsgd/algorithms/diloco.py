@@ -87,7 +87,6 @@ class DiLoCo(CompressedAlgorithm):
                     "outer_momentum": Float(0.0, 0.95)}
     metric_keys = ("ef_residual_norm_mean", "payload_bytes")
     resumable = True
-    membership = "quorum"  # (minimal stand-in for esim's per-algorithm choice)
 
     def init_worker(self, w: Worker) -> None:
         super().init_worker(w)

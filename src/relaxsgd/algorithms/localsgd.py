@@ -30,7 +30,6 @@ class LocalSGD(Algorithm):
     name = "localsgd"
     Config = LocalSGDConfig
     resumable = True
-    membership = "quorum"  # (minimal stand-in for esim's per-algorithm choice)
     search_space = {"p": Int(1, 256, log=True)}
 
     def program(self, w: Worker) -> Program:

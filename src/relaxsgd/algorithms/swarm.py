@@ -147,7 +147,6 @@ class SwarmSGD(Algorithm):
     metric_keys = ("interactions_per_worker", "decode_failures", "fallback_bytes",
                    "staleness_mean", "lattice_eps_mean")
     resumable = True
-    membership = "gossip"  # (minimal stand-in for esim's per-algorithm choice)
 
     def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
