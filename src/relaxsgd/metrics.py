@@ -42,7 +42,7 @@ BASE_COLUMNS = [
     "bytes_sent_total", "bytes_sent_per_worker_max", "messages_total", "stall_time_s_mean",
     "bits_per_param_per_step", "bytes_per_worker_per_step", "train_loss", "loss_mean_model",
     "accuracy_mean_model", "loss_worker0", "accuracy_worker0", "consensus_distance",
-    "loss_workers_mean", "accuracy_workers_mean",
+    "loss_workers_mean", "accuracy_workers_mean", "live_workers",
 ]
 SHARED_COLUMNS = ["loss_shared_model", "accuracy_shared_model"]
 # Language models (TaskSpec.bits_per_token): the validation loss in bits per token (per
@@ -116,9 +116,11 @@ class Recorder:
                X: Tensor, mean_buffers: dict[str, Tensor], w0_buffers: dict[str, Tensor],
                comm: CommStats, train_loss: float, extra: dict[str, float],
                buffers_of: Callable[[int], dict[str, Tensor]] | None = None,
-               shared: Tensor | None = None) -> dict[str, Any]:
+               shared: Tensor | None = None, live_workers: int | None = None
+               ) -> dict[str, Any]:
         """Evaluate and write one row. ``buffers_of(k)``: worker k's BatchNorm statistics
-        (None: worker 0's for all); ``shared``: the model every worker holds, if any."""
+        (None: worker 0's for all); ``shared``: the model every worker holds, if any;
+        ``live_workers``: how many workers are live (churn; None: all n)."""
         mean = X.mean(0)
         lm, am = evaluate(self.spec, self.model, mean, mean_buffers, self.x_test, self.y_test)
         if self.n > 1:
@@ -142,6 +144,7 @@ class Recorder:
             "loss_worker0": l0, "accuracy_worker0": a0,
             "consensus_distance": consensus_distance(X),
             "loss_workers_mean": lw, "accuracy_workers_mean": aw,
+            "live_workers": self.n if live_workers is None else live_workers,
         }
         if shared is not None:
             row["loss_shared_model"], row["accuracy_shared_model"] = evaluate(

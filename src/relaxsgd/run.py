@@ -62,7 +62,9 @@ def task_options(name: str) -> list[str]:
 def build_topology(cfg: RunConfig) -> Any:
     from .topology import make_topology
 
-    return make_topology(cfg.topology, cfg.workers, seed=cfg.seed, **cfg.topology_options)
+    # over every worker id (elastic.max_workers): a joiner has its place in the graph
+    return make_topology(cfg.topology, cfg.elastic.ids(cfg.workers), seed=cfg.seed,
+                         **cfg.topology_options)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -83,8 +85,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"split 'play' deals whole works and task {cfg.task!r} has none; "
                           "use it with task shakespeare, or split iid, shards or dirichlet")
     labels = spec.groups if spec.groups is not None else spec.data.y_train
-    shards = split_indices(labels, cfg.workers, cfg.split, cfg.seed, **cfg.split_options)
-    share = n_train // cfg.workers  # the mean shard (non-iid splits vary around it)
+    # one shard per worker id (elastic.max_workers, default workers): worker i always
+    # trains on shard i, so a rejoined worker keeps its data and a joiner brings new data
+    ids = cfg.elastic.ids(cfg.workers)
+    shards = split_indices(labels, ids, cfg.split, cfg.seed, **cfg.split_options)
+    share = n_train // ids  # the mean shard (non-iid splits vary around it)
     if cfg.train.batch_size > share:  # each batch would wrap around the shard
         raise ConfigError(f"batch size {cfg.train.batch_size} is larger than a worker's share "
                           f"of the training set ({n_train} samples over {cfg.workers} workers"
@@ -102,6 +107,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     check_topology(cfg.topology, cfg.topology_options)
     topo = build_topology(cfg) if algo_cls.needs_topology else None
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
+    if ids > cfg.workers:
+        info.extra["max_workers"] = ids
     algo = algo_cls(algo_cfg, info)
     resolved = cfg.to_dict()
     resolved["algo_options"] = dataclasses.asdict(algo_cfg)

@@ -38,6 +38,7 @@ from .results import (
     make_result,
     write_result,
 )
+from .sim.churn_setup import check_churn, start_churn
 from .sim.compute import ComputeModel, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
@@ -85,6 +86,10 @@ class Simulation:
                  on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         cfg, n = prep.cfg, prep.cfg.workers
         self.prep, self.out, self.resume, self.n = prep, out, resume, n
+        churn = cfg.elastic.churn.active
+        ids = cfg.elastic.ids(n)  # worker ids: rows of the bank (elastic.max_workers)
+        if churn:
+            check_churn(prep)
         self.on_eval = on_eval  # e.g. relaxsgd tune's pruning; see run.simulate
         # A finished run's bank (and its data set) is freed only by the cyclic garbage
         # collector (vmap closures, generator frames and engine callbacks form cycles),
@@ -106,14 +111,14 @@ class Simulation:
             # config.yaml gets the measured step time, so that it reruns this very run
             prep.resolved["compute"]["step_time_s"] = self.step_time
             dump_yaml(prep.resolved, os.path.join(out, "config.yaml"))
-        self.bank = Bank(prep.spec, cfg.train, list(range(n)), prep.shards, cfg.seed,
+        self.bank = Bank(prep.spec, cfg.train, list(range(ids)), prep.shards, cfg.seed,
                          prep.total_steps, batching=cfg.batching, device=self.device)
         prep.info.dim = self.bank.d
         self.done = 0  # local steps done, summed over workers
         self.next_eval = 0
         self.eval_wall = 0.0
         self.workers = [LocalWorker(self.bank, r, n, cfg.seed, prep.total_steps,
-                                    on_step=self._count_steps) for r in range(n)]
+                                    on_step=self._count_steps) for r in range(ids)]
         for w in self.workers:
             prep.algo.init_worker(w)
         net_cfg = make_network_config(cfg.network, **cfg.network_options)
@@ -131,12 +136,15 @@ class Simulation:
         self.every = max(1, math.ceil(prep.total_steps / cfg.evals)) * n
         self.bar = Progress(prep.total_steps * n, f"{cfg.algo} on {cfg.task}", progress)
         self.saver = SimCheckpoints(cfg.checkpoint_every,
-                                    out if prep.algo.resumable else None, prep.resolved,
+                                    out if prep.algo.resumable and not churn else None,
+                                    prep.resolved,
                                     self._run_state)
         self.engine = Engine(prep.algo, self.workers, self.bank,
-                             Network(net_cfg, n, cfg.seed),
-                             ComputeModel(cfg.compute, n, cfg.seed, self.step_time),
+                             Network(net_cfg, ids, cfg.seed),
+                             ComputeModel(cfg.compute, ids, cfg.seed, self.step_time),
                              between_instants=self._between)
+        if churn:
+            start_churn(self.engine, cfg)
         self.saver.attach(self.engine, resume is not None)
         if resume is not None:
             self._restore(resume)
@@ -183,13 +191,20 @@ class Simulation:
                          + engine.server_messages,
                          stall_mean=sum(p.stall for p in engine.procs) / max(n, 1))
         key = self.shared_key
+        # under churn the models of the live workers (a departed one's is out of reach);
+        # "worker 0" is then the lowest live id
+        live = [p.w.rank for p in engine.procs if not p.gone]
+        X, first = bank.X, 0
+        if engine.members is not None and live:
+            X, first = bank.X[live], live[0]
         return self.rec.record(
             step=self.done / n, samples=sum(bank.samples), virtual_time=now,
-            wall_time=time.perf_counter() - self.wall0, X=bank.X,
-            mean_buffers=bank.mean_buffers(), w0_buffers=bank.buffers_of(0), comm=comm,
+            wall_time=time.perf_counter() - self.wall0, X=X,
+            mean_buffers=bank.mean_buffers(), w0_buffers=bank.buffers_of(first), comm=comm,
             train_loss=bank.take_train_loss(), extra=aggregate_worker_metrics(self.workers),
-            buffers_of=bank.buffers_of,
-            shared=self.workers[0].state.get(key) if key else None)
+            buffers_of=(bank.buffers_of if X is bank.X else lambda k: bank.buffers_of(live[k])),
+            shared=self.workers[first].state.get(key) if key else None,
+            live_workers=len(live))
 
     def _between(self, now: float) -> None:
         """The engine's hook between instants: evaluate when due, checkpoint when due."""
@@ -217,6 +232,9 @@ class Simulation:
         res["final"]["eval_wall_time_s"] = round(self.eval_wall, 3)
         res["final"]["eval_wall_share"] = round(self.eval_share(), 4)
         res.update(self.models_info)
+        membership = self.engine.churn_record()
+        if membership is not None:
+            res["membership"] = membership
         return res
 
     def _running_result(self, row: dict[str, Any]) -> None:

@@ -29,6 +29,11 @@ the gradient computation. Metrics: ``interactions_per_worker`` (each side of an 
 counts 1/n); ``staleness_mean``: averagings applied to a worker's model between the read
 of step (1) and the application of its gradient, its own one included (the partner's model
 is always read live, at the request's arrival).
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``gossip``: each averaging partner is
+drawn among the LIVE targets (``Members()``); an exchange with a partner that left raises
+``PeerUnavailable`` and the step goes on without the average. A (re)joiner takes its lowest-
+id live neighbour's model and state at that neighbour's safe point.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from .base import (
     Checkpoint,
     Exchange,
     Grad,
+    Members,
     PeerUnavailable,
     Program,
     Reply,
@@ -99,6 +105,7 @@ class ADPSGD(Algorithm):
     metric_keys = ("interactions_per_worker", "staleness_mean")
     resumable = True
     asynchronous = True  # the dist runtime saves each worker on its own
+    membership = "gossip"
 
     def __init__(self, cfg: ADPSGDConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
@@ -107,7 +114,8 @@ class ADPSGD(Algorithm):
     def targets(self, i: int) -> list[int]:
         """The neighbours worker ``i`` initiates averaging with (empty: passive)."""
         if self._targets is None:
-            nbrs = undirected_neighbors(self.info.topology, self.info.n)
+            nbrs = undirected_neighbors(self.info.topology,
+                                        self.info.extra.get("max_workers", self.info.n))
             colour = two_colouring(nbrs)
             if self.cfg.split == "bipartite" and colour is None:
                 raise ConfigError(f"adpsgd split=bipartite needs a bipartite graph; the "
@@ -131,9 +139,11 @@ class ADPSGD(Algorithm):
             yield Checkpoint()
             absorb(w)
             read = w.state["averagings"]
-            if targets:
-                peer = targets[int(draw(torch.randint, len(targets), (), generator=w.rng,
-                                                  device=w.rng.device))]
+            live = set((yield Members()))  # partners among the live targets (issue 20)
+            near = [j for j in targets if j in live]
+            if near:
+                peer = near[int(draw(torch.randint, len(near), (), generator=w.rng,
+                                             device=w.rng.device))]
                 sent = w.params.clone()
                 h = yield Exchange(peer, sent, tensor_nbytes(sent), blocking=False)
                 g = yield Grad()

@@ -26,6 +26,11 @@ then compress the whole model.
 
 Communication: every step each worker sends one compressed message (the compressor's
 ``nbytes``) to each neighbour. The graph must be static and undirected.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``fixed``, because each worker keeps a
+public copy of every neighbour, updated only by that neighbour's compressed differences; a
+departed neighbour's copy goes stale and a joiner has none, and the fixed mixing matrix
+waits for every neighbour.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class ChocoSGD(Algorithm):
     needs_topology = True
     metric_keys = ("interactions_per_worker",)
     resumable = True
+    membership = "fixed"
+    fixed_reason = ("each worker keeps a public copy of every neighbour, which a departed "
+                    "one stops updating and a joiner lacks")
 
     def __init__(self, cfg: ChocoConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)

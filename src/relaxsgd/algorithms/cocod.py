@@ -19,6 +19,10 @@ steps and waited for after them: no stall when it takes less than a round.
 
 Metrics: ``staleness`` (observation: steps between the average's start and its use, p),
 ``ef_residual_norm``, ``payload_bytes``.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: each round's background model
+average is taken among the workers present (weights 1/participants); a (re)joiner takes its
+donor's model and state and zeroes the donor's residual.
 """
 
 from __future__ import annotations

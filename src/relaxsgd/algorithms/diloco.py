@@ -28,6 +28,13 @@ waits for the syncs in flight; each is still applied tau steps after it started.
 
 Metrics: ``staleness`` (observation: tau, inner steps between a sync's start and its use),
 ``ef_residual_norm``, ``payload_bytes``.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: every outer round's (or
+fragment's) averaged update is taken among the workers present (weights 1/participants). A
+departed worker's inner steps since the last outer step are lost. A (re)joiner takes its
+donor's state: the outer model and the outer optimizer's momentum are the same on every
+worker, so copying them is exact; the compression residual is the donor's own error and is
+zeroed (:meth:`CompressedAlgorithm.adopt`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ Communication: every step each worker sends its model (4d bytes, float32) to eac
 (out-)neighbours and receives theirs (Send/Recv tagged with the step): deg(i) messages a
 step, so the bytes per worker grow with the degree, not with n. Synchronous: a step ends
 when all the neighbours' models have arrived.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``fixed``, because every step mixes with
+ALL graph neighbours by a fixed doubly stochastic matrix and waits (Recv) for each: a
+departed neighbour's message never comes, and re-weighting the matrix per membership is not
+implemented.
 """
 
 from __future__ import annotations
@@ -115,6 +120,9 @@ class DPSGD(Algorithm):
     needs_topology = True
     metric_keys = ("interactions_per_worker",)
     resumable = True
+    membership = "fixed"
+    fixed_reason = ("every step mixes with all graph neighbours by a fixed doubly "
+                    "stochastic matrix and waits for each one's message")
 
     def __init__(self, cfg: DPSGDConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)

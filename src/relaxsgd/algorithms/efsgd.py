@@ -25,6 +25,14 @@ Bytes are those of the encoded payloads (``Compressor.nbytes``); the counter
 ``payload_bytes`` adds up the size of every message a worker contributes (32 bits per
 parameter per step for uncompressed all-reduce SGD), beside the standard traffic columns.
 Observation ``ef_residual_norm``: the L2 norm of the worker's residual after each message.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: every aggregation (all-
+reduce, all-gather or server round) is taken among the workers present (weights
+1/participants; an all-gather's missing payloads are None and skipped; the server averages
+the uploads it got). A departed worker's error-feedback residual is DROPPED (only it could
+send what its compression held back). A (re)joiner takes its donor's state and zeroes the
+residual it copied: it is the donor's own error, which the donor will still send (copied, it
+would count twice); the server's state is the server's and does not move.
 """
 
 from __future__ import annotations
@@ -162,6 +170,10 @@ class Aggregator:
     def residual(self, st: dict[str, Any]) -> Tensor | None:
         return st["comp"]["residual"] if self.ef else None
 
+    def forget(self, rank: int) -> None:
+        """Drop worker ``rank``'s FIFO chain (it was handed a new state, issue 20)."""
+        self._last.pop(rank, None)
+
     # -- aggregation -------------------------------------------------------------------
     def start(self, w: Worker, st: dict[str, Any], x: Tensor) -> Program:
         """Sub-program: start aggregating ``x`` (not modified); returns a :class:`Pending`."""
@@ -209,7 +221,9 @@ class Aggregator:
             mean = yield AllReduce(own, nbytes=nb)
         else:
             payloads = yield AllGather(payload, nbytes=nb)
-            mean = torch.stack([self.inner.decompress(p) for p in payloads]).mean(0)
+            # under churn the payloads of non-participants are None (a quorum round)
+            mean = torch.stack([self.inner.decompress(p) for p in payloads
+                                if p is not None]).mean(0)
         return Delivered(mean, own, res)
 
     def _protocol(self, w: Worker, st: dict[str, Any], x: Tensor, prev: Handle | None
@@ -267,8 +281,19 @@ class CompressedAlgorithm(Algorithm):
         super().__init__(cfg, info)
         self.agg = make_aggregator(self.name, cfg, info.seed)
 
+    membership = "quorum"  # see "Membership" in the module docstring
+
     def init_worker(self, w: Worker) -> None:
         w.state["agg"] = self.agg.init_state(w.params.numel(), w.layout, w.params.device)
+
+    def adopt(self, w: Worker, donor: int) -> None:
+        """A (re)joiner: the copied error-feedback residual is the donor's own error (the
+        donor still sends it): zeroed; the FIFO chain starts afresh (the handle of a former
+        incarnation's last aggregation never completes)."""
+        self.agg.forget(w.rank)
+        res = self.agg.residual(w.state["agg"])
+        if res is not None:
+            res.zero_()
 
     def server(self) -> ParameterServer | None:
         """The parameter server of ``aggregation: ps`` (None otherwise)."""

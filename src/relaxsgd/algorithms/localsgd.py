@@ -4,6 +4,11 @@ Each round, every worker runs ``p`` local optimizer steps on its own data, then 
 are averaged with a blocking all-reduce of d floats. With ``p = 1`` and plain SGD (no
 momentum) this is exactly all-reduce SGD. Momentum buffers stay local (option
 ``average_momentum`` averages them too, as some implementations do).
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: each round's model average is
+taken among the workers present (weights 1/participants). A departed worker's local steps
+since the last average are lost with it; a (re)joiner takes its donor's model and optimizer
+state and averages from its next round.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class LocalSGDConfig:
 
 class LocalSGD(Algorithm):
     name = "localsgd"
+    membership = "quorum"
     Config = LocalSGDConfig
     resumable = True
     search_space = {"p": Int(1, 256, log=True)}

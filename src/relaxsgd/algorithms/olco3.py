@@ -61,6 +61,18 @@ Metrics: observation ``staleness`` (age, in local steps, of the aggregate applie
 round's end: s * p), ``ef_residual_norm`` (L2 norm of e_i after each aggregated round),
 counter ``payload_bytes`` (encoded size of the messages a worker contributed). The state
 ``update_sum`` is the sum of the worker's raw updates u_i^k (the invariant's right side).
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: every round's aggregation is
+taken among the workers present (weights 1/participants), and the shared model xg moves by
+the participants' mean. A departed worker's error-feedback residual e_i and its messages not
+yet aggregated are DROPPED (they are its own, and the mean over the participants simply no
+longer contains them). A (re)joiner takes its donor's state at the donor's safe point, after
+the donor's aggregations in flight were delivered: xg, the rounds in flight (their
+aggregates are everyone's, and every worker must apply them to keep xg identical) and the
+donor's model; its residuals (``agg`` and ``e_done``, and those carried by the rounds in
+flight) are zeroed, since they are the donor's compression error, which the donor still
+holds and will send (ALGORITHMS.md: the mean model equals the delay-free trajectory only if
+each residual is counted once).
 """
 
 from __future__ import annotations
@@ -184,6 +196,15 @@ class OLCO3(CompressedAlgorithm):
             w.state["server_residual"].copy_(got.server_residual)
         if got.residual is not None:
             w.state["e_done"] = got.residual
+
+    def adopt(self, w: Worker, donor: int) -> None:
+        """A (re)joiner (see "Membership" above): the donor's residuals are zeroed, its xg
+        and rounds in flight (delivered at the donor's safe point) are kept."""
+        super().adopt(w, donor)
+        w.state["e_done"].zero_()
+        w.state["flight"] = [r._replace(pending=r.pending._replace(
+            residual=None if r.pending.residual is None else r.pending.residual.mul(0)))
+            for r in w.state["flight"]]
 
     def _compensation(self, flight: list[_Round], e_done: Tensor) -> Program:
         """SC * (own messages in flight) + CC * e_i, or None when it is zero."""

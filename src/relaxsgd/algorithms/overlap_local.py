@@ -22,6 +22,10 @@ round's start) waits for the anchor in flight; it is still used at the round's e
 
 Metrics: ``staleness`` (observation: steps between the anchor's information and its use),
 ``ef_residual_norm``, ``payload_bytes``.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: each anchor average is taken
+among the workers present (weights 1/participants); a (re)joiner takes its donor's model and
+anchor and zeroes the donor's residual.
 """
 
 from __future__ import annotations

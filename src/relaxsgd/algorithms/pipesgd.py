@@ -17,6 +17,11 @@ that delivers an aggregation within s steps of computation it never stalls. A ch
 
 Metrics: ``staleness`` (observation: s, in local steps), ``ef_residual_norm``,
 ``payload_bytes``.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: each step's (stale) gradient
+mean is taken among the workers present (weights 1/participants); a departed worker's
+gradients still in flight are lost, a (re)joiner takes its donor's model and pipeline state
+(the aggregates in flight are everyone's) and zeroes the donor's residual.
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ compressed by ``server_compressor`` with its own error feedback (a real server, 
 ``efsgd`` and ``server``).
 
 Metrics: ``ef_residual_norm`` (observation), ``payload_bytes`` (counter).
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``quorum``: each round's compressed
+average is taken among the workers present (weights 1/participants). The error-feedback
+residual of a departed worker is DROPPED: it is what that worker's compression held back,
+and no one else can send it; a (re)joiner takes its donor's model and zeroes the residual it
+copied (the donor still holds that error and will send it: copied, it would be applied
+twice).
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ and the push-sum weights do the de-biasing.
 
 Communication: one message of 4d + 4 bytes (the numerator and the weight, float32) per
 worker per step.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``fixed``, because push-sum over a fixed
+(time-varying) graph: the weights sent to a departed worker are lost mass and every worker
+waits (Recv) for its in-neighbours' messages.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class SGP(Algorithm):
     Config = SGPConfig
     metric_keys = ("interactions_per_worker", "push_weight_mean")
     resumable = True
+    membership = "fixed"
+    fixed_reason = ("push-sum over a fixed graph: weight sent to a departed worker is "
+                    "lost mass, and every worker waits for its in-neighbours")
 
     def __init__(self, cfg: SGPConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)

@@ -98,6 +98,15 @@ asked at a moment, as by Ctrl-C, can come that much later than in the async sche
 
 Code layout: the options in :mod:`.swarm_config`, the message codec in :mod:`.swarm_codec`,
 the graph, the sequential plans and the handler-to-program state in :mod:`.swarm_state`.
+
+Membership (issue 20, :mod:`relaxsgd.membership`): ``gossip``: the async schedule draws each
+partner among its LIVE neighbours (``Members()``); an exchange with a partner that left
+meanwhile raises ``PeerUnavailable`` and is skipped (its half of an average may be lost: the
+sum of the models is kept only by the interactions that complete). A (re)joiner takes its
+lowest-id live neighbour's model, optimizer state and ``w.state`` (its published copy, codec
+state) at that neighbour's safe point; a newcomer id has its place in the graph over
+``elastic.max_workers`` nodes. The sequential schedule is ``fixed``: its edge stream is
+fixed by the seed.
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ from .base import (
     Deferred,
     Exchange,
     Handle,
+    Members,
     PeerUnavailable,
     Program,
     Recv,
@@ -147,9 +157,14 @@ class SwarmSGD(Algorithm):
     metric_keys = ("interactions_per_worker", "decode_failures", "fallback_bytes",
                    "staleness_mean", "lattice_eps_mean")
     resumable = True
+    membership = "gossip"
 
     def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
+        if cfg.schedule == "sequential":  # see "Membership" in the module docstring
+            self.membership = "fixed"
+            self.fixed_reason = ("the sequential schedule is one stream of edges fixed by "
+                                 "the seed; an edge to a departed worker would never happen")
         # the async schedule never waits for a partner's progress: the distributed runtime
         # checkpoints its workers one by one; the sequential stream needs a common cut
         self.asynchronous = cfg.schedule == "async"
@@ -162,7 +177,8 @@ class SwarmSGD(Algorithm):
     def neighbors(self, i: int) -> list[int]:
         """Neighbours of ``i``: the union of the topology's edges over one period."""
         if self._nbrs is None:
-            self._nbrs = undirected_neighbors(self.info.topology, self.info.n)
+            self._nbrs = undirected_neighbors(self.info.topology,
+                                              self.info.extra.get("max_workers", self.info.n))
         return self._nbrs[i]
 
     def plan(self, rank: int, total: int) -> list[tuple[int, int, int, bool]]:
@@ -251,9 +267,11 @@ class SwarmSGD(Algorithm):
                 except PeerUnavailable:
                     pass  # a lost partner (dist runtime only): skip it; the runtime counted it
                 st["inflight"] = None
-            if not nbrs:
+            live = set((yield Members()))  # partners among the live neighbours (issue 20)
+            near = [j for j in nbrs if j in live]
+            if not near:
                 continue
-            peer = nbrs[int(draw(torch.randint, len(nbrs), (), generator=w.rng,
+            peer = near[int(draw(torch.randint, len(near), (), generator=w.rng,
                                         device=w.rng.device))]
             c, q_own, msg, nb = self._request(w, peer)
             try:

@@ -20,6 +20,9 @@ the bank and the workers), then releases the parked workers in rank order. A res
 engine (:meth:`Engine.run` with ``resume=True``) starts each unfinished worker's program
 afresh at the checkpoint's virtual time, in the same order: the two runs then go on
 identically.
+
+Churn (leave, rejoin, join, quorum rounds) is :mod:`.churn`'s, active only for a run with
+``elastic.churn``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from ..algorithms.base import (
     Exchange,
     Grad,
     Handle,
+    Members,
     Now,
+    PeerUnavailable,
     Recv,
     Reply,
     Send,
@@ -59,6 +64,7 @@ from ..errors import Deadlock, Diverged
 from ..mailbox import Mailbox
 from ..worker import LocalWorker
 from .barrier import CheckpointBarrier
+from .churn import ChurnNode, Failed
 from .collectives import allgather_cost, allreduce_cost
 from .compute import ComputeModel
 from .network import Network
@@ -66,10 +72,11 @@ from .server import ServerNode
 
 
 class _Coro:
-    __slots__ = ("proc", "gen", "handle", "main", "stall_from")
+    __slots__ = ("proc", "gen", "handle", "main", "stall_from", "inc")
 
     def __init__(self, proc: _Proc, gen: Any, main: bool) -> None:
         self.proc, self.gen, self.main = proc, gen, main
+        self.inc = proc.inc  # the worker's incarnation: a departed one's events are void
         self.handle = Handle("spawn")
         self.stall_from: float | None = None
 
@@ -92,6 +99,10 @@ class _Proc:
         self.parked: _Coro | None = None  # held at a checkpoint's barrier
         self.last_pos = -math.inf  # position of its latest safe point
         self.live_spawns = 0
+        self.inc = 0  # incarnation (churn): +1 when it leaves and when it is handed a state
+        self.gone = False  # left, or not (yet) joined (churn)
+        self.arriving = False  # a newcomer whose state is on its way (churn)
+        self.owed: list[Handle] = []  # exchanges it must answer at its step boundary
 
     @property
     def inbox(self) -> dict[Any, deque]:
@@ -104,7 +115,7 @@ class _Proc:
         self.mail.load_inbox(value)
 
 
-class Engine(CheckpointBarrier, ServerNode):
+class Engine(CheckpointBarrier, ServerNode, ChurnNode):
     """Runs an algorithm's worker programs over a bank, a network and a compute model."""
 
     def __init__(self, algo: Algorithm, workers: list[LocalWorker], bank: Bank,
@@ -121,6 +132,7 @@ class Engine(CheckpointBarrier, ServerNode):
         self.server_bytes = 0
         self.server_messages = 0
         self._init_server(algo, workers)
+        self._init_churn()
         self._between = between_instants
         self.ckpt_at: float | None = None  # a safe point at or past this position parks
         self.ckpt_every: float | None = None  # then the next is the next multiple
@@ -145,8 +157,8 @@ class Engine(CheckpointBarrier, ServerNode):
         ``resume``: the engine's state was loaded (:meth:`load_state_dict`); the programs of
         the unfinished workers start afresh from their saved state."""
         for p in self.procs:
-            if not (resume and p.done):
-                self._advance(_Coro(p, self.algo.program(p.w), main=True), None)
+            if not (resume and p.done) and not p.gone:
+                self._start(p)
         while True:
             while self._q and self._q[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._q)
@@ -162,19 +174,25 @@ class Engine(CheckpointBarrier, ServerNode):
                     continue
                 break
             self.now = self._q[0][0]
-        stuck = [p for p in self.procs if not p.done]
+        stuck = [p for p in self.procs if not p.done and not p.gone]
         if stuck:
             raise Deadlock(self._stuck_message(stuck))
         return max(p.finish_time for p in self.procs)
 
+    def _start(self, p: _Proc) -> None:
+        self._advance(_Coro(p, self.algo.program(p.w), main=True), None)
+
     # -- coroutines ----------------------------------------------------------------
     def _advance(self, coro: _Coro, value: Any) -> None:
+        if coro.inc != coro.proc.inc:
+            return  # a coroutine of a worker that left since
         if coro.stall_from is not None:
             coro.proc.stall += self.now - coro.stall_from
             coro.stall_from = None
         while True:
             try:
-                eff = coro.gen.send(value)
+                eff = (coro.gen.throw(value.exc) if isinstance(value, Failed)
+                       else coro.gen.send(value))
             except StopIteration as stop:
                 if coro.main:
                     coro.proc.done = True
@@ -204,6 +222,9 @@ class Engine(CheckpointBarrier, ServerNode):
             return True, None
         if isinstance(eff, Now):
             return False, self.now
+        if isinstance(eff, Members):
+            return False, (self.members.members() if self.members is not None
+                           else tuple(range(self.n)))
         if isinstance(eff, Sleep):
             h = Handle("sleep")
             self.at(self.now + eff.seconds, self._resolve, h, None)
@@ -211,6 +232,8 @@ class Engine(CheckpointBarrier, ServerNode):
         if isinstance(eff, Wait):
             return self._wait(coro, eff.handles)
         if isinstance(eff, Checkpoint):
+            if self.members is not None and self.churn_point(coro):
+                return True, None  # the worker left here
             return self._checkpoint_point(coro, eff)
         if isinstance(eff, Spawn):
             child = _Coro(p, eff.program, main=False)
@@ -236,22 +259,30 @@ class Engine(CheckpointBarrier, ServerNode):
         hs = [handles] if single else list(handles)
         missing = [h for h in hs if not h.done]
         if not missing:
-            return False, hs[0].value if single else [h.value for h in hs]
+            return self._waited(hs, single)
         joint = Handle("wait")
         left = [len(missing)]
 
         def one_done(_: Any) -> None:
             left[0] -= 1
             if left[0] == 0:
-                self._resolve(joint, hs[0].value if single else [h.value for h in hs])
+                self._resolve(joint, self._waited(hs, single)[1])
 
         for h in missing:
             h.waiters.append(one_done)
         return self._park(coro, joint)
 
+    @staticmethod
+    def _waited(hs: list[Handle], single: bool) -> tuple[bool, Any]:
+        failed = [h.value for h in hs if isinstance(h.value, Failed)]
+        if failed:  # a lost peer (churn): raised in the program at its Wait
+            return False, failed[0]
+        return False, hs[0].value if single else [h.value for h in hs]
+
     # -- computation ---------------------------------------------------------------
     def _flush_compute(self) -> None:
-        pending, self._pending = self._pending, []
+        pending = [(c, e) for c, e in self._pending if c.inc == c.proc.inc]
+        self._pending = []
         groups: dict[tuple, list[tuple[_Coro, Effect]]] = {}
         for coro, eff in pending:
             key = ("grad", 1) if isinstance(eff, Grad) else ("compute", eff.steps)
@@ -277,6 +308,8 @@ class Engine(CheckpointBarrier, ServerNode):
 
     def _compute_done(self, coro: _Coro, result: Any, steps: int) -> None:
         p = coro.proc
+        if coro.inc != p.inc:
+            return
         p.busy_until = None
         if steps:
             p.w.note_steps(steps)
@@ -293,6 +326,8 @@ class Engine(CheckpointBarrier, ServerNode):
     def _join_collective(self, p: _Proc, eff: AllReduce | AllGather) -> Handle:
         seq = p.coll_seq
         p.coll_seq += 1
+        if self.members is not None:
+            return self.quorum_join(p, eff, "coll", seq, self.now)
         c = self._colls.setdefault(seq, {"members": {}, "t": 0.0})
         h = Handle(f"collective#{seq}")
         c["members"][p.w.rank] = (eff, h)
@@ -347,6 +382,8 @@ class Engine(CheckpointBarrier, ServerNode):
         return h
 
     def _deliver(self, q: _Proc, key: Any, payload: Any) -> None:
+        if q.gone:
+            return  # it left: the message is lost with it
         waiter = q.mail.deliver(key, payload)
         if waiter is not None:
             self._resolve(waiter, payload)
@@ -369,16 +406,22 @@ class Engine(CheckpointBarrier, ServerNode):
         return h
 
     def _answer(self, q: _Proc, src: _Proc, payload: Any, h: Handle) -> None:
+        if q.gone:
+            self._resolve(h, Failed(PeerUnavailable(q.w.rank, "it left")))
+            return
         ans = self.algo.on_exchange(q.w, src.w.rank, payload)
         if isinstance(ans, Deferred):
             fn = ans.fn
             if q.busy_until is not None:
                 q.deferred.append(lambda: self._reply(q, src, fn(q.w), h))
+                q.owed.append(h)
                 return
             ans = fn(q.w)
         self._reply(q, src, ans, h)
 
     def _reply(self, q: _Proc, src: _Proc, ans: Reply, h: Handle) -> None:
+        if h in q.owed:
+            q.owed.remove(h)
         left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)

@@ -55,6 +55,8 @@ class ServerNode:
         p.server_seq += 1
         got, tries = self.net.to_server(p.w.rank, eff.nbytes, self.now)
         self._count(p, eff.nbytes * tries, tries)
+        if getattr(self, "members", None) is not None:  # churn: a quorum round (.churn)
+            return self.quorum_join(p, eff, "server", seq, got)  # type: ignore[attr-defined]
         h = Handle(f"server round #{seq}")
         r = self._rounds.setdefault(seq, {"members": {}, "t": 0.0})
         r["members"][p.w.rank] = (eff, h)
