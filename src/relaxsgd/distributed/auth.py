@@ -12,9 +12,13 @@ and size checks still apply, authentication does not).
 The handshake (a connection carries messages from the connecting worker ``a`` to the
 accepting one ``b``; both sides prove the secret, so neither talks to an impostor):
 
-1. a -> b: ``HELLO`` = magic, version, TLS flag, a's rank, b's rank, world size, nonce_a;
-2. b checks every field (ranks in range, b's own rank, a's rank not yet connected, same
-   world and TLS setting), answers nonce_b and ``HMAC(K, "acceptor" | HELLO | nonce_b)``;
+1. a -> b: ``HELLO`` = magic, version, TLS flag, a's rank, b's rank, world size, nonce_a
+   (in an elastic job, flag :data:`F_INC` and a's incarnation follow: 4 more bytes,
+   part of HELLO for the MACs below; a restarted worker keeps its rank and has a higher
+   incarnation, see :mod:`.transport`);
+2. b checks every field (ranks in range, b's own rank, a's rank not yet connected, or
+   connected as an older incarnation, same world and TLS setting), answers nonce_b and
+   ``HMAC(K, "acceptor" | HELLO | nonce_b)``;
 3. a checks b's proof and answers ``HMAC(K, "connector" | HELLO | nonce_b)``;
 4. b checks it, registers the connection as a's (if that rank is still free), sends OK.
 
@@ -56,7 +60,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAGIC = b"RSGD"
 VERSION = 1
 HELLO = struct.Struct("!4sBBIII16s")  # magic, version, flags, src, dst, world, nonce
-F_TLS, F_POLY = 1, 2  # flags: TLS on; can do Poly1305 frame tags
+F_TLS, F_POLY, F_INC = 1, 2, 4  # flags: TLS on; can do Poly1305 tags; incarnation follows
+INC = struct.Struct("!I")  # the connector's incarnation (F_INC)
 NONCE = 16
 MAC_SIZE = 32
 HANDSHAKE_S = 10.0
@@ -231,9 +236,10 @@ class FrameMac:
     """The tag of each frame on one connection: Poly1305 under a one-time key derived
     from the session key and the frame number (``fast``), else HMAC-SHA256."""
 
-    def __init__(self, key: bytes, fast: bool) -> None:
+    def __init__(self, key: bytes, fast: bool, peer_incarnation: int = 0) -> None:
         self.key, self.fast = key, fast and Poly1305 is not None
         self.size = 16 if self.fast else 32
+        self.peer_incarnation = peer_incarnation  # (acceptor side: the connector's)
 
     def tag(self, seq: int, header: bytes, frames: list) -> bytes:
         if self.fast:
@@ -250,10 +256,13 @@ def _flags(auth: Auth) -> int:
 
 
 def client_handshake(sock: socket.socket, auth: Auth, src: int, dst: int,
-                     world: int) -> FrameMac:
-    """Connector side (see the module docstring); returns the session's frame MAC."""
-    hello = HELLO.pack(MAGIC, VERSION, _flags(auth), src, dst, world,
-                       secrets.token_bytes(NONCE))
+                     world: int, incarnation: int = 0) -> FrameMac:
+    """Connector side (see the module docstring); returns the session's frame MAC.
+    ``incarnation`` > 0 (a restarted or joining worker): sent after HELLO (F_INC)."""
+    flags = _flags(auth) | (F_INC if incarnation else 0)
+    hello = HELLO.pack(MAGIC, VERSION, flags, src, dst, world, secrets.token_bytes(NONCE))
+    if incarnation:
+        hello += INC.pack(incarnation)
     deadline = time.monotonic() + HANDSHAKE_S
     sock.sendall(hello)
     try:
@@ -283,7 +292,8 @@ def client_handshake(sock: socket.socket, auth: Auth, src: int, dst: int,
 def server_handshake(sock: socket.socket, auth: Auth, me: int, world: int,
                      is_free: object) -> tuple[int, FrameMac]:
     """Acceptor side: (the peer's rank, frame MAC), or :class:`HandshakeError`.
-    ``is_free(rank)`` tells whether that rank may still connect."""
+    ``is_free(rank)`` tells whether that rank may still connect; with an incarnation
+    (F_INC) ``is_free(rank, incarnation)``; the MAC's ``peer_incarnation`` holds it."""
     deadline = time.monotonic() + HANDSHAKE_S
     try:
         hello = recv_exact(sock, HELLO.size, deadline)
@@ -294,13 +304,22 @@ def server_handshake(sock: socket.socket, auth: Auth, me: int, world: int,
         raise HandshakeError(f"not a relaxsgd peer (it began with {hello[:8]!r})")
     if version != VERSION:
         raise HandshakeError(f"protocol version {version}, not {VERSION}")
+    inc = 0
+    if flags & F_INC:
+        try:
+            ext = recv_exact(sock, INC.size, deadline)
+        except EOFError:
+            raise HandshakeError("closed before saying hello") from None
+        hello += ext
+        (inc,) = INC.unpack(ext)
     if n != world or dst != me or not 0 <= src < world or src == me:
         raise HandshakeError(f"claims rank {src} of {n} calling rank {dst}; this is rank "
                              f"{me} of {world}")
     if flags & F_TLS != _flags(auth) & F_TLS:
         raise HandshakeError("its TLS setting differs from ours")
-    if not is_free(src):  # type: ignore[operator]
-        raise HandshakeError(f"claims rank {src}, which is already connected")
+    if not (is_free(src, inc) if inc else is_free(src)):  # type: ignore[operator]
+        raise HandshakeError(f"claims rank {src}, which is already connected" + (
+            f" (incarnation {inc}: not newer than the one known)" if inc else ""))
     nonce_b = secrets.token_bytes(NONCE)
     mode = b"\x01" if flags & F_POLY and Poly1305 is not None else b"\x00"
     sock.sendall(nonce_b + mode + _mac(auth.key, b"acceptor", hello, nonce_b, mode))
@@ -311,7 +330,8 @@ def server_handshake(sock: socket.socket, auth: Auth, me: int, world: int,
     if not hmac.compare_digest(proof, _mac(auth.key, b"connector", hello, nonce_b, mode)):
         raise HandshakeError(f"claimed rank {src} without proving the job secret (wrong "
                              "RELAXSGD_SECRET)")
-    return src, FrameMac(_mac(auth.key, b"session", hello, nonce_b, mode), mode == b"\x01")
+    return src, FrameMac(_mac(auth.key, b"session", hello, nonce_b, mode), mode == b"\x01",
+                         inc)
 
 
 def frame_mac(key: bytes, seq: int, header: bytes, frames: list) -> bytes:

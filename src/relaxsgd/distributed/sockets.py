@@ -56,6 +56,15 @@ class SendQueue:
         self.items: deque = deque()
         self.cond = threading.Condition()
         self.busy = False
+        self.closed = False  # closed while idle (an idle connection): put refuses
+
+    def close_if_idle(self) -> bool:
+        """Close the queue if nothing is queued or being written; True if closed now."""
+        with self.cond:
+            if self.items or self.busy or self.closed:
+                return False
+            self.closed = True
+            return True
 
     def idle(self) -> bool:
         with self.cond:
@@ -65,8 +74,12 @@ class SendQueue:
         with self.cond:
             self.busy = False
 
-    def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool:
+    def put(self, item: Any, size: int, timeout: float, force: bool = False) -> bool | None:
+        """Queue ``item``: True, False past ``timeout`` without room, None if the queue was
+        closed (``force``: queued at once, even then)."""
         with self.cond:
+            if self.closed and not force:
+                return None
             end = time.monotonic() + timeout
             while not force and self.items and self.size + size > self.cap:
                 left = end - time.monotonic()

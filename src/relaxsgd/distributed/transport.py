@@ -1,15 +1,32 @@
 """Point-to-point messages between the workers of a job, on TCP with background threads.
 
-Every worker listens on a port (published in the torch.distributed store) and opens one
-connection to every other worker at start (a full mesh: so that the death of any worker is
-seen at once by everyone, as an end of stream without a goodbye). A connection carries
-messages one way, from the worker that opened it; it is used only after both sides proved
-the job secret (:mod:`.auth`), and every frame on it is authenticated (or TLS-protected).
-Each outgoing connection has a sender thread with a bounded queue (backpressure: a send
-waits while the queue holds :attr:`Transport.queue_bytes`; a peer that reads nothing for
-the peer timeout is dropped); each incoming one a reader thread that checks and decodes
-messages (:mod:`.wire`) and hands them to ``on_message(src, msg)`` (that is where exchange
-requests are answered while the main thread computes).
+Every worker listens on a port (published in the torch.distributed store). A connection
+carries messages one way, from the worker that opened it; it is used only after both
+sides proved the job secret (:mod:`.auth`), and every frame on it is authenticated (or
+TLS-protected). Each outgoing connection has a sender thread with a bounded queue
+(backpressure: a send waits while the queue holds :attr:`Transport.queue_bytes`; a peer
+that reads nothing for the peer timeout is dropped); each incoming one a reader thread
+that checks and decodes messages (:mod:`.wire`) and hands them to ``on_message(src,
+msg)`` (that is where exchange requests are answered while the main thread computes).
+
+Connections. By default every worker opens one connection to every other at start (a
+full mesh: the death of any worker is seen at once by everyone, as an end of stream
+without a goodbye). With ``on_demand`` (``RELAXSGD_CONNECT=demand``; every elastic job)
+a worker connects to a peer on its first send to it and closes a connection idle for
+``idle_s`` (an ``idle`` frame first, so the peer's reader knows it is no death), so a
+gossip worker holds connections to its partners only: O(n x degree) in the job, not
+O(n^2). Death detection then: a peer this worker sends to or hears from is seen at once
+(end of stream on the incoming connection; on an outgoing one, the acceptor writes one
+goodbye byte when it closes cleanly, so an end of stream without it is a death); every
+other worker learns it from the member registry in the store (:mod:`.membership`:
+whoever sees it first records it; in an elastic job the launcher, which hosts the store,
+records every exit), within :data:`~.membership.POLL_S`.
+
+Membership (ELASTIC.md's Transport interface, :class:`~.membership.Membership`):
+``live()``, ``on_member(callback)``, ``incarnation(worker)``. A restarted worker keeps
+its id with a higher incarnation (sent in its handshake): its new connection is admitted
+even though the old one is marked lost, the old incarnation is declared lost first, and
+anything still arriving on a connection of an older incarnation is dropped.
 
 Robustness. The accept loop survives any input: each new connection gets its own
 handshake thread (at most :data:`MAX_HANDSHAKES` at once, each within
@@ -30,6 +47,7 @@ milliseconds and only its own messages fail, and the bytes are counted exactly.
 from __future__ import annotations
 
 import hmac
+import select
 import socket
 import struct
 import sys
@@ -40,30 +58,48 @@ from typing import Any
 
 import torch
 
+from ..errors import RelaxError
 from . import auth as A
+from .membership import Membership, Registry
 from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts, send_room, shut
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
 MAX_HANDSHAKES = 32
 MAX_WARNINGS = 20
+IDLE_S = 30.0  # an on-demand connection unused this long is closed
+GOODBYE = b"\x02"  # written by an acceptor on its incoming connections as it closes
 
 
 _STOP = object()
 _THREAD = threading.local()  # .reader: this thread reads a connection (see _write_now)
 
 
-class Transport:
-    """Framed, authenticated messages to and from every other rank; see the module doc.
+class _Link:
+    """One outgoing connection: its socket, frame MAC and number, writer lock, queue."""
+
+    def __init__(self, sock: socket.socket, mac: A.FrameMac, cap: int) -> None:
+        self.sock, self.mac, self.seq = sock, mac, 0
+        self.wlock = threading.Lock()  # one writer at a time
+        self.queue = SendQueue(cap)
+        self.last = time.monotonic()  # the last send (idle connections are closed)
+
+
+class Transport(Membership):
+    """Framed, authenticated messages to and from the other workers; see the module doc.
 
     ``max_frame``: the largest message body accepted (bytes); ``peer_timeout_s``: how long
-    a send may wait for room in a peer's queue before that peer is dropped.
+    a send may wait for room in a peer's queue before that peer is dropped. Elastic jobs:
+    ``n`` is the number of ids (``max_workers``), ``members`` the ids present at start
+    (default all), ``incarnation`` this worker's, ``on_demand`` see the module doc.
     """
 
     def __init__(self, rank: int, n: int, on_message: Callable[[int, Any], None],
                  timeout_s: float, device: torch.device | None = None, *,
                  auth: A.Auth | None = None, max_frame: int = 1 << 30,
-                 peer_timeout_s: float | None = None) -> None:
+                 peer_timeout_s: float | None = None, incarnation: int = 0,
+                 members: Any = None, on_demand: bool = False,
+                 idle_s: float = IDLE_S) -> None:
         self.rank, self.n, self.timeout = rank, n, timeout_s
         self.peer_timeout = peer_timeout_s or timeout_s
         self.on_message = on_message
@@ -77,13 +113,12 @@ class Transport:
         self.messages = 0
         self.refused = 0
         self.last_heard: dict[int, float] = {}
+        self.on_demand, self.idle_s = on_demand, idle_s
+        self.opened = 0  # outgoing connections opened (on demand: how many partners)
         self._lock = threading.Lock()
-        self._queues: dict[int, SendQueue] = {}
+        self._links: dict[int, _Link] = {}
+        self._opening: dict[int, threading.Lock] = {}
         self._senders: list[threading.Thread] = []
-        self._out: dict[int, socket.socket] = {}
-        self._macs: dict[int, A.FrameMac] = {}
-        self._seq: dict[int, int] = {}  # the next frame's number, per outgoing connection
-        self._wlocks: dict[int, threading.Lock] = {}  # one writer at a time per connection
         self.inline_send = True  # False: every message through the sender thread
         self.handed_off = 0  # messages that went through a sender thread's queue
         self._listener: socket.socket | None = None
@@ -93,43 +128,84 @@ class Transport:
         self._closing = False
         self._handshakes = threading.Semaphore(MAX_HANDSHAKES)
         self._warned = 0
+        self._store: Any = None
+        self._prefix = "relaxsgd/p2p"
+        self._init_members(members, incarnation)
+
+    @property
+    def _queues(self) -> dict[int, SendQueue]:  # (what tests and benchmark hooks read)
+        return {p: link.queue for p, link in self._links.items()}
+
+    def connections(self) -> int:
+        """Open connections, both directions (what connections on demand bound)."""
+        with self._joined:
+            return len(self._links) + len(self._incoming)
 
     # -- set-up --------------------------------------------------------------------
     def start(self, store: Any, host: str, prefix: str = "relaxsgd/p2p",
-              startup_s: float | None = None) -> None:
-        """Listen, publish the address, connect to every peer, wait for theirs (within
-        ``startup_s``, default the timeout: workers may start at quite different times)."""
+              startup_s: float | None = None, registry: Registry | None = None) -> None:
+        """Listen, publish the address; without ``on_demand`` connect to every peer and
+        wait for theirs (within ``startup_s``, default the timeout: workers may start at
+        quite different times). ``registry``: the elastic job's member records."""
         wait = max(startup_s or 0.0, self.timeout)
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind((host, 0))
         lst.listen(max(64, self.n))
         self._listener = lst
-        threading.Thread(target=self._accept_loop, daemon=True, name="relax-accept").start()
-        store.set(f"{prefix}/{self.rank}", f"{host}:{lst.getsockname()[1]}")
-        for peer in range(self.n):
-            if peer == self.rank:
-                continue
-            addr = parse_address(store.get(f"{prefix}/{peer}").decode("utf-8", "replace"))
-            sock, mac = self._connect(peer, addr, wait)
-            self._out[peer] = sock
-            self._macs[peer], self._seq[peer] = mac, 0
-            self._wlocks[peer] = threading.Lock()
-            q = SendQueue(self.queue_bytes)
-            self._queues[peer] = q
-            t = threading.Thread(target=self._send_loop, args=(peer, sock, mac, q),
-                                 daemon=True, name=f"relax-send{peer}")
-            t.start()
-            self._senders.append(t)
+        self._store, self._prefix, self.registry = store, prefix, registry
+        self._thread(self._accept_loop, "relax-accept")
+        addr = f"{host}:{lst.getsockname()[1]}"
+        store.set(f"{prefix}/{self.rank}", addr)
+        if registry is not None:
+            registry.register(self.rank, self.my_incarnation, addr)
+            self._thread(self._watch_members, "relax-members")
+        if self.on_demand:
+            self._thread(self._watch_links, "relax-links")
+            return
+        for peer in sorted(self._known - {self.rank}):
+            self._open(peer, wait)
         deadline = time.monotonic() + wait
         with self._joined:
-            while len(self._incoming) < self.n - 1:
+            while len(self._incoming) < len(self._known) - 1:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = sorted(set(range(self.n)) - {self.rank} - set(self._incoming))
+                    missing = sorted(self._known - {self.rank} - set(self._incoming))
                     raise PeerLost(f"worker(s) {missing} did not connect within "
                                    f"{wait:.0f}s")
                 self._joined.wait(min(left, 0.5))
+
+    def _thread(self, target: Any, name: str) -> None:
+        threading.Thread(target=target, daemon=True, name=name).start()
+
+    def _address(self, peer: int) -> tuple[str, int]:
+        """Where ``peer`` listens: its latest registration, else its published address."""
+        if self.registry is not None:
+            m = self.registry.member(peer)
+            if m is not None:
+                return parse_address(m[1])
+        got = self._store.get(f"{self._prefix}/{peer}")
+        return parse_address(got.decode("utf-8", "replace"))
+
+    def _open(self, peer: int, wait: float) -> _Link:
+        """The outgoing connection to ``peer``, opened now if there is none (one opener
+        at a time per peer); PeerLost if it cannot be."""
+        with self._lock:
+            gate = self._opening.setdefault(peer, threading.Lock())
+        with gate:
+            link = self._links.get(peer)
+            if link is not None:
+                return link
+            sock, mac = self._connect(peer, self._address(peer), wait)
+            link = _Link(sock, mac, self.queue_bytes)
+            with self._joined:
+                self._links[peer] = link
+                self.opened += 1
+            t = threading.Thread(target=self._send_loop, args=(peer, link), daemon=True,
+                                 name=f"relax-send{peer}")
+            t.start()
+            self._senders.append(t)
+            return link
 
     def _connect(self, peer: int, addr: tuple[str, int],
                  wait: float) -> tuple[socket.socket, A.FrameMac]:
@@ -145,7 +221,8 @@ class Transport:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.auth.client_ctx is not None:
                     s = self.auth.client_ctx.wrap_socket(s)
-                mac = A.client_handshake(s, self.auth, self.rank, peer, self.n)
+                mac = A.client_handshake(s, self.auth, self.rank, peer, self.n,
+                                         self.my_incarnation)
                 s.settimeout(self.timeout)
                 return s, mac
             except (A.HandshakeError, OSError) as e:
@@ -194,10 +271,16 @@ class Transport:
             if self.auth.server_ctx is not None:
                 conn = self.auth.server_ctx.wrap_socket(conn, server_side=True)
             src, mac = A.server_handshake(conn, self.auth, self.rank, self.n, self._free)
+            inc = mac.peer_incarnation
+            # (proven now: a newer incarnation or a joiner may replace what is known)
+            self.admit(src, inc, "connected")
             with self._joined:
-                if not self._free(src):
+                if self.on_demand:  # (its idle connection may be closing just now)
+                    self._joined.wait_for(lambda: src not in self._incoming, 1.0)
+                if not self._free(src, inc) or inc != self._inc.get(src, 0):
                     raise A.HandshakeError(f"claims rank {src}, which is already connected")
                 self._incoming[src] = conn
+                self._goodbye.discard(src)
                 self._joined.notify_all()
             conn.sendall(b"\x01")
             conn.settimeout(None)  # a live peer may be silent for long (asynchrony)
@@ -214,8 +297,12 @@ class Transport:
             self._handshakes.release()
         self._read_loop(src, conn, mac)
 
-    def _free(self, rank: int) -> bool:
-        return rank not in self._incoming and rank not in self.dead
+    def _free(self, rank: int, inc: int = 0) -> bool:
+        """May incarnation ``inc`` of ``rank`` connect (a newer one always may)?"""
+        if self._newer(rank, inc):
+            return True
+        return inc == self._inc.get(rank, 0) and rank not in self.dead and (
+            rank not in self._incoming or self.on_demand)
 
     def _warn(self, text: str) -> None:
         with self._lock:
@@ -231,83 +318,102 @@ class Transport:
              | None = None) -> int:
         """Send ``msg`` to ``peer``: written at once by this thread when the connection is
         idle, else queued for its sender thread; ``done(error)`` runs once it left (or
-        failed). Waits while the peer's queue is full; drops the peer if it stays full for the
-        peer timeout. Returns the message's size on the wire.
+        failed). Opens the connection first if there is none (on demand, or to a restarted
+        peer). Waits while the peer's queue is full; drops the peer if it stays full for
+        the peer timeout. Returns the message's size on the wire.
         """
         frames = encode(msg)
         size = wire_size(frames)
         if size > self.max_frame:
             raise WireError(f"a {msg[0]!r} message of {size} bytes exceeds the limit of "
                             f"{self.max_frame} (RELAXSGD_MAX_MESSAGE_MB)")
-        if peer in self.dead or peer not in self._queues:
+        for _ in range(3):  # (a connection closed as idle just now: open another)
+            err = self._unreachable(peer)
+            if err is not None:
+                if done is not None:
+                    done(ConnectionError(err))
+                return 0
+            try:
+                link = self._links.get(peer) or self._open(peer, self.peer_timeout)
+            except RelaxError as e:  # (PeerLost; StoreForged: a forged address)
+                self.mark_dead(peer, str(e))
+                continue
+            if self.inline_send and self._write_now(peer, link, frames, done):
+                break  # written by this thread: no hand-off to the sender thread
+            queued = link.queue.put((frames, done), size, self.peer_timeout)
+            if queued:
+                self.handed_off += 1
+                break
+            if queued is None:
+                time.sleep(0.01)  # (closed as idle: it leaves the table at once)
+                continue
+            self.mark_dead(peer, f"it read nothing for {self.peer_timeout:g}s "
+                           "(RELAXSGD_PEER_TIMEOUT) while its send queue was full")
+        else:
             if done is not None:
                 done(ConnectionError(self.dead.get(peer, f"no connection to {peer}")))
             return 0
-        if self.inline_send and self._write_now(peer, frames, done):
-            pass  # written by this thread: no hand-off to the sender thread
-        elif self._queues[peer].put((frames, done), size, self.peer_timeout):
-            self.handed_off += 1
-        else:
-            self.mark_dead(peer, f"it read nothing for {self.peer_timeout:g}s "
-                           "(RELAXSGD_PEER_TIMEOUT) while its send queue was full")
-            if done is not None:
-                done(ConnectionError(self.dead.get(peer, "")))
-            return 0
+        link.last = time.monotonic()
         with self._lock:
             self.wire_bytes += size
             self.messages += 1
         return size
 
-    def _write_now(self, peer: int, frames: list, done: Any) -> bool:
+    def _unreachable(self, peer: int) -> str | None:
+        if peer in self.dead:
+            return self.dead[peer]
+        if peer == self.rank or peer not in self._known:
+            return f"no connection to {peer}"
+        return None
+
+    def _write_now(self, peer: int, link: _Link, frames: list, done: Any) -> bool:
         """Write a message on the calling thread when nothing is queued for ``peer``
         and no other thread is writing to it (the common case: no thread hand-off, no
         GIL round trip); False: queue it. The socket's timeout bounds a peer that reads
         nothing, as the queue's does; a reader thread (answering an exchange) writes only
         a frame the socket takes without blocking, so readers never wait on each other."""
-        lock = self._wlocks[peer]
         # a reader thread writes only what the socket takes at once: two readers each
         # blocked writing a big answer to the other would wait for each other
         if getattr(_THREAD, "reader", False) and (
-                self.auth.tls or wire_size(frames) + 64 > send_room(self._out[peer])):
+                self.auth.tls or wire_size(frames) + 64 > send_room(link.sock)):
             return False
-        if not lock.acquire(blocking=False):
+        if not link.wlock.acquire(blocking=False):
             return False
         try:
-            if not self._queues[peer].idle():
+            if not link.queue.idle() or link.queue.closed:
                 return False
-            err = self._write(peer, frames)
+            err = self._write(peer, link, frames)
         finally:
-            lock.release()
+            link.wlock.release()
         if done is not None:
             done(err)
         return True
 
-    def _write(self, peer: int, frames: list) -> BaseException | None:
+    def _write(self, peer: int, link: _Link, frames: list) -> BaseException | None:
         """One frame to ``peer`` (its write lock held): numbered, tagged, written."""
         if peer in self.dead:
             return ConnectionError(self.dead[peer])
         try:
-            self._send_frame(self._out[peer], self._macs[peer], self._seq[peer], frames)
-            self._seq[peer] += 1
+            self._send_frame(link.sock, link.mac, link.seq, frames)
+            link.seq += 1
         except OSError as e:
             self.mark_dead(peer, f"sending to it failed ({e.__class__.__name__})")
             return e
         return None
 
-    def _send_loop(self, peer: int, sock: socket.socket, mac: A.FrameMac,
-                   q: SendQueue) -> None:
+    def _send_loop(self, peer: int, link: _Link) -> None:
         while True:
-            item = q.get()
+            item = link.queue.get()
             if item is _STOP:
                 break
             frames, done = item
-            with self._wlocks[peer]:
-                err = self._write(peer, frames)
-            q.item_done()
+            with link.wlock:
+                err = self._write(peer, link, frames)
+            link.queue.item_done()
             if done is not None:
                 done(err)
         try:
-            sock.shutdown(socket.SHUT_WR)
+            link.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
@@ -319,28 +425,92 @@ class Transport:
             parts.append(mac.tag(seq, header, frames))
         send_parts(sock, parts)  # the tensors' own buffers: no joined copy
 
+    # -- on-demand links -----------------------------------------------------------
+    def _watch_links(self) -> None:
+        """Close idle outgoing connections; see an outgoing one's end (its peer's
+        goodbye byte, or a death) without waiting for the next write to fail."""
+        while not self._closing:
+            socks = {link.sock: p for p, link in list(self._links.items())
+                     if not self.auth.tls}  # (TLS: no goodbye byte; deaths by writes)
+            try:
+                ready = select.select(list(socks), [], [], 0.2)[0] if socks else []
+            except (OSError, ValueError):
+                ready = []  # (a socket closed meanwhile: look again)
+            if not socks:
+                time.sleep(0.2)
+            for s in ready:
+                try:
+                    got = s.recv(1)
+                except OSError:
+                    got = b""
+                if got == GOODBYE or socks[s] in self._goodbye:
+                    self._goodbye.add(socks[s])
+                    self._drop_links(socks[s], outgoing_only=True)
+                else:
+                    if not self._closing and self._links.get(socks[s]) is not None:
+                        self.mark_dead(socks[s], "its connection closed without a "
+                                       "goodbye (process killed or crashed)")
+                    self._drop_links(socks[s], outgoing_only=True)
+            now = time.monotonic()
+            for p, link in list(self._links.items()):
+                if now - link.last > self.idle_s:
+                    self._close_idle(p, link)
+
+    def _close_idle(self, peer: int, link: _Link) -> None:
+        """If nothing is queued on ``link``: say ``idle`` on it and close it."""
+        with self._joined:
+            if self._links.get(peer) is not link or not link.queue.close_if_idle():
+                return
+            del self._links[peer]
+        with link.wlock:
+            self._write(peer, link, encode(("idle",)))
+        link.queue.put(_STOP, 0, 0.0, force=True)
+
+    def _drop_links(self, peer: int, outgoing_only: bool = False) -> None:
+        """Forget ``peer``'s connections (it restarted, or said goodbye): the next send
+        opens a new one, to its latest address."""
+        with self._joined:
+            link = self._links.pop(peer, None)
+            conn = None if outgoing_only else self._incoming.pop(peer, None)
+            self._goodbye.discard(peer) if not outgoing_only else None
+            self._joined.notify_all()
+        if link is not None:
+            link.queue.closed = True
+            link.queue.put(_STOP, 0, 0.0, force=True)
+            shut(link.sock)
+        if conn is not None:
+            shut(conn)
+
     # -- receiving -----------------------------------------------------------------
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
         _THREAD.reader = True
-        seq = 0
-        while src not in self.dead:
+        seq, inc = 0, mac.peer_incarnation
+        while src not in self.dead and self._inc.get(src, 0) == inc:
             try:
                 msg = self._read_frame(conn, mac, seq, src)
                 seq += 1
+                if self._inc.get(src, 0) != inc:
+                    break  # from an older incarnation: ignored
                 self.last_heard[src] = time.monotonic()
-                if msg[0] == "bye":
+                if msg[0] in ("bye", "idle"):
                     with self._joined:
-                        self._goodbye.add(src)
+                        if msg[0] == "bye":
+                            self._goodbye.add(src)
+                        elif self._incoming.get(src) is conn:
+                            del self._incoming[src]
                         self._joined.notify_all()
+                    if msg[0] == "idle":
+                        break
                     continue
                 self.on_message(src, msg)
             except (OSError, EOFError) as e:
-                if src not in self._goodbye and not self._closing:
+                if src not in self._goodbye and not self._closing and \
+                        self._inc.get(src, 0) == inc:
                     self.mark_dead(src, "its connection closed without a goodbye "
                                    f"(process killed or crashed; {type(e).__name__})")
                 break
             except Exception as e:  # noqa: BLE001 - any bad input drops this peer only
-                if not self._closing:
+                if not self._closing and self._inc.get(src, 0) == inc:
                     why = str(e) if isinstance(e, WireError) else f"{type(e).__name__}: {e}"
                     self.mark_dead(src, f"it sent an invalid message ({why})"[:400])
                 break
@@ -364,43 +534,55 @@ class Transport:
                                 "forged)")
         return check_message(decode(buf, self.device))
 
-    def mark_dead(self, peer: int, why: str) -> None:
+    def mark_dead(self, peer: int, why: str, publish: bool = True) -> None:
         """Record ``peer`` as lost (first cause wins), close its connections, tell the
-        ``on_dead`` callbacks."""
+        ``on_dead`` and ``on_member`` ("leave") callbacks and, in an elastic job, the
+        member registry (unless ``publish`` is False: it was learnt from there)."""
         with self._lock:
             if peer in self.dead:
                 return
             self.dead[peer] = why
         if not self._closing:
-            for s in (self._incoming.get(peer), self._out.get(peer)):
+            for s in (self._incoming.get(peer), getattr(self._links.get(peer), "sock", None)):
                 if s is not None:
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    shut(s)
         for cb in list(self.on_dead):
             cb(peer, why)
+        self._fire("leave", peer, why)
+        if publish and not self._closing:
+            self._publish_leave(peer, why)
         with self._joined:
             self._joined.notify_all()
 
     # -- shutdown ------------------------------------------------------------------
     def close(self, wait_s: float = 5.0) -> None:
-        """Say goodbye to every live peer, flush, and wait (a little) for their goodbyes."""
-        for peer, q in self._queues.items():
+        """Say goodbye to every live peer, flush, and wait (a little) for their goodbyes
+        (on demand: from the peers connected to this one)."""
+        for peer, link in list(self._links.items()):
             if peer not in self.dead:
                 frames = encode(("bye",))
-                q.put((frames, None), wire_size(frames), 0.0, force=True)
-            q.put(_STOP, 0, 0.0, force=True)
+                link.queue.put((frames, None), wire_size(frames), 0.0, force=True)
+            link.queue.put(_STOP, 0, 0.0, force=True)
         deadline = time.monotonic() + wait_s
         for t in self._senders:
             t.join(timeout=max(deadline - time.monotonic(), 0.0))
         with self._joined:
             while True:
-                missing = set(range(self.n)) - {self.rank} - self._goodbye - set(self.dead)
+                them = set(self._incoming) if self.on_demand else self._known
+                missing = them - {self.rank} - self._goodbye - set(self.dead)
                 left = deadline - time.monotonic()
                 if not missing or left <= 0:
                     break
                 self._joined.wait(min(left, 0.2))
+        if self.registry is not None:
+            self._publish_leave(self.rank, "it finished (a clean leave)")
         self._closing = True
+        with self._joined:
+            conns = list(self._incoming.values())
+        for conn in conns if self.on_demand and not self.auth.tls else []:
+            try:  # (the connector's watch reads it as no death)
+                conn.sendall(GOODBYE)
+            except OSError:
+                pass
         if self._listener is not None:
             self._listener.close()

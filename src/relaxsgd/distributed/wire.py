@@ -360,7 +360,7 @@ def decode(buf: bytearray, device: torch.device | None = None) -> Any:
 ANY = object()
 TAG = (type(None), bool, int, float, str, tuple)
 KINDS: dict[str, tuple[Any, ...]] = {
-    "bye": (), "done": (), "abort": (str,), "snap": (dict,),
+    "bye": (), "idle": (), "done": (), "abort": (str,), "snap": (dict,),
     "xreq": (int, ANY), "xrep": (int, ANY), "xerr": (int, str),
     "msg": (TAG, ANY), "status?": (int,), "status": (int, int, int, bool),
     # checkpoints asked for now (.stopping)
