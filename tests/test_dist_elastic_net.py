@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -167,3 +169,58 @@ def test_a_joiner_takes_the_lowest_unused_id_and_one_beyond_the_maximum_is_refus
         claim_id(job.raw, 2, 3)
     assert "\n" not in str(e.value)
     job.close()
+
+
+def _launch(args: list[str], script: str, tmp_path: Any) -> subprocess.CompletedProcess:
+    log = tmp_path / "starts"
+    env = {**os.environ, "STARTS": str(log)}
+    return subprocess.run([sys.executable, "-m", "relaxsgd.distributed.launch", *args, "--",
+                           sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+WORKER = """
+import os, sys, time
+with open(os.environ["STARTS"], "a") as f:
+    f.write(f"{os.environ['RANK']} {os.environ['RELAXSGD_INCARNATION']} "
+            f"{os.environ['RELAXSGD_RESTART']} {os.environ['TORCHELASTIC_USE_AGENT_STORE']}\\n")
+if os.environ["RANK"] == "1":
+    sys.exit(3)
+end = time.monotonic() + 30  # (rank 0 runs until worker 1's third start, and a little)
+while time.monotonic() < end and sum(ln.startswith("1 ") for ln in open(
+        os.environ["STARTS"])) < 3:
+    time.sleep(0.05)
+time.sleep(1.0)
+"""
+
+
+def test_the_launcher_restarts_a_dead_worker_k_times_then_gives_up_in_one_line(
+        tmp_path) -> None:
+    r = _launch(["-n", "2", "--restarts", "2"], WORKER, tmp_path)
+    starts = (tmp_path / "starts").read_text().split("\n")
+    assert sorted(s for s in starts if s) == ["0 0 0 True", "1 0 0 True", "1 1 1 True",
+                                              "1 2 2 True"], r.stderr
+    lines = r.stderr.strip().split("\n")
+    assert [ln for ln in lines if "; restarting it" in ln] == [
+        f"relaxsgd.distributed.launch: worker 1 ended (status 3); restarting it (restart "
+        f"{k} of 2)" for k in (1, 2)]
+    gave_up = [ln for ln in lines if "not restarting it" in ln]
+    assert gave_up == ["relaxsgd.distributed.launch: worker 1 ended (status 3); not "
+                       "restarting it: it was restarted 2 times (--restarts 2); the job "
+                       "goes on without it"]
+    assert r.returncode == 3
+
+
+def test_a_joiner_beyond_the_maximum_is_refused_in_one_line(tmp_path) -> None:
+    job = _Job(2)
+    env = {**os.environ, "RELAXSGD_SECRET": KEY.hex(), "RELAXSGD_RENDEZVOUS_TIMEOUT": "10"}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "relaxsgd.cli", "join",
+                        f"127.0.0.1:{job.raw.port}", "--algo", "swarm", "--workers", "2",
+                        "--task", "logreg", "-q"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("relaxsgd: error: the job is full: it takes at most 2 "
+                               "workers (elastic.max_workers)"), r.stderr
+    assert int(job.raw.add("relaxsgd/next-id", 0)) == 1  # it claimed (and was refused)

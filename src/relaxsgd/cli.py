@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("run_dir", metavar="RUN_DIR", help="the folder of the stopped run")
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     sub.add_parser("list", help="every registered plug-in with a one-line description")
+    j = sub.add_parser("join", help="join a running elastic dist job as a new worker",
+                       description="Join the running elastic job whose store is at "
+                       "HOST:PORT (its MASTER_ADDR:MASTER_PORT) as a new worker: the same "
+                       "secret (RELAXSGD_SECRET) and the same run flags as the job; "
+                       "refused in one line once the job has elastic.max_workers workers "
+                       "(docs/distributed.md).")
+    j.add_argument("address", metavar="HOST:PORT", help="the job's rendezvous address")
+    j.add_argument("--algo", help="algorithm name (as the job's)")
+    _common(j)
     from .lab.cli import add_calibrate_parser, add_lab_parser
 
     add_lab_parser(sub)
@@ -250,6 +259,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from .config import from_dict
+    from .distributed.join import become, claim
+
+    args.runtime = "dist"
+    cfg = from_dict(config_dict(args, args.algo))
+    become(claim(args.address, cfg))  # (its id claimed: from here a dist worker)
+    _DIST_JOB.append(True)
+    return cmd_run(args)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -384,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         if args.cmd == "resume":
             return cmd_resume(args)
+        if args.cmd == "join":
+            return cmd_join(args)
         if args.cmd == "tune":
             from .tune.cli import cmd_tune
 

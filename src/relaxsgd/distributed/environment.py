@@ -45,7 +45,8 @@ LAUNCH_HINT = ("launch with torchrun or python -m relaxsgd.distributed.launch -n
                "set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
 KNOWN = ("TIMEOUT", "PEER_TIMEOUT", "RENDEZVOUS_TIMEOUT", "BACKEND", "SPAWN_GROUPS", "HOST",
          "SAVE_MODELS", "SECRET", "SECRET_FILE", "INSECURE", "TLS_CERT", "TLS_KEY",
-         "TLS_CA", "MAX_MESSAGE_MB", "DATA_DIR", "LAB")
+         "TLS_CA", "MAX_MESSAGE_MB", "DATA_DIR", "LAB", "CONNECT", "ELASTIC", "INCARNATION",
+         "RESTART", "MAX_RESTARTS", "JOIN")
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,13 @@ def read_job_env(env: Any = None) -> JobEnv:
                           "python -m relaxsgd.distributed.launch -n N) "
                           "so that RANK and WORLD_SIZE are set")
     world = _whole("WORLD_SIZE", env.get("WORLD_SIZE"), 1, MAX_WORLD)
-    rank = _whole("RANK", env.get("RANK"), 0, world - 1,
+    # (a joiner of an elastic job, relaxsgd join, has an id at or above WORLD_SIZE)
+    joiner = env.get("RELAXSGD_JOIN") == "1"
+    rank = _whole("RANK", env.get("RANK"), 0, (MAX_WORLD if joiner else world) - 1,
                   f"each of the {world} workers needs its own RANK in 0..{world - 1}")
     lws_text = env.get("LOCAL_WORLD_SIZE")
     local_world = world if lws_text is None else _whole(
-        "LOCAL_WORLD_SIZE", lws_text, 1, world,
+        "LOCAL_WORLD_SIZE", lws_text, 1, world if not joiner else MAX_WORLD,
         f"the workers on this machine, at most WORLD_SIZE={world}")
     local = env.get("LOCAL_RANK")
     local_rank = rank if local is None else _whole(

@@ -17,12 +17,23 @@ on to every worker as SIGTERM (they write what they have and stop); whoever is s
 there after ``--grace`` seconds is killed. The exit
 status is the first non-zero status of a worker (by rank), else 0.
 
+Elastic jobs: ``--restarts K`` (K > 0) restarts a worker that dies (a non-zero status other
+than 2, or a signal) up to K times per worker, with the same ``RANK`` and
+``RELAXSGD_INCARNATION`` (and ``RELAXSGD_RESTART``) one higher; past K it says so in one
+line and the job goes on without that worker. Such a job is elastic (``RELAXSGD_ELASTIC=1``,
+ELASTIC.md): the launcher itself hosts the rendezvous store
+(``TORCHELASTIC_USE_AGENT_STORE=True``, as torchrun's agent does), so the death of rank 0
+does not take the store with it, and it records each death in the job's member registry
+(:mod:`.membership`) at once, so every worker learns of it even without a connection to
+the dead one. A worker started by hand joins with ``relaxsgd join`` (:mod:`.join`).
+
 Across machines, use torchrun (``--nnodes``, ``--rdzv-endpoint``): see docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import secrets
 import signal
@@ -34,6 +45,7 @@ from collections.abc import Sequence
 
 SECRET_VARS = ("RELAXSGD_SECRET", "RELAXSGD_SECRET_FILE", "RELAXSGD_INSECURE")
 MAX_PROCS = 1024  # (environment.MAX_WORLD)
+MAX_RESTARTS = 1000
 BAD_INPUT_GRACE_S = 3.0
 PROG = "relaxsgd.distributed.launch"
 
@@ -83,43 +95,80 @@ def free_port() -> int:
 
 
 class LocalJob:
-    """``n`` processes of ``cmd`` on this machine; see the module docstring."""
+    """``n`` processes of ``cmd`` on this machine; see the module docstring.
+    ``restarts`` > 0: an elastic job (the launcher hosts the store; :meth:`restart`)."""
 
     def __init__(self, cmd: Sequence[str], n: int, port: int | None = None,
                  env: dict[str, str] | None = None,
                  rank_env: dict[int, dict[str, str]] | None = None,
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, restarts: int = 0) -> None:
         self.n, self.port = n, port or free_port()
+        self.cmd, self.log_dir, self.restarts = list(cmd), log_dir, restarts
         self.procs: list[subprocess.Popen] = []
         base = {**os.environ, **(env or {})}
         job_secret = job_secret_env(base)
+        self.store: object | None = None
+        elastic: dict[str, str] = {}
+        if restarts > 0:
+            self.store, self.key = host_store(self.port), store_key_of({**base, **job_secret})
+            elastic = {"RELAXSGD_ELASTIC": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                       "RELAXSGD_INCARNATION": "0", "RELAXSGD_RESTART": "0",
+                       "RELAXSGD_MAX_RESTARTS": str(restarts)}
         self.logs: list[str | None] = []
+        self.envs: list[dict[str, str]] = []
+        self.incarnations = [0] * n
         for r in range(n):
-            e = {**base, **job_secret, **(rank_env or {}).get(r, {})}
+            e = {**base, **job_secret, **(rank_env or {}).get(r, {}), **elastic}
             e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
                      LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(self.port))
             e.setdefault("OMP_NUM_THREADS", "1")
-            out = None
-            path = None
-            if log_dir is not None:
-                os.makedirs(log_dir, exist_ok=True)
-                path = os.path.join(log_dir, f"rank{r}.log")
-                out = open(path, "w")  # noqa: SIM115 - closed when the process ends
+            self.envs.append(e)
             try:
-                self.procs.append(subprocess.Popen(list(cmd), env=e, stdout=out,
-                                                   stderr=subprocess.STDOUT if out else None,
-                                                   start_new_session=True))
-            except OSError as err:  # no such program, not executable, a folder...
+                self.procs.append(self._spawn(r))
+            except LaunchError:
                 stop_groups(self.procs, 1.0)
-                what = "no such program" if isinstance(err, FileNotFoundError) else \
-                    err.strerror or str(err)
-                raise LaunchError(f"cannot start {cmd[0]!r}: {what}; give a command that "
-                                  "runs here, e.g. relaxsgd run --runtime dist ...") from None
-            finally:
-                if out is not None:
-                    out.close()  # (the child has its own copy)
+                raise
+
+    def _spawn(self, r: int) -> subprocess.Popen:
+        """Start worker ``r`` (its log appended to, on a restart)."""
+        out = path = None
+        if self.log_dir is not None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            path = os.path.join(self.log_dir, f"rank{r}.log")
+            out = open(path, "a" if self.incarnations[r] else "w")  # noqa: SIM115
+        if r == len(self.logs):
             self.logs.append(path)
+        try:
+            return subprocess.Popen(self.cmd, env=self.envs[r], stdout=out,
+                                    stderr=subprocess.STDOUT if out else None,
+                                    start_new_session=True)
+        except OSError as err:  # no such program, not executable, a folder...
+            what = "no such program" if isinstance(err, FileNotFoundError) else \
+                err.strerror or str(err)
+            raise LaunchError(f"cannot start {self.cmd[0]!r}: {what}; give a command that "
+                              "runs here, e.g. relaxsgd run --runtime dist ...") from None
+        finally:
+            if out is not None:
+                out.close()  # (the child has its own copy)
+
+    def restart(self, r: int, code: int) -> None:
+        """Record worker ``r``'s death in the member registry, start it again with the
+        next incarnation."""
+        from .membership import Registry
+
+        if self.store is not None:
+            try:
+                Registry(self.store, self.key).leave(
+                    r, self.incarnations[r], f"its process ended with status {code} "
+                    "(the launcher restarts it)" if code >= 0 else
+                    f"its process was killed by signal {-code} (the launcher restarts it)")
+            except Exception:  # noqa: BLE001 - the record is a courtesy; the restart is not
+                pass
+        self.incarnations[r] += 1
+        inc = str(self.incarnations[r])
+        self.envs[r].update(RELAXSGD_INCARNATION=inc, RELAXSGD_RESTART=inc)
+        self.procs[r] = self._spawn(r)
 
     def poll(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
@@ -148,6 +197,35 @@ class LocalJob:
             return ""
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+
+def host_store(port: int) -> object:
+    """The job's rendezvous store, hosted by this process on 127.0.0.1:``port``."""
+    import torch.distributed as dist
+
+    try:
+        return dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=60),
+                             wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        raise LaunchError(f"cannot host the rendezvous store on 127.0.0.1:{port} "
+                          f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+                          "); choose another --port") from None
+
+
+def store_key_of(env: dict[str, str]) -> bytes:
+    """The store key of the job secret in ``env`` (what the workers sign with)."""
+    from . import auth as A
+
+    if env.get("RELAXSGD_SECRET"):
+        key = env["RELAXSGD_SECRET"].encode("utf-8")
+    elif env.get("RELAXSGD_SECRET_FILE"):
+        try:
+            key = A._read_secret_file(env["RELAXSGD_SECRET_FILE"])
+        except Exception as e:  # noqa: BLE001 - (ConfigError) the workers say it too
+            raise LaunchError(str(e)) from None
+    else:
+        key = A.INSECURE_KEY
+    return A.store_key(A.Auth(key))
 
 
 def _bounded(kind: type, lo: float, hi: float, what: str) -> object:
@@ -179,6 +257,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                     type=_bounded(int, 1, 65535, "--port"))
     ap.add_argument("--grace", type=_bounded(float, 0, 3600, "--grace (seconds)"),
                     default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    ap.add_argument("--restarts", type=_bounded(int, 0, MAX_RESTARTS, "--restarts"),
+                    default=0, help="restart a worker that dies up to K times (an elastic "
+                    "job: the launcher hosts the store; the worker rejoins)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, e.g. relaxsgd run ...")
     a = ap.parse_args(argv)
     a.cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
@@ -187,10 +268,32 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _restart_dead(job: LocalJob, given_up: set[int]) -> None:
+    """Restart each worker that died (not status 0, nor 2: bad input fails again) while
+    another still runs, up to ``job.restarts`` times; past that one line, and the job
+    goes on without it."""
+    codes = job.poll()
+    for r, c in enumerate(codes):
+        if c is None or c in (0, 2) or r in given_up:
+            continue
+        how = f"status {c}" if c > 0 else f"signal {-c}"
+        others = any(x is None for k, x in enumerate(codes) if k != r)
+        if job.incarnations[r] < job.restarts and others:
+            sys.stderr.write(f"{PROG}: worker {r} ended ({how}); restarting it (restart "
+                             f"{job.incarnations[r] + 1} of {job.restarts})\n")
+            job.restart(r, c)
+            continue
+        given_up.add(r)
+        why = (f"it was restarted {job.restarts} times (--restarts {job.restarts}); the "
+               "job goes on without it" if others else "no other worker is running")
+        sys.stderr.write(f"{PROG}: worker {r} ended ({how}); not restarting it: {why}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _arguments(argv)
     try:
-        job = LocalJob(a.cmd, a.nproc, a.port)
+        job = LocalJob(a.cmd, a.nproc, a.port, restarts=a.restarts)
     except LaunchError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
@@ -202,10 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     refused_at = None
+    given_up: set[int] = set()
     while any(c is None for c in job.poll()):
         if stopping:
             job.stop(a.grace)
             break
+        if job.restarts:
+            _restart_dead(job, given_up)
         codes = job.poll()
         if refused_at is None and 2 in codes:
             refused_at = time.monotonic()

@@ -1,0 +1,67 @@
+"""``relaxsgd join HOST:PORT --runtime dist ...``: a worker started by hand joins a running
+elastic job (issue 20, ELASTIC.md).
+
+The joiner is given the job's rendezvous address (the launcher's ``MASTER_ADDR:MASTER_PORT``)
+and its secret (``RELAXSGD_SECRET`` or ``RELAXSGD_SECRET_FILE``, as every worker), and the
+same run flags as the job (so that it resolves the same config: ``workers``,
+``elastic.max_workers``). It then:
+
+1. claims the lowest id never used, atomically in the store
+   (:func:`.membership.claim_id`); a job that already has ``elastic.max_workers`` ids
+   refuses it with one line (exit status 2);
+2. becomes that worker: ``RANK`` = its id (at or above ``WORLD_SIZE`` = ``workers``: only
+   a joiner may), ``RELAXSGD_JOIN=1``, ``RELAXSGD_ELASTIC=1``, incarnation 0, the store
+   hosted elsewhere (``TORCHELASTIC_USE_AGENT_STORE=True``), and runs the job's run as a
+   dist worker: it registers in the member registry, proves the secret to each peer it
+   talks to (a wrong secret is refused by the handshake; the job goes on), and takes its
+   state from a donor (the runtime's live recovery).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import ConfigError
+from .environment import resolve
+
+
+def parse_job_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a running job's store; one line if it is not that."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"relaxsgd join needs the job's address as HOST:PORT (its "
+                          f"MASTER_ADDR:MASTER_PORT), got {text[:80]!r}")
+    return host, int(port)
+
+
+def max_workers_of(cfg: Any) -> int:
+    """``elastic.max_workers`` of ``cfg`` (default ``workers``: then no one can join)."""
+    e = getattr(cfg, "elastic", None)
+    most = getattr(e, "max_workers", None)
+    return int(most) if most is not None else int(cfg.workers)
+
+
+def claim(address: str, cfg: Any) -> dict[str, str]:
+    """Claim this joiner's id in the job at ``address``; the environment that makes this
+    process that worker (see the module docstring)."""
+    from . import auth as A
+    from .membership import claim_id
+    from .options import from_env
+    from .rendezvous import _client
+
+    host, port = parse_job_address(address)
+    ip = resolve(host, "relaxsgd join's HOST")
+    A.job_auth(from_env())  # a missing or weak secret: one line, before connecting
+    opts = from_env()
+    raw = _client(ip, port, opts.rendezvous_s)
+    wid = claim_id(raw, int(cfg.workers), max_workers_of(cfg))
+    return {"MASTER_ADDR": host, "MASTER_PORT": str(port), "RANK": str(wid),
+            "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "RELAXSGD_JOIN": "1", "RELAXSGD_ELASTIC": "1", "RELAXSGD_INCARNATION": "0",
+            "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def become(env: dict[str, str]) -> None:
+    """This process's environment becomes the joiner's (before the runtime reads it)."""
+    os.environ.update(env)
