@@ -39,6 +39,13 @@ def is_elastic(cfg: Any) -> bool:
     return flag("RELAXSGD_ELASTIC") or most > cfg.workers
 
 
+def incarnation() -> int:
+    """This process's incarnation (``RELAXSGD_INCARNATION``: 0 at the job's start, one
+    more per restart by the launcher)."""
+    text = os.environ.get("RELAXSGD_INCARNATION", "0").strip() or "0"
+    return int(text) if text.isdigit() else 0
+
+
 def live_of(tr: Any) -> frozenset[int]:
     """The live ids ``tr`` knows, itself included (the transport's ``live()`` when it
     has one; else every id it has not marked lost)."""
@@ -94,21 +101,25 @@ class ElasticWorker:
             self.algo.on_leave(ex.w, worker)
 
     def joined(self, worker: int) -> None:
+        """``worker`` (re)joined: the rounds may wait for it again once it contributes
+        (.quorum), and a finished worker tells it so (it waits for everyone's "done")."""
         with self.ex.lock:
             self.gone.discard(worker)
+        self.job.done_from.discard(worker)  # (an older incarnation's "done")
         if self.ex.quorum is not None:
             self.ex.quorum.member_joined(worker)
-        ev = self.job.evaluator
-        if ev is not None:
-            ev.dead.discard(worker)
+        if self.ex.finished:
+            self.tr.send(worker, ("done",))
 
     @property
     def rejoining(self) -> bool:
         """Whether this process is a restarted worker (or a joiner): incarnation > 0."""
+        if os.environ.get("RELAXSGD_JOIN") == "1":
+            return True
         inc = getattr(self.tr, "incarnation", None)
         if callable(inc):
             return int(inc(self.job.rank)) > 0
-        return int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) > 0
+        return incarnation() > 0
 
     def rejoin(self) -> int:
         """Take the job's state from a live donor (.handover), adopt it; the donor."""

@@ -46,10 +46,11 @@ from ..sim.compute import ComputeModel
 from . import auth as A
 from . import saving
 from .auth import listen_host
-from .elastic import ElasticWorker, is_elastic
+from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
+from .membership import POLL_S, Registry
 from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
@@ -86,8 +87,9 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
             store, group_store = rdv.run_store()
             prep, backend, device, out, ck, clock = _start(cfg, env, opts, store, write,
                                                            resume)
-            rdv.meet(store)
             elastic = is_elastic(cfg)
+            if not (elastic and incarnation() > 0):  # (a restarted worker's is taken)
+                rdv.meet(store)
             try:
                 # gloo's own timeout is a backstop: the executor's waits enforce timeout_s
                 if not elastic:  # (an elastic job has no process group: .elastic)
@@ -101,6 +103,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
                 raise PeerLost(f"worker {env.rank} could not set up the job's process "
                                f"groups: {str(e).strip().splitlines()[0][:300]}") from None
             job.clock = clock
+            if elastic:  # the member records (.membership), in the unprefixed store
+                job.registry = Registry(rdv.raw, A.store_key(auth), opts.timeout_s)
             result = job.run(store, progress, ck)
         except (KeyboardInterrupt, RelaxError) as e:
             S.announce(e)  # (before the run started: the others stop, naming this one)
@@ -193,9 +197,12 @@ class _Job:
                                       prep.total_steps // every + 1)
         # device None: messages decode on the CPU; the executor's p2p boundary (and the
         # evaluator, on rank 0) move them where they are used
+        self.registry: Registry | None = None  # an elastic job's (set by run_dist)
         self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
                             max_frame=opts.max_frame(model_bytes),
-                            peer_timeout_s=opts.peer_timeout_s)
+                            peer_timeout_s=opts.peer_timeout_s,
+                            incarnation=incarnation() if self.elastic else 0,
+                            on_demand=self.elastic)
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
         self.done_from: set[int] = set()
@@ -266,7 +273,8 @@ class _Job:
                 self.evaluator.on_row = self._running
         if ck is not None:
             saving.resume_job(self, store, *ck)
-        self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s)
+        self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
+                      registry=self.registry)
         self.clock["built"] = time.perf_counter()
         try:
             if not self.elastic:  # (elastic: the transport's start met every worker)
@@ -332,6 +340,8 @@ class _Job:
             tell_abort(self.tr, message)
         result = self._write(status, message) if self.rank == 0 else None
         self.tr.close(wait_s=5.0 if err is None else 0.5)
+        if self.registry is not None:  # the member watcher sees the close and stops
+            time.sleep(3 * POLL_S)  # (one in a store call at exit aborts the process)
         if err is not None:
             if isinstance(err, (KeyboardInterrupt, RelaxError)):
                 raise err
