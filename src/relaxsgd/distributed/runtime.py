@@ -439,7 +439,9 @@ class _Job:
                                                 default=self.ex.now())
         result["dist"] = {
             "backend": self.backend, "device": str(self.device), "world_size": self.n,
-            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())},
+            # (a worker that said it is done and then closed is not lost)
+            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())
+                             if r not in self.done_from},
             "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
