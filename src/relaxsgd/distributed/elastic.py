@@ -24,6 +24,7 @@ A job that is not elastic is untouched: gloo collectives exactly as before.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from ..membership import NotElastic, fixed_failure
@@ -65,6 +66,8 @@ class ElasticWorker:
         e = job.cfg.elastic
         self.n_max = e.max_workers if e.max_workers is not None else job.n
         self.gone: set[int] = set()
+        self.events: list[dict[str, Any]] = []  # result.json's "membership" (rank 0's view)
+        self.live_over_time: list[list[float]] = [[0.0, float(job.n)]]
         self.ex.donor = Donor(job)
         self.joiner: Joiner | None = None
         self.ex.quorum = QuorumCollectives(
@@ -91,6 +94,7 @@ class ElasticWorker:
             if worker in self.gone or worker == self.job.rank:
                 return
             self.gone.add(worker)
+            self._event(worker, "leave", why)
         assert ex.quorum is not None
         ex.quorum.member_left(worker)
         if getattr(self.algo, "membership", "fixed") == "fixed":
@@ -105,11 +109,25 @@ class ElasticWorker:
         (.quorum), and a finished worker tells it so (it waits for everyone's "done")."""
         with self.ex.lock:
             self.gone.discard(worker)
+            self._event(worker, "rejoin", "restarted (live recovery)")
         self.job.done_from.discard(worker)  # (an older incarnation's "done")
         if self.ex.quorum is not None:
             self.ex.quorum.member_joined(worker)
         if self.ex.finished:
             self.tr.send(worker, ("done",))
+
+    def _event(self, worker: int, event: str, cause: str) -> None:
+        """Record a membership change (the worker lock held)."""
+        t = float(self.ex.now())
+        self.events.append({"time": t, "worker": worker, "event": event,
+                            "cause": str(cause)[:300]})
+        self.live_over_time.append([t, float(len(live_of(self.tr)))])
+
+    def record(self) -> dict[str, Any]:
+        """result.json's ``membership`` (ELASTIC.md item 8), as this worker saw it."""
+        e = self.job.cfg.elastic
+        return {"max_workers": self.n_max, "min_quorum": e.min_quorum,
+                "events": list(self.events), "live_over_time": list(self.live_over_time)}
 
     @property
     def rejoining(self) -> bool:
@@ -137,6 +155,10 @@ class ElasticWorker:
             self.algo.adopt(self.ex.w, donor)
         if job.rank != 0:  # rank 0 records this worker's snapshots again from here
             self.tr.send(0, ("hjoin", int(job.snap.next)))
+        sys.stderr.write(f"relaxsgd: worker {job.rank} rejoined at {self.ex.now():.2f} s "
+                         f"of the run, with worker {donor}'s state at its step "
+                         f"{self.ex.w.step}\n")
+        sys.stderr.flush()
         return donor
 
     def on_message(self, src: int, msg: tuple) -> bool:

@@ -234,6 +234,7 @@ class Evaluator:
                         wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
                         comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
                         extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]),
-                        buffers_of=lambda k: snaps[k]["buffers"])
+                        buffers_of=lambda k: snaps[k]["buffers"],
+                        live_workers=len(snaps))  # (the workers that took part here)
         if self.on_row is not None:
             self.on_row(row, snaps)

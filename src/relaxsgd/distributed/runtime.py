@@ -450,6 +450,8 @@ class _Job:
             "startup_s": startup_report(self.clock),
         }
         result["dist"].update(self._security())
+        if self.el is not None:  # an elastic job: who came and went (rank 0's view)
+            result["membership"] = self.el.record()
         # what was really used, not the config's simulated defaults
         result["network"] = "real"
         result["network_model"] = {"kind": "real", "backend": self.backend,
