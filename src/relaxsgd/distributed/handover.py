@@ -24,6 +24,7 @@ did). If D is lost before its answer is complete, J asks the next donor.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -88,8 +89,13 @@ class Donor:
             asks, self.asks = self.asks, {}
         parts = pack(self.job)
         for joiner, n in sorted(asks.items()):
-            for name, tree in parts:
-                self.job.tr.send(joiner, ("hand", n, name, tree))
+            try:
+                for name, tree in parts:
+                    self.job.tr.send(joiner, ("hand", n, name, tree))
+            except WireError as e:  # (above the message limit): the donor goes on
+                sys.stderr.write(f"relaxsgd: warning: worker {self.job.rank} cannot hand "
+                                 f"its state to worker {joiner}: {e}\n")
+                continue
             self.served += 1
 
 
