@@ -117,7 +117,7 @@ def test_the_test_algorithms_and_runtime_messages_round_trip() -> None:
             "bytes": 10.0, "messages": 2, "wire": 99.0, "server_bytes": 0.0,
             "server_messages": 0, "stall": 0.1, "compute_time": 0.2, "units": 3,
             "program_s": None}
-    msgs = [("bye",), ("done",), ("abort", "worker 1: boom"), ("snap", snap),
+    msgs = [("bye",), ("idle",), ("done",), ("abort", "worker 1: boom"), ("snap", snap),
             ("xreq", 3, {"mode": "pub"}), ("xrep", 3, torch.randn(2, 3).T),
             ("xerr", 3, "ValueError: x"), ("msg", ("x", 4), (torch.ones(2), 0.5)),
             ("status?", -4), ("status", -4, 10, 2, True),
