@@ -47,9 +47,9 @@ class Registry:
     with the store key of the job secret."""
 
     def __init__(self, raw: Any, key: bytes, timeout_s: float = 30.0,
-                 where: str = "the rendezvous store") -> None:
-        self.raw = raw
-        self.signed = SignedStore(raw, key, ROOT, timeout_s, where)
+                 where: str = "the rendezvous store", root: str = ROOT) -> None:
+        self.raw = raw  # (root: ROOT for an elastic job, where the launcher writes too;
+        self.signed = SignedStore(raw, key, root, timeout_s, where)  # else the run's)
 
     def _bump(self) -> None:
         self.signed._op(self.raw.add, self.signed.name(EPOCH), 1)
@@ -101,6 +101,16 @@ class Registry:
             lf = self.left(wid)
             out[wid] = (m[0], lf[1] if lf is not None and lf[0] >= m[0] else None)
         return out
+
+
+def member_registry(store: SignedStore, opts: Any) -> Registry | None:
+    """The member registry of a run with connections on demand (RELAXSGD_CONNECT=demand),
+    under the run's own prefix (``relaxsgd compare`` runs several in one store); None
+    for a full mesh, where every death is seen at once by every worker."""
+    if getattr(opts, "connect", "mesh") != "demand":
+        return None
+    return Registry(store.raw, store.key, store.timeout, store.where,
+                    root=store.name("relaxsgd"))
 
 
 def claim_id(raw: Any, world: int, max_workers: int) -> int:

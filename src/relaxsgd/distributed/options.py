@@ -53,6 +53,7 @@ from ..checks import require_float, require_int
 from ..errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
+CONNECT = ("mesh", "demand")
 STARTUP_S = 300.0  # rendezvous and connections: workers may start far apart
 WEEK_S = 7 * 86400.0  # the longest wait: beyond it a timedelta or a socket timeout breaks
 MIN_TIMEOUT_S = 0.1
@@ -75,6 +76,7 @@ class DistOptions:
     host: str | None = None
     save_models: bool = False
     max_message_mb: float | None = None
+    connect: str = "mesh"  # RELAXSGD_CONNECT: mesh (all at start) or demand (.transport)
 
     def __post_init__(self) -> None:
         for value, name in ((self.timeout_s, "RELAXSGD_TIMEOUT"),
@@ -87,6 +89,10 @@ class DistOptions:
                               f"{', '.join(BACKENDS)}")
         require_int(self.spawn_groups, "RELAXSGD_SPAWN_GROUPS", at_least=1,
                     at_most=MAX_SPAWN_GROUPS)
+        if self.connect not in CONNECT:
+            raise ConfigError(f"unknown RELAXSGD_CONNECT {self.connect[:40]!r}; choose "
+                              "mesh (a connection to every worker at start) or demand "
+                              "(only to the workers it talks to)")
         if self.max_message_mb is not None:
             require_float(self.max_message_mb, "RELAXSGD_MAX_MESSAGE_MB (MiB; or auto)",
                           at_least=MIN_MESSAGE_MB, at_most=MAX_MESSAGE_MB)
@@ -132,4 +138,5 @@ def from_env() -> DistOptions:
         host=os.environ.get("RELAXSGD_HOST", "").strip() or None,
         save_models=flag("RELAXSGD_SAVE_MODELS"),
         max_message_mb=_num("RELAXSGD_MAX_MESSAGE_MB", None),
+        connect=os.environ.get("RELAXSGD_CONNECT", "mesh").strip().lower() or "mesh",
     )

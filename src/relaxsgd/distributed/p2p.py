@@ -210,21 +210,33 @@ def finish_together(ex: Any, done_from: set[int]) -> None:
 
     A worker still running is asked for its progress every second; one that does not
     answer anything for ``RELAXSGD_TIMEOUT`` is declared lost (a frozen process), so this
-    ends within that timeout of the last sign of life of every unfinished worker.
+    ends within that timeout of the last sign of life of every unfinished worker. With
+    connections on demand the "done" goes through the store (:meth:`.Transport.tell_done`)
+    and only the workers this one is connected to are asked, until half the timeout has
+    passed (so that the end of a sparse job does not open a full mesh).
     """
     tr: Transport = ex.tr
-    for r in range(tr.n):
-        if r != tr.rank:
-            tr.send(r, ("done",))
+    demand = getattr(tr, "on_demand", False)
+    if demand:
+        tr.tell_done()
+    else:
+        for r in range(tr.n):
+            if r != tr.rank:
+                tr.send(r, ("done",))
     start = time.monotonic()
     last_probe = 0.0
     while True:
         waiting = [r for r in range(tr.n)
                    if r != tr.rank and r not in done_from and r not in tr.dead]
+        if demand and waiting:
+            done_from |= tr.done_peers(waiting)
+            waiting = [r for r in waiting if r not in done_from]
         if not waiting:
             return
         ex._check_abort()
         now = time.monotonic()
+        if demand and now - start < ex.opts.timeout_s / 2:
+            waiting = [r for r in waiting if tr.linked(r)]
         for r in waiting:
             if now - max(tr.last_heard.get(r, start), start) > ex.opts.timeout_s:
                 tr.mark_dead(r, f"it showed no sign of life for {ex.opts.timeout_s:g}s "

@@ -50,7 +50,7 @@ from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
-from .membership import POLL_S, Registry
+from .membership import POLL_S, Registry, member_registry
 from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
@@ -202,7 +202,7 @@ class _Job:
                             max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s,
                             incarnation=incarnation() if self.elastic else 0,
-                            on_demand=self.elastic)
+                            on_demand=self.elastic or opts.connect == "demand")
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
         self.done_from: set[int] = set()
@@ -274,7 +274,8 @@ class _Job:
         if ck is not None:
             saving.resume_job(self, store, *ck)
         self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
-                      registry=self.registry)
+                      # an elastic job's registry is the launcher's (unprefixed)
+                      registry=self.registry or member_registry(store, self.opts))
         self.clock["built"] = time.perf_counter()
         try:
             if not self.elastic:  # (elastic: the transport's start met every worker)

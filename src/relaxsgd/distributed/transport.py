@@ -130,6 +130,7 @@ class Transport(Membership):
         self._warned = 0
         self._store: Any = None
         self._prefix = "relaxsgd/p2p"
+        self._members_thread: threading.Thread | None = None
         self._init_members(members, incarnation)
 
     @property
@@ -159,7 +160,7 @@ class Transport(Membership):
         store.set(f"{prefix}/{self.rank}", addr)
         if registry is not None:
             registry.register(self.rank, self.my_incarnation, addr)
-            self._thread(self._watch_members, "relax-members")
+            self._members_thread = self._thread(self._watch_members, "relax-members")
         if self.on_demand:
             self._thread(self._watch_links, "relax-links")
             return
@@ -175,8 +176,10 @@ class Transport(Membership):
                                    f"{wait:.0f}s")
                 self._joined.wait(min(left, 0.5))
 
-    def _thread(self, target: Any, name: str) -> None:
-        threading.Thread(target=target, daemon=True, name=name).start()
+    def _thread(self, target: Any, name: str) -> threading.Thread:
+        t = threading.Thread(target=target, daemon=True, name=name)
+        t.start()
+        return t
 
     def _address(self, peer: int) -> tuple[str, int]:
         """Where ``peer`` listens: its latest registration, else its published address."""
@@ -481,6 +484,25 @@ class Transport(Membership):
         if conn is not None:
             shut(conn)
 
+    def linked(self, peer: int) -> bool:
+        """Has this worker a connection to ``peer`` open now (its own, outgoing)?"""
+        return peer in self._links
+
+    def tell_done(self) -> None:
+        """This worker's program is done (on demand: through the store, no connection
+        opened; see :func:`.p2p.finish_together`)."""
+        self._store.set(f"{self._prefix}/done/{self.rank}", "1")
+        self._store.raw.add(self._store.name(f"{self._prefix}/done-count"), 1)
+
+    def done_peers(self, among: list[int]) -> set[int]:
+        """Which of ``among`` said :meth:`tell_done` (the store is read only when its
+        count moved)."""
+        count = int(self._store.raw.add(self._store.name(f"{self._prefix}/done-count"), 0))
+        if count == getattr(self, "_done_count", -1):
+            return set()
+        self._done_count = count
+        return {r for r in among if self._store.check([f"{self._prefix}/done/{r}"])}
+
     # -- receiving -----------------------------------------------------------------
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
         _THREAD.reader = True
@@ -577,6 +599,8 @@ class Transport(Membership):
         if self.registry is not None:
             self._publish_leave(self.rank, "it finished (a clean leave)")
         self._closing = True
+        if self._members_thread is not None:  # (it may be in a store call: a C++ thread
+            self._members_thread.join(timeout=2.0)  # killed at exit aborts the process)
         with self._joined:
             conns = list(self._incoming.values())
         for conn in conns if self.on_demand and not self.auth.tls else []:
