@@ -24,7 +24,7 @@ from relaxsgd.distributed.store import SignedStore
 from relaxsgd.distributed.transport import Transport
 
 pytestmark = pytest.mark.timeout(60)
-KEY = os.urandom(32)
+KEY = os.urandom(32).hex().encode()  # (as RELAXSGD_SECRET holds it)
 
 
 class _Job:
@@ -211,16 +211,25 @@ def test_the_launcher_restarts_a_dead_worker_k_times_then_gives_up_in_one_line(
     assert r.returncode == 3
 
 
-def test_a_joiner_beyond_the_maximum_is_refused_in_one_line(tmp_path) -> None:
-    job = _Job(2)
-    env = {**os.environ, "RELAXSGD_SECRET": KEY.hex(), "RELAXSGD_RENDEZVOUS_TIMEOUT": "10"}
+def _join(port: int, secret: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RELAXSGD_SECRET": secret, "RELAXSGD_RENDEZVOUS_TIMEOUT": "10"}
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "relaxsgd.cli", "join",
-                        f"127.0.0.1:{job.raw.port}", "--algo", "swarm", "--workers", "2",
-                        "--task", "logreg", "-q"], env=env, capture_output=True, text=True,
-                       timeout=60)
+    return subprocess.run([sys.executable, "-m", "relaxsgd.cli", "join", f"127.0.0.1:{port}",
+                           "--algo", "swarm", "--workers", "2", "--task", "logreg", "-q"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_relaxsgd_join_refuses_a_wrong_secret_and_a_full_job_in_one_line() -> None:
+    job = _Job(2)
+    job.start(0)  # (its record in the registry is what a joiner's secret is checked on)
+    r = _join(job.raw.port, os.urandom(32).hex())
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "signs its records with another secret" in r.stderr
+    assert int(job.raw.add("relaxsgd/next-id", 0)) == 0  # no id spent on it
+    r = _join(job.raw.port, KEY.decode())  # the right secret, but the job is full
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("relaxsgd: error: the job is full: it takes at most 2 "
                                "workers (elastic.max_workers)"), r.stderr
     assert int(job.raw.add("relaxsgd/next-id", 0)) == 1  # it claimed (and was refused)
+    job.close()

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .environment import resolve
+from .store import StoreForged
 
 
 def parse_job_address(text: str) -> tuple[str, int]:
@@ -52,14 +53,33 @@ def claim(address: str, cfg: Any) -> dict[str, str]:
 
     host, port = parse_job_address(address)
     ip = resolve(host, "relaxsgd join's HOST")
-    A.job_auth(from_env())  # a missing or weak secret: one line, before connecting
     opts = from_env()
+    A.job_auth(opts)  # a missing or weak secret: one line, before connecting
     raw = _client(ip, port, opts.rendezvous_s)
+    check_secret(raw, A.store_key(A.job_auth(opts)))
     wid = claim_id(raw, int(cfg.workers), max_workers_of(cfg))
     return {"MASTER_ADDR": host, "MASTER_PORT": str(port), "RANK": str(wid),
             "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
             "RELAXSGD_JOIN": "1", "RELAXSGD_ELASTIC": "1", "RELAXSGD_INCARNATION": "0",
             "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def check_secret(raw: Any, key: bytes) -> None:
+    """Refuse at once (one line, before an id is spent) a joiner whose secret does not
+    sign the job's member records; a job without them yet cannot be checked here (the
+    peers' handshakes refuse such a joiner anyway)."""
+    from .membership import ROOT
+    from .store import verify
+
+    name = f"{ROOT}/members/0"
+    if not raw.check([name]):
+        return
+    try:
+        verify(key, name, raw.get(name))
+    except StoreForged:
+        raise ConfigError("the job at this address signs its records with another secret: "
+                          "set RELAXSGD_SECRET (or RELAXSGD_SECRET_FILE) to the job's "
+                          "secret") from None
 
 
 def become(env: dict[str, str]) -> None:

@@ -212,8 +212,8 @@ def finish_together(ex: Any, done_from: set[int]) -> None:
     answer anything for ``RELAXSGD_TIMEOUT`` is declared lost (a frozen process), so this
     ends within that timeout of the last sign of life of every unfinished worker. With
     connections on demand the "done" goes through the store (:meth:`.Transport.tell_done`)
-    and only the workers this one is connected to are asked, until half the timeout has
-    passed (so that the end of a sparse job does not open a full mesh).
+    and nobody is asked before half the timeout has passed (deaths come through the member
+    registry meanwhile), so that the end of a sparse job does not open a full mesh.
     """
     tr: Transport = ex.tr
     demand = getattr(tr, "on_demand", False)
@@ -236,7 +236,7 @@ def finish_together(ex: Any, done_from: set[int]) -> None:
         ex._check_abort()
         now = time.monotonic()
         if demand and now - start < ex.opts.timeout_s / 2:
-            waiting = [r for r in waiting if tr.linked(r)]
+            waiting = []  # (deaths come through the registry meanwhile)
         for r in waiting:
             if now - max(tr.last_heard.get(r, start), start) > ex.opts.timeout_s:
                 tr.mark_dead(r, f"it showed no sign of life for {ex.opts.timeout_s:g}s "

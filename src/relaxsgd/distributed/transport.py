@@ -11,16 +11,10 @@ msg)`` (that is where exchange requests are answered while the main thread compu
 
 Connections. By default every worker opens one connection to every other at start (a
 full mesh: the death of any worker is seen at once by everyone, as an end of stream
-without a goodbye). With ``on_demand`` (``RELAXSGD_CONNECT=demand``; every elastic job)
-a worker connects to a peer on its first send to it and closes a connection idle for
-``idle_s`` (an ``idle`` frame first, so the peer's reader knows it is no death), so a
-gossip worker holds connections to its partners only: O(n x degree) in the job, not
-O(n^2). Death detection then: a peer this worker sends to or hears from is seen at once
-(end of stream on the incoming connection; on an outgoing one, the acceptor writes one
-goodbye byte when it closes cleanly, so an end of stream without it is a death); every
-other worker learns it from the member registry in the store (:mod:`.membership`:
-whoever sees it first records it; in an elastic job the launcher, which hosts the store,
-records every exit), within :data:`~.membership.POLL_S`.
+without a goodbye). With ``on_demand`` (``RELAXSGD_CONNECT=demand``; every elastic job) it
+opens one on its first send to a peer and closes idle ones (:mod:`.links`): O(n x degree)
+in a gossip job; a death reaches the workers without a connection to the dead one
+through the member registry in the store (:mod:`.membership`).
 
 Membership (ELASTIC.md's Transport interface, :class:`~.membership.Membership`):
 ``live()``, ``on_member(callback)``, ``incarnation(worker)``. A restarted worker keeps
@@ -47,7 +41,6 @@ milliseconds and only its own messages fail, and the bytes are counted exactly.
 from __future__ import annotations
 
 import hmac
-import select
 import socket
 import struct
 import sys
@@ -60,32 +53,19 @@ import torch
 
 from ..errors import RelaxError
 from . import auth as A
+from .links import GOODBYE, IDLE_S, STOP, Links, _Link
 from .membership import Membership, Registry
-from .sockets import PeerLost, SendQueue, parse_address, recv_into, send_parts, send_room, shut
+from .sockets import PeerLost, SendQueue, recv_into, send_parts, send_room, shut
 from .wire import WireError, check_message, decode, encode, wire_size
 
 HEADER = struct.Struct("!Q")  # the length of the body that follows
 MAX_HANDSHAKES = 32
 MAX_WARNINGS = 20
-IDLE_S = 30.0  # an on-demand connection unused this long is closed
-GOODBYE = b"\x02"  # written by an acceptor on its incoming connections as it closes
 
-
-_STOP = object()
 _THREAD = threading.local()  # .reader: this thread reads a connection (see _write_now)
 
 
-class _Link:
-    """One outgoing connection: its socket, frame MAC and number, writer lock, queue."""
-
-    def __init__(self, sock: socket.socket, mac: A.FrameMac, cap: int) -> None:
-        self.sock, self.mac, self.seq = sock, mac, 0
-        self.wlock = threading.Lock()  # one writer at a time
-        self.queue = SendQueue(cap)
-        self.last = time.monotonic()  # the last send (idle connections are closed)
-
-
-class Transport(Membership):
+class Transport(Membership, Links):
     """Framed, authenticated messages to and from the other workers; see the module doc.
 
     ``max_frame``: the largest message body accepted (bytes); ``peer_timeout_s``: how long
@@ -137,11 +117,6 @@ class Transport(Membership):
     def _queues(self) -> dict[int, SendQueue]:  # (what tests and benchmark hooks read)
         return {p: link.queue for p, link in self._links.items()}
 
-    def connections(self) -> int:
-        """Open connections, both directions (what connections on demand bound)."""
-        with self._joined:
-            return len(self._links) + len(self._incoming)
-
     # -- set-up --------------------------------------------------------------------
     def start(self, store: Any, host: str, prefix: str = "relaxsgd/p2p",
               startup_s: float | None = None, registry: Registry | None = None) -> None:
@@ -180,68 +155,6 @@ class Transport(Membership):
         t = threading.Thread(target=target, daemon=True, name=name)
         t.start()
         return t
-
-    def _address(self, peer: int) -> tuple[str, int]:
-        """Where ``peer`` listens: its latest registration, else its published address."""
-        if self.registry is not None:
-            m = self.registry.member(peer)
-            if m is not None:
-                return parse_address(m[1])
-        got = self._store.get(f"{self._prefix}/{peer}")
-        return parse_address(got.decode("utf-8", "replace"))
-
-    def _open(self, peer: int, wait: float) -> _Link:
-        """The outgoing connection to ``peer``, opened now if there is none (one opener
-        at a time per peer); PeerLost if it cannot be."""
-        with self._lock:
-            gate = self._opening.setdefault(peer, threading.Lock())
-        with gate:
-            link = self._links.get(peer)
-            if link is not None:
-                return link
-            sock, mac = self._connect(peer, self._address(peer), wait)
-            link = _Link(sock, mac, self.queue_bytes)
-            with self._joined:
-                self._links[peer] = link
-                self.opened += 1
-            t = threading.Thread(target=self._send_loop, args=(peer, link), daemon=True,
-                                 name=f"relax-send{peer}")
-            t.start()
-            self._senders.append(t)
-            return link
-
-    def _connect(self, peer: int, addr: tuple[str, int],
-                 wait: float) -> tuple[socket.socket, A.FrameMac]:
-        """An authenticated connection to ``peer``; retried until ``wait`` runs out while
-        the peer is not listening yet or hangs up before answering (busy with strangers)."""
-        deadline = time.monotonic() + wait
-        while True:
-            s: socket.socket | None = None
-            connected = False
-            try:
-                s = socket.create_connection(addr, timeout=A.HANDSHAKE_S)
-                connected = True
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.auth.client_ctx is not None:
-                    s = self.auth.client_ctx.wrap_socket(s)
-                mac = A.client_handshake(s, self.auth, self.rank, peer, self.n,
-                                         self.my_incarnation)
-                s.settimeout(self.timeout)
-                return s, mac
-            except (A.HandshakeError, OSError) as e:
-                if s is not None:
-                    s.close()
-                # (the address is published once listening: refused means gone, not early;
-                # a peer that accepted but stays silent is not a worker of this job)
-                again = (isinstance(e, TimeoutError) and not connected) or getattr(
-                    e, "retry", False)
-                if not again or time.monotonic() > deadline:
-                    hint = "" if isinstance(e, A.HandshakeError) else \
-                        " (it did not answer our handshake: not a worker of this job?)" \
-                        if connected else " (during the handshake: see its log)"
-                    raise PeerLost(f"cannot connect to worker {peer} at {addr[0]}:"
-                                   f"{addr[1]}: {e}{hint}") from None
-                time.sleep(0.05 if s is None else 0.5)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -407,7 +320,7 @@ class Transport(Membership):
     def _send_loop(self, peer: int, link: _Link) -> None:
         while True:
             item = link.queue.get()
-            if item is _STOP:
+            if item is STOP:
                 break
             frames, done = item
             with link.wlock:
@@ -427,81 +340,6 @@ class Transport(Membership):
         if not self.auth.tls:
             parts.append(mac.tag(seq, header, frames))
         send_parts(sock, parts)  # the tensors' own buffers: no joined copy
-
-    # -- on-demand links -----------------------------------------------------------
-    def _watch_links(self) -> None:
-        """Close idle outgoing connections; see an outgoing one's end (its peer's
-        goodbye byte, or a death) without waiting for the next write to fail."""
-        while not self._closing:
-            socks = {link.sock: p for p, link in list(self._links.items())
-                     if not self.auth.tls}  # (TLS: no goodbye byte; deaths by writes)
-            try:
-                ready = select.select(list(socks), [], [], 0.2)[0] if socks else []
-            except (OSError, ValueError):
-                ready = []  # (a socket closed meanwhile: look again)
-            if not socks:
-                time.sleep(0.2)
-            for s in ready:
-                try:
-                    got = s.recv(1)
-                except OSError:
-                    got = b""
-                if got == GOODBYE or socks[s] in self._goodbye:
-                    self._goodbye.add(socks[s])
-                    self._drop_links(socks[s], outgoing_only=True)
-                else:
-                    if not self._closing and self._links.get(socks[s]) is not None:
-                        self.mark_dead(socks[s], "its connection closed without a "
-                                       "goodbye (process killed or crashed)")
-                    self._drop_links(socks[s], outgoing_only=True)
-            now = time.monotonic()
-            for p, link in list(self._links.items()):
-                if now - link.last > self.idle_s:
-                    self._close_idle(p, link)
-
-    def _close_idle(self, peer: int, link: _Link) -> None:
-        """If nothing is queued on ``link``: say ``idle`` on it and close it."""
-        with self._joined:
-            if self._links.get(peer) is not link or not link.queue.close_if_idle():
-                return
-            del self._links[peer]
-        with link.wlock:
-            self._write(peer, link, encode(("idle",)))
-        link.queue.put(_STOP, 0, 0.0, force=True)
-
-    def _drop_links(self, peer: int, outgoing_only: bool = False) -> None:
-        """Forget ``peer``'s connections (it restarted, or said goodbye): the next send
-        opens a new one, to its latest address."""
-        with self._joined:
-            link = self._links.pop(peer, None)
-            conn = None if outgoing_only else self._incoming.pop(peer, None)
-            self._goodbye.discard(peer) if not outgoing_only else None
-            self._joined.notify_all()
-        if link is not None:
-            link.queue.closed = True
-            link.queue.put(_STOP, 0, 0.0, force=True)
-            shut(link.sock)
-        if conn is not None:
-            shut(conn)
-
-    def linked(self, peer: int) -> bool:
-        """Has this worker a connection to ``peer`` open now (its own, outgoing)?"""
-        return peer in self._links
-
-    def tell_done(self) -> None:
-        """This worker's program is done (on demand: through the store, no connection
-        opened; see :func:`.p2p.finish_together`)."""
-        self._store.set(f"{self._prefix}/done/{self.rank}", "1")
-        self._store.raw.add(self._store.name(f"{self._prefix}/done-count"), 1)
-
-    def done_peers(self, among: list[int]) -> set[int]:
-        """Which of ``among`` said :meth:`tell_done` (the store is read only when its
-        count moved)."""
-        count = int(self._store.raw.add(self._store.name(f"{self._prefix}/done-count"), 0))
-        if count == getattr(self, "_done_count", -1):
-            return set()
-        self._done_count = count
-        return {r for r in among if self._store.check([f"{self._prefix}/done/{r}"])}
 
     # -- receiving -----------------------------------------------------------------
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
@@ -584,7 +422,7 @@ class Transport(Membership):
             if peer not in self.dead:
                 frames = encode(("bye",))
                 link.queue.put((frames, None), wire_size(frames), 0.0, force=True)
-            link.queue.put(_STOP, 0, 0.0, force=True)
+            link.queue.put(STOP, 0, 0.0, force=True)
         deadline = time.monotonic() + wait_s
         for t in self._senders:
             t.join(timeout=max(deadline - time.monotonic(), 0.0))
