@@ -55,6 +55,7 @@ class _Job:
     def close(self) -> None:
         for tr in self.trs:
             tr._closing = True
+            tr._members_stop.set()
             if tr._listener is not None:
                 tr._listener.close()
 
@@ -69,6 +70,7 @@ def _until(cond: Any, what: str, wait: float = 10.0) -> None:
 def _kill(tr: Transport) -> None:
     """As a SIGKILL looks to the others: every socket closed, no goodbye."""
     tr._closing = True
+    tr._members_stop.set()
     assert tr._listener is not None
     tr._listener.close()
     for s in [*tr._incoming.values(), *(link.sock for link in tr._links.values())]:

@@ -26,7 +26,7 @@ open connection to a killed worker (end of stream).
 from __future__ import annotations
 
 import json
-import time
+import threading
 from typing import Any
 
 from ..errors import ConfigError
@@ -90,11 +90,13 @@ class Registry:
         d = self._read(f"left/{wid}")
         return None if d is None else (d["inc"], str(d.get("why", ""))[:500])
 
-    def snapshot(self, n: int) -> dict[int, tuple[int, str | None]]:
+    def snapshot(self, n: int, stop: Any = None) -> dict[int, tuple[int, str | None]]:
         """Every registered id below ``n``: (its latest incarnation, why it left or None
-        if that incarnation has not left)."""
+        if that incarnation has not left); cut short when ``stop()`` is true."""
         out: dict[int, tuple[int, str | None]] = {}
         for wid in range(n):
+            if stop is not None and stop():
+                break
             m = self.member(wid)
             if m is None:
                 continue
@@ -144,6 +146,8 @@ class Membership:
         self._member_cbs: list[Any] = []
         self.registry = None
         self._superseded = False
+        self._leaves: list[tuple[int, str]] = []  # to record (by the watcher thread)
+        self._members_stop = threading.Event()
 
     def live(self) -> frozenset[int]:
         """The ids this worker knows to be live, itself included."""
@@ -196,7 +200,20 @@ class Membership:
         return True
 
     def _publish_leave(self, peer: int, why: str) -> None:
-        if self.registry is None or self._superseded:
+        """Queue the record of ``peer``'s leave for the watcher thread, the only thread
+        that calls the store (a C++ store call in a daemon thread still running at the
+        process's exit aborts the process; the watcher is stopped and joined at close)."""
+        if self.registry is not None and not self._superseded:
+            self._leaves.append((peer, why))
+
+    def _write_leaves(self) -> None:
+        while self._leaves:
+            peer, why = self._leaves.pop(0)
+            self._write_leave(peer, why)
+
+    def _write_leave(self, peer: int, why: str) -> None:
+        assert self.registry is not None
+        if self._superseded:
             return
         try:
             mine = self.registry.member(self.rank)
@@ -206,6 +223,16 @@ class Membership:
             self.registry.leave(peer, self.incarnation(peer), why)
         except Exception:  # noqa: BLE001 - the store gone: the launcher tells, or nobody
             pass
+
+    def _stop_members(self, own_leave: str) -> None:
+        """Stop the watcher (it writes what is queued), then record this worker's own
+        leave from the calling thread."""
+        if self._members_thread is None:  # type: ignore[attr-defined]
+            return
+        self._members_stop.set()
+        self._members_thread.join(timeout=30.0)  # type: ignore[attr-defined]
+        self._write_leaves()
+        self._write_leave(self.rank, own_leave)
 
     def _check_self(self, inc: int, why: str | None) -> None:
         """This worker's own record: replaced by a newer incarnation, or declared gone
@@ -221,14 +248,14 @@ class Membership:
         """Poll the registry's epoch; apply each change (see the module docstring)."""
         reg, seen = self.registry, -1
         assert reg is not None
-        while not getattr(self, "_closing", False):
-            time.sleep(POLL_S)
+        while not self._members_stop.wait(POLL_S):
             try:
+                self._write_leaves()
                 epoch = reg.epoch()
                 if epoch == seen:
                     continue
                 seen = epoch
-                records = reg.snapshot(self.n)
+                records = reg.snapshot(self.n, self._members_stop.is_set)
             except Exception:  # noqa: BLE001 - the store gone: nothing more to learn there
                 continue
             for wid, (inc, why) in records.items():

@@ -434,11 +434,8 @@ class Transport(Membership, Links):
                 if not missing or left <= 0:
                     break
                 self._joined.wait(min(left, 0.2))
-        if self.registry is not None:
-            self._publish_leave(self.rank, "it finished (a clean leave)")
+        self._stop_members("it finished (a clean leave)")
         self._closing = True
-        if self._members_thread is not None:  # (it may be in a store call: a C++ thread
-            self._members_thread.join(timeout=2.0)  # killed at exit aborts the process)
         with self._joined:
             conns = list(self._incoming.values())
         for conn in conns if self.on_demand and not self.auth.tls else []:
