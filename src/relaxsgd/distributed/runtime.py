@@ -50,7 +50,7 @@ from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
-from .membership import POLL_S, Registry, member_registry
+from .membership import Registry, member_registry
 from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
@@ -341,8 +341,6 @@ class _Job:
             tell_abort(self.tr, message)
         result = self._write(status, message) if self.rank == 0 else None
         self.tr.close(wait_s=5.0 if err is None else 0.5)
-        if self.registry is not None:  # the member watcher sees the close and stops
-            time.sleep(3 * POLL_S)  # (one in a store call at exit aborts the process)
         if err is not None:
             if isinstance(err, (KeyboardInterrupt, RelaxError)):
                 raise err
