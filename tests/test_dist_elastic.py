@@ -28,7 +28,8 @@ BASE: dict[str, Any] = {
     "steps": 16, "evals": 3, "compute": {"step_time_s": 0.002},
     "train": {"batch_size": 8, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
 }
-CASES = [("allreduce", {}), ("localsgd", {"p": 3})]
+# DiLoCo's rounds are all-reduces of a spawned sub-program: the spawns' quorum rounds
+CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("diloco", {"p": 3})]
 
 
 @pytest.mark.timeout(120)

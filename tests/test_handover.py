@@ -46,7 +46,7 @@ def _job(rank: int) -> Any:
     bank = Bank(spec, cfg.train, [rank], shards, cfg.seed, prep.total_steps)
     w = LocalWorker(bank, 0, 2, cfg.seed, prep.total_steps)
     prep.algo.init_worker(w)
-    ex = SimpleNamespace(lock=threading.RLock(), w=w, coll_seq=0, server_seq=0,
+    ex = SimpleNamespace(lock=threading.RLock(), w=w, coll_seq=0, server_seq=0, spawns=0,
                          last_pos=0.0, t0=time.perf_counter(), wall_offset=0.0,
                          now=lambda: 7.5, _block=lambda h, ctx: None, quorum=None)
     return SimpleNamespace(ex=ex, bank=bank, w=w, snap=SimpleNamespace(next=0), rank=rank,

@@ -32,6 +32,8 @@ from .handover import Donor, Joiner
 from .options import flag
 from .quorum import QuorumCollectives
 
+SPAWN_ROUNDS = 64  # quorum rounds one spawn may issue (the executor's limit)
+
 
 def is_elastic(cfg: Any) -> bool:
     """Whether ``cfg``'s dist job runs elastic (see the module docstring)."""
@@ -73,6 +75,11 @@ class ElasticWorker:
         self.ex.quorum = QuorumCollectives(
             job.rank, self.n_max, self._send, lambda: live_of(self.tr), range(job.n),
             e.min_quorum, e.quorum_wait_s, job.opts.timeout_s)
+        # the spawns' rounds: their own numbers, negative on the wire (-1 - k)
+        self.ex.quorum_spawns = QuorumCollectives(
+            job.rank, self.n_max, self._send_spawn, lambda: live_of(self.tr),
+            range(job.n), e.min_quorum, e.quorum_wait_s, job.opts.timeout_s,
+            stride=SPAWN_ROUNDS)
         self.tr.on_dead.append(lambda r, why: self.left(r, why))
         on_member = getattr(self.tr, "on_member", None)
         if callable(on_member):
@@ -80,6 +87,12 @@ class ElasticWorker:
 
     def _send(self, peer: int, msg: tuple) -> None:
         self.tr.send(peer, msg)
+
+    def _send_spawn(self, peer: int, msg: tuple) -> None:
+        self.tr.send(peer, (msg[0], -1 - msg[1], *msg[2:]))
+
+    def _quorums(self) -> list[QuorumCollectives]:
+        return [q for q in (self.ex.quorum, self.ex.quorum_spawns) if q is not None]
 
     def _member(self, kind: str, worker: int, info: str) -> None:
         if kind == "leave":
@@ -95,8 +108,8 @@ class ElasticWorker:
                 return
             self.gone.add(worker)
             self._event(worker, "leave", why)
-        assert ex.quorum is not None
-        ex.quorum.member_left(worker)
+        for q in self._quorums():
+            q.member_left(worker)
         if getattr(self.algo, "membership", "fixed") == "fixed":
             if ex.abort is None:
                 ex.abort = NotElastic(fixed_failure(self.algo.name, worker, why))
@@ -111,8 +124,8 @@ class ElasticWorker:
             self.gone.discard(worker)
             self._event(worker, "rejoin", "restarted (live recovery)")
         self.job.done_from.discard(worker)  # (an older incarnation's "done")
-        if self.ex.quorum is not None:
-            self.ex.quorum.member_joined(worker)
+        for q in self._quorums():
+            q.member_joined(worker)
         if self.ex.finished:
             self.tr.send(worker, ("done",))
 
@@ -148,9 +161,11 @@ class ElasticWorker:
                                                                        "neighbors"):
             nbrs = list(self.algo.neighbors(job.rank))
         donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
-        assert self.ex.quorum is not None
-        with self.ex.quorum.cv:
-            self.ex.quorum.current = self.ex.coll_seq
+        for q, at in ((self.ex.quorum, self.ex.coll_seq),
+                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS)):
+            if q is not None:
+                with q.cv:
+                    q.current = at
         with self.ex.lock:
             self.algo.adopt(self.ex.w, donor)
         if job.rank != 0:  # rank 0 records this worker's snapshots again from here
@@ -171,6 +186,9 @@ class ElasticWorker:
         elif kind == "hjoin":
             if self.job.evaluator is not None:
                 self.job.evaluator.revive(src, msg[1])
+        elif kind in ("qpart", "qres", "qneed") and msg[1] < 0:  # a spawn's round
+            q = self.ex.quorum_spawns
+            return q is not None and q.on_message(src, (kind, -1 - msg[1], *msg[2:]))
         else:
             q = self.ex.quorum
             return q is not None and q.on_message(src, msg)

@@ -65,7 +65,7 @@ from ..algorithms.base import (
     Wait,
 )
 from .collectives import Counts, DHandle, all_gather, all_reduce
-from .elastic import live_of
+from .elastic import SPAWN_ROUNDS, live_of
 from .p2p import PointToPoint, finish_together, tell_abort
 from .quorum import QHandle, QuorumCollectives
 from .server import ServerHost, server_round
@@ -83,6 +83,8 @@ class _Ctx:
     prev: threading.Event | None = None  # the previous user of this spawn group
     nested: bool = False
     label: str = "main program"
+    spawn: int = -1  # the main program's spawn number (elastic: its quorum rounds' block)
+    seq: int = 0  # collectives this spawn issued
 
 
 class Executor(PointToPoint):
@@ -112,6 +114,7 @@ class Executor(PointToPoint):
         self.server_seq = 0  # ServerRounds issued (the next one is that round)
         self.server_host: ServerHost | None = None  # rank 0: the parameter server (.server)
         self.quorum: QuorumCollectives | None = None  # an elastic job's collectives (.quorum)
+        self.quorum_spawns: QuorumCollectives | None = None  # and its spawns' (stride)
         self.donor: Any = None  # an elastic job's .handover.Donor (served at safe points)
         self._init_p2p()
 
@@ -215,14 +218,19 @@ class Executor(PointToPoint):
     def _quorum(self, eff: AllReduce | AllGather, ctx: _Ctx) -> QHandle:
         """An elastic job's collective: round ``coll_seq`` of the quorum (.quorum)."""
         assert self.quorum is not None
-        if not ctx.main:
-            raise TypeError("an elastic job runs the collectives of the main program only "
-                            "(a spawn's would need an order among rounds that a member "
-                            "change breaks); this algorithm cannot run elastic")
-        k, self.coll_seq = self.coll_seq, self.coll_seq + 1
+        q = self.quorum
+        if ctx.main:
+            k, self.coll_seq = self.coll_seq, self.coll_seq + 1
+        else:  # a spawn of the main program: round j of block k (their own numbering)
+            q = self.quorum_spawns
+            if ctx.nested or q is None or ctx.seq >= q.stride:
+                raise TypeError("an elastic job runs the collectives of the main program "
+                                f"and of its spawns (at most {SPAWN_ROUNDS} each), not of "
+                                "a spawn inside a spawn; this algorithm cannot run elastic")
+            k, ctx.seq = ctx.spawn * q.stride + ctx.seq, ctx.seq + 1
         if isinstance(eff, AllReduce):
-            return self.quorum.all_reduce(k, eff, self.counts)
-        return self.quorum.all_gather(k, eff, self.counts)
+            return q.all_reduce(k, eff, self.counts)
+        return q.all_gather(k, eff, self.counts)
 
     def _safe_point(self, eff: Checkpoint, ctx: _Ctx) -> None:
         """A safe point: save this worker's part when a checkpoint is due (.saving)."""
@@ -312,7 +320,7 @@ class Executor(PointToPoint):
             slot = k % len(self.slot_last)
             prev, self.slot_last[slot] = self.slot_last[slot], done
             ctx = _Ctx(False, self.groups[slot] if self.groups else None, prev,
-                       label=f"spawn #{k}")
+                       label=f"spawn #{k}", spawn=k)
         else:
             ctx = _Ctx(False, nested=True, label=f"{parent.label}/spawn")
         threading.Thread(target=self._run_spawn, args=(program, ctx, h, done), daemon=True,

@@ -57,6 +57,7 @@ def pack(job: Any) -> list[tuple[str, Any]]:
                  "step": int(w.step)}
         state = plain(w.state, f"worker {w.rank}'s state")
         runtime = {"coll_seq": ex.coll_seq, "server_seq": ex.server_seq,
+                   "spawns": ex.spawns,
                    "last_pos": float(ex.last_pos), "snap_next": int(job.snap.next),
                    "wall": float(ex.now())}
     return [("model", model), ("state", state), ("runtime", runtime)]
@@ -165,7 +166,7 @@ def apply(job: Any, got: dict[str, Any]) -> None:
     step = model.get("step")
     if type(step) is not int or not 0 <= step <= bank.total_steps:
         raise WireError(f"a handover at an impossible step {step!r}")
-    keys = ("coll_seq", "server_seq", "last_pos", "snap_next", "wall")
+    keys = ("coll_seq", "server_seq", "spawns", "last_pos", "snap_next", "wall")
     if not all(isinstance(runtime.get(k), (int, float)) for k in keys):
         raise WireError("a handover whose runtime counters are not numbers")
     state = decode(got["state"], done_handle, device=w.params.device)
@@ -178,6 +179,7 @@ def apply(job: Any, got: dict[str, Any]) -> None:
         w.state.clear()
         w.state.update(state)
         ex.coll_seq, ex.server_seq = int(runtime["coll_seq"]), int(runtime["server_seq"])
+        ex.spawns = int(runtime["spawns"])  # (the spawns' quorum rounds are numbered by it)
         ex.last_pos = float(runtime["last_pos"])
         ex.wall_offset = float(runtime["wall"]) - (time.perf_counter() - ex.t0)
         job.snap.next = int(runtime["snap_next"])

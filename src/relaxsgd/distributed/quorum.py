@@ -74,7 +74,7 @@ class QuorumCollectives:
     def __init__(self, rank: int, n_max: int, send: Callable[[int, tuple], Any],
                  live: Callable[[], frozenset[int]], initial: range | set[int],
                  min_quorum: int = 1, quorum_wait_s: float = 60.0,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, stride: int = 1) -> None:
         self.rank, self.n_max = rank, n_max
         self._send, self._live = send, live
         self.min_quorum, self.quorum_wait_s, self.timeout_s = min_quorum, quorum_wait_s, \
@@ -86,6 +86,9 @@ class QuorumCollectives:
         self.active: set[int] = set()  # rounds under way on this worker
         self.current = 0  # the highest round this worker started
         self.rounds = 0  # rounds completed (led or not)
+        # rounds numbered in blocks of ``stride`` (spawns: block = the spawn's number, the
+        # rounds of one spawn inside it); the windows below count blocks
+        self.stride = stride
 
     # -- issuing ---------------------------------------------------------------------
     def all_reduce(self, k: int, eff: AllReduce, counts: Counts) -> QHandle:
@@ -229,9 +232,10 @@ class QuorumCollectives:
         self.parts.pop(k, None)
         self.active.discard(k)
         self.rounds += 1
-        for old in [r for r in self.results if r < k + 1 - KEEP]:
+        low = k // self.stride + 1 - KEEP
+        for old in [r for r in self.results if r // self.stride < low]:
             del self.results[old]
-        for old in [r for r in self.parts if r < k + 1 - KEEP]:
+        for old in [r for r in self.parts if r // self.stride < low]:
             del self.parts[old]
         return self.results[k]
 
@@ -247,7 +251,8 @@ class QuorumCollectives:
                 payload = _checked(msg[2], msg[3], src, k)
                 if k in self.results:  # a late contributor: the round's result
                     self._send(src, ("qres", k, *self.results[k]))
-                elif self.current - KEEP <= k <= self.current + MAX_AHEAD:
+                elif (self.current // self.stride - KEEP <= k // self.stride
+                      <= self.current // self.stride + MAX_AHEAD):
                     self.parts.setdefault(k, {})[src] = payload
                 else:
                     return True  # out of the window: ignored
