@@ -1,9 +1,10 @@
 """Fault injection for the tests and benchmarks of the distributed runtime.
 
 Environment variables read by ``python -m distkit`` (see that module):
-``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_WIRE_FAULT``, ``RELAXSGD_TEST_EVAL_FAIL``,
-``RELAXSGD_BENCH_LEGACY_WIRE`` and ``RELAXSGD_BENCH_QUEUED_SENDS``. Nothing here runs
-unless one of them is set.
+``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_LEAVE_AT``, ``RELAXSGD_TEST_HOLD_AT``,
+``RELAXSGD_TEST_WIRE_FAULT``,
+``RELAXSGD_TEST_EVAL_FAIL``, ``RELAXSGD_BENCH_LEGACY_WIRE`` and
+``RELAXSGD_BENCH_QUEUED_SENDS``. Nothing here runs unless one of them is set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 def install_hooks() -> None:
     """Install every hook whose environment variable is set (in this process)."""
     _install_kill()
+    _install_leave()
+    _install_hold()
     _install_wire_fault()
     _install_eval_fail()
     _install_legacy_wire()
@@ -71,6 +74,57 @@ def _install_kill() -> None:
 
     LocalWorker.note_steps = note_steps  # type: ignore[method-assign]
     LocalWorker.apply_grad = apply_grad  # type: ignore[method-assign]
+
+
+def _install_leave() -> None:
+    """``RELAXSGD_TEST_LEAVE_AT=<rank>:<step>``: that worker dies by SIGKILL at its first
+    safe point (``yield Checkpoint()``) at or past that local step: the moment the
+    simulator's trace event ``<rank>,leave,<step>`` takes it away (sim/dist parity)."""
+    spec = os.environ.get("RELAXSGD_TEST_LEAVE_AT")
+    if not spec:
+        return
+    rank, step = (int(x) for x in spec.split(":"))
+    if int(os.environ.get("RANK", -1)) != rank:
+        return
+    from relaxsgd.distributed.executor import Executor
+
+    orig = Executor._safe_point
+
+    def safe_point(self: Executor, eff: Any, ctx: Any) -> None:
+        if self.w.step >= step and int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, eff, ctx)
+
+    Executor._safe_point = safe_point  # type: ignore[method-assign]
+
+
+def _install_hold() -> None:
+    """``RELAXSGD_TEST_HOLD_AT=<step>``: every worker of the job's first incarnation waits
+    at its first safe point at or past that step until every worker is live again, and
+    worker 0 (the donor of a restarted worker of a quorum algorithm) until a handover was
+    asked of it: so a short test job is still running when its restarted worker is back,
+    and the handover happens at that safe point."""
+    spec = os.environ.get("RELAXSGD_TEST_HOLD_AT")
+    if not spec or int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) > 0:
+        return
+    step, held = int(spec), [False]
+    import time
+
+    from relaxsgd.distributed.elastic import live_of
+    from relaxsgd.distributed.executor import Executor
+
+    orig = Executor._safe_point
+
+    def safe_point(self: Executor, eff: Any, ctx: Any) -> None:
+        if self.w.step >= step and not held[0]:
+            held[0] = True
+            end = time.monotonic() + 60.0
+            while time.monotonic() < end and (len(live_of(self.tr)) < self.n or (
+                    self.rank == 0 and not self.donor.due())):
+                time.sleep(0.02)
+        return orig(self, eff, ctx)
+
+    Executor._safe_point = safe_point  # type: ignore[method-assign]
 
 
 class _Marker:

@@ -136,6 +136,7 @@ class Evaluator:
         self.by_index: dict[int, dict[int, dict]] = {}
         self.finals: dict[int, dict] = {}
         self.dead: set[int] = set()
+        self.since: dict[int, int] = {}  # a rejoined worker: its first evaluation point
         self.next_index = 0
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -152,6 +153,12 @@ class Evaluator:
 
     def mark_dead(self, rank: int) -> None:
         threading.Thread(target=self.q.put, args=(("dead", rank),), daemon=True).start()
+
+    def revive(self, rank: int, from_index: int) -> None:
+        """A (re)joined worker ships snapshots again, from evaluation ``from_index`` on
+        (the points before it are recorded without it)."""
+        threading.Thread(target=self.q.put, args=(("revive", (rank, from_index)),),
+                         daemon=True).start()
 
     def stop(self, timeout: float) -> None:
         """Record what is complete, then stop (interrupted or failed runs)."""
@@ -173,6 +180,10 @@ class Evaluator:
                     return
                 if kind == "dead":
                     self.dead.add(item)
+                elif kind == "revive":
+                    self.dead.discard(item[0])
+                    self.since[item[0]] = item[1]
+                    self.finals.pop(item[0], None)
                 else:
                     for e in item["indices"]:
                         self.by_index.setdefault(e, {})[item["rank"]] = item
@@ -193,7 +204,8 @@ class Evaluator:
             have = self.by_index.get(self.next_index)
             if not have:
                 return
-            need = [r for r in range(self.n) if r not in self.dead or r in have]
+            need = [r for r in range(self.n) if r in have or (
+                r not in self.dead and self.since.get(r, 0) <= self.next_index)]
             if any(r not in have for r in need):
                 return
             self._record(list(have.values()))
@@ -222,6 +234,7 @@ class Evaluator:
                         wall_time=wall, X=X, mean_buffers=mean_buffers, w0_buffers=bufs,
                         comm=comm, train_loss=lsum / lcount if lcount else float("nan"),
                         extra=aggregate_worker_metrics([_Proxy(s) for s in snaps]),
-                        buffers_of=lambda k: snaps[k]["buffers"])
+                        buffers_of=lambda k: snaps[k]["buffers"],
+                        live_workers=len(snaps))  # (the workers that took part here)
         if self.on_row is not None:
             self.on_row(row, snaps)

@@ -65,7 +65,9 @@ from ..algorithms.base import (
     Wait,
 )
 from .collectives import Counts, DHandle, all_gather, all_reduce
+from .elastic import SPAWN_ROUNDS, live_of
 from .p2p import PointToPoint, finish_together, tell_abort
+from .quorum import QHandle, QuorumCollectives
 from .server import ServerHost, server_round
 from .transport import PeerLost, Transport
 
@@ -81,6 +83,8 @@ class _Ctx:
     prev: threading.Event | None = None  # the previous user of this spawn group
     nested: bool = False
     label: str = "main program"
+    spawn: int = -1  # the main program's spawn number (elastic: its quorum rounds' block)
+    seq: int = 0  # collectives this spawn issued
 
 
 class Executor(PointToPoint):
@@ -109,6 +113,9 @@ class Executor(PointToPoint):
         self.wall_offset = 0.0  # a resumed run's wall time before its checkpoint
         self.server_seq = 0  # ServerRounds issued (the next one is that round)
         self.server_host: ServerHost | None = None  # rank 0: the parameter server (.server)
+        self.quorum: QuorumCollectives | None = None  # an elastic job's collectives (.quorum)
+        self.quorum_spawns: QuorumCollectives | None = None  # and its spawns' (stride)
+        self.donor: Any = None  # an elastic job's .handover.Donor (served at safe points)
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -161,8 +168,8 @@ class Executor(PointToPoint):
             raise TypeError("local computation belongs in the main program, not a spawn")
         if isinstance(eff, Now):
             return self.now()
-        if isinstance(eff, Members):  # a fixed worker set (issue 20: erun's elastic runtime
-            return tuple(range(self.n))  # answers from Transport.live())
+        if isinstance(eff, Members):  # (.elastic: the live set this worker knows)
+            return tuple(sorted(live_of(self.tr)))
         if isinstance(eff, Checkpoint):
             return self._safe_point(eff, ctx)
         if isinstance(eff, Sleep):
@@ -179,7 +186,9 @@ class Executor(PointToPoint):
         if isinstance(eff, Spawn):
             h = self._spawn(eff.program, ctx)
             return self._block(h, ctx) if eff.blocking else h
-        if isinstance(eff, AllReduce):
+        if isinstance(eff, (AllReduce, AllGather)) and self.quorum is not None:
+            h = self._quorum(eff, ctx)
+        elif isinstance(eff, AllReduce):
             h = all_reduce(eff, self.n, self._group(ctx), self.counts, self.device)
             self.coll_seq += 1
         elif isinstance(eff, AllGather):
@@ -206,6 +215,23 @@ class Executor(PointToPoint):
             raise TypeError(f"unknown effect {eff!r}")
         return self._block(h, ctx) if eff.blocking else h
 
+    def _quorum(self, eff: AllReduce | AllGather, ctx: _Ctx) -> QHandle:
+        """An elastic job's collective: round ``coll_seq`` of the quorum (.quorum)."""
+        assert self.quorum is not None
+        q = self.quorum
+        if ctx.main:
+            k, self.coll_seq = self.coll_seq, self.coll_seq + 1
+        else:  # a spawn of the main program: round j of block k (their own numbering)
+            q = self.quorum_spawns
+            if ctx.nested or q is None or ctx.seq >= q.stride:
+                raise TypeError("an elastic job runs the collectives of the main program "
+                                f"and of its spawns (at most {SPAWN_ROUNDS} each), not of "
+                                "a spawn inside a spawn; this algorithm cannot run elastic")
+            k, ctx.seq = ctx.spawn * q.stride + ctx.seq, ctx.seq + 1
+        if isinstance(eff, AllReduce):
+            return q.all_reduce(k, eff, self.counts)
+        return q.all_gather(k, eff, self.counts)
+
     def _safe_point(self, eff: Checkpoint, ctx: _Ctx) -> None:
         """A safe point: save this worker's part when a checkpoint is due (.saving)."""
         if not ctx.main:
@@ -213,6 +239,8 @@ class Executor(PointToPoint):
         pos = float(self.w.step if eff.position is None else eff.position)
         with self.lock:  # (read with it by .stopping's answers)
             self.last_pos = pos
+        if self.donor is not None and self.donor.due():  # a (re)joiner waits for this one
+            self.donor.serve(ctx)
         if self.saver is not None and self.saver.due(pos):
             self.saver.take(self, pos, ctx)
 
@@ -270,8 +298,8 @@ class Executor(PointToPoint):
             if h is not None and h.deadline is not None and now > h.deadline:
                 self._timed_out(h, what)
                 return
-            if now - start > self.opts.timeout_s:
-                raise PeerLost(self._diagnose(what, ctx))
+            if now - start > self.opts.timeout_s and not isinstance(h, QHandle):
+                raise PeerLost(self._diagnose(what, ctx))  # (a quorum round: its own)
 
     def _check_abort(self) -> None:
         if self.abort is not None:
@@ -292,7 +320,7 @@ class Executor(PointToPoint):
             slot = k % len(self.slot_last)
             prev, self.slot_last[slot] = self.slot_last[slot], done
             ctx = _Ctx(False, self.groups[slot] if self.groups else None, prev,
-                       label=f"spawn #{k}")
+                       label=f"spawn #{k}", spawn=k)
         else:
             ctx = _Ctx(False, nested=True, label=f"{parent.label}/spawn")
         threading.Thread(target=self._run_spawn, args=(program, ctx, h, done), daemon=True,

@@ -46,10 +46,11 @@ from ..sim.compute import ComputeModel
 from . import auth as A
 from . import saving
 from .auth import listen_host
+from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
 from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
 from .executor import Executor, finish_together, tell_abort
-from .membership import member_registry
+from .membership import Registry, member_registry
 from .options import DistOptions
 from .p2p import lost_workers_check
 from .process import (  # noqa: F401 - job_env, pick_backend: imported from here by others
@@ -86,12 +87,15 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
             store, group_store = rdv.run_store()
             prep, backend, device, out, ck, clock = _start(cfg, env, opts, store, write,
                                                            resume)
-            rdv.meet(store)
+            elastic = is_elastic(cfg)
+            if not (elastic and incarnation() > 0):  # (a restarted worker's is taken)
+                rdv.meet(store)
             try:
                 # gloo's own timeout is a backstop: the executor's waits enforce timeout_s
-                dist.init_process_group(backend, store=group_store, rank=env.rank,
-                                        world_size=env.world, timeout=datetime.timedelta(
-                                            seconds=opts.rendezvous_s))
+                if not elastic:  # (an elastic job has no process group: .elastic)
+                    dist.init_process_group(backend, store=group_store, rank=env.rank,
+                                            world_size=env.world, timeout=datetime.timedelta(
+                                                seconds=opts.rendezvous_s))
                 clock["group"] = time.perf_counter()
                 job = _Job(cfg, prep, opts, env.rank, env.world, backend, device, auth,
                            out, stop)
@@ -99,6 +103,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
                 raise PeerLost(f"worker {env.rank} could not set up the job's process "
                                f"groups: {str(e).strip().splitlines()[0][:300]}") from None
             job.clock = clock
+            if elastic:  # the member records (.membership), in the unprefixed store
+                job.registry = Registry(rdv.raw, A.store_key(auth), opts.timeout_s)
             result = job.run(store, progress, ck)
         except (KeyboardInterrupt, RelaxError) as e:
             S.announce(e)  # (before the run started: the others stop, naming this one)
@@ -106,7 +112,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
         except BaseException as e:
             S.announce(e)
             raise
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return result
 
 
@@ -178,7 +185,9 @@ class _Job:
         prep.info.dim = self.bank.d
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
-        self.groups = [dist.new_group(list(range(n))) for _ in range(opts.spawn_groups)]
+        self.elastic = is_elastic(cfg)
+        self.groups = [] if self.elastic else [dist.new_group(list(range(n)))
+                                               for _ in range(opts.spawn_groups)]
         buffers = self.bank.buffers_of(0)
         model_bytes = sum(t.numel() * t.element_size()
                           for t in [self.w.params, *buffers.values()])
@@ -188,10 +197,12 @@ class _Job:
                                       prep.total_steps // every + 1)
         # device None: messages decode on the CPU; the executor's p2p boundary (and the
         # evaluator, on rank 0) move them where they are used
+        self.registry: Registry | None = None  # an elastic job's (set by run_dist)
         self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
                             max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s,
-                            on_demand=opts.connect == "demand")
+                            incarnation=incarnation() if self.elastic else 0,
+                            on_demand=self.elastic or opts.connect == "demand")
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
         self.done_from: set[int] = set()
@@ -210,13 +221,18 @@ class _Job:
         self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
-        if out is not None and prep.algo.resumable:
+        # an elastic job: quorum collectives on the transport (no checkpoints: their
+        # barriers need every worker; a lost one comes back by live recovery instead)
+        self.el = ElasticWorker(self) if self.elastic else None
+        if out is not None and prep.algo.resumable and not self.elastic:
             self.ex.saver = saving.attach(self, out, _resolved(prep))
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
         host = self.ex.server_host
         if host is not None and host.on_message(src, msg):
+            return
+        if self.el is not None and self.el.on_message(src, msg):
             return
         if self.ex.on_message(src, msg):
             return
@@ -258,10 +274,12 @@ class _Job:
         if ck is not None:
             saving.resume_job(self, store, *ck)
         self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
-                      registry=member_registry(store, self.opts))
+                      # an elastic job's registry is the launcher's (unprefixed)
+                      registry=self.registry or member_registry(store, self.opts))
         self.clock["built"] = time.perf_counter()
         try:
-            dist.barrier()
+            if not self.elastic:  # (elastic: the transport's start met every worker)
+                dist.barrier()
         except RuntimeError as e:
             raise PeerLost(f"the start barrier failed on worker {self.rank}: "
                            f"{str(e).strip().splitlines()[0][:300]}") from None
@@ -281,6 +299,8 @@ class _Job:
                        progress and self.rank == 0)
         status, message, err = "completed", "", None
         try:
+            if self.el is not None and self.el.rejoining:  # live recovery (.handover)
+                self.el.rejoin()
             self.ex.start(prep.algo.program(self.w))
             self.stop.enabled = self.ex.saver is not None  # a signal: checkpoint, then end
             snap.maybe()
@@ -304,7 +324,8 @@ class _Job:
                                f"within {self.opts.timeout_s:g}s")
             if self.evaluator is not None and self.evaluator.error is not None:
                 raise RuntimeError(f"evaluation failed: {self.evaluator.error}")
-            lost_workers_check(self.tr, self.ex.coll_seq)
+            if not self.elastic:  # (elastic: a quorum went on without the lost ones)
+                lost_workers_check(self.tr, self.ex.coll_seq)
         except StoppedAtCheckpoint as e:  # (a KeyboardInterrupt: caught first)
             how = "Ctrl-C" if e.signum == signal.SIGINT else "SIGTERM"
             status, message, err = "interrupted", f"interrupted by {how}; {e.note}", e
@@ -417,7 +438,9 @@ class _Job:
                                                 default=self.ex.now())
         result["dist"] = {
             "backend": self.backend, "device": str(self.device), "world_size": self.n,
-            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())},
+            # (a worker that said it is done and then closed is not lost)
+            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())
+                             if r not in self.done_from},
             "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
@@ -426,6 +449,8 @@ class _Job:
             "startup_s": startup_report(self.clock),
         }
         result["dist"].update(self._security())
+        if self.el is not None:  # an elastic job: who came and went (rank 0's view)
+            result["membership"] = self.el.record()
         # what was really used, not the config's simulated defaults
         result["network"] = "real"
         result["network_model"] = {"kind": "real", "backend": self.backend,

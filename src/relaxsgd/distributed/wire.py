@@ -365,6 +365,10 @@ KINDS: dict[str, tuple[Any, ...]] = {
     "msg": (TAG, ANY), "status?": (int,), "status": (int, int, int, bool),
     # checkpoints asked for now (.stopping)
     "ckask": (int,), "ckq": (int,), "ckpos": (int, float, bool), "ckgo": (float, int),
+    # quorum collectives of an elastic job (.quorum): contribution, result, ask
+    "qpart": (int, int, ANY), "qres": (int, tuple, ANY), "qneed": (int,),
+    # live recovery (.handover): ask, one part of the answer, "joined from evaluation k"
+    "hask": (int,), "hand": (int, str, ANY), "hjoin": (int,),
 }
 
 
