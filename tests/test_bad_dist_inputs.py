@@ -314,11 +314,14 @@ def _keep_writing(st: Any, name: str, value: bytes, stop: threading.Event) -> No
     """Write ``value`` under ``name`` every few ms: whatever a worker writes there is
     overwritten before the others read it (a forger racing the job)."""
     while not stop.is_set():
-        st.set(name, value)
+        try:
+            st.set(name, value)
+        except Exception:  # noqa: BLE001 - a store call timed out under load: go on forging
+            pass
         time.sleep(0.001)
 
 
-def _attacked_job(tmp_path: Any, name: str, value: bytes, tries: int = 3
+def _attacked_job(tmp_path: Any, name: str, value: bytes, tries: int = 5
                   ) -> tuple[list[int], list[str], float]:
     """A 2-worker job whose store a forger keeps overwriting under ``name``. A worker's
     own write can still be read in the few ms before the forger's next one: a job that
