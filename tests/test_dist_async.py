@@ -77,7 +77,10 @@ def _check_survivors(r: Any, algo: str) -> None:
     res = r.result
     assert res["status"] == "completed"
     assert list(res["dist"]["lost_workers"]) == ["2"]
-    assert res["final"]["peer_unavailable"] >= 1  # the lost partner was skipped, counted
+    if algo == "gossip":  # draws among all workers: the lost partner is tried, skipped
+        assert res["final"]["peer_unavailable"] >= 1  # and counted
+    # (swarm and adpsgd draw among the live workers (Members()): once a survivor knows of
+    # the loss it never tries the dead partner, so a count of 0 is right there)
     assert res["final"]["steps_per_worker"] == 200  # (mean over the 3 who finished)
     assert float(r.metrics()[-1]["step"]) == 200
 
