@@ -19,15 +19,10 @@ from distkit import _collect, _job_env, run_job
 from relaxsgd.config import from_dict
 from relaxsgd.distributed.launch import LocalJob, _restart_dead
 from relaxsgd.run import prepare, simulate
+from test_dist_parity import BASE, N  # the parity tests' job: the same 3 workers
 
 pytestmark = pytest.mark.dist
 
-N = 3
-BASE: dict[str, Any] = {
-    "task": "logreg", "task_options": {"n_train": 480, "n_test": 200, "dim": 8, "classes": 4},
-    "steps": 16, "evals": 3, "compute": {"step_time_s": 0.002},
-    "train": {"batch_size": 8, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
-}
 # DiLoCo's rounds are all-reduces of a spawned sub-program: the spawns' quorum rounds
 CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("diloco", {"p": 3})]
 

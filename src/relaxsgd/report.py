@@ -40,15 +40,7 @@ def plot_runs(runs: list[tuple[str, Rows]], out: str, prefix: str = "",
         ax.set_ylabel("test accuracy of the mean model")
         ax.grid(alpha=0.3)
         ax.legend()
-        if title:
-            ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out, prefix + fname)
-        buf = io.BytesIO()
-        fig.savefig(buf, dpi=110, format="png")
-        plt.close(fig)
-        atomic_write(path, buf.getvalue())
-        paths.append(path)
+        paths.append(_save(fig, ax, title, os.path.join(out, prefix + fname)))
     if members:
         paths.append(_plot_members(members, os.path.join(out, prefix +
                                                          "live_workers_vs_time.png"), title))
@@ -69,6 +61,13 @@ def _plot_members(members: list[tuple[str, Any]], path: str, title: str) -> str:
     ax.set_ylabel("live workers")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, ax, title, path)
+
+
+def _save(fig: Any, ax: Any, title: str, path: str) -> str:
+    """Title ``ax`` (if ``title``), lay ``fig`` out, write it as a PNG atomically, close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

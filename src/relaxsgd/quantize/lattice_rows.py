@@ -24,7 +24,6 @@ import functools
 import torch
 from torch import Tensor
 
-from ..codec_meter import note
 from .lattice import _NATIVE, _P, _coefficients
 
 NATIVE_BITS = tuple(_NATIVE)
@@ -73,7 +72,6 @@ def decode_rows(codes: Tensor, eps: Tensor, ref: Tensor, bits: int,
     """Decode rows of native ``codes`` (``(g, d)``) with steps ``eps`` (``(g, K)``) against
     the receivers' models ``ref`` (``(g, d)``): ``(x_hat, checks)``, the values in
     ``ref``'s dtype and each chunk's checksum (compare with the payloads' ``check``)."""
-    note(decoded=codes.numel())  # (a batched run charges no codec time: sim.p2p)
     z = codes.to(torch.int64) & ((1 << bits) - 1)  # = remainder(codes, 2^bits), cheaper
     e = expand(eps, sizes)
     r = nearest(z, ref.to(torch.float64) / e, bits)
@@ -86,7 +84,6 @@ def encode_rows(x: Tensor, eps: Tensor, u: Tensor, bits: int, sizes: tuple[int, 
     values) and uniform draws ``u`` (``(g, d)`` float64): ``(codes, checks, own)``, the
     native codes, each chunk's checksum, and what the codes decode to against ``x`` itself
     (the sender's exact knowledge of what its partner will decode)."""
-    note(encoded=x.numel())  # (a batched run charges no codec time: sim.p2p)
     q = 1 << bits
     e = expand(eps, sizes)
     y = x.to(torch.float64) / e
