@@ -488,3 +488,24 @@ def test_compare_writes_its_summary_and_plots_when_interrupted(tmp_path) -> None
     assert "allreduce" in summary and "interrupted" in summary
     assert (out / "accuracy_vs_time.png").is_file() and (out / "accuracy_vs_bytes.png").is_file()
     assert not (out / "localsgd").exists()  # never started
+
+
+def test_list_gives_each_algorithm_its_membership(capsys) -> None:
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert "[gossip:" in lines["swarm"] and "[gossip:" in lines["adpsgd"]
+    assert "[quorum:" in lines["localsgd"] and "[quorum:" in lines["olco3"]
+    assert "[fixed:" in lines["dpsgd"] and "[fixed:" in lines["sgp"]
+
+
+def test_list_into_a_closed_pipe_is_quiet() -> None:
+    """`relaxsgd list | head -1`: the reader leaves early; no traceback on stderr."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from relaxsgd.cli import main; "
+                          "sys.exit(main(['list']))"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and err == ""

@@ -220,6 +220,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report(args.run_dirs, args.out, args.markdown, args.force)
 
 
+_MEMBERSHIP = {"gossip": "gossip: partners among the live workers",
+               "quorum": "quorum: each round with the workers present",
+               "fixed": "fixed: a leave fails the run"}
+
+
+def _membership(name: str) -> str:
+    """The algorithm's membership kind under churn, as its class declares it (a config can
+    narrow it: SwarmSGD's sequential schedule is ``fixed``)."""
+    from .algorithms import ALGORITHMS
+
+    kind = getattr(ALGORITHMS.get(name), "membership", "fixed")
+    return _MEMBERSHIP.get(kind, kind)
+
+
 def cmd_list() -> int:
     from .algorithms import ALGORITHMS
     from .sim.compute import PROFILES as COMPUTE_PROFILES
@@ -227,7 +241,10 @@ def cmd_list() -> int:
     from .tasks import TASKS
 
     sections: list[tuple[str, list[tuple[str, str]]]] = [
-        ("algorithms", [(e.name, e.description) for e in ALGORITHMS.entries()]),
+        ("algorithms (membership: what a worker leaving or joining does, "
+         "docs/distributed.md \"Membership\")",
+         [(e.name, f"{e.description} [{_membership(e.name)}]")
+          for e in ALGORITHMS.entries()]),
         ("tasks", [(e.name, e.description) for e in TASKS.entries()]),
         ("network profiles", list(PROFILE_DESCRIPTIONS.items())
          + [("custom", "cloud's numbers with network.latency_s/bandwidth_Bps/... set")]),
@@ -325,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         sys.stderr.write(f"relaxsgd: interrupted{where}\n")
         return 130
+    except BrokenPipeError:  # `relaxsgd list | head`: the reader left; nothing to say
+        # Python flushes stdout again at exit and would print a traceback there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":
