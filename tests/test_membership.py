@@ -262,3 +262,39 @@ def test_compare_and_report_show_the_membership(tmp_path, capsys) -> None:
     assert main(["report", str(out / "localsgd")]) == 0
     assert "worker 1 leave (trace)" in capsys.readouterr().out
     assert "live_workers" in (out / "swarm" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_the_mean_models_batchnorm_statistics_are_the_live_workers(tmp_path) -> None:
+    """Under churn the mean model averages the live rows' parameters, so its BatchNorm
+    statistics must be the live rows' too: a departed row's statistics would describe a
+    model nobody holds."""
+    import dataclasses
+
+    from torch import nn
+
+    from relaxsgd.bank import Bank
+
+    prep = prepare(simkit.tiny(workers=3))
+    d_in = prep.spec.data.x_train.shape[1]
+
+    def bn_model() -> nn.Module:
+        return nn.Sequential(nn.Linear(d_in, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+    spec = dataclasses.replace(prep.spec, model_fn=bn_model)
+    bank = Bank(spec, prep.cfg.train, [0, 1, 2], prep.shards, 0, 10, batching="loop")
+    for k, v in enumerate((1.0, 2.0, 9.0)):
+        bank.buffers_of(k)["1.running_mean"].fill_(v)
+    assert torch.allclose(bank.mean_buffers()["1.running_mean"], torch.full((4,), 4.0))
+    got = bank.mean_buffers([0, 1])
+    assert torch.allclose(got["1.running_mean"], torch.full((4,), 1.5))
+    assert got["1.num_batches_tracked"].dtype == torch.long
+
+
+def test_evaluation_under_churn_asks_for_the_live_rows_statistics(tmp_path) -> None:
+    sim = _sim(tmp_path, "localsgd", "worker,event,step\n1,leave,3\n",
+               algo_options={"p": 2}, steps=10, evals=5)
+    asked: list[Any] = []
+    real = sim.bank.mean_buffers
+    sim.bank.mean_buffers = lambda rows=None: asked.append(rows) or real(rows)  # type: ignore
+    sim.run()
+    assert [0, 2, 3] in asked, asked  # after the leave: the live rows only

@@ -223,15 +223,18 @@ class Bank:
             return {}
         return {n: b for n, b in self.modules[k].named_buffers()}
 
-    def mean_buffers(self) -> dict[str, Tensor]:
-        """BatchNorm statistics averaged over the rows (how the mean model is evaluated)."""
+    def mean_buffers(self, rows: list[int] | None = None) -> dict[str, Tensor]:
+        """BatchNorm statistics averaged over ``rows`` (None: all), as the mean model of
+        those rows is evaluated; under churn only the live workers' rows count, like
+        their parameters. Integer buffers (batch counts) are the first row's."""
         if not self.modules:
             return {}
+        mods = self.modules if rows is None else [self.modules[k] for k in rows]
         out = {}
-        for name, b in self.modules[0].named_buffers():
+        for name, b in mods[0].named_buffers():
             if b.is_floating_point():
                 out[name] = torch.stack([dict(m.named_buffers())[name]
-                                         for m in self.modules]).mean(0)
+                                         for m in mods]).mean(0)
             else:
                 out[name] = b
         return out

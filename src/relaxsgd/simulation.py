@@ -200,13 +200,13 @@ class Simulation:
         # under churn the models of the live workers (a departed one's is out of reach);
         # "worker 0" is then the lowest live id
         live = [p.w.rank for p in engine.procs if not p.gone]
-        X, first = bank.X, 0
+        X, first, rows = bank.X, 0, None
         if engine.members is not None and live:
-            X, first = bank.X[live], live[0]
+            X, first, rows = bank.X[live], live[0], live
         return self.rec.record(
             step=self.done / n, samples=sum(bank.samples), virtual_time=now,
             wall_time=time.perf_counter() - self.wall0, X=X,
-            mean_buffers=bank.mean_buffers(), w0_buffers=bank.buffers_of(first), comm=comm,
+            mean_buffers=bank.mean_buffers(rows), w0_buffers=bank.buffers_of(first), comm=comm,
             train_loss=bank.take_train_loss(), extra=aggregate_worker_metrics(self.workers),
             buffers_of=(bank.buffers_of if X is bank.X else lambda k: bank.buffers_of(live[k])),
             shared=self.workers[first].state.get(key) if key else None,
