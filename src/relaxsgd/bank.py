@@ -7,9 +7,12 @@ second moment (``(rows, 0)`` under SGD), and ``steps[k]`` the local steps done (
 step count for its bias corrections). The simulator holds every worker (rows = n); the
 distributed runtime holds one. Gradients of several workers are computed either with
 ``torch.func.vmap`` over the stacked rows (one batched call: pays for small buffer-free
-models on a CPU, and every buffer-free model on a GPU) or with a loop over per-worker
-modules whose parameters are views of the rows (BatchNorm models always; on a CPU the
-convolutional and transformer models, measured faster so). The choice is per task on a CPU
+models on a CPU, and every model on a GPU) or with a loop over per-worker
+modules whose parameters are views of the rows (on a CPU the convolutional and
+transformer models, measured faster so). Models with buffers (BatchNorm) are vmapped too:
+each buffer is stacked over the rows (``B``) and passed to ``functional_call`` with the
+parameters, so that every row normalises with its own batch statistics and updates its own
+running statistics, as its own module would. The choice is per task on a CPU
 (``TaskSpec.batching``), vmap on a GPU, or forced by the run config; both give the same
 numbers up to float rounding (tests/test_sim_device.py).
 """
@@ -73,10 +76,15 @@ class Bank:
             batching = "vmap"  # on a GPU batching is what pays (issue 17: 0.78k vs 323k/s)
         elif batching == "auto":  # on a CPU the task's measured preference
             batching = spec.batching if spec.batching != "auto" else "loop"
-        if batching == "vmap" and has_buffers:
-            batching = "loop"  # vmap cannot update BatchNorm statistics in place
         self.batching = batching
         self.modules: list[nn.Module] = []
+        # vmapped models with buffers (BatchNorm): each buffer stacked over the rows, passed
+        # to functional_call as a batched input, so that each row's step uses its own batch
+        # statistics and writes its own running statistics in place (see _vmap_grads)
+        self.B: dict[str, Tensor] = {}
+        if batching == "vmap" and has_buffers:
+            self.B = {n: b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
+                      for n, b in self.template.named_buffers()}
         if batching == "loop":
             for k in range(rows):
                 m = spec.model_fn().to(self.device)
@@ -90,21 +98,34 @@ class Bank:
         self.loss_count = [0] * rows
 
     # -- gradients -----------------------------------------------------------------
-    def _loss_of_params(self, params: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        out = functional_call(self.template, params, (xb,))
+    def _loss_of_params(self, params: dict[str, Tensor], bufs: dict[str, Tensor], xb: Tensor,
+                        yb: Tensor) -> Tensor:
+        # ``bufs`` (one row's BatchNorm statistics, under vmap a view into the stacked B) are
+        # updated in place by the template's training-mode forward, as a module's own are
+        out = functional_call(self.template, {**params, **bufs}, (xb,))
         return self.spec.loss_fn(out, yb)
 
-    def _vmap_grads(self, X: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+    def _vmap_grads(self, rows: Sequence[int], xb: Tensor, yb: Tensor
+                    ) -> tuple[Tensor, Tensor]:
         # Differentiate w.r.t. per-parameter views of the rows, not the flat row: the
         # backward of slicing a flat vector would scatter into a full-size zero tensor per
         # parameter (O(params x d)); measured 1.7x slower on the MNIST-1D MLP.
+        X = self._rows(rows)
         g = X.shape[0]
         params, off = {}, 0
         for name, shape in self.layout:
             k = shape.numel()
             params[name] = X[:, off:off + k].view(g, *shape)
             off += k
-        grads, loss = self._vg(params, xb, yb)
+        whole = X is self.X
+        # all rows: the stacked buffers themselves, updated in place; some rows: a gathered
+        # copy, written back to those rows after the step
+        at = None if whole else torch.tensor(list(rows), device=self.device)
+        bufs = self.B if whole else {n: b.index_select(0, at) for n, b in self.B.items()}
+        grads, loss = self._vg(params, bufs, xb, yb)
+        if not whole:
+            for n, b in bufs.items():
+                self.B[n].index_copy_(0, at, b)
         flat = torch.cat([grads[name].reshape(g, -1) for name, _ in self.layout], dim=1)
         return flat, loss
 
@@ -145,7 +166,7 @@ class Bank:
         """Stochastic gradients (rows x d, fresh) and batch losses of these rows' workers."""
         xbs, ybs = self._batches(rows)
         if self.batching == "vmap":
-            g, loss = self._vmap_grads(self._rows(rows), xbs, ybs)
+            g, loss = self._vmap_grads(rows, xbs, ybs)
         else:
             g = torch.empty(len(rows), self.d, device=self.device)
             loss = torch.empty(len(rows), device=self.device)
@@ -219,12 +240,20 @@ class Bank:
 
     # -- evaluation ----------------------------------------------------------------
     def buffers_of(self, k: int) -> dict[str, Tensor]:
+        """Row ``k``'s buffers (BatchNorm statistics), as tensors the caller may write
+        (``copy_``) to change them: views into the stacked buffers when vmapped, the
+        module's own otherwise; empty for buffer-free models."""
+        if self.B:
+            return {n: b[k] for n, b in self.B.items()}
         if not self.modules:
             return {}
         return {n: b for n, b in self.modules[k].named_buffers()}
 
     def mean_buffers(self) -> dict[str, Tensor]:
-        """BatchNorm statistics averaged over the rows (how the mean model is evaluated)."""
+        """BatchNorm statistics averaged over the rows (how the mean model is evaluated);
+        integer buffers (``num_batches_tracked``) are row 0's."""
+        if self.B:
+            return {n: b.mean(0) if b.is_floating_point() else b[0] for n, b in self.B.items()}
         if not self.modules:
             return {}
         out = {}
