@@ -220,7 +220,8 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def test_vmapped_batchnorm_steps_equal_a_module_per_worker(tmp_path, float64) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmapped_batchnorm_steps_equal_a_module_per_worker(tmp_path, float64, device) -> None:
     """ResNet-20 with BatchNorm (the CIFAR-10 task's default model), its buffers stacked
     and vmapped, against a module per worker, through steps of all rows (the stacked
     buffers updated in place) and of some rows (gathered, written back): the same
@@ -239,7 +240,7 @@ def test_vmapped_batchnorm_steps_equal_a_module_per_worker(tmp_path, float64) ->
 
     def bank(batching: str) -> bank_mod.Bank:
         return bank_mod.Bank(spec, prep.cfg.train, [0, 1, 2], prep.shards, 0, 10,
-                             batching=batching)
+                             batching=batching, device=device)
 
     a, b = bank("vmap"), bank("loop")
     assert a.B and not a.modules and b.modules and not b.B
