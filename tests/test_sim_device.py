@@ -269,15 +269,18 @@ def test_vmapped_batchnorm_steps_equal_a_module_per_worker(tmp_path, float64, de
 # -- batched sampling ----------------------------------------------------------------------
 
 def test_batched_sampling_gives_each_samplers_own_batches() -> None:
-    """Bank._indices (one gather for all rows) equals each row's Sampler.next: through the
-    ends of passes (a new permutation), subsets of rows, and a restored sampler state."""
-    prep = prepare(tiny(workers=3, train={"batch_size": 40}))
-    # unequal shards; 79 and 121 end a pass one sample short of / past a batch boundary
-    shards = [s[:m] for s, m in zip(prep.shards, (79, 100, 121), strict=True)]
-    make = lambda: bank_mod.Bank(prep.spec, prep.cfg.train, [0, 1, 2], shards, 5, 99)  # noqa: E731
+    """Bank._indices (one gather for all rows, new passes drawn and stored together) equals
+    each row's Sampler.next and leaves each sampler in its state: through the ends of
+    passes (a new permutation), subsets of rows, and a restored sampler state."""
+    prep = prepare(tiny(workers=5, train={"batch_size": 40}))
+    # unequal shards; 79 and 121 end a pass one sample short of / past a batch boundary,
+    # 40 every batch exactly, 30 is shorter than a batch (two passes in one batch)
+    shards = [s[:m] for s, m in zip(prep.shards, (79, 100, 121, 40, 30), strict=True)]
+    make = lambda: bank_mod.Bank(prep.spec, prep.cfg.train, list(range(5)), shards, 5, 99)  # noqa: E731
     fast, ref = make(), make()
     saved = None
-    for t, rows in enumerate([[0, 1, 2], [1], [2, 0], [0, 1, 2], [0, 1, 2], [1, 2]] * 3):
+    for t, rows in enumerate([[0, 1, 2, 3, 4], [1], [2, 0, 3], [0, 1, 2, 4],
+                              [4, 3, 2, 1, 0], [1, 2]] * 3):
         if t == 7:
             saved = [s.state_dict() for s in fast.samplers]
         if t == 12:  # both go back to step 7's state, as a resumed run does
@@ -287,4 +290,8 @@ def test_batched_sampling_gives_each_samplers_own_batches() -> None:
         got = fast._indices(rows)
         want = torch.stack([ref.samplers[k].next(40) for k in rows])
         assert torch.equal(got, want), t
+        for a, b in zip(fast.samplers, ref.samplers, strict=True):
+            assert (a.pos, a.passes) == (b.pos, b.passes), t
+            assert torch.equal(a.perm, b.perm) and a.perm.dtype == b.perm.dtype, t
+            assert torch.equal(a.gen.get_state(), b.gen.get_state()), t
     assert all(s.passes >= 2 for s in fast.samplers)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from . import salts
+from .stacked_sampler import StackedSamplers
 from .tasks.base import TaskSpec
 from .training import (
     Sampler,
@@ -63,12 +64,8 @@ class Bank:
         self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
                          for r in self.ranks]
         self.aug_gens = [seeded_generator(seed, r, SALT_AUGMENT) for r in self.ranks]
-        # the samplers' permutations stacked (padded to the longest shard) on the data's
-        # device, so that a batch of all rows is one gather (see _indices)
-        longest = max((shards[r].numel() for r in self.ranks), default=0)
-        self._perms = torch.zeros(rows, longest, dtype=torch.int64, device=self.device)
-        self._perm_seen: list[Tensor | None] = [None] * rows
-        self._cols = torch.arange(train.batch_size, device=self.device)
+        # every row's next batch in one gather from the samplers' stacked permutations
+        self.stacked = StackedSamplers(self.samplers, train.batch_size, self.device)
         self.xdata = spec.data.x_train.to(self.device)
         self.ydata = spec.data.y_train.to(self.device)
         has_buffers = any(True for _ in self.template.buffers())
@@ -131,27 +128,8 @@ class Bank:
 
     def _indices(self, rows: Sequence[int]) -> Tensor:
         """The next batch of each row's sampler, ``(len(rows), batch)``: exactly
-        ``samplers[k].next(batch)`` for each, gathered in one indexing call from the
-        samplers' permutations stacked in ``_perms`` (a row whose pass ends takes its
-        sampler's own path, which draws the next permutation)."""
-        b, perms, seen = self.train.batch_size, self._perms, self._perm_seen
-        starts, ends_pass = [], []
-        for j, k in enumerate(rows):
-            s = self.samplers[k]
-            if s.perm is not seen[k]:  # a new pass or a restored checkpoint
-                perms[k, :s.perm.numel()] = s.perm
-                seen[k] = s.perm
-            if s.pos + b <= s.perm.numel():
-                starts.append(s.pos)
-                s.pos += b
-            else:
-                starts.append(0)
-                ends_pass.append(j)
-        at = torch.tensor(starts, device=perms.device).unsqueeze(1) + self._cols
-        idx = perms[torch.tensor(list(rows), device=perms.device).unsqueeze(1), at]
-        for j in ends_pass:
-            idx[j] = self.samplers[rows[j]].next(b)
-        return idx
+        ``samplers[k].next(batch)`` for each (:class:`.StackedSamplers`)."""
+        return self.stacked.indices(rows)
 
     def _batches(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Each row's next training batch, stacked: ``(len(rows), batch, ...)``."""
