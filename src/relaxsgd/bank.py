@@ -227,18 +227,22 @@ class Bank:
             return {}
         return {n: b for n, b in self.modules[k].named_buffers()}
 
-    def mean_buffers(self) -> dict[str, Tensor]:
-        """BatchNorm statistics averaged over the rows (how the mean model is evaluated);
-        integer buffers (``num_batches_tracked``) are row 0's."""
+    def mean_buffers(self, rows: list[int] | None = None) -> dict[str, Tensor]:
+        """BatchNorm statistics averaged over ``rows`` (None: all), as the mean model of
+        those rows is evaluated; under churn only the live workers' rows count, like
+        their parameters. Integer buffers (batch counts) are the first row's."""
         if self.B:
-            return {n: b.mean(0) if b.is_floating_point() else b[0] for n, b in self.B.items()}
+            at: slice | list[int] = slice(None) if rows is None else list(rows)
+            return {n: b[at].mean(0) if b.is_floating_point() else b[at][0]
+                    for n, b in self.B.items()}
         if not self.modules:
             return {}
+        mods = self.modules if rows is None else [self.modules[k] for k in rows]
         out = {}
-        for name, b in self.modules[0].named_buffers():
+        for name, b in mods[0].named_buffers():
             if b.is_floating_point():
                 out[name] = torch.stack([dict(m.named_buffers())[name]
-                                         for m in self.modules]).mean(0)
+                                         for m in mods]).mean(0)
             else:
                 out[name] = b
         return out
