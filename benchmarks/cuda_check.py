@@ -10,7 +10,8 @@
    worker killed with SIGKILL, resumed: the models equal the uninterrupted run's bit for
    bit; its ``models.pt`` and checkpoints load with CUDA hidden (a CPU-only machine);
 4. the CUDA-marked tests (``pytest -m cuda``): the conformance matrix on CUDA and the
-   compressors' exact values;
+   compressors' exact values; the simulator's CUDA tests (``tests/test_sim_device.py -k
+   cuda``: vmapped BatchNorm against a module per worker, CPU against CUDA models);
 5. the distributed runtime's tests with CUDA visible (skipped with ``--quick``).
 
 Prints one line per check and a summary; exit status 1 if any failed, 2 without CUDA.
@@ -143,6 +144,8 @@ def main() -> int:
     checkpoint_resume(root)
     pytest_run("CUDA-marked tests", ["-m", "cuda", "tests/test_devices.py",
                                      "tests/test_compress_values.py"], 900)
+    pytest_run("simulator on CUDA (vmapped BatchNorm, CPU vs CUDA models, evaluation)",
+               ["-k", "cuda", "tests/test_sim_device.py"], 600)
     if not args.quick:
         dist_tests = sorted(f"tests/{f}" for f in os.listdir(os.path.join(ROOT, "tests"))
                             if f.startswith("test_dist_"))

@@ -27,3 +27,22 @@ def tiny(**over: Any) -> RunConfig:
         else:
             d[k] = v
     return from_dict(d)
+
+
+def fake_cifar(parent: Any, per_batch: int = 4) -> Any:
+    """A CIFAR-10 folder (five training batches and a test batch of ``per_batch`` random
+    images each, in the python-pickle layout the task reads) under ``parent``."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(parent) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        d = {b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+             b"labels": [(i + j) % 10 for j in range(per_batch)]}
+        with (folder / name).open("wb") as f:
+            pickle.dump(d, f)
+    return folder

@@ -110,6 +110,11 @@ def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
     assert (a.engine.exchange_batches > 0) == (codec != "on") and not b.engine.exchange_batches
     coded = "one by one" not in case
     assert (sum(batched) > 0) == coded and not single  # the batched path did run
+    # the initiators' requests coded ahead together, and used (not with overlap)
+    ahead = coded and not opts.get("overlap")
+    assert (a.engine.prefetched > 0) == ahead and not b.engine.prefetched
+    hits = [o.engine.algo.codec.prefetch_hits for o in (a, b)]
+    assert (hits[0] > 0) == ahead and not hits[1]
     assert torch.equal(a.bank.X, b.bank.X) and torch.equal(a.bank.M, b.bank.M)
     for wa, wb in zip(a.workers, b.workers, strict=True):
         assert wa.counters == wb.counters and wa.obs_sum == wb.obs_sum
@@ -118,12 +123,73 @@ def test_swarm_batched_answers_equal_one_by_one(case, monkeypatch) -> None:
             va, vb = wa.state.get(key), wb.state.get(key)
             assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), key
         assert wa.state["hrng"].get_state().equal(wb.state["hrng"].get_state())
+        assert wa.rng.get_state().equal(wb.rng.get_state())
         assert wa.state["pending"].keys() == wb.state["pending"].keys()
     fa = {k: v for k, v in a.result["final"].items() if "wall" not in k}
     fb = {k: v for k, v in b.result["final"].items() if "wall" not in k}
     assert fa == fb
     if "failing" in case:
         assert fa["decode_failures"] > 0  # the resend path was batched too
+
+
+def _state(w) -> tuple:
+    st = w.state
+    return (w.rng.get_state(), st["xhat"].clone(), st["last_sent"].clone(),
+            None if st["spread"] is None else list(st["spread"]),
+            dict(w.obs_sum), dict(w.obs_count))
+
+
+def _set_state(w, s: tuple) -> None:
+    w.rng.set_state(s[0])
+    w.state["xhat"].copy_(s[1])
+    w.state["last_sent"].copy_(s[2])
+    w.state["spread"] = None if s[3] is None else list(s[3])
+    w.obs_sum, w.obs_count = dict(s[4]), dict(s[5])
+
+
+def test_requests_coded_ahead_are_used_only_for_their_exact_inputs() -> None:
+    """Requests coded ahead (swarm_prefetch) for 5 workers, then, before each codes its
+    request as its program does (partner draw, then encode): worker 0's copy moves (an
+    answer), 1's spread changes, 2's generator makes another draw, 3's last_sent moves, 4
+    is untouched. Every request, generator and codec state must equal coding with nothing
+    kept; only worker 4 may use its kept request."""
+    from relaxsgd.devices import draw
+    out = simulate(prepare(tiny(algo="swarm", workers=5, steps=8, network="cloud")))
+    algo, ws = out.engine.algo, out.workers
+    saved = [_state(w) for w in ws]
+
+    def perturb() -> None:
+        ws[0].state["xhat"][3] += 1e-3
+        ws[1].state["spread"] = [v * 1.5 for v in ws[1].state["spread"]]
+        draw(torch.rand, (), generator=ws[2].rng, device="cpu")
+        ws[3].state["last_sent"][0] -= 1e-3
+
+    def requests() -> list:
+        got = []
+        for w in ws:
+            peer = int(draw(torch.randint, len(algo.neighbors(w.rank)), (), generator=w.rng,
+                            device="cpu"))
+            msg, own, nb = algo.codec.encode(w, peer, w.state["xhat"].clone(), w.rng)
+            got.append(([(p.codes, p.eps, p.check) for p in msg["data"]], own, nb,
+                        _state(w)))
+        return got
+
+    assert algo.on_resume_batch(ws, range(5)) == 5
+    hits = algo.codec.prefetch_hits
+    perturb()
+    ahead = requests()
+    assert algo.codec.prefetch_hits == hits + 1 and not algo.codec.ready
+    for w, s in zip(ws, saved, strict=True):
+        _set_state(w, s)
+    perturb()
+    plain = requests()
+    assert algo.codec.prefetch_hits == hits + 1
+    for a, b in zip(ahead, plain, strict=True):
+        for (ca, ea, ka), (cb, eb, kb) in zip(a[0], b[0], strict=True):
+            assert torch.equal(ca, cb) and ea == eb and ka == kb
+        assert torch.equal(a[1], b[1]) and a[2] == b[2]
+        for x, y in zip(a[3], b[3], strict=True):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
 
 def test_adpsgd_answers_in_groups_equal_one_by_one(monkeypatch) -> None:

@@ -8,6 +8,7 @@ sees it) the same run gives the CPU's models up to float rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from relaxsgd.devices import resolve_device
 from relaxsgd.errors import ConfigError
 from relaxsgd.metrics import CommStats, Recorder
 from relaxsgd.run import prepare, simulate
-from simkit import tiny
+from simkit import fake_cifar, tiny
 
 HAVE_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAVE_CUDA, reason="needs CUDA (torch sees no GPU)")
@@ -211,18 +212,79 @@ def test_vmapped_conv_and_transformer_steps_equal_the_loop(tmp_path, model) -> N
     assert not torch.equal(a.bank.M[0], a.bank.M[1])
 
 
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmapped_batchnorm_steps_equal_a_module_per_worker(tmp_path, float64, device) -> None:
+    """ResNet-20 with BatchNorm (the CIFAR-10 task's default model), its buffers stacked
+    and vmapped, against a module per worker, through steps of all rows (the stacked
+    buffers updated in place) and of some rows (gathered, written back): the same
+    parameters, momentum, running statistics and batch counts for every worker. In
+    float64, because in float32 batch statistics of 4 samples amplify the few-ulp
+    differences of batched kernels to ~1e-4 in 4 steps; in float64 both paths agree to
+    ~1e-15 (seen), so 1e-10 is rounding. A running statistic not written back stays at
+    its initial 0 / 1, one shared by the workers differs by O(0.1) between workers."""
+    fake_cifar(tmp_path, per_batch=8)
+    prep = prepare(from_dict({"task": "cifar10", "data_dir": str(tmp_path), "workers": 3,
+                              "task_options": {"augment": False},
+                              "train": {"batch_size": 4, "momentum": 0.9}}))
+    data = prep.spec.data
+    spec = dataclasses.replace(prep.spec, data=dataclasses.replace(
+        data, x_train=data.x_train.double(), x_test=data.x_test.double()))
+
+    def bank(batching: str) -> bank_mod.Bank:
+        return bank_mod.Bank(spec, prep.cfg.train, [0, 1, 2], prep.shards, 0, 10,
+                             batching=batching, device=device)
+
+    a, b = bank("vmap"), bank("loop")
+    assert a.B and not a.modules and b.modules and not b.B
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    for rows in ([0, 1, 2], [1], [2, 0], [0, 1, 2], [1, 2]):
+        torch.testing.assert_close(a.local_steps(rows, 1), b.local_steps(rows, 1), **tol)
+    torch.testing.assert_close(a.X, b.X, **tol)
+    torch.testing.assert_close(a.M, b.M, **tol)
+    for k in range(3):
+        ba, bb = a.buffers_of(k), b.buffers_of(k)
+        assert ba.keys() == bb.keys() and len(ba) == 3 * 19  # 19 BatchNorm layers
+        for n in ba:
+            torch.testing.assert_close(ba[n], bb[n], **tol, msg=f"worker {k} {n}")
+    for rows in (None, [2, 0]):  # all rows; some (the live ones under churn)
+        want = b.mean_buffers(rows)
+        for n, m in a.mean_buffers(rows).items():
+            torch.testing.assert_close(m, want[n], **tol)
+    assert not torch.equal(a.mean_buffers([2, 0])["n0.running_mean"],
+                           a.mean_buffers()["n0.running_mean"])
+    # the running statistics moved, each worker's are its own, and each counts its steps
+    rm = [a.buffers_of(k)["n0.running_mean"] for k in range(3)]
+    assert not torch.equal(rm[0], torch.zeros_like(rm[0]))
+    assert not torch.equal(rm[0], rm[1]) and not torch.equal(rm[1], rm[2])
+    assert [int(a.buffers_of(k)["n0.num_batches_tracked"]) for k in range(3)] == a.steps
+    # buffers_of gives views: writing them (a checkpoint restore, a handover) changes row k
+    a.buffers_of(2)["n0.running_mean"].copy_(rm[0])
+    assert torch.equal(a.B["n0.running_mean"][2], a.B["n0.running_mean"][0])
+
+
 # -- batched sampling ----------------------------------------------------------------------
 
 def test_batched_sampling_gives_each_samplers_own_batches() -> None:
-    """Bank._indices (one gather for all rows) equals each row's Sampler.next: through the
-    ends of passes (a new permutation), subsets of rows, and a restored sampler state."""
-    prep = prepare(tiny(workers=3, train={"batch_size": 40}))
-    # unequal shards; 79 and 121 end a pass one sample short of / past a batch boundary
-    shards = [s[:m] for s, m in zip(prep.shards, (79, 100, 121), strict=True)]
-    make = lambda: bank_mod.Bank(prep.spec, prep.cfg.train, [0, 1, 2], shards, 5, 99)  # noqa: E731
+    """Bank._indices (one gather for all rows, new passes drawn and stored together) equals
+    each row's Sampler.next and leaves each sampler in its state: through the ends of
+    passes (a new permutation), subsets of rows, and a restored sampler state."""
+    prep = prepare(tiny(workers=5, train={"batch_size": 40}))
+    # unequal shards; 79 and 121 end a pass one sample short of / past a batch boundary,
+    # 40 every batch exactly, 30 is shorter than a batch (two passes in one batch)
+    shards = [s[:m] for s, m in zip(prep.shards, (79, 100, 121, 40, 30), strict=True)]
+    make = lambda: bank_mod.Bank(prep.spec, prep.cfg.train, list(range(5)), shards, 5, 99)  # noqa: E731
     fast, ref = make(), make()
     saved = None
-    for t, rows in enumerate([[0, 1, 2], [1], [2, 0], [0, 1, 2], [0, 1, 2], [1, 2]] * 3):
+    for t, rows in enumerate([[0, 1, 2, 3, 4], [1], [2, 0, 3], [0, 1, 2, 4],
+                              [4, 3, 2, 1, 0], [1, 2]] * 3):
         if t == 7:
             saved = [s.state_dict() for s in fast.samplers]
         if t == 12:  # both go back to step 7's state, as a resumed run does
@@ -232,4 +294,8 @@ def test_batched_sampling_gives_each_samplers_own_batches() -> None:
         got = fast._indices(rows)
         want = torch.stack([ref.samplers[k].next(40) for k in rows])
         assert torch.equal(got, want), t
+        for a, b in zip(fast.samplers, ref.samplers, strict=True):
+            assert (a.pos, a.passes) == (b.pos, b.passes), t
+            assert torch.equal(a.perm, b.perm) and a.perm.dtype == b.perm.dtype, t
+            assert torch.equal(a.gen.get_state(), b.gen.get_state()), t
     assert all(s.passes >= 2 for s in fast.samplers)

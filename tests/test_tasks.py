@@ -18,6 +18,7 @@ from relaxsgd.tasks import TASKS
 from relaxsgd.tasks import cifar10 as cifar_mod
 from relaxsgd.tasks.models import build_model, resnet20
 from relaxsgd.tasks.splits import split_indices
+from simkit import fake_cifar as _fake_cifar
 
 MNIST_FILES = {"train-images-idx3-ubyte": (2051, "train_x"),
                "train-labels-idx1-ubyte": (2049, "train_y"),
@@ -100,18 +101,6 @@ def test_mnist_bad_magic_and_missing_files(tmp_path: Path, monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------- CIFAR-10
-
-def _fake_cifar(parent: Path, per_batch: int = 4) -> Path:
-    folder = parent / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        d = {b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
-             b"labels": [(i + j) % 10 for j in range(per_batch)]}
-        with (folder / name).open("wb") as f:
-            pickle.dump(d, f)
-    return folder
-
 
 def test_cifar10_reads_batches_from_folder_or_parent(tmp_path: Path) -> None:
     folder = _fake_cifar(tmp_path)

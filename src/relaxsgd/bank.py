@@ -7,9 +7,12 @@ second moment (``(rows, 0)`` under SGD), and ``steps[k]`` the local steps done (
 step count for its bias corrections). The simulator holds every worker (rows = n); the
 distributed runtime holds one. Gradients of several workers are computed either with
 ``torch.func.vmap`` over the stacked rows (one batched call: pays for small buffer-free
-models on a CPU, and every buffer-free model on a GPU) or with a loop over per-worker
-modules whose parameters are views of the rows (BatchNorm models always; on a CPU the
-convolutional and transformer models, measured faster so). The choice is per task on a CPU
+models on a CPU, and every model on a GPU) or with a loop over per-worker
+modules whose parameters are views of the rows (on a CPU the convolutional and
+transformer models, measured faster so). Models with buffers (BatchNorm) are vmapped too:
+each buffer is stacked over the rows (``B``) and passed to ``functional_call`` with the
+parameters, so that every row normalises with its own batch statistics and updates its own
+running statistics, as its own module would. The choice is per task on a CPU
 (``TaskSpec.batching``), vmap on a GPU, or forced by the run config; both give the same
 numbers up to float rounding (tests/test_sim_device.py).
 """
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from . import salts
+from .stacked_sampler import StackedSamplers
 from .tasks.base import TaskSpec
 from .training import (
     Sampler,
@@ -60,12 +64,8 @@ class Bank:
         self.samplers = [Sampler(shards[r], seeded_generator(seed, r, SALT_DATA))
                          for r in self.ranks]
         self.aug_gens = [seeded_generator(seed, r, SALT_AUGMENT) for r in self.ranks]
-        # the samplers' permutations stacked (padded to the longest shard) on the data's
-        # device, so that a batch of all rows is one gather (see _indices)
-        longest = max((shards[r].numel() for r in self.ranks), default=0)
-        self._perms = torch.zeros(rows, longest, dtype=torch.int64, device=self.device)
-        self._perm_seen: list[Tensor | None] = [None] * rows
-        self._cols = torch.arange(train.batch_size, device=self.device)
+        # every row's next batch in one gather from the samplers' stacked permutations
+        self.stacked = StackedSamplers(self.samplers, train.batch_size, self.device)
         self.xdata = spec.data.x_train.to(self.device)
         self.ydata = spec.data.y_train.to(self.device)
         has_buffers = any(True for _ in self.template.buffers())
@@ -73,10 +73,15 @@ class Bank:
             batching = "vmap"  # on a GPU batching is what pays (issue 17: 0.78k vs 323k/s)
         elif batching == "auto":  # on a CPU the task's measured preference
             batching = spec.batching if spec.batching != "auto" else "loop"
-        if batching == "vmap" and has_buffers:
-            batching = "loop"  # vmap cannot update BatchNorm statistics in place
         self.batching = batching
         self.modules: list[nn.Module] = []
+        # vmapped models with buffers (BatchNorm): each buffer stacked over the rows, passed
+        # to functional_call as a batched input, so that each row's step uses its own batch
+        # statistics and writes its own running statistics in place (see _vmap_grads)
+        self.B: dict[str, Tensor] = {}
+        if batching == "vmap" and has_buffers:
+            self.B = {n: b.detach().unsqueeze(0).repeat(rows, *[1] * b.dim()).contiguous()
+                      for n, b in self.template.named_buffers()}
         if batching == "loop":
             for k in range(rows):
                 m = spec.model_fn().to(self.device)
@@ -90,47 +95,41 @@ class Bank:
         self.loss_count = [0] * rows
 
     # -- gradients -----------------------------------------------------------------
-    def _loss_of_params(self, params: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        out = functional_call(self.template, params, (xb,))
+    def _loss_of_params(self, params: dict[str, Tensor], bufs: dict[str, Tensor], xb: Tensor,
+                        yb: Tensor) -> Tensor:
+        # ``bufs`` (one row's BatchNorm statistics, under vmap a view into the stacked B) are
+        # updated in place by the template's training-mode forward, as a module's own are
+        out = functional_call(self.template, {**params, **bufs}, (xb,))
         return self.spec.loss_fn(out, yb)
 
-    def _vmap_grads(self, X: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+    def _vmap_grads(self, rows: Sequence[int], xb: Tensor, yb: Tensor
+                    ) -> tuple[Tensor, Tensor]:
         # Differentiate w.r.t. per-parameter views of the rows, not the flat row: the
         # backward of slicing a flat vector would scatter into a full-size zero tensor per
         # parameter (O(params x d)); measured 1.7x slower on the MNIST-1D MLP.
+        X = self._rows(rows)
         g = X.shape[0]
         params, off = {}, 0
         for name, shape in self.layout:
             k = shape.numel()
             params[name] = X[:, off:off + k].view(g, *shape)
             off += k
-        grads, loss = self._vg(params, xb, yb)
+        whole = X is self.X
+        # all rows: the stacked buffers themselves, updated in place; some rows: a gathered
+        # copy, written back to those rows after the step
+        at = None if whole else torch.tensor(list(rows), device=self.device)
+        bufs = self.B if whole else {n: b.index_select(0, at) for n, b in self.B.items()}
+        grads, loss = self._vg(params, bufs, xb, yb)
+        if not whole:
+            for n, b in bufs.items():
+                self.B[n].index_copy_(0, at, b)
         flat = torch.cat([grads[name].reshape(g, -1) for name, _ in self.layout], dim=1)
         return flat, loss
 
     def _indices(self, rows: Sequence[int]) -> Tensor:
         """The next batch of each row's sampler, ``(len(rows), batch)``: exactly
-        ``samplers[k].next(batch)`` for each, gathered in one indexing call from the
-        samplers' permutations stacked in ``_perms`` (a row whose pass ends takes its
-        sampler's own path, which draws the next permutation)."""
-        b, perms, seen = self.train.batch_size, self._perms, self._perm_seen
-        starts, ends_pass = [], []
-        for j, k in enumerate(rows):
-            s = self.samplers[k]
-            if s.perm is not seen[k]:  # a new pass or a restored checkpoint
-                perms[k, :s.perm.numel()] = s.perm
-                seen[k] = s.perm
-            if s.pos + b <= s.perm.numel():
-                starts.append(s.pos)
-                s.pos += b
-            else:
-                starts.append(0)
-                ends_pass.append(j)
-        at = torch.tensor(starts, device=perms.device).unsqueeze(1) + self._cols
-        idx = perms[torch.tensor(list(rows), device=perms.device).unsqueeze(1), at]
-        for j in ends_pass:
-            idx[j] = self.samplers[rows[j]].next(b)
-        return idx
+        ``samplers[k].next(batch)`` for each (:class:`.StackedSamplers`)."""
+        return self.stacked.indices(rows)
 
     def _batches(self, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Each row's next training batch, stacked: ``(len(rows), batch, ...)``."""
@@ -145,7 +144,7 @@ class Bank:
         """Stochastic gradients (rows x d, fresh) and batch losses of these rows' workers."""
         xbs, ybs = self._batches(rows)
         if self.batching == "vmap":
-            g, loss = self._vmap_grads(self._rows(rows), xbs, ybs)
+            g, loss = self._vmap_grads(rows, xbs, ybs)
         else:
             g = torch.empty(len(rows), self.d, device=self.device)
             loss = torch.empty(len(rows), device=self.device)
@@ -219,6 +218,11 @@ class Bank:
 
     # -- evaluation ----------------------------------------------------------------
     def buffers_of(self, k: int) -> dict[str, Tensor]:
+        """Row ``k``'s buffers (BatchNorm statistics), as tensors the caller may write
+        (``copy_``) to change them: views into the stacked buffers when vmapped, the
+        module's own otherwise; empty for buffer-free models."""
+        if self.B:
+            return {n: b[k] for n, b in self.B.items()}
         if not self.modules:
             return {}
         return {n: b for n, b in self.modules[k].named_buffers()}
@@ -227,6 +231,10 @@ class Bank:
         """BatchNorm statistics averaged over ``rows`` (None: all), as the mean model of
         those rows is evaluated; under churn only the live workers' rows count, like
         their parameters. Integer buffers (batch counts) are the first row's."""
+        if self.B:
+            at: slice | list[int] = slice(None) if rows is None else list(rows)
+            return {n: b[at].mean(0) if b.is_floating_point() else b[at][0]
+                    for n, b in self.B.items()}
         if not self.modules:
             return {}
         mods = self.modules if rows is None else [self.modules[k] for k in rows]

@@ -139,6 +139,7 @@ from .swarm_batch import answer_many
 from .swarm_codec import Codec
 from .swarm_codec import effective_safety as effective_safety  # re-exported
 from .swarm_config import SMALL, SwarmConfig
+from .swarm_prefetch import prefetch_requests
 from .swarm_state import absorb as absorb  # re-exported (AD-PSGD, tests)
 from .swarm_state import add_later as add_later
 from .swarm_state import finish as finish
@@ -336,6 +337,11 @@ class SwarmSGD(Algorithm):
     def on_exchange_batch(self, ws: list[Worker], srcs: list[int],
                           payloads: list[Any]) -> list[Reply | Deferred]:
         return answer_many(self, ws, srcs, payloads)  # lattice requests coded together
+
+    def on_resume_batch(self, ws: list[Worker], members: Any) -> int:
+        """Simulator hook: ``ws`` resume together from their local steps; their lattice
+        requests are coded ahead as one batch (:mod:`.swarm_prefetch`, exact)."""
+        return prefetch_requests(self, ws, members)
 
     def _answer(self, w: Worker, src: int, req: dict) -> Reply:
         """Partner side of an interaction (at once, or at the step boundary if blocking)."""

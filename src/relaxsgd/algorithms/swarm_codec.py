@@ -30,6 +30,7 @@ from torch import Tensor
 from ..quantize.lattice import LatticeQuantizer, max_abs
 from ..quantize.qsgd_diff import QSGDDiffQuantizer
 from .base import Worker, tensor_nbytes
+from .swarm_prefetch import take_ready
 
 if TYPE_CHECKING:
     from .swarm_config import SwarmConfig
@@ -79,6 +80,10 @@ class Codec:
         self.per_tensor, self.decay = cfg.per_tensor, cfg.spread_decay
         self.sizes: list[int] = []
         self.q: Any = None
+        # requests coded ahead for many workers at once, by rank (simulator only; see
+        # swarm_prefetch: used only when coded from exactly the inputs at hand)
+        self.ready: dict[int, Any] = {}
+        self.prefetch_hits = 0
         if self.kind == "lattice":
             self.q = LatticeQuantizer(cfg.bits, cfg.eps, effective_safety(cfg.bits, cfg.safety))
         elif self.kind == "qsgd":
@@ -122,6 +127,10 @@ class Codec:
         if st["spread"] is None and self.q.eps is None:  # no spread seen yet: send in full
             st["last_sent"].copy_(c)
             return self.full(w, -1, c)
+        if self.ready:
+            kept = take_ready(self, w, c, gen)
+            if kept is not None:
+                return kept
         payloads, own, weighted_eps = [], [], 0.0
         spread = st["spread"] or [0.0] * len(self.sizes)
         for k, (part, last) in enumerate(zip(c.split(self.sizes),

@@ -167,8 +167,9 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
                 _, _, fn, args = heapq.heappop(self._q)
                 # (not while codec time is charged: a batch's handlers may code different
                 # amounts, e.g. a fallback chunk, and the charge is per handler)
-                if fn == self._answer and self.batch_exchanges and self.compute.codec is None:
-                    self._answer_run(args)
+                if self.batch_exchanges and self.compute.codec is None and (
+                        fn == self._answer or fn == self._compute_done):
+                    self._batched_run(fn, args)
                 else:
                     fn(*args)
             if self._between is not None:

@@ -18,7 +18,12 @@ workers, are answered by one ``Algorithm.on_exchange_batch`` call, whose contrac
 equal one ``on_exchange`` call each in order (a handler touches its own worker only). The
 replies then leave in arrival order, so the network's draws and every later event are
 those of the one-by-one run; ``Engine.batch_exchanges = False`` is that run (the tests
-compare the two).
+compare the two). Likewise, before workers whose local steps end at the same instant
+resume, an algorithm with an ``on_resume_batch(ws, members)`` hook may prepare their next
+tensor work together (SwarmSGD codes their requests ahead, used only for exactly the
+inputs they were coded from: :mod:`relaxsgd.algorithms.swarm_prefetch`); the workers then
+resume one by one in their usual order. Off with ``batch_exchanges`` and while codec time
+is charged.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class PointToPoint:
     # Algorithm.on_exchange_batch call (False: one on_exchange call each; the same run)
     batch_exchanges = True
     exchange_batches = 0  # handler calls that answered several exchanges at once
+    prefetched = 0  # requests an algorithm coded ahead for workers resuming together
+    members: Any
+    n: int
+    _compute_done: Callable[..., None]
 
     def _send(self, p: Any, eff: Send) -> Handle:
         left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
@@ -90,6 +99,30 @@ class PointToPoint:
         h = Handle(f"exchange->{eff.peer}")
         self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
         return h
+
+    def _batched_run(self, fn: Callable, first: tuple) -> None:
+        """``fn(*first)`` and the events of the same kind right after it at this instant,
+        with their tensor work batched: exchanges answered together (:meth:`_answer_run`)
+        or, before workers resume from local steps that end together, the algorithm's
+        ``on_resume_batch`` (SwarmSGD codes their requests ahead, exactly)."""
+        if fn == self._answer:
+            self._answer_run(first)
+            return
+        hook = getattr(self.algo, "on_resume_batch", None)
+        if hook is None:
+            fn(*first)
+            return
+        run = [first]
+        while self._q and self._q[0][0] <= self.now and self._q[0][2] == fn:
+            run.append(heapq.heappop(self._q)[3])
+        # (popped in order: events that these push sort after them, as they would have)
+        ws = [coro.proc.w for coro, *_ in run if coro.main and coro.inc == coro.proc.inc]
+        if len(ws) > 1:
+            members = (self.members.members() if self.members is not None
+                       else range(self.n))
+            self.prefetched += hook(ws, members)
+        for args in run:
+            fn(*args)
 
     def _answer_run(self, first: tuple) -> None:
         """``first`` and the exchanges that arrive right after it at this instant, at

@@ -2,8 +2,9 @@
 
 Contract: every model maps a batch ``(B, *in_shape)`` (or the same batch flattened to
 ``(B, prod(in_shape))``) to logits ``(B, classes)``; no dropout (training is
-deterministic for a seed); no buffers except BatchNorm's, so that buffer-free models
-(everything but ``resnet20(norm="bn")``) can be stacked and run with ``torch.func.vmap``.
+deterministic for a seed); no buffers except BatchNorm's (``resnet20(norm="bn")``), which
+the simulator stacks over the workers beside the parameters to run them with
+``torch.func.vmap`` (see ``bank.py``).
 
 - ``logreg``: one linear layer on the flattened input.
 - ``mlp``: flattened input, ReLU hidden layers.
