@@ -125,6 +125,7 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     # may come out below the delay by up to an overhead
     assert DELAY - net["overhead_s"] <= net["server_latency_s"] < 3 * DELAY
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0
+    assert comp["step_sigma"] >= 0 and comp["step_max_over_mean"] >= 1
     assert 0 < comp["decode_s"] < 1e-5 and 0 < comp["encode_s"] < 1e-5  # (ns an element)
     out = tmp_path / "sim"
     assert main(["run", "--task", "logreg", "--workers", "2", "--steps", "4", "--algo",

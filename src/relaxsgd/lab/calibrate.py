@@ -9,9 +9,15 @@ Run it like a dist run, one process per worker (under ``relaxsgd lab ... --`` or
 Every worker measures at the same time (so cores are shared as in the real run):
 
 - the step time of the run's model and batch on the worker's device (``--device``;
-  ``auto``: its GPU when CUDA is present; median of timed local steps after a warm-up;
-  the slowest worker's), and from it the throughput ``flops_per_s`` that the
-  counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
+  ``auto``: its GPU when CUDA is present), in synchronous rounds as a synchronous
+  algorithm computes them (after a warm-up, 30 rounds: a barrier, then one timed local
+  step on every worker at once): ``step_time_s`` the mean over workers and rounds, and
+  from it the throughput ``flops_per_s`` that the counted FLOPs imply (``overhead_s`` 0:
+  the measured step already holds it); ``step_sigma`` the spread of the workers' times
+  within a round (:func:`.fit.fit_jitter`, the log-normal sigma the simulator's
+  ``compute.heterogeneity: calibrated`` draws each effect's factor with: a round waits
+  for its slowest worker) and ``step_max_over_mean``, the measured mean over rounds of
+  the slowest worker's step over the round's mean;
 - the codec's cost per element: SwarmSGD's 8-bit lattice codec (the real one) encoding
   (with the sender's own copy) and decoding the run's model, one eps a tensor, medians,
   the slowest worker's (``encode_s``, ``decode_s``: what the simulator charges for every
@@ -46,8 +52,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from .fit import fit_jitter, fit_p2p, fit_server
 from .fit import fit_line as _fit_line
-from .fit import fit_p2p, fit_server
 
 PING_BYTES = 64
 BULK_BYTES = 4 << 20
@@ -77,8 +83,9 @@ def calibration_device(spec: str) -> torch.device:
     return device
 
 
-def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, float]:
-    """(median seconds of one local step of this rank's model, FLOPs per step)."""
+def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[list[float], float]:
+    """(seconds of each of ``repeats`` local steps of this rank's model, each started
+    after a barrier: synchronous rounds, FLOPs per step)."""
     from ..bank import Bank
     from ..run import prepare
     from ..sim.compute import count_flops
@@ -88,16 +95,31 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
     bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
                 batching="loop", device=device)
     bank.local_steps([0], 3)
-    dist.barrier()
     times = []
     for _ in range(repeats):
+        dist.barrier()
         t = time.perf_counter()
         bank.local_steps([0], 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels, not their launch
         times.append(time.perf_counter() - t)
-    return statistics.median(times), count_flops(prep.spec, cfg.train.batch_size) * \
-        cfg.train.batch_size
+    return times, count_flops(prep.spec, cfg.train.batch_size) * cfg.train.batch_size
+
+
+def step_rounds(times: list[float]) -> list[list[float]]:
+    """Every worker's step times gathered: [[round k's time on rank 0, 1, ...], ...]."""
+    n = dist.get_world_size()
+    mine = torch.tensor(times, dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine)
+    return [[float(every[r][k]) for r in range(n)] for k in range(len(times))]
+
+
+def step_stats(rounds: list[list[float]]) -> dict[str, float]:
+    """The compute section's step figures from synchronous rounds (see the module doc)."""
+    sigma, mean = fit_jitter(rounds)
+    ratio = statistics.fmean(max(r) / statistics.fmean(r) for r in rounds) if rounds else 1.0
+    return {"step_time_s": mean, "step_sigma": sigma, "step_max_over_mean": ratio}
 
 
 def collective_times(sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
@@ -243,10 +265,9 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     (:mod:`.paths`) and fitted robustly (:mod:`.fit`); ``latency_s`` is raw TCP's, and
     ``overhead_s`` what the runtime adds to each message on top of it."""
     n = dist.get_world_size()
-    st, flops = step_time(cfg, rank)
-    t = torch.tensor([st], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    st = float(t)
+    times, flops = step_time(cfg, rank)
+    steps = step_stats(step_rounds(times))
+    st = steps["step_time_s"]
     lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
     from ..run import prepare
 
@@ -269,12 +290,13 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
         s_lat, s_bw = fit_server([p for p in timed["server"] if p[0] >= 1024], n, overhead, bw)
         server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw}
     return {
-        "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
+        "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, **steps,
                     "flops_per_step": flops, "task": cfg.task,
                     "encode_s": float(costs[0]), "decode_s": float(costs[1]),
                     "batch_size": cfg.train.batch_size,
-                    "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
-                              f"worker, on {calibration_device(cfg.device).type}"},
+                    "source": f"relaxsgd calibrate: {n} workers, synchronous rounds of one "
+                              f"step (mean, spread within a round), on "
+                              f"{calibration_device(cfg.device).type}"},
         "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead, **server,
                     "backend": "gloo", "collectives": fits,
                     "measured": {k: {str(n): v} for k, v in timed.items()},

@@ -19,6 +19,7 @@ what the runtime adds per message (encoding, the frame tag, copies, thread hand-
 
 from __future__ import annotations
 
+import math
 import statistics
 
 TUKEY_C = 4.685
@@ -92,3 +93,24 @@ def fit_server(points: list[list[float]], n: int, overhead_s: float,
     latency = max((a - 3 * overhead_s) / 2, 0.0)
     extra = b - 1.0 / bandwidth_Bps if bandwidth_Bps > 0 else b
     return latency, ((n + 1) / extra if extra > 0 else None)
+
+
+def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
+    """(sigma, mean step s) of per-rank step times in synchronous rounds [[t_rank, ...],
+    ...] (``relaxsgd calibrate``), for the simulator's ``jitter`` heterogeneity (a step
+    takes ``mean x exp(N(-sigma^2/2, sigma^2))``): sigma from the spread of ``log t``
+    about each round's own mean (what a round waits for is the spread among its ranks;
+    a slowdown common to a round, the machine's load moving, is not), unbiased:
+    ``sigma^2 = sum (log t_rk - mean_r log t_rk)^2 / (R (n - 1))``; mean: of every time."""
+    rows = [[float(t) for t in row] for row in rounds if len(row) >= 2]
+    times = [t for row in rounds for t in row]
+    mean = sum(times) / len(times) if times else 0.0
+    if not rows or any(t <= 0 for row in rows for t in row):
+        return 0.0, mean
+    ss = dof = 0.0
+    for row in rows:
+        logs = [math.log(t) for t in row]
+        m = sum(logs) / len(logs)
+        ss += sum((x - m) ** 2 for x in logs)
+        dof += len(logs) - 1
+    return math.sqrt(ss / dof), mean

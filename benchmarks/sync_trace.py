@@ -1,0 +1,112 @@
+"""Where a synchronous round's time goes in the distributed runtime: per rank, per round.
+
+Runs all-reduce SGD and Local SGD (p = 4) as ``benchmarks/dist_throughput.py`` does (4
+gloo processes on this machine, the same task and batch), with the ``distkit`` trace hook
+(``RELAXSGD_BENCH_TRACE``: every worker records when each local computation ran and when
+its main program waited, on the machine's one monotonic clock), and splits each round
+``k`` (the k-th blocking collective of every rank) into
+
+- ``compute``: each rank's time from leaving round k-1 to arriving at round k (the local
+  steps and the Python around them), its mean over ranks and its max (the last to arrive);
+- ``wait for slowest``: a rank's arrival to the last rank's arrival (mean over ranks);
+- ``collective``: the last arrival to the mean of the ranks' departures (what the
+  collective itself takes once everyone is in);
+
+then the round's period (departure to departure) = max compute + collective. Printed: the
+means of each over rounds, the ratio max/mean of the per-rank compute, and the fitted
+log-normal sigma of the per-rank-per-round compute (the simulator's heterogeneity model).
+
+    python benchmarks/sync_trace.py --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+ALGOS = [("allreduce", {}), ("localsgd", {"p": 4})]
+
+
+def rounds(traces: list[dict]) -> list[dict[str, float]]:
+    """Per round (skipping the first, whose start is the run's): the split above."""
+    waits = [[w for w in t["wait"]] for t in traces]
+    k_max = min(len(w) for w in waits)
+    out = []
+    for k in range(1, k_max):
+        arrive = [w[k][0] for w in waits]
+        leave = [w[k][1] for w in waits]
+        comp = [w[k][0] - w[k - 1][1] for w in waits]
+        last = max(arrive)
+        timed = [sum(c[1] - c[0] for c in t["compute"] if w[k - 1][1] <= c[0] < w[k][0])
+                 for t, w in zip(traces, waits, strict=True)]
+        out.append({"compute_mean": statistics.fmean(comp), "compute_max": max(comp),
+                    "wait_slowest": statistics.fmean(last - a for a in arrive),
+                    "collective": statistics.fmean(leave) - last,
+                    "period": statistics.fmean(leave) - statistics.fmean(w[k - 1][1]
+                                                                         for w in waits),
+                    "timed": statistics.fmean(timed), "comp": comp})
+    return out
+
+
+def sigma_of(values: list[float]) -> float:
+    """The log-normal sigma: standard deviation of log(value / that round's mean)."""
+    return statistics.pstdev([math.log(v) for v in values]) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    a = ap.parse_args()
+    from dist_throughput import N, config
+    from distkit import run_jobs
+
+    cfgs = [config(n, o, a.steps) for n, o in ALGOS]
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as d:
+        trace = os.path.join(d, "trace")
+        runs = run_jobs(cfgs, N, os.path.join(d, "runs"), timeout=1800,
+                        env={"RELAXSGD_SAVE_MODELS": "0", "RELAXSGD_BENCH_TRACE": trace})
+        if any(runs[0].codes):
+            raise SystemExit("the runs failed:\n" + "\n".join(runs[0].logs))
+        print(f"{N} processes, {a.steps} steps; load {load0:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end; ms per round, means over rounds")
+        print(f"{'algorithm':<10} {'period':>7} {'timed':>6} {'comp mean':>9} {'comp max':>8} "
+              f"{'wait slow':>9} {'collect.':>8} {'max/mean':>8} {'sigma':>6} "
+              f"{'E[max]/mean':>11}")
+        for k, (algo, _) in enumerate(ALGOS):
+            traces = []
+            for r in range(N):
+                with open(os.path.join(trace, f"run{k}-rank{r}.json"), encoding="utf-8") as f:
+                    traces.append(json.load(f))
+            rs = rounds(traces)
+            m = {key: statistics.fmean(x[key] for x in rs) * 1e3
+                 for key in ("period", "timed", "compute_mean", "compute_max", "wait_slowest",
+                             "collective")}
+            rel = [c / statistics.fmean(x["comp"]) for x in rs for c in x["comp"]]
+            sig = sigma_of(rel)
+            print(f"{algo:<10} {m['period']:>7.1f} {m['timed']:>6.1f} {m['compute_mean']:>9.1f} "
+                  f"{m['compute_max']:>8.1f} {m['wait_slowest']:>9.1f} "
+                  f"{m['collective']:>8.1f} {m['compute_max'] / m['compute_mean']:>8.2f} "
+                  f"{sig:>6.3f} {expected_max_factor(N, sig):>11.2f}")
+
+
+def expected_max_factor(n: int, sigma: float) -> float:
+    """E[max of n iid exp(N(0, sigma^2))] / E[exp(N(0, sigma^2))], numerically."""
+    import random
+
+    r = random.Random(0)
+    k = 20000
+    return sum(max(math.exp(r.gauss(0, sigma)) for _ in range(n)) for _ in range(k)) / k \
+        / math.exp(sigma * sigma / 2)
+
+
+if __name__ == "__main__":
+    main()
