@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -56,9 +55,60 @@ def rounds(traces: list[dict]) -> list[dict[str, float]]:
     return out
 
 
-def sigma_of(values: list[float]) -> float:
-    """The log-normal sigma: standard deviation of log(value / that round's mean)."""
-    return statistics.pstdev([math.log(v) for v in values]) if len(values) > 1 else 0.0
+def load_traces(folder: str, k: int, n: int) -> list[dict]:
+    """The n workers' traces of the k-th run of a ``distkit multi`` job."""
+    traces = []
+    for r in range(n):
+        with open(os.path.join(folder, f"run{k}-rank{r}.json"), encoding="utf-8") as f:
+            traces.append(json.load(f))
+    return traces
+
+
+def print_rounds(folder: str, labels: list[str], n: int) -> None:
+    """The table of the module doc, one row per run ``k`` named ``labels[k]`` (None: skip)."""
+    print(f"{'round split':<16} {'period':>7} {'timed':>6} {'comp mean':>9} "
+          f"{'comp max':>8} {'wait slow':>9} {'collect.':>8} {'max/mean':>8} {'sigma':>6} "
+          f"{'E[max]/mean':>11}")
+    for k, label in enumerate(labels):
+        if label is None:
+            continue
+        rs = rounds(load_traces(folder, k, n))
+        if not rs:
+            continue
+        m = {key: statistics.fmean(x[key] for x in rs) * 1e3
+             for key in ("period", "timed", "compute_mean", "compute_max", "wait_slowest",
+                         "collective")}
+        sig = sigma_of_rounds([x["comp"] for x in rs])
+        print(f"{label:<16} {m['period']:>7.1f} {m['timed']:>6.1f} {m['compute_mean']:>9.1f} "
+              f"{m['compute_max']:>8.1f} {m['wait_slowest']:>9.1f} "
+              f"{m['collective']:>8.1f} {m['compute_max'] / m['compute_mean']:>8.2f} "
+              f"{sig:>6.3f} {expected_max_factor(n, sig):>11.2f}")
+    print("ms per round (the k-th blocking wait of every worker), means over rounds: "
+          "'period' departure to departure; 'timed' the local steps; 'comp' leaving the "
+          "last round to arriving at this one (mean over workers, and the last to "
+          "arrive); 'wait slow' a worker's arrival to the last's; 'collect.' the last "
+          "arrival to the departures; 'sigma' the spread of log comp within a round "
+          "(relaxsgd.lab.fit.fit_jitter), 'E[max]/mean' what that spread makes a round of "
+          f"{n} wait for (relaxsgd.sim.compute.expected_max_lognormal)")
+
+
+def run_spread(folder: str, k: int, n: int) -> tuple[float, float] | None:
+    """(sigma of the per-worker compute within a round, mean compute between rounds over
+    the mean timed local steps) of the k-th run; None without two rounds. The second
+    scales the runtime's step time (the timed steps alone) to all the work between two
+    collectives (the optimizer's update after an all-reduce, the Python around)."""
+    rs = rounds(load_traces(folder, k, n))
+    if not rs:
+        return None
+    timed = statistics.fmean(x["timed"] for x in rs)
+    comp = statistics.fmean(x["compute_mean"] for x in rs)
+    return sigma_of_rounds([x["comp"] for x in rs]), comp / timed if timed > 0 else 1.0
+
+
+def sigma_of_rounds(comp: list[list[float]]) -> float:
+    from relaxsgd.lab.fit import fit_jitter
+
+    return fit_jitter(comp)[0]
 
 
 def main() -> None:
@@ -77,35 +127,15 @@ def main() -> None:
         if any(runs[0].codes):
             raise SystemExit("the runs failed:\n" + "\n".join(runs[0].logs))
         print(f"{N} processes, {a.steps} steps; load {load0:.1f} at the start, "
-              f"{os.getloadavg()[0]:.1f} at the end; ms per round, means over rounds")
-        print(f"{'algorithm':<10} {'period':>7} {'timed':>6} {'comp mean':>9} {'comp max':>8} "
-              f"{'wait slow':>9} {'collect.':>8} {'max/mean':>8} {'sigma':>6} "
-              f"{'E[max]/mean':>11}")
-        for k, (algo, _) in enumerate(ALGOS):
-            traces = []
-            for r in range(N):
-                with open(os.path.join(trace, f"run{k}-rank{r}.json"), encoding="utf-8") as f:
-                    traces.append(json.load(f))
-            rs = rounds(traces)
-            m = {key: statistics.fmean(x[key] for x in rs) * 1e3
-                 for key in ("period", "timed", "compute_mean", "compute_max", "wait_slowest",
-                             "collective")}
-            rel = [c / statistics.fmean(x["comp"]) for x in rs for c in x["comp"]]
-            sig = sigma_of(rel)
-            print(f"{algo:<10} {m['period']:>7.1f} {m['timed']:>6.1f} {m['compute_mean']:>9.1f} "
-                  f"{m['compute_max']:>8.1f} {m['wait_slowest']:>9.1f} "
-                  f"{m['collective']:>8.1f} {m['compute_max'] / m['compute_mean']:>8.2f} "
-                  f"{sig:>6.3f} {expected_max_factor(N, sig):>11.2f}")
+              f"{os.getloadavg()[0]:.1f} at the end")
+        print_rounds(trace, [n for n, _ in ALGOS], N)
 
 
 def expected_max_factor(n: int, sigma: float) -> float:
-    """E[max of n iid exp(N(0, sigma^2))] / E[exp(N(0, sigma^2))], numerically."""
-    import random
+    """E[max of n] / mean of mean-one log-normal step times of spread sigma."""
+    from relaxsgd.sim.compute import expected_max_lognormal
 
-    r = random.Random(0)
-    k = 20000
-    return sum(max(math.exp(r.gauss(0, sigma)) for _ in range(n)) for _ in range(k)) / k \
-        / math.exp(sigma * sigma / 2)
+    return expected_max_lognormal(n, sigma)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,10 @@ def test_the_p2p_fit_recovers_a_known_overhead_and_bandwidth(
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_the_server_fit_recovers_the_simulators_server_link(n: int) -> None:
-    """Worker 1's round times on the simulator's own network model (every worker uploads
-    B at t=0 on idle links, replies in rank order) give back its server latency and
-    bandwidth, the workers' overhead and bandwidth known."""
+    """Worker 1's round times on the simulator's own network model (every worker but the
+    server's host, worker 0, uploads B at t=0 on idle links; replies in rank order, 0's
+    local) give back its server latency and bandwidth, the workers' overhead and
+    bandwidth known."""
     from relaxsgd.sim.network import NetworkConfig
 
     cfg = NetworkConfig(0.003, 5e7, overhead_s=2e-4, server_latency_s=0.011,
@@ -79,9 +80,9 @@ def test_the_server_fit_recovers_the_simulators_server_link(n: int) -> None:
     points = []
     for b in (1024, 65536, 262144, 1 << 21):
         net = Network(cfg, n, 0)
-        ready = max(net.to_server(r, b, 0.0)[0] for r in range(n))
-        arrivals = [net.from_server(b, ready)[0] for _ in range(n)]
-        points.append([float(b), arrivals[1]])
+        ready = max(net.to_server(r, b, 0.0)[0] for r in range(1, n))
+        arrivals = [net.from_server(b, ready)[0] for _ in range(1, n)]
+        points.append([float(b), arrivals[0]])
     lat, bw = fit_server(points, n, 2e-4, 5e7)
     assert lat == pytest.approx(0.011, rel=1e-6) and bw == pytest.approx(2e8, rel=1e-6)
 

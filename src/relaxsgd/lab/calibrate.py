@@ -18,10 +18,13 @@ Every worker measures at the same time (so cores are shared as in the real run):
   ``compute.heterogeneity: calibrated`` draws each effect's factor with: a round waits
   for its slowest worker) and ``step_max_over_mean``, the measured mean over rounds of
   the slowest worker's step over the round's mean;
-- the codec's cost per element: SwarmSGD's 8-bit lattice codec (the real one) encoding
-  (with the sender's own copy) and decoding the run's model, one eps a tensor, medians,
-  the slowest worker's (``encode_s``, ``decode_s``: what the simulator charges for every
-  quantizer and compressor, :mod:`relaxsgd.codec_meter`);
+- each codec's cost per element (``codecs``: {name: {encode_s, decode_s}}, the slowest
+  worker's medians): SwarmSGD's 8-bit lattice codec (the real one) encoding (with the
+  sender's own copy) and decoding the run's model, one eps a tensor; the differential
+  QSGD quantizer, top-k, random-k, QSGD, PowerSGD, scaled sign, fp16 and bf16 on the
+  flattened model (:mod:`.codecs`). The simulator charges each codec its own
+  (:mod:`relaxsgd.codec_meter`); ``encode_s``/``decode_s``, the lattice's, for a codec
+  the file does not list;
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
@@ -52,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from .codecs import compressor_costs, qsgd_diff_costs
 from .fit import fit_jitter, fit_p2p, fit_server
 from .fit import fit_line as _fit_line
 
@@ -273,8 +277,15 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
 
     params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
     d = sum(p.numel() for p in params)
-    costs = torch.tensor(codec_time(params), dtype=torch.float64)
+    codecs = {"lattice": dict(zip(("encode_s", "decode_s"), codec_time(params),
+                                  strict=True)),
+              "qsgd-diff": qsgd_diff_costs(params), **compressor_costs(params)}
+    names = sorted(codecs)
+    costs = torch.tensor([codecs[k][e] for k in names for e in ("encode_s", "decode_s")],
+                         dtype=torch.float64)
     dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest worker's, as the step time
+    codecs = {k: {"encode_s": float(costs[2 * i]), "decode_s": float(costs[2 * i + 1])}
+              for i, k in enumerate(names)}
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
@@ -292,7 +303,7 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, **steps,
                     "flops_per_step": flops, "task": cfg.task,
-                    "encode_s": float(costs[0]), "decode_s": float(costs[1]),
+                    **codecs["lattice"], "codecs": codecs,
                     "batch_size": cfg.train.batch_size,
                     "source": f"relaxsgd calibrate: {n} workers, synchronous rounds of one "
                               f"step (mean, spread within a round), on "

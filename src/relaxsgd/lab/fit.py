@@ -81,18 +81,19 @@ def fit_server(points: list[list[float]], n: int, overhead_s: float,
                bandwidth_Bps: float) -> tuple[float, float | None]:
     """(server latency s, server bandwidth bytes/s or None: not resolved) from worker 1's
     parameter-server rounds [[B, t], ...] of ``B`` bytes up and down, ``n`` workers
-    uploading at once, on the simulator's model (:mod:`relaxsgd.sim.network`): its upload
-    leaves its link (``overhead + B / bandwidth``) and arrives a server latency later,
-    the server's receiving side takes the n uploads one after the other (``n - 1`` more
-    ``B / server bandwidth``), then the replies leave in rank order, worker 1's second
-    (two ``overhead + B / server bandwidth``), a latency each way::
+    uploading at once, on the simulator's model (:mod:`relaxsgd.sim.server`, the server
+    hosted by worker 0 as in the runtime: worker 0's upload and reply do not travel): its
+    upload leaves its link (``overhead + B / bandwidth``) and arrives a server latency
+    later, the server's receiving side takes the n - 1 uploads one after the other
+    (``n - 2`` more ``B / server bandwidth``), then the replies leave in rank order, worker
+    1's first (``overhead + B / server bandwidth``), a latency each way::
 
-        t = 3 overhead + 2 server_latency + B (1 / bandwidth + (n + 1) / server_bandwidth)
+        t = 2 overhead + 2 server_latency + B (1 / bandwidth + (n - 1) / server_bandwidth)
     """
     a, b = fit_line(points)
-    latency = max((a - 3 * overhead_s) / 2, 0.0)
+    latency = max((a - 2 * overhead_s) / 2, 0.0)
     extra = b - 1.0 / bandwidth_Bps if bandwidth_Bps > 0 else b
-    return latency, ((n + 1) / extra if extra > 0 else None)
+    return latency, ((n - 1) / extra if extra > 0 and n > 1 else None)
 
 
 def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:

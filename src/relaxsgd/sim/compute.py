@@ -207,10 +207,12 @@ class ComputeModel:
     (``codec``: the profile's ``(encode_s, decode_s)`` per element, None: not charged)."""
 
     def __init__(self, cfg: ComputeConfig, n: int, seed: int, step_time_s: float,
-                 codec: tuple[float, float] | None = None) -> None:
+                 codec: tuple[float, float] | None = None,
+                 per_codec: dict[str, tuple[float, float]] | None = None) -> None:
         self.cfg = cfg
         self.step_time = step_time_s
         self.codec = codec
+        self.per_codec = per_codec or {}  # a codec's own (encode_s, decode_s) per element
         self.rngs = [random.Random(seed * 1_000_033 + i) for i in range(n)]
         # the per-effect noise's sigma (jitter, calibrated), 0: none
         self.jitter = (cfg.sigma if cfg.heterogeneity == "jitter" else
@@ -236,6 +238,21 @@ class ComputeModel:
         slow = sum(1 for _ in range(steps) if r.random() < p)
         return base * (steps + (f - 1) * slow)
 
+    def work_time(self, rank: int | None, work: Any) -> float:
+        """Seconds ``rank`` (None: the parameter server, speed factor 1) spends on a
+        scope's codec work (:class:`relaxsgd.codec_meter.CodecWork`): each codec's
+        elements at its own per-element costs (``per_codec``, from the profile's
+        ``codecs``), the profile's ``encode_s``/``decode_s`` for a codec it does not
+        list; times ``max(1, wpc)`` and the worker's speed factor; 0 when not charged."""
+        if self.codec is None or not (work.encoded or work.decoded):
+            return 0.0
+        total = 0.0
+        for name, (e, d) in work.by.items():
+            enc, dec = self.per_codec.get(name, self.codec)
+            total += e * enc + d * dec
+        factor = self.factors[rank] if rank is not None else 1.0
+        return total * factor * max(1.0, self.cfg.workers_per_core)
+
     def codec_time(self, rank: int, encoded: int, decoded: int) -> float:
         """Seconds ``rank`` spends coding that many elements (0 when not charged): the
         profile's per-element costs, times ``max(1, wpc)`` and the worker's speed factor
@@ -245,6 +262,31 @@ class ComputeModel:
         enc, dec = self.codec
         return ((encoded * enc + decoded * dec) * self.factors[rank]
                 * max(1.0, self.cfg.workers_per_core))
+
+
+def codec_table(cfg: ComputeConfig) -> dict[str, tuple[float, float]]:
+    """{codec: (encode_s, decode_s)} per element from a calibrated profile file's
+    ``codecs`` mapping (``relaxsgd calibrate`` times each codec); {} when none (every
+    codec is then charged the profile's ``encode_s``/``decode_s``) or not charged."""
+    if not cfg.charges_codec or cfg.profile in PROFILES:
+        return {}
+    _, sec = load_profile(cfg.profile)
+    table = sec.get("codecs") or {}
+    out: dict[str, tuple[float, float]] = {}
+    bad = ConfigError(f"compute profile file {cfg.profile!r}: compute.codecs must map codec "
+                      "names to {encode_s: seconds >= 0, decode_s: seconds >= 0}, as "
+                      "'relaxsgd calibrate' writes it")
+    if not isinstance(table, dict):
+        raise bad
+    for name, c in table.items():
+        try:
+            e, d = float(c["encode_s"]), float(c["decode_s"])
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
+        if not (math.isfinite(e) and math.isfinite(d) and e >= 0 and d >= 0):
+            raise bad
+        out[str(name)] = (e, d)
+    return out
 
 
 def calibrated_sigma(profile: str) -> float:
