@@ -18,12 +18,20 @@ second measured, and what the simulator predicts for the same run, with
   processes per core (here 4 processes share 2 cores, which the simulator does not model),
   and the step time the workers measured during the distributed run itself;
 
-and the ratio measured / predicted for each. A ratio below 1 is time the simulator does
-not model (Python, threads, evaluation snapshots, the barrier at the end). All-reduce SGD
-and SwarmSGD also run as before the transport's idle-connection fast path (every message
-handed to a sender thread: ``(before)``), interleaved in the same job, and the last lines
-give the goals: SwarmSGD's samples/s over all-reduce SGD's (>= 1) and the lowest
-measured/predicted (>= 0.8).
+each with a spread of the step time within a synchronous round (``compute.heterogeneity:
+jitter``, a mean-one log-normal factor per local computation: a synchronous round waits
+for the slowest of the n): for all-reduce SGD, Local SGD and Pipe-SGD the run's own,
+from its trace (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`), with the
+step scaled to all the work between the run's collectives; for the others the one
+``relaxsgd calibrate`` measured; and, in the column 'no jitter', the ratio to the
+prediction with every step the mean (what the simulator charged before). After the table,
+the trace's split of a synchronous round (compute, the wait for the slowest, the
+collective), and the ratio measured / predicted for each. A ratio below 1 is time the
+simulator does not model (Python, threads, evaluation snapshots, the barrier at the
+end). All-reduce SGD and SwarmSGD also run as before the transport's idle-connection
+fast path (every message handed to a sender thread: ``(before)``), interleaved in the
+same job, and the last lines give the goals: SwarmSGD's samples/s over all-reduce SGD's
+(>= 1) and the lowest measured/predicted (>= 0.8).
 
     python benchmarks/dist_throughput.py            # 200 steps per worker
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker

@@ -19,7 +19,6 @@ what the runtime adds per message (encoding, the frame tag, copies, thread hand-
 
 from __future__ import annotations
 
-import math
 import statistics
 
 TUKEY_C = 4.685
@@ -98,20 +97,30 @@ def fit_server(points: list[list[float]], n: int, overhead_s: float,
 
 def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
     """(sigma, mean step s) of per-rank step times in synchronous rounds [[t_rank, ...],
-    ...] (``relaxsgd calibrate``), for the simulator's ``jitter`` heterogeneity (a step
-    takes ``mean x exp(N(-sigma^2/2, sigma^2))``): sigma from the spread of ``log t``
-    about each round's own mean (what a round waits for is the spread among its ranks;
-    a slowdown common to a round, the machine's load moving, is not), unbiased:
-    ``sigma^2 = sum (log t_rk - mean_r log t_rk)^2 / (R (n - 1))``; mean: of every time."""
+    ...] (``relaxsgd calibrate``, or a traced run), for the simulator's ``jitter``
+    heterogeneity (each effect takes ``mean x exp(N(-sigma^2/2, sigma^2))``). Sigma is
+    matched to what a synchronous round waits for: the mean over rounds of
+    ``max / mean`` of the round's times equals ``E[max of n draws]``
+    (:func:`relaxsgd.sim.compute.expected_max_lognormal`, solved by bisection). The
+    spread is taken within each round, so a slowdown common to a round (the machine's
+    load moving) is not counted; matching the max rather than the spread of ``log t``
+    keeps one descheduled outlier from inflating sigma beyond what rounds really wait
+    for. Mean: of every time."""
+    from ..sim.compute import expected_max_lognormal
+
     rows = [[float(t) for t in row] for row in rounds if len(row) >= 2]
-    times = [t for row in rounds for t in row]
+    times = [float(t) for row in rounds for t in row]
     mean = sum(times) / len(times) if times else 0.0
     if not rows or any(t <= 0 for row in rows for t in row):
         return 0.0, mean
-    ss = dof = 0.0
-    for row in rows:
-        logs = [math.log(t) for t in row]
-        m = sum(logs) / len(logs)
-        ss += sum((x - m) ** 2 for x in logs)
-        dof += len(logs) - 1
-    return math.sqrt(ss / dof), mean
+    n = round(sum(len(r) for r in rows) / len(rows))
+    ratio = sum(max(r) * len(r) / sum(r) for r in rows) / len(rows)
+    if ratio <= 1.0 + 1e-12:
+        return 0.0, mean
+    lo, hi = 0.0, 5.0
+    if expected_max_lognormal(n, hi) < ratio:
+        return hi, mean
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_max_lognormal(n, mid) < ratio else (lo, mid)
+    return (lo + hi) / 2, mean
