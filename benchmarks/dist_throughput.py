@@ -332,6 +332,10 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
                   f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
         print()  # (the traces are in the temporary folder)
         print_rounds(trace, [a if a in SYNC and not b else None for a, _, b in runs_of], N)
+        a, b = net["collectives"]["allreduce"][str(N)]
+        nbytes = 4 * param_count(cfgs[0])
+        print(f"the calibrated all-reduce of the model ({nbytes / 1e6:.2f} MB), what the "
+              f"simulator charges for 'collect.': {(a + b * nbytes) * 1e3:.1f} ms")
     print("samples/s of all workers together; 'step ms': compute time per local step "
           "measured in the run; predictions by the simulator on the calibrated network "
           f"with the step time measured alone ({alone * 1e3:.1f} ms), alone x {N}/{cores} "

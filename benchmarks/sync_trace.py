@@ -13,8 +13,9 @@ its main program waited, on the machine's one monotonic clock), and splits each 
   collective itself takes once everyone is in);
 
 then the round's period (departure to departure) = max compute + collective. Printed: the
-means of each over rounds, the ratio max/mean of the per-rank compute, and the fitted
-log-normal sigma of the per-rank-per-round compute (the simulator's heterogeneity model).
+means of each over rounds, the ratio max/mean of the per-rank compute, and the log-normal
+sigma that makes the simulator's ``jitter`` heterogeneity wait as long (fitted as
+``relaxsgd calibrate`` fits it).
 
     python benchmarks/sync_trace.py --steps 40
 """
@@ -87,9 +88,10 @@ def print_rounds(folder: str, labels: list[str], n: int) -> None:
           "'period' departure to departure; 'timed' the local steps; 'comp' leaving the "
           "last round to arriving at this one (mean over workers, and the last to "
           "arrive); 'wait slow' a worker's arrival to the last's; 'collect.' the last "
-          "arrival to the departures; 'sigma' the spread of log comp within a round "
-          "(relaxsgd.lab.fit.fit_jitter), 'E[max]/mean' what that spread makes a round of "
-          f"{n} wait for (relaxsgd.sim.compute.expected_max_lognormal)")
+          "arrival to the departures; 'sigma' the log-normal spread whose E[max of n]/mean "
+          "is the rounds' summed slowest over their summed means, 'max/mean' "
+          "(relaxsgd.lab.fit.fit_jitter, as calibrate fits it; 'E[max]/mean' of that "
+          f"sigma, relaxsgd.sim.compute.expected_max_lognormal, n = {n}: the same)")
 
 
 def run_spread(folder: str, k: int, n: int) -> tuple[float, float] | None:

@@ -81,6 +81,10 @@ def test_fit_jitter_on_a_hand_computed_case_and_recovers_a_known_sigma() -> None
     sigma, mean = fit_jitter([[1.0, 3.0]])
     assert sigma == pytest.approx(0.953873, abs=1e-5) and mean == pytest.approx(2.0)
     assert fit_jitter([[1.0, 1.0], [3.0, 3.0]])[0] == 0.0
+    # rounds weigh by their length, as in a run's time: [1, 3] and [10, 10] take
+    # 3 + 10 = 13 against means 2 + 10 = 12; 2 Phi(sigma / sqrt 2) = 13/12, so
+    # sigma = sqrt 2 x Phi^-1(13/24) = sqrt 2 x 0.1046335 = 0.147974
+    assert fit_jitter([[1.0, 3.0], [10.0, 10.0]])[0] == pytest.approx(0.147974, abs=1e-5)
     r = random.Random(3)
     rounds = [[0.02 * (1 + k % 3) * math.exp(r.gauss(0, 0.25)) for _ in range(4)]
               for k in range(4000)]

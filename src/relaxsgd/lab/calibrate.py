@@ -16,8 +16,8 @@ Every worker measures at the same time (so cores are shared as in the real run):
   the measured step already holds it); ``step_sigma`` the spread of the workers' times
   within a round (:func:`.fit.fit_jitter`, the log-normal sigma the simulator's
   ``compute.heterogeneity: calibrated`` draws each effect's factor with: a round waits
-  for its slowest worker) and ``step_max_over_mean``, the measured mean over rounds of
-  the slowest worker's step over the round's mean;
+  for its slowest worker) and ``step_max_over_mean``, the rounds' summed slowest step
+  over their summed means;
 - each codec's cost per element (``codecs``: {name: {encode_s, decode_s}}, the slowest
   worker's medians): SwarmSGD's 8-bit lattice codec (the real one) encoding (with the
   sender's own copy) and decoding the run's model, one eps a tensor; the differential
@@ -122,7 +122,8 @@ def step_rounds(times: list[float]) -> list[list[float]]:
 def step_stats(rounds: list[list[float]]) -> dict[str, float]:
     """The compute section's step figures from synchronous rounds (see the module doc)."""
     sigma, mean = fit_jitter(rounds)
-    ratio = statistics.fmean(max(r) / statistics.fmean(r) for r in rounds) if rounds else 1.0
+    ratio = (sum(max(r) for r in rounds) / sum(statistics.fmean(r) for r in rounds)
+             if rounds else 1.0)
     return {"step_time_s": mean, "step_sigma": sigma, "step_max_over_mean": ratio}
 
 
@@ -262,6 +263,20 @@ def codec_time(params: list[torch.Tensor], repeats: int = 9) -> tuple[float, flo
     return statistics.median(enc) / d, statistics.median(dec) / d
 
 
+def codec_table(params: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """{codec: {encode_s, decode_s}} per element on every worker, the slowest worker's
+    (as the step time): the lattice (:func:`codec_time`) and the others (:mod:`.codecs`)."""
+    codecs = {"lattice": dict(zip(("encode_s", "decode_s"), codec_time(params),
+                                  strict=True)),
+              "qsgd-diff": qsgd_diff_costs(params), **compressor_costs(params)}
+    names = sorted(codecs)
+    costs = torch.tensor([codecs[k][e] for k in names for e in ("encode_s", "decode_s")],
+                         dtype=torch.float64)
+    dist.all_reduce(costs, op=dist.ReduceOp.MAX)
+    return {k: {"encode_s": float(costs[2 * i]), "decode_s": float(costs[2 * i + 1])}
+            for i, k in enumerate(names)}
+
+
 def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
               repeats: int = 7) -> dict[str, Any]:
     """Measure on every worker (a process group on ``store`` must be up); the profile
@@ -277,15 +292,7 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
 
     params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
     d = sum(p.numel() for p in params)
-    codecs = {"lattice": dict(zip(("encode_s", "decode_s"), codec_time(params),
-                                  strict=True)),
-              "qsgd-diff": qsgd_diff_costs(params), **compressor_costs(params)}
-    names = sorted(codecs)
-    costs = torch.tensor([codecs[k][e] for k in names for e in ("encode_s", "decode_s")],
-                         dtype=torch.float64)
-    dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest worker's, as the step time
-    codecs = {k: {"encode_s": float(costs[2 * i]), "decode_s": float(costs[2 * i + 1])}
-              for i, k in enumerate(names)}
+    codecs = codec_table(params)
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})

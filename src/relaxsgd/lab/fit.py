@@ -99,8 +99,8 @@ def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
     """(sigma, mean step s) of per-rank step times in synchronous rounds [[t_rank, ...],
     ...] (``relaxsgd calibrate``, or a traced run), for the simulator's ``jitter``
     heterogeneity (each effect takes ``mean x exp(N(-sigma^2/2, sigma^2))``). Sigma is
-    matched to what a synchronous round waits for: the mean over rounds of
-    ``max / mean`` of the round's times equals ``E[max of n draws]``
+    matched to what synchronous rounds wait for: the sum over rounds of the slowest
+    worker's time, over the sum of the rounds' means, equals ``E[max of n draws]``
     (:func:`relaxsgd.sim.compute.expected_max_lognormal`, solved by bisection). The
     spread is taken within each round, so a slowdown common to a round (the machine's
     load moving) is not counted; matching the max rather than the spread of ``log t``
@@ -114,7 +114,10 @@ def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
     if not rows or any(t <= 0 for row in rows for t in row):
         return 0.0, mean
     n = round(sum(len(r) for r in rows) / len(rows))
-    ratio = sum(max(r) * len(r) / sum(r) for r in rows) / len(rows)
+    # sum of the rounds' slowest over the sum of their means: what a run of such rounds
+    # takes over what it would with every worker at the mean (a round's max weighs by its
+    # length, as in the run's time)
+    ratio = sum(max(r) for r in rows) / sum(sum(r) / len(r) for r in rows)
     if ratio <= 1.0 + 1e-12:
         return 0.0, mean
     lo, hi = 0.0, 5.0
