@@ -91,7 +91,9 @@ def print_rounds(folder: str, labels: list[str], n: int) -> None:
           "arrival to the departures; 'sigma' the log-normal spread whose E[max of n]/mean "
           "is the rounds' summed slowest over their summed means, 'max/mean' "
           "(relaxsgd.lab.fit.fit_jitter, as calibrate fits it; 'E[max]/mean' of that "
-          f"sigma, relaxsgd.sim.compute.expected_max_lognormal, n = {n}: the same)")
+          f"sigma, relaxsgd.sim.compute.expected_max_lognormal, n = {n}: the same); "
+          "Pipe-SGD waits for the previous step's all-reduce, so its 'collect.' can be "
+          "negative")
 
 
 def run_spread(folder: str, k: int, n: int) -> tuple[float, float] | None:
