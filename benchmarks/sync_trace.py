@@ -69,7 +69,7 @@ def print_rounds(folder: str, labels: list[str], n: int) -> None:
     """The table of the module doc, one row per run ``k`` named ``labels[k]`` (None: skip)."""
     print(f"{'round split':<16} {'period':>7} {'timed':>6} {'comp mean':>9} "
           f"{'comp max':>8} {'wait slow':>9} {'collect.':>8} {'max/mean':>8} {'sigma':>6} "
-          f"{'E[max]/mean':>11}")
+          f"{'E[max]/mean':>11}  comp mean by rank")
     for k, label in enumerate(labels):
         if label is None:
             continue
@@ -83,7 +83,9 @@ def print_rounds(folder: str, labels: list[str], n: int) -> None:
         print(f"{label:<16} {m['period']:>7.1f} {m['timed']:>6.1f} {m['compute_mean']:>9.1f} "
               f"{m['compute_max']:>8.1f} {m['wait_slowest']:>9.1f} "
               f"{m['collective']:>8.1f} {m['compute_max'] / m['compute_mean']:>8.2f} "
-              f"{sig:>6.3f} {expected_max_factor(n, sig):>11.2f}")
+              f"{sig:>6.3f} {expected_max_factor(n, sig):>11.2f}  by rank: "
+              + " ".join(f"{statistics.fmean(x['comp'][r] for x in rs) * 1e3:.1f}"
+                         for r in range(n)))
     print("ms per round (the k-th blocking wait of every worker), means over rounds: "
           "'period' departure to departure; 'timed' the local steps; 'comp' leaving the "
           "last round to arriving at this one (mean over workers, and the last to "
