@@ -18,12 +18,20 @@ second measured, and what the simulator predicts for the same run, with
   processes per core (here 4 processes share 2 cores, which the simulator does not model),
   and the step time the workers measured during the distributed run itself;
 
-and the ratio measured / predicted for each. A ratio below 1 is time the simulator does
-not model (Python, threads, evaluation snapshots, the barrier at the end). All-reduce SGD
-and SwarmSGD also run as before the transport's idle-connection fast path (every message
-handed to a sender thread: ``(before)``), interleaved in the same job, and the last lines
-give the goals: SwarmSGD's samples/s over all-reduce SGD's (>= 1) and the lowest
-measured/predicted (>= 0.8).
+each with a spread of the step time within a synchronous round (``compute.heterogeneity:
+jitter``, a mean-one log-normal factor per local computation: a synchronous round waits
+for the slowest of the n): for all-reduce SGD, Local SGD and Pipe-SGD the run's own,
+from its trace (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`), with the
+step scaled to all the work between the run's collectives; for the others the one
+``relaxsgd calibrate`` measured; and, in the column 'no jitter', the ratio to the
+prediction with every step the mean (what the simulator charged before). After the table,
+the trace's split of a synchronous round (compute, the wait for the slowest, the
+collective), and the ratio measured / predicted for each. A ratio below 1 is time the
+simulator does not model (Python, threads, evaluation snapshots, the barrier at the
+end). All-reduce SGD and SwarmSGD also run as before the transport's idle-connection
+fast path (every message handed to a sender thread: ``(before)``), interleaved in the
+same job, and the last lines give the goals: SwarmSGD's samples/s over all-reduce SGD's
+(>= 1) and the lowest measured/predicted (>= 0.8).
 
     python benchmarks/dist_throughput.py            # 200 steps per worker
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker
@@ -51,6 +59,7 @@ from typing import Any
 
 # the dist runtime's test harness lives in tests/distkit (not shipped with the package)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (sync_trace)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # the project's MNIST files: beside the main checkout, or beside a worktree's parent
@@ -104,13 +113,19 @@ def runtime_profile(cfg: dict[str, Any], folder: str) -> str:
 
 
 # -- the runs --------------------------------------------------------------------------
-def predicted(cfg: dict[str, Any], step_time: float, profile: str) -> float:
+def predicted(cfg: dict[str, Any], step_time: float, profile: str,
+              sigma: float | None = None) -> float:
+    """Samples/s the simulator predicts: the step time given, the codec time per element
+    that calibrate measured, and a spread of the step time within a synchronous round
+    (``sigma``: that one, compute.heterogeneity jitter; None: calibrate's, calibrated;
+    0: none, every step the mean)."""
     from relaxsgd.config import from_dict
     from relaxsgd.run import prepare, simulate
 
-    # the step time given, and the codec time per element that calibrate measured
+    het = ({"heterogeneity": "calibrated"} if sigma is None else
+           {"heterogeneity": "jitter", "sigma": sigma} if sigma > 0 else {})
     d = {**cfg, "workers": N, "network": profile,
-         "compute": {"step_time_s": step_time, "profile": profile, "codec": "on"}}
+         "compute": {"step_time_s": step_time, "profile": profile, "codec": "on", **het}}
     res = simulate(prepare(from_dict(d))).result["final"]
     return res["samples_total"] / res["virtual_time_s"]
 
@@ -237,6 +252,7 @@ def main() -> None:
     throughput(40 if a.quick else 200, every_prediction=not a.quick)
 
 
+SYNC = ("allreduce", "localsgd", "pipesgd")  # one blocking wait a round: split by the trace
 BEFORE = ("allreduce", "swarm")  # also run as before: every message via a sender thread
 
 
@@ -247,6 +263,8 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
     from relaxsgd.algorithms import ALGORITHMS
     from relaxsgd.config import from_dict
     from relaxsgd.run import measure_step_time, prepare
+    from relaxsgd.sim.compute import expected_max_lognormal
+    from sync_trace import print_rounds, run_spread
 
     runs_of = [(n, o, before) for n, o in ALGOS if n in ALGORITHMS
                for before in ((True, False) if n in BEFORE else (False,))]
@@ -259,8 +277,10 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
         net, comp = prof["network"], prof["compute"]
         alone = measure_step_time(prepare(from_dict({**cfgs[0], "workers": N})))
         queued = ",".join(str(k) for k, r in enumerate(runs_of) if r[2])
+        trace = os.path.join(d, "trace")
         runs = run_jobs(cfgs, N, os.path.join(d, "runs"), timeout=1800,
-                        env={"RELAXSGD_SAVE_MODELS": "0", "RELAXSGD_BENCH_QUEUED_SENDS": queued})
+                        env={"RELAXSGD_SAVE_MODELS": "0", "RELAXSGD_BENCH_QUEUED_SENDS": queued,
+                             "RELAXSGD_BENCH_TRACE": trace})
         if any(runs[0].codes):
             raise SystemExit("the distributed runs failed:\n" + "\n".join(runs[0].logs))
         name, topts, _ = task()
@@ -271,41 +291,63 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
               f"{net['latency_s'] * 1e6:.0f} us, overhead {net['overhead_s'] * 1e6:.0f} us a "
               f"message, bandwidth {net['bandwidth_Bps'] / 1e9:.2f} GB/s; step time alone "
               f"{alone * 1e3:.1f} ms; codec (8-bit lattice) {comp['encode_s'] * 1e9:.1f} ns "
-              f"an element encoded, {comp['decode_s'] * 1e9:.1f} decoded")
+              f"an element encoded, {comp['decode_s'] * 1e9:.1f} decoded; step in "
+              f"synchronous rounds {comp['step_time_s'] * 1e3:.1f} ms, spread sigma "
+              f"{comp['step_sigma']:.3f} (slowest/mean {comp['step_max_over_mean']:.2f}; "
+              f"E[max of {N}]/mean {expected_max_lognormal(N, comp['step_sigma']):.2f})")
         cores = os.cpu_count() or 1
         shared = alone * max(1.0, N / cores)
         print(f"CPU bound of this machine ({cores} cores, compute only): "
               f"{min(cores, N) * 32 / alone:.0f} samples/s")
         head = (f"{'algorithm':<16} {'step ms':>7} {'measured':>8} {'pred.alone':>10} "
                 f"{'ratio':>5} {'pred.shared':>11} {'ratio':>5} {'pred.run':>8} {'ratio':>5} "
-                f"{'stall %':>7} {'MB/worker':>9}")
+                f"{'no jitter':>9} {'stall %':>7} {'MB/worker':>9}")
         print(head)
         print("-" * len(head))
         got: dict[tuple[str, bool], tuple[float, float]] = {}
-        for (algo, _, before), cfg, r in zip(runs_of, cfgs, runs, strict=True):
+        for k, ((algo, _, before), cfg, r) in enumerate(zip(runs_of, cfgs, runs,
+                                                             strict=True)):
             f = r.result["final"]
             wall = f["virtual_time_s"]
             measured = f["samples_total"] / wall
             st = r.result["dist"]["step_time_s_per_worker"]
             in_run = sum(st.values()) / len(st)
+            # a synchronous run's own spread and work between collectives (its trace);
+            # the others: calibrate's spread, the timed step
+            spread = run_spread(trace, k, N) if algo in SYNC else None
+            own, sigma = (in_run * spread[1], spread[0]) if spread else (in_run, None)
             # (the "before" rows and --quick: only the prediction with the run's own step
             # time; each prediction is a whole simulation, most of the benchmark's time)
-            preds = [None, None, predicted(cfg, in_run, profile)] \
+            preds = [None, None, predicted(cfg, own, profile, sigma)] \
                 if before or not every_prediction else \
-                [predicted(cfg, s, profile) for s in (alone, shared, in_run)]
+                [predicted(cfg, s, profile, sigma) for s in (alone, shared, own)]
             got[(algo, before)] = (measured, measured / preds[2])
             cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
                             f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
+            flat = measured / predicted(cfg, in_run, profile, 0.0)
             label = f"{algo} (before)" if before else algo
-            print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} "
+            print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} {flat:>9.2f} "
                   f"{100 * f['stall_time_s_mean'] / wall:>7.1f} "
                   f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
+        print()  # (the traces are in the temporary folder)
+        print_rounds(trace, [a if a in SYNC and not b else None for a, _, b in runs_of], N)
+        a, b = net["collectives"]["allreduce"][str(N)]
+        nbytes = 4 * param_count(cfgs[0])
+        print(f"the calibrated all-reduce of the model ({nbytes / 1e6:.2f} MB), what the "
+              f"simulator charges for 'collect.': {(a + b * nbytes) * 1e3:.1f} ms")
     print("samples/s of all workers together; 'step ms': compute time per local step "
           "measured in the run; predictions by the simulator on the calibrated network "
           f"with the step time measured alone ({alone * 1e3:.1f} ms), alone x {N}/{cores} "
-          f"processes per core ({shared * 1e3:.1f} ms), or in the run ('step ms'); ratio = "
-          "measured / predicted; '(before)': every message handed to a sender thread")
+          f"processes per core ({shared * 1e3:.1f} ms), or in the run ('pred.run'), each "
+          "with a spread of the step time within a round (compute.heterogeneity jitter): "
+          "for all-reduce SGD, Local SGD and Pipe-SGD the run's own (its trace: the "
+          "'sigma' below) and the run's step scaled to all the work between its "
+          "collectives ('comp mean'/'timed' below), for the others calibrate's spread "
+          "and the run's step; ratio = measured / predicted; 'no jitter': the ratio to "
+          "the prediction from the run's step without any spread (every worker's step "
+          "the mean: what the simulator charged before); '(before)': every message "
+          "handed to a sender thread")
     summary(got)
     print(f"({time.perf_counter() - t0:.0f} s)")
 

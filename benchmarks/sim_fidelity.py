@@ -4,7 +4,7 @@ simulator's prediction from a profile calibrated on the same lab; and its own sc
 Modes (run as root for the lab ones):
 
     python benchmarks/sim_fidelity.py              # the fidelity table (lab; ~30 min)
-    python benchmarks/sim_fidelity.py --quick      # fewer steps, 2 workers, shaped only
+    python benchmarks/sim_fidelity.py --quick      # every cell, 60 steps (~20 min)
     python benchmarks/sim_fidelity.py --gloo       # gloo collective times in the lab
     python benchmarks/sim_fidelity.py --forwarder  # the delay forwarder's rate and CPU
     python benchmarks/sim_fidelity.py --scale      # 256 and 1024 simulated workers
@@ -14,8 +14,16 @@ control (the forwarder alone, no delay, no rate limit), with 2 and 4 workers: ``
 calibrate`` in the lab writes a profile; each algorithm (allreduce, localsgd p=8, swarm,
 olco3 p=8 s=2, diloco p=8) runs for real in the lab (``--runtime dist``; its wall time
 after start-up, ``final.virtual_time_s``) and in the simulator with ``--network FILE
---compute FILE``. Printed: both times, predicted/real, and each algorithm's throughput
-relative to all-reduce SGD, real and predicted. Goal: 0.8-1.25 and within 20%.
+--compute FILE``, each codec charged its own calibrated cost (``compute.codec: on``) and
+the step time's spread within a synchronous round calibrate measured
+(``compute.heterogeneity: calibrated``). Then, robust to the load of a shared machine,
+each run is predicted again from its own measurements ('own'): the step time the real
+run measured and, for all-reduce SGD and Local SGD, the spread of its workers' compute
+within its rounds and its work between collectives, from the run's trace
+(``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`); the real run and its
+own-step prediction are made one after the other, algorithm by algorithm. Printed: both
+times, predicted/real, and each algorithm's throughput relative to all-reduce SGD, real
+and predicted. Goal: 0.8-1.25 and within 20%.
 
 The machine's load (``os.getloadavg``) is printed with every table: on a shared machine
 the real times move with it; the simulator's do not.
@@ -33,6 +41,12 @@ import time
 from typing import Any
 
 RELAX = [sys.executable, "-m", "relaxsgd.cli"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(HERE, "..", "tests")
+# the real runs: relaxsgd run with distkit's hooks (the trace), tests/ on the path
+DISTKIT = [sys.executable, "-m", "distkit"]
+SYNC = ("allreduce", "localsgd")  # one blocking collective a round: split by the trace
+CODEC_ON = ["--set", "compute.codec=on"]
 TASK = ["--task", "mnist1d", "--batch-size", "32", "--set", "eval_samples=200"]
 ALGOS: list[tuple[str, list[str]]] = [
     ("allreduce", []),
@@ -49,11 +63,21 @@ def load() -> str:
     return f"load average {a:.2f} {b:.2f} {c:.2f} on {os.cpu_count()} cores"
 
 
-def lab(n: int, link: str, cmd: list[str], timeout: float = 1800) -> dict[str, Any]:
-    """Run ``cmd`` (a relaxsgd subcommand) on n lab workers; the forwarder's statistics."""
+def _env(trace: str | None = None) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path,
+            **({"RELAXSGD_BENCH_TRACE": trace} if trace else {})}
+
+
+def lab(n: int, link: str, cmd: list[str], timeout: float = 1800,
+        trace: str | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (a relaxsgd subcommand; through distkit, traced into ``trace``, when
+    given) on n lab workers; the forwarder's statistics."""
     stats = tempfile.mktemp(suffix=".json")
+    inner = DISTKIT if trace else RELAX
     r = subprocess.run([*RELAX, "lab", "--workers", str(n), *LINKS[link], "--stats", stats,
-                        "--", *RELAX, *cmd], capture_output=True, text=True, timeout=timeout)
+                        "--", *inner, *cmd], capture_output=True, text=True,
+                       timeout=timeout, env=_env(trace))
     if r.returncode != 0:
         raise RuntimeError(f"lab run failed ({r.returncode}): {r.stderr[-1500:]}")
     with open(stats, encoding="utf-8") as f:
@@ -72,11 +96,12 @@ def fidelity(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
     for algo, opts in ALGOS:
         common = _common(algo, opts, n, steps)
         real_out = os.path.join(work, f"real-{link}-n{n}-{algo}")
-        lab(n, link, ["run", "--runtime", "dist", *common, "--out", real_out])
+        lab(n, link, ["run", "--runtime", "dist", *common, "--out", real_out],
+            trace=real_out + "-trace")
         sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
-        subprocess.run([*RELAX, "run", *common, "--network", prof, "--compute", prof,
-                        "--out", sim_out], check=True, capture_output=True)
-        rows.append(compare_run(real_out, sim_out, common, prof))
+        _sim([*common, "--network", prof, "--compute", prof, *CODEC_ON, "--set",
+              "compute.heterogeneity=calibrated", "--out", sim_out])
+        rows.append(compare_run(real_out, sim_out, common, prof, n))
         print(f"  {link} n={n} {algo}: real {rows[-1]['real_s']:.2f} s, "
               f"sim {rows[-1]['sim_s']:.2f} s ({load()})", file=sys.stderr, flush=True)
     return rows
@@ -96,47 +121,88 @@ def resim(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
         if not os.path.exists(os.path.join(real_out, "result.json")):
             continue
         sim_out = os.path.join(work, f"sim-{link}-n{n}-{algo}")
-        subprocess.run([*RELAX, "run", *_common(algo, opts, n, steps), "--network", prof,
-                        "--compute", prof, "--out", sim_out], check=True, capture_output=True)
-        rows.append(compare_run(real_out, sim_out, _common(algo, opts, n, steps), prof))
+        _sim([*_common(algo, opts, n, steps), "--network", prof, "--compute", prof,
+              *CODEC_ON, "--set", "compute.heterogeneity=calibrated", "--out", sim_out])
+        rows.append(compare_run(real_out, sim_out, _common(algo, opts, n, steps), prof, n))
     return rows
 
 
-def compare_run(real_out: str, sim_out: str, common: list[str], prof: str) -> dict[str, Any]:
+def _sim(args: list[str]) -> None:
+    r = subprocess.run([*RELAX, "run", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"simulation failed ({r.returncode}): {r.stderr[-1500:]}")
+
+
+def own_spread(real_out: str, algo: str, n: int) -> tuple[float, float] | None:
+    """(sigma, work between collectives / timed steps) of a traced synchronous run."""
+    sys.path.insert(0, HERE)
+    from sync_trace import run_spread
+
+    trace = real_out + "-trace"
+    if algo not in SYNC or not os.path.exists(os.path.join(trace, "run0-rank0.json")):
+        return None
+    return run_spread(trace, 0, n)
+
+
+def compare_run(real_out: str, sim_out: str, common: list[str], prof: str,
+                n: int) -> dict[str, Any]:
     """One row: the real run, the simulator from the profile, and the simulator with the
-    step time the real run measured (which separates the network model's error from the
-    machine's CPU contention)."""
+    step time the real run measured, and its own spread (which separates the network
+    model's error from the machine's CPU contention)."""
     real, sim = result(real_out), result(sim_out)
     steps = real["dist"]["step_time_s_per_worker"]
     own = sum(steps.values()) / len(steps)
+    spread = own_spread(real_out, real["algorithm"], n)
+    het = ["--set", "compute.heterogeneity=calibrated"] if spread is None else [
+        "--set", "compute.heterogeneity=jitter", "--set", f"compute.sigma={spread[0]:.6g}"]
+    if spread is not None:
+        own *= spread[1]
     own_out = sim_out + "-own-step"
-    subprocess.run([*RELAX, "run", *common, "--network", prof, "--step-time", str(own),
-                    "--out", own_out], check=True, capture_output=True)
+    _sim([*common, "--network", prof, "--step-time", str(own), "--set",
+          f"compute.profile={prof}", *CODEC_ON, *het, "--out", own_out])
     return {"algo": real["algorithm"], "real_s": real["final"]["virtual_time_s"],
             "sim_s": sim["final"]["virtual_time_s"],
             "own_s": result(own_out)["final"]["virtual_time_s"],
             "cal_step_ms": sim["step_time_s"] * 1e3, "real_step_ms": own * 1e3,
+            "sigma": spread[0] if spread else None,
             "startup_s": real["dist"]["startup_s"].get("total_s")}
 
 
-def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: int) -> None:
+def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: int,
+                   load0: str) -> None:
     print(f"\nmnist1d MLP, batch 32, {steps} local steps per worker; times after start-up; "
-          f"{load()}")
+          f"at the start {load0}; at the end {load()}")
     head = (f"{'link':<9} {'n':>2} {'algorithm':<10} {'real s':>7} {'sim s':>7} "
             f"{'sim/real':>8} {'real xAR':>8} {'sim xAR':>7} {'step ms cal/real':>16} "
-            f"{'own-step sim/real':>17} {'own xAR':>7} {'start-up s':>10}")
+            f"{'own sim/real':>12} {'own xAR':>7} {'sigma':>5} {'start-up s':>10}")
     print(head)
     print("-" * len(head))
+    cells = {"sim": [0, 0], "own": [0, 0]}  # [within 0.8-1.25, xAR within 20%]
+    total = 0
     for (link, n), rows in table.items():
         ar = rows[0]
         for r in rows:
             xr, xs = ar["real_s"] / r["real_s"], ar["sim_s"] / r["sim_s"]
             xo = ar["own_s"] / r["own_s"]
+            total += 1
+            for k, ratio, x in (("sim", r["sim_s"] / r["real_s"], xs),
+                                ("own", r["own_s"] / r["real_s"], xo)):
+                cells[k][0] += 0.8 <= ratio <= 1.25
+                cells[k][1] += abs(x / xr - 1) <= 0.2
             su = f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "?"
+            sig = f"{r['sigma']:.2f}" if r.get("sigma") is not None else "cal"
             steps = f"{r['cal_step_ms']:.2f}/{r['real_step_ms']:.2f}"
             print(f"{link:<9} {n:>2} {r['algo']:<10} {r['real_s']:>7.2f} {r['sim_s']:>7.2f} "
                   f"{r['sim_s'] / r['real_s']:>8.2f} {xr:>8.2f} {xs:>7.2f} {steps:>16} "
-                  f"{r['own_s'] / r['real_s']:>17.2f} {xo:>7.2f} {su:>10}")
+                  f"{r['own_s'] / r['real_s']:>12.2f} {xo:>7.2f} {sig:>5} {su:>10}")
+    print("'sim': the simulator from the calibrated profile (its step, its spread: "
+          "heterogeneity calibrated, each codec's own cost); 'own': from the real run's "
+          "own step time ('real' step ms; all-reduce SGD and Local SGD: scaled to the work "
+          "between collectives) and spread ('sigma', from its trace; 'cal': calibrate's); "
+          "xAR: all-reduce SGD's time over the algorithm's")
+    for k, (ok, xok) in cells.items():
+        print(f"{k}: {ok} of {total} cells within 0.8-1.25, {xok} of {total} with xAR "
+              "within 20% of the real")
 
 
 GLOO = """
@@ -278,8 +344,7 @@ def main() -> None:
     steps = args.steps or (60 if args.quick else 200)
     work = args.work or tempfile.mkdtemp(prefix="sim-fidelity-")
     os.makedirs(work, exist_ok=True)  # a --work folder that is not there yet
-    cases = [("shaped", 2)] if args.quick else [("shaped", 2), ("shaped", 4),
-                                                ("unshaped", 2), ("unshaped", 4)]
+    cases = [("shaped", 2), ("shaped", 4), ("unshaped", 2), ("unshaped", 4)]
     if args.cases:
         try:
             cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
@@ -289,13 +354,13 @@ def main() -> None:
         if any(link not in ("shaped", "unshaped") or n < 2 for link, n in cases):
             raise SystemExit(f"--cases {args.cases!r}: link is shaped or unshaped, n >= 2")
     table = {}
-    t = time.perf_counter()
+    t, load0 = time.perf_counter(), load()
     for link, n in cases:
         table[(link, n)] = (resim(n, link, steps, work) if args.resim
                             else fidelity(n, link, steps, work))
         if not table[(link, n)]:
             del table[(link, n)]
-    print_fidelity(table, steps)
+    print_fidelity(table, steps, load0)
     print(f"({time.perf_counter() - t:.0f} s; runs and profiles in {work})")
 
 

@@ -75,22 +75,39 @@ def test_a_server_round_trip_is_two_latencies_plus_the_bytes_through_its_link() 
     times, out, prep = _echo(up, down, latency_s=lat, bandwidth_Bps=bw)
     c = server_seconds(n, out.bank.d)
     t0 = times[0][0]
-    # all uploads leave at t0 (0.1 s on each worker's link) and arrive a latency later;
-    # the server's link takes them in one after another: the last at t0 + L + n B/bw
-    received = t0 + lat + n * up / bw
-    for r in range(n):  # then n replies out of its link, rank order, a latency each
+    # worker 0 hosts the server (as in the runtime): its upload does not travel; the
+    # others' leave at t0 (0.1 s on each worker's link) and arrive a latency later; the
+    # server's link takes them in one after another: the last at t0 + L + (n - 1) B/bw
+    received = t0 + lat + (n - 1) * up / bw
+    assert times[0][1] == pytest.approx(received + c, abs=1e-12)  # 0's reply: no hop
+    for r in range(1, n):  # then n - 1 replies out of its link, rank order, a latency each
         assert times[r][0] == t0
-        assert times[r][1] == pytest.approx(received + c + (r + 1) * down / bw + lat,
+        assert times[r][1] == pytest.approx(received + c + r * down / bw + lat,
                                             abs=1e-12)
-    assert times[n - 1][1] - t0 == pytest.approx(2 * lat + (n * up + n * down) / bw + c,
-                                                 abs=1e-12)
+    assert times[n - 1][1] - t0 == pytest.approx(
+        2 * lat + ((n - 1) * up + (n - 1) * down) / bw + c, abs=1e-12)
     # every worker got the mean of the uploads, (1/n) sum_r (r + 1) x_r
     want = sum((r + 1) * out.bank.X[r] for r in range(n)) / n
     assert all(torch.allclose(times[r][2], want) for r in range(n))
     assert times[0][2] is not times[1][2]  # a reply of its own
-    # bytes as they travel: the uploads are the workers', the replies the server's
+    # bytes as they are counted in the runtime: the uploads are the workers' (worker
+    # 0's too), the replies the server's, n of them
     assert [p.bytes_sent for p in out.engine.procs] == [up] * n
     assert (out.engine.server_bytes, out.engine.server_messages) == (n * down, n)
+
+
+def test_worker_1_pays_two_message_overheads_a_round_as_in_the_runtime() -> None:
+    """With a per-message overhead OV: worker 1's upload leaves after OV + B/bw, and its
+    reply is the first to leave the server (OV + B/bw): two overheads, not three."""
+    lat, bw, ov, up, down, n = 0.1, 1000.0, 0.02, 100, 50, 4
+    times, out, _ = _echo(up, down, latency_s=lat, bandwidth_Bps=bw, overhead_s=ov)
+    t0, c = times[0][0], server_seconds(n, out.bank.d)
+    received = t0 + ov + lat + (n - 1) * up / bw
+    assert times[1][1] - t0 == pytest.approx(
+        2 * ov + 2 * lat + (n - 1) * up / bw + down / bw + c, abs=1e-12)
+    assert times[n - 1][1] == pytest.approx(received + c + (n - 1) * (ov + down / bw) + lat,
+                                            abs=1e-12)
+    assert times[0][1] == pytest.approx(received + c, abs=1e-12)
 
 
 def test_the_server_link_can_be_set_apart_from_the_workers() -> None:
@@ -98,10 +115,11 @@ def test_the_server_link_can_be_set_apart_from_the_workers() -> None:
     times, out, _ = _echo(up, down, latency_s=lat, bandwidth_Bps=bw, server_latency_s=slat,
                           server_bandwidth_Bps=sbw)
     t0, c = times[0][0], server_seconds(n, out.bank.d)
-    # each upload leaves its worker's link at t0 + B/bw and arrives slat later; the
-    # server's link then takes one upload at a time, B/sbw each
-    received = t0 + up / bw + slat + (n - 1) * up / sbw
-    assert times[n - 1][1] == pytest.approx(received + c + n * down / sbw + slat, abs=1e-12)
+    # each upload (workers 1..3) leaves its worker's link at t0 + B/bw and arrives slat
+    # later; the server's link then takes one upload at a time, B/sbw each
+    received = t0 + up / bw + slat + (n - 2) * up / sbw
+    assert times[n - 1][1] == pytest.approx(received + c + (n - 1) * down / sbw + slat,
+                                            abs=1e-12)
     assert out.result["network_model"]["server"] == {"latency_s": slat, "bandwidth_Bps": sbw}
 
 

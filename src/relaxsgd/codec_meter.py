@@ -20,16 +20,40 @@ import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 
 @dataclass
 class CodecWork:
-    """Elements encoded and decoded within one scope."""
+    """Elements encoded and decoded within one scope, in all and per codec (``by``:
+    {codec name: [encoded, decoded]}, the names of :func:`codec_name`)."""
 
     encoded: int = 0
     decoded: int = 0
+    by: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, encoded: int, decoded: int, codec: str = "") -> None:
+        self.encoded += encoded
+        self.decoded += decoded
+        row = self.by.setdefault(codec, [0, 0])
+        row[0] += encoded
+        row[1] += decoded
+
+    def merged(self, other: CodecWork | None) -> CodecWork:
+        """This scope's work and ``other``'s together (a new object)."""
+        out = CodecWork()
+        for w in (self, other):
+            for codec, (e, d) in (w.by.items() if w is not None else ()):
+                out.add(e, d, codec)
+        return out
+
+
+def codec_name(obj: Any) -> str:
+    """The name a codec's costs go by (a compute profile's ``codecs`` keys): its own
+    ``codec_name`` (error feedback: its inner compressor's), else its class's ``name``
+    (``topk``, ``powersgd``, ``lattice``, ...)."""
+    return str(getattr(obj, "codec_name", None) or getattr(type(obj), "name", "") or "")
 
 
 _SCOPE: ContextVar[CodecWork | None] = ContextVar("relaxsgd_codec_scope", default=None)
@@ -48,19 +72,20 @@ def metering() -> Iterator[CodecWork]:
         _SCOPE.reset(token)
 
 
-def note(encoded: int = 0, decoded: int = 0) -> None:
-    """Count coded elements in the open scope (none open: nothing)."""
+def note(encoded: int = 0, decoded: int = 0, codec: str = "") -> None:
+    """Count coded elements of ``codec`` in the open scope (none open: nothing)."""
     work = _SCOPE.get()
     if work is not None:
-        work.encoded += encoded
-        work.decoded += decoded
+        work.add(encoded, decoded, codec)
 
 
-def metered(kind: str, count: Callable[[Any, tuple, dict], int]) -> Callable[[F], F]:
+def metered(kind: str, count: Callable[[Any, tuple, dict], int],
+            codec: str | None = None) -> Callable[[F], F]:
     """Decorate a codec method: ``count(result, args, kwargs)`` elements are noted as
-    ``kind`` ("encoded" or "decoded") when it is the outermost metered call (an error
-    feedback wrapper's inner compressor, a quantizer's encode calling its encode_value,
-    are part of the outer call's work)."""
+    ``kind`` ("encoded" or "decoded") of ``codec`` (None: :func:`codec_name` of the
+    method's object) when it is the outermost metered call (an error feedback wrapper's
+    inner compressor, a quantizer's encode calling its encode_value, are part of the
+    outer call's work)."""
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
@@ -71,7 +96,8 @@ def metered(kind: str, count: Callable[[Any, tuple, dict], int]) -> Callable[[F]
             finally:
                 _DEPTH.reset(token)
             if depth == 0 and _SCOPE.get() is not None:
-                note(**{kind: count(out, args, kwargs)})
+                note(**{kind: count(out, args, kwargs)},
+                     codec=codec if codec is not None else codec_name(args[0]))
             return out
         return inner  # type: ignore[return-value]
     return wrap

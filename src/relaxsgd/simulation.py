@@ -40,7 +40,7 @@ from .results import (
     write_result,
 )
 from .sim.churn_setup import check_churn, start_churn
-from .sim.compute import ComputeModel, codec_costs, resolve_step_time
+from .sim.compute import ComputeModel, codec_costs, codec_table, resolve_step_time
 from .sim.engine import Engine
 from .sim.network import Network, make_network_config, network_model_info
 from .sim.saving import SimCheckpoints
@@ -125,9 +125,12 @@ class Simulation:
         for w in self.workers:
             prep.algo.init_worker(w)
         net_cfg = make_network_config(cfg.network, **cfg.network_options)
-        codec = codec_costs(cfg.compute)
+        codec, per_codec = codec_costs(cfg.compute), codec_table(cfg.compute)
         compute_info["codec"] = ({"encode_s": codec[0], "decode_s": codec[1]} if codec
                                  else "off")
+        if codec and per_codec:  # each codec's own costs (a calibrated profile's codecs)
+            compute_info["codec"]["codecs"] = {k: {"encode_s": e, "decode_s": d}
+                                               for k, (e, d) in per_codec.items()}
         self.models_info = {"compute_model": compute_info,
                             "network_model": network_model_info(net_cfg, n)}
         self.shared_key = getattr(prep.algo, "shared_model_state", None)  # OLCO3's "xg"
@@ -147,7 +150,8 @@ class Simulation:
                                     self._run_state)
         self.engine = Engine(prep.algo, self.workers, self.bank,
                              Network(net_cfg, ids, cfg.seed),
-                             ComputeModel(cfg.compute, ids, cfg.seed, self.step_time, codec),
+                             ComputeModel(cfg.compute, ids, cfg.seed, self.step_time, codec,
+                                          per_codec),
                              between_instants=self._between)
         if churn:
             start_churn(self.engine, cfg)

@@ -3,8 +3,9 @@
 Environment variables read by ``python -m distkit`` (see that module):
 ``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_LEAVE_AT``, ``RELAXSGD_TEST_HOLD_AT``,
 ``RELAXSGD_TEST_WIRE_FAULT``,
-``RELAXSGD_TEST_EVAL_FAIL``, ``RELAXSGD_BENCH_LEGACY_WIRE`` and
-``RELAXSGD_BENCH_QUEUED_SENDS``. Nothing here runs unless one of them is set.
+``RELAXSGD_TEST_EVAL_FAIL``, ``RELAXSGD_BENCH_LEGACY_WIRE``,
+``RELAXSGD_BENCH_QUEUED_SENDS`` and ``RELAXSGD_BENCH_TRACE``. Nothing here runs unless one
+of them is set.
 """
 
 from __future__ import annotations
@@ -25,6 +26,57 @@ def install_hooks() -> None:
     _install_eval_fail()
     _install_legacy_wire()
     _install_queued_sends()
+    _install_trace()
+
+
+def _install_trace() -> None:
+    """Benchmarks only: ``RELAXSGD_BENCH_TRACE=<folder>``: every worker records, on the
+    machine's monotonic clock (``time.perf_counter``, one clock for every process of a
+    machine), when each of its local computations ran (``compute``: [start, end, steps])
+    and when its main program waited on a handle (``wait``: [start, end, label]), and
+    writes them to ``<folder>/run<k>-rank<r>.json`` when its k-th run ends (``distkit
+    multi``): what ``benchmarks/sync_trace.py`` reads to see where a round's time goes."""
+    folder = os.environ.get("RELAXSGD_BENCH_TRACE")
+    if not folder:
+        return
+    import json
+    import time
+
+    from relaxsgd.distributed import executor, runtime
+
+    orig_timed, orig_block, orig_run = (runtime._Job._timed, executor.Executor._block,
+                                        runtime._Job.run)
+    count = [0]
+
+    def timed(self: Any, fn: Any, units: int) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_timed(self, fn, units)
+        finally:
+            self.ex.trace["compute"].append([t, time.perf_counter(), units])
+
+    def block(self: Any, h: Any, ctx: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_block(self, h, ctx)
+        finally:
+            if ctx.main and hasattr(self, "trace"):
+                self.trace["wait"].append([t, time.perf_counter(), str(h.label)])
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.ex.trace = {"compute": [], "wait": [], "rank": self.rank, "n": self.n}
+        try:
+            return orig_run(self, *args, **kwargs)
+        finally:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"run{count[0]}-rank{self.rank}.json"), "w",
+                      encoding="utf-8") as f:
+                json.dump(self.ex.trace, f)
+            count[0] += 1
+
+    runtime._Job._timed = timed  # type: ignore[method-assign]
+    executor.Executor._block = block  # type: ignore[method-assign]
+    runtime._Job.run = run  # type: ignore[method-assign]
 
 
 def _install_queued_sends() -> None:

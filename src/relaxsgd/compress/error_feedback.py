@@ -42,6 +42,11 @@ class ErrorFeedback(Compressor):
     def spec(self) -> str:
         return f"ef({self.inner.spec})"
 
+    @property
+    def codec_name(self) -> str:
+        """Codec time goes by the inner compressor's costs (:mod:`relaxsgd.codec_meter`)."""
+        return self.inner.name
+
     def init_state(self, numel: int, layout: Layout | None = None,
                    device: torch.device | str | None = None) -> dict[str, Any]:
         return {"inner": self.inner.init_state(numel, layout, device),

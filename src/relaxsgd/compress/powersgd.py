@@ -166,7 +166,7 @@ class PowerSGD(Compressor):
         work is metered like compress/decompress (:mod:`relaxsgd.codec_meter`): ``x``
         encoded before the first all-reduce, decoded after the last."""
         check_flat(x)
-        note(encoded=x.numel())
+        note(encoded=x.numel(), codec="powersgd")
         dense, mats = self._split(x.detach(), state)
         mats = [m.float() for m in mats]
         ps = [m @ q for m, q in zip(mats, state["q"], strict=True)]
@@ -188,7 +188,7 @@ class PowerSGD(Compressor):
                           state)
         own = self._join(dense.clone(), [p @ q.T for p, q in zip(p_hats, local_qs, strict=True)],
                          state)
-        note(decoded=x.numel())
+        note(decoded=x.numel(), codec="powersgd")
         return mean, own, {**state, "q": [q.clone() for q in mean_qs]}
 
 

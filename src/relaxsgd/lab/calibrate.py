@@ -9,13 +9,22 @@ Run it like a dist run, one process per worker (under ``relaxsgd lab ... --`` or
 Every worker measures at the same time (so cores are shared as in the real run):
 
 - the step time of the run's model and batch on the worker's device (``--device``;
-  ``auto``: its GPU when CUDA is present; median of timed local steps after a warm-up;
-  the slowest worker's), and from it the throughput ``flops_per_s`` that the
-  counted FLOPs imply (``overhead_s`` 0: the measured step already holds it);
-- the codec's cost per element: SwarmSGD's 8-bit lattice codec (the real one) encoding
-  (with the sender's own copy) and decoding the run's model, one eps a tensor, medians,
-  the slowest worker's (``encode_s``, ``decode_s``: what the simulator charges for every
-  quantizer and compressor, :mod:`relaxsgd.codec_meter`);
+  ``auto``: its GPU when CUDA is present), in synchronous rounds as a synchronous
+  algorithm computes them (after a warm-up, 30 rounds: a barrier, then one timed local
+  step on every worker at once): ``step_time_s`` the mean over workers and rounds, and
+  from it the throughput ``flops_per_s`` that the counted FLOPs imply (``overhead_s`` 0:
+  the measured step already holds it); ``step_sigma`` the spread of the workers' times
+  within a round (:func:`.fit.fit_jitter`, the log-normal sigma the simulator's
+  ``compute.heterogeneity: calibrated`` draws each effect's factor with: a round waits
+  for its slowest worker) and ``step_max_over_mean``, the rounds' summed slowest step
+  over their summed means;
+- each codec's cost per element (``codecs``: {name: {encode_s, decode_s}}, the slowest
+  worker's medians): SwarmSGD's 8-bit lattice codec (the real one) encoding (with the
+  sender's own copy) and decoding the run's model, one eps a tensor; the differential
+  QSGD quantizer, top-k, random-k, QSGD, PowerSGD, scaled sign, fp16 and bf16 on the
+  flattened model (:mod:`.codecs`). The simulator charges each codec its own
+  (:mod:`relaxsgd.codec_meter`); ``encode_s``/``decode_s``, the lattice's, for a codec
+  the file does not list;
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
@@ -46,8 +55,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from .codecs import compressor_costs, qsgd_diff_costs
+from .fit import fit_jitter, fit_p2p, fit_server
 from .fit import fit_line as _fit_line
-from .fit import fit_p2p, fit_server
 
 PING_BYTES = 64
 BULK_BYTES = 4 << 20
@@ -77,8 +87,9 @@ def calibration_device(spec: str) -> torch.device:
     return device
 
 
-def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, float]:
-    """(median seconds of one local step of this rank's model, FLOPs per step)."""
+def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[list[float], float]:
+    """(seconds of each of ``repeats`` local steps of this rank's model, each started
+    after a barrier: synchronous rounds, FLOPs per step)."""
     from ..bank import Bank
     from ..run import prepare
     from ..sim.compute import count_flops
@@ -88,16 +99,32 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[float, floa
     bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
                 batching="loop", device=device)
     bank.local_steps([0], 3)
-    dist.barrier()
     times = []
     for _ in range(repeats):
+        dist.barrier()
         t = time.perf_counter()
         bank.local_steps([0], 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels, not their launch
         times.append(time.perf_counter() - t)
-    return statistics.median(times), count_flops(prep.spec, cfg.train.batch_size) * \
-        cfg.train.batch_size
+    return times, count_flops(prep.spec, cfg.train.batch_size) * cfg.train.batch_size
+
+
+def step_rounds(times: list[float]) -> list[list[float]]:
+    """Every worker's step times gathered: [[round k's time on rank 0, 1, ...], ...]."""
+    n = dist.get_world_size()
+    mine = torch.tensor(times, dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine)
+    return [[float(every[r][k]) for r in range(n)] for k in range(len(times))]
+
+
+def step_stats(rounds: list[list[float]]) -> dict[str, float]:
+    """The compute section's step figures from synchronous rounds (see the module doc)."""
+    sigma, mean = fit_jitter(rounds)
+    ratio = (sum(max(r) for r in rounds) / sum(statistics.fmean(r) for r in rounds)
+             if rounds else 1.0)
+    return {"step_time_s": mean, "step_sigma": sigma, "step_max_over_mean": ratio}
 
 
 def collective_times(sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
@@ -236,6 +263,20 @@ def codec_time(params: list[torch.Tensor], repeats: int = 9) -> tuple[float, flo
     return statistics.median(enc) / d, statistics.median(dec) / d
 
 
+def codec_table(params: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """{codec: {encode_s, decode_s}} per element on every worker, the slowest worker's
+    (as the step time): the lattice (:func:`codec_time`) and the others (:mod:`.codecs`)."""
+    codecs = {"lattice": dict(zip(("encode_s", "decode_s"), codec_time(params),
+                                  strict=True)),
+              "qsgd-diff": qsgd_diff_costs(params), **compressor_costs(params)}
+    names = sorted(codecs)
+    costs = torch.tensor([codecs[k][e] for k in names for e in ("encode_s", "decode_s")],
+                         dtype=torch.float64)
+    dist.all_reduce(costs, op=dist.ReduceOp.MAX)
+    return {k: {"encode_s": float(costs[2 * i]), "decode_s": float(costs[2 * i + 1])}
+            for i, k in enumerate(names)}
+
+
 def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
               repeats: int = 7) -> dict[str, Any]:
     """Measure on every worker (a process group on ``store`` must be up); the profile
@@ -243,17 +284,15 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     (:mod:`.paths`) and fitted robustly (:mod:`.fit`); ``latency_s`` is raw TCP's, and
     ``overhead_s`` what the runtime adds to each message on top of it."""
     n = dist.get_world_size()
-    st, flops = step_time(cfg, rank)
-    t = torch.tensor([st], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    st = float(t)
+    times, flops = step_time(cfg, rank)
+    steps = step_stats(step_rounds(times))
+    st = steps["step_time_s"]
     lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
     from ..run import prepare
 
     params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
     d = sum(p.numel() for p in params)
-    costs = torch.tensor(codec_time(params), dtype=torch.float64)
-    dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest worker's, as the step time
+    codecs = codec_table(params)
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
@@ -269,12 +308,13 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
         s_lat, s_bw = fit_server([p for p in timed["server"] if p[0] >= 1024], n, overhead, bw)
         server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw}
     return {
-        "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, "step_time_s": st,
+        "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, **steps,
                     "flops_per_step": flops, "task": cfg.task,
-                    "encode_s": float(costs[0]), "decode_s": float(costs[1]),
+                    **codecs["lattice"], "codecs": codecs,
                     "batch_size": cfg.train.batch_size,
-                    "source": f"relaxsgd calibrate: {n} workers, median step, slowest "
-                              f"worker, on {calibration_device(cfg.device).type}"},
+                    "source": f"relaxsgd calibrate: {n} workers, synchronous rounds of one "
+                              f"step (mean, spread within a round), on "
+                              f"{calibration_device(cfg.device).type}"},
         "network": {"latency_s": lat, "bandwidth_Bps": bw, "overhead_s": overhead, **server,
                     "backend": "gloo", "collectives": fits,
                     "measured": {k: {str(n): v} for k, v in timed.items()},

@@ -122,7 +122,9 @@ def cmd_calibrate(args: argparse.Namespace, cfg_dict: dict[str, Any]) -> int:
     if rank == 0:
         write_profile(out, prof)
         c, n = prof["compute"], prof["network"]
-        print(f"step {c['step_time_s'] * 1e3:.3f} ms ({c['flops_per_s'] / 1e9:.1f} GFLOP/s), "
+        print(f"step {c['step_time_s'] * 1e3:.3f} ms ({c['flops_per_s'] / 1e9:.1f} GFLOP/s; "
+              f"spread in a round: sigma {c['step_sigma']:.3f}, slowest/mean "
+              f"{c['step_max_over_mean']:.2f}), "
               f"latency {n['latency_s'] * 1e3:.2f} ms, overhead "
               f"{n['overhead_s'] * 1e6:.0f} us a message, bandwidth "
               f"{n['bandwidth_Bps'] * 8 / 1e6:.1f} Mbit/s; profile in {out}")

@@ -80,15 +80,50 @@ def fit_server(points: list[list[float]], n: int, overhead_s: float,
                bandwidth_Bps: float) -> tuple[float, float | None]:
     """(server latency s, server bandwidth bytes/s or None: not resolved) from worker 1's
     parameter-server rounds [[B, t], ...] of ``B`` bytes up and down, ``n`` workers
-    uploading at once, on the simulator's model (:mod:`relaxsgd.sim.network`): its upload
-    leaves its link (``overhead + B / bandwidth``) and arrives a server latency later,
-    the server's receiving side takes the n uploads one after the other (``n - 1`` more
-    ``B / server bandwidth``), then the replies leave in rank order, worker 1's second
-    (two ``overhead + B / server bandwidth``), a latency each way::
+    uploading at once, on the simulator's model (:mod:`relaxsgd.sim.server`, the server
+    hosted by worker 0 as in the runtime: worker 0's upload and reply do not travel): its
+    upload leaves its link (``overhead + B / bandwidth``) and arrives a server latency
+    later, the server's receiving side takes the n - 1 uploads one after the other
+    (``n - 2`` more ``B / server bandwidth``), then the replies leave in rank order, worker
+    1's first (``overhead + B / server bandwidth``), a latency each way::
 
-        t = 3 overhead + 2 server_latency + B (1 / bandwidth + (n + 1) / server_bandwidth)
+        t = 2 overhead + 2 server_latency + B (1 / bandwidth + (n - 1) / server_bandwidth)
     """
     a, b = fit_line(points)
-    latency = max((a - 3 * overhead_s) / 2, 0.0)
+    latency = max((a - 2 * overhead_s) / 2, 0.0)
     extra = b - 1.0 / bandwidth_Bps if bandwidth_Bps > 0 else b
-    return latency, ((n + 1) / extra if extra > 0 else None)
+    return latency, ((n - 1) / extra if extra > 0 and n > 1 else None)
+
+
+def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
+    """(sigma, mean step s) of per-rank step times in synchronous rounds [[t_rank, ...],
+    ...] (``relaxsgd calibrate``, or a traced run), for the simulator's ``jitter``
+    heterogeneity (each effect takes ``mean x exp(N(-sigma^2/2, sigma^2))``). Sigma is
+    matched to what synchronous rounds wait for: the sum over rounds of the slowest
+    worker's time, over the sum of the rounds' means, equals ``E[max of n draws]``
+    (:func:`relaxsgd.sim.compute.expected_max_lognormal`, solved by bisection). The
+    spread is taken within each round, so a slowdown common to a round (the machine's
+    load moving) is not counted; matching the max rather than the spread of ``log t``
+    keeps one descheduled outlier from inflating sigma beyond what rounds really wait
+    for. Mean: of every time."""
+    from ..sim.compute import expected_max_lognormal
+
+    rows = [[float(t) for t in row] for row in rounds if len(row) >= 2]
+    times = [float(t) for row in rounds for t in row]
+    mean = sum(times) / len(times) if times else 0.0
+    if not rows or any(t <= 0 for row in rows for t in row):
+        return 0.0, mean
+    n = round(sum(len(r) for r in rows) / len(rows))
+    # sum of the rounds' slowest over the sum of their means: what a run of such rounds
+    # takes over what it would with every worker at the mean (a round's max weighs by its
+    # length, as in the run's time)
+    ratio = sum(max(r) for r in rows) / sum(sum(r) / len(r) for r in rows)
+    if ratio <= 1.0 + 1e-12:
+        return 0.0, mean
+    lo, hi = 0.0, 5.0
+    if expected_max_lognormal(n, hi) < ratio:
+        return hi, mean
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_max_lognormal(n, mid) < ratio else (lo, mid)
+    return (lo + hi) / 2, mean

@@ -67,7 +67,7 @@ class QSGDDiffQuantizer:
         self.bits, self.bucket_size, self.norm = bits, bucket_size, norm
         self.levels = (1 << (bits - 1)) - 1
 
-    @metered("encoded", lambda out, a, k: out.numel)
+    @metered("encoded", lambda out, a, k: out.numel, codec="qsgd-diff")
     def encode(self, x: Tensor, eps: float | None = None,
                generator: torch.Generator | None = None,
                reference: Tensor | None = None) -> QSGDDiffPayload:
@@ -97,7 +97,7 @@ class QSGDDiffQuantizer:
         codes = pack_bits(level.reshape(-1)[:numel] + self.levels, self.bits)
         return QSGDDiffPayload(codes, scales, self.bits, numel, x.shape, x.dtype)
 
-    @metered("decoded", lambda out, a, k: out[0].numel())
+    @metered("decoded", lambda out, a, k: out[0].numel(), codec="qsgd-diff")
     def decode(self, payload: QSGDDiffPayload, reference: Tensor) -> tuple[Tensor, bool]:
         """``(reference + Q(x - reference), True)``."""
         if reference.numel() != payload.numel:

@@ -23,7 +23,15 @@ Heterogeneity multiplies the step time:
   repeats;
 - ``lognormal``: a factor exp(N(0, sigma^2)) per worker, drawn once (seeded);
 - ``stragglers``: each step is slowed by ``straggler_f`` with probability ``straggler_p``,
-  drawn per step from the worker's own seeded stream (so event order never changes it).
+  drawn per step from the worker's own seeded stream (so event order never changes it);
+- ``jitter``: each stretch of local computation (one ``Compute``/``Grad`` effect) takes
+  ``exp(N(-sigma^2/2, sigma^2))`` times its length, a fresh draw from the worker's own
+  stream each time; mean one, so the step time stays the mean step. This is the noise of
+  a shared machine (processes contending for cores, the OS): a synchronous round waits
+  for the slowest of the n, so its compute is ``step x E[max of n draws]``
+  (:func:`expected_max_lognormal`), not the mean step;
+- ``calibrated``: ``jitter`` with the ``step_sigma`` that ``relaxsgd calibrate`` measured
+  (the compute profile must be such a file).
 
 Codec time (``compute.codec``). Encoding and decoding messages (quantizers, compressors) is
 work on the critical path of the exchange it serves: the engine counts the elements coded
@@ -50,7 +58,7 @@ from ..checks import require_float
 from ..errors import ConfigError
 from ..requires import Needs, check_needs
 
-KINDS = ("none", "fixed", "lognormal", "stragglers")
+KINDS = ("none", "fixed", "lognormal", "stragglers", "jitter", "calibrated")
 CODEC = ("auto", "on", "off")
 DEFAULT_PROFILE = "laptop-core"
 
@@ -116,8 +124,8 @@ class ComputeConfig:
 
     NEEDS = (Needs("speed_factors", lambda c: c.heterogeneity == "fixed",
                    "compute.heterogeneity=fixed"),
-             Needs("sigma", lambda c: c.heterogeneity == "lognormal",
-                   "compute.heterogeneity=lognormal"),
+             Needs("sigma", lambda c: c.heterogeneity in ("lognormal", "jitter"),
+                   "compute.heterogeneity=lognormal or jitter"),
              Needs("straggler_p", lambda c: c.heterogeneity == "stragglers",
                    "compute.heterogeneity=stragglers"),
              Needs("straggler_f", lambda c: c.heterogeneity == "stragglers",
@@ -199,11 +207,17 @@ class ComputeModel:
     (``codec``: the profile's ``(encode_s, decode_s)`` per element, None: not charged)."""
 
     def __init__(self, cfg: ComputeConfig, n: int, seed: int, step_time_s: float,
-                 codec: tuple[float, float] | None = None) -> None:
+                 codec: tuple[float, float] | None = None,
+                 per_codec: dict[str, tuple[float, float]] | None = None) -> None:
         self.cfg = cfg
         self.step_time = step_time_s
         self.codec = codec
+        self.per_codec = per_codec or {}  # a codec's own (encode_s, decode_s) per element
         self.rngs = [random.Random(seed * 1_000_033 + i) for i in range(n)]
+        # the per-effect noise's sigma (jitter, calibrated), 0: none
+        self.jitter = (cfg.sigma if cfg.heterogeneity == "jitter" else
+                       calibrated_sigma(cfg.profile) if cfg.heterogeneity == "calibrated"
+                       else 0.0)
         if cfg.heterogeneity == "fixed":
             f = cfg.speed_factors
             self.factors = [float(f[i % len(f)]) for i in range(n)]
@@ -213,12 +227,31 @@ class ComputeModel:
             self.factors = [1.0] * n
 
     def duration(self, rank: int, steps: int) -> float:
+        """Seconds of ``steps`` local steps of ``rank`` (one effect: one jitter draw)."""
         base = self.step_time * self.factors[rank]
+        if self.jitter > 0:
+            s = self.jitter
+            return base * steps * math.exp(self.rngs[rank].gauss(-s * s / 2, s))
         if self.cfg.heterogeneity != "stragglers":
             return base * steps
         r, p, f = self.rngs[rank], self.cfg.straggler_p, self.cfg.straggler_f
         slow = sum(1 for _ in range(steps) if r.random() < p)
         return base * (steps + (f - 1) * slow)
+
+    def work_time(self, rank: int | None, work: Any) -> float:
+        """Seconds ``rank`` (None: the parameter server, speed factor 1) spends on a
+        scope's codec work (:class:`relaxsgd.codec_meter.CodecWork`): each codec's
+        elements at its own per-element costs (``per_codec``, from the profile's
+        ``codecs``), the profile's ``encode_s``/``decode_s`` for a codec it does not
+        list; times ``max(1, wpc)`` and the worker's speed factor; 0 when not charged."""
+        if self.codec is None or not (work.encoded or work.decoded):
+            return 0.0
+        total = 0.0
+        for name, (e, d) in work.by.items():
+            enc, dec = self.per_codec.get(name, self.codec)
+            total += e * enc + d * dec
+        factor = self.factors[rank] if rank is not None else 1.0
+        return total * factor * max(1.0, self.cfg.workers_per_core)
 
     def codec_time(self, rank: int, encoded: int, decoded: int) -> float:
         """Seconds ``rank`` spends coding that many elements (0 when not charged): the
@@ -229,6 +262,68 @@ class ComputeModel:
         enc, dec = self.codec
         return ((encoded * enc + decoded * dec) * self.factors[rank]
                 * max(1.0, self.cfg.workers_per_core))
+
+
+def codec_table(cfg: ComputeConfig) -> dict[str, tuple[float, float]]:
+    """{codec: (encode_s, decode_s)} per element from a calibrated profile file's
+    ``codecs`` mapping (``relaxsgd calibrate`` times each codec); {} when none (every
+    codec is then charged the profile's ``encode_s``/``decode_s``) or not charged."""
+    if not cfg.charges_codec or cfg.profile in PROFILES:
+        return {}
+    _, sec = load_profile(cfg.profile)
+    table = sec.get("codecs") or {}
+    out: dict[str, tuple[float, float]] = {}
+    bad = ConfigError(f"compute profile file {cfg.profile!r}: compute.codecs must map codec "
+                      "names to {encode_s: seconds >= 0, decode_s: seconds >= 0}, as "
+                      "'relaxsgd calibrate' writes it")
+    if not isinstance(table, dict):
+        raise bad
+    for name, c in table.items():
+        try:
+            e, d = float(c["encode_s"]), float(c["decode_s"])
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
+        if not (math.isfinite(e) and math.isfinite(d) and e >= 0 and d >= 0):
+            raise bad
+        out[str(name)] = (e, d)
+    return out
+
+
+def calibrated_sigma(profile: str) -> float:
+    """The ``step_sigma`` of a calibrated compute profile file (``heterogeneity:
+    calibrated``): the log-normal sigma of the per-rank step time within a synchronous
+    round, as ``relaxsgd calibrate`` measured it."""
+    if profile in PROFILES:
+        raise ConfigError(f"compute.heterogeneity 'calibrated' needs a compute profile file "
+                          f"written by 'relaxsgd calibrate', not the named profile "
+                          f"{profile!r}; or use 'jitter' with compute.sigma")
+    _, sec = load_profile(profile)
+    sigma = sec.get("step_sigma")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not (
+            0 <= sigma < 10):
+        raise ConfigError(f"compute profile file {profile!r} has no step_sigma (a number in "
+                          "[0, 10)); write it again with 'relaxsgd calibrate', or use "
+                          "compute.heterogeneity 'jitter' with compute.sigma")
+    return float(sigma)
+
+
+def expected_max_lognormal(n: int, sigma: float) -> float:
+    """E[max of n iid exp(N(-sigma^2/2, sigma^2))] (each of mean 1): how much longer than
+    the mean step a synchronous round of n jittered workers computes. Numerically,
+    ``E[max] = integral_0^inf 1 - F(x)^n dx`` in log space (x = e^u), Simpson's rule
+    over +-10 sigma."""
+    if n <= 1 or sigma <= 0:
+        return 1.0
+    mu, k = -sigma * sigma / 2, 4000
+    lo, hi = mu - 10 * sigma, mu + 10 * sigma
+    h = (hi - lo) / k
+
+    def f(u: float) -> float:
+        cdf = 0.5 * (1 + math.erf((u - mu) / (sigma * math.sqrt(2))))
+        return (1 - cdf ** n) * math.exp(u)
+
+    total = f(lo) + f(hi) + sum((4 if i % 2 else 2) * f(lo + i * h) for i in range(1, k))
+    return total * h / 3 + math.exp(lo)  # (the integral below e^lo: 1 - F^n ~ 1 there)
 
 
 def codec_costs(cfg: ComputeConfig) -> tuple[float, float] | None:
@@ -260,6 +355,9 @@ def resolve_step_time(cfg: ComputeConfig, spec: Any, batch_size: int,
     ``compute_model``). ``measure()`` times this machine, called only when asked for."""
     info: dict[str, Any] = {"workers_per_core": cfg.workers_per_core,
                             "heterogeneity": cfg.heterogeneity}
+    if cfg.heterogeneity in ("jitter", "calibrated"):  # the sigma each effect is drawn with
+        info["sigma"] = (cfg.sigma if cfg.heterogeneity == "jitter"
+                         else calibrated_sigma(cfg.profile))
     if cfg.fixed_step_time is not None:
         return cfg.fixed_step_time, {"kind": "fixed", "step_time_s": cfg.fixed_step_time,
                                      **info}

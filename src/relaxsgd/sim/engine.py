@@ -207,7 +207,7 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
                            else coro.gen.send(value))
                 except StopIteration as stop:
                     eff, value = None, stop.value
-            coding = self.compute.codec_time(coro.proc.w.rank, work.encoded, work.decoded)
+            coding = self.compute.work_time(coro.proc.w.rank, work)
             if coding > 0:  # what follows the coding waits for it (compute, not a stall)
                 self.at(self.now + coding, self._go_on, coro, eff, value)
                 return

@@ -42,7 +42,7 @@ from ..algorithms.base import (
     Reply,
     Send,
 )
-from ..codec_meter import metering
+from ..codec_meter import CodecWork, metering
 from .churn import Failed
 
 
@@ -155,31 +155,31 @@ class PointToPoint:
             return
         with metering() as work:
             ans = self.algo.on_exchange(q.w, src.w.rank, payload)
-        self._answered(q, src, ans, h, work.encoded, work.decoded)
+        self._answered(q, src, ans, h, work)
 
     def _answered(self, q: Any, src: Any, ans: Reply | Deferred, h: Handle,
-                  encoded: float = 0, decoded: float = 0) -> None:
+                  work: CodecWork | None = None) -> None:
         if isinstance(ans, Deferred):
             fn = ans.fn
             if q.busy_until is not None:
                 q.deferred.append(lambda: self._coded_reply(q, src, fn, h))
                 q.owed.append(h)
                 return
-            self._coded_reply(q, src, fn, h, encoded, decoded)
+            self._coded_reply(q, src, fn, h, work)
             return
-        self._reply_after(q, src, ans, h, encoded, decoded)
+        self._reply_after(q, src, ans, h, work or CodecWork())
 
     def _coded_reply(self, q: Any, src: Any, fn: Callable[[Any], Reply], h: Handle,
-                     encoded: float = 0, decoded: float = 0) -> None:
+                     before: CodecWork | None = None) -> None:
         """A deferred answer, its codec time with the handler's own."""
         with metering() as work:
             ans = fn(q.w)
-        self._reply_after(q, src, ans, h, encoded + work.encoded, decoded + work.decoded)
+        self._reply_after(q, src, ans, h, work.merged(before))
 
-    def _reply_after(self, q: Any, src: Any, ans: Reply, h: Handle, encoded: float,
-                     decoded: float) -> None:
+    def _reply_after(self, q: Any, src: Any, ans: Reply, h: Handle,
+                     work: CodecWork) -> None:
         """The reply leaves once the responder has coded it (its handler's codec time)."""
-        coding = self.compute.codec_time(q.w.rank, encoded, decoded)
+        coding = self.compute.work_time(q.w.rank, work)
         if coding > 0:
             self.at(self.now + coding, self._reply, q, src, ans, h)
         else:

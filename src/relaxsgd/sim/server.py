@@ -6,9 +6,16 @@ runtimes, :mod:`relaxsgd.algorithms.server`); here it only gets a place in virtu
 each worker's k-th :class:`~relaxsgd.algorithms.base.ServerRound` is its upload of round k,
 which leaves the worker's link and is received through the server's own
 (:meth:`.network.Network.to_server`); when all n are in, the server computes for
-:func:`~relaxsgd.algorithms.server.server_seconds` and sends one reply per worker, in rank
-order, out of its link (:meth:`.network.Network.from_server`). The worker's handle
-resolves when its reply arrives. Bytes: an upload counts as the worker's (``bytes_sent``),
+:func:`~relaxsgd.algorithms.server.server_seconds` plus the codec time of its own
+compression (its ``serve`` metered, :mod:`relaxsgd.codec_meter`, at the profile's costs,
+speed factor 1) and sends one reply per worker, in rank order, out of its link
+(:meth:`.network.Network.from_server`). The worker's handle resolves when its reply
+arrives. As in the distributed runtime, whose server is a thread of worker 0
+(:mod:`relaxsgd.distributed.server`), worker 0's upload and reply do not travel: its
+upload is in when it is made, its reply when the round is served, and neither takes a
+link or a latency (so worker 1's round pays two per-message overheads, its upload's and
+its reply's, the first to leave the server); their bytes are counted all the same, as
+the runtime counts them. Bytes: an upload counts as the worker's (``bytes_sent``),
 the replies as the server's (``server_bytes``, ``server_messages``), with retransmissions.
 The server's state (residual, round) is saved with the engine's checkpoints.
 """
@@ -21,6 +28,9 @@ from typing import Any
 
 from ..algorithms.base import Algorithm, Handle, ServerRound
 from ..algorithms.server import server_seconds
+from ..codec_meter import metering
+
+SERVER_RANK = 0  # the worker whose process hosts the server (relaxsgd.distributed.server)
 
 
 class ServerNode:
@@ -33,6 +43,7 @@ class ServerNode:
     server_bytes: int
     server_messages: int
     now: float
+    compute: Any
     at: Callable[..., None]
     _resolve: Callable[[Handle, Any], None]
     _count: Callable[[Any, float, int], None]
@@ -53,7 +64,9 @@ class ServerNode:
                             "(Algorithm.server() returned None)")
         seq = p.server_seq
         p.server_seq += 1
-        got, tries = self.net.to_server(p.w.rank, eff.nbytes, self.now)
+        # (worker 0 hosts the server: its upload does not travel)
+        got, tries = ((self.now, 1) if p.w.rank == SERVER_RANK else
+                      self.net.to_server(p.w.rank, eff.nbytes, self.now))
         self._count(p, eff.nbytes * tries, tries)
         if getattr(self, "members", None) is not None:  # churn: a quorum round (.churn)
             return self.quorum_join(p, eff, "server", seq, got)  # type: ignore[attr-defined]
@@ -71,10 +84,13 @@ class ServerNode:
         one reply per worker out of the server's link, in rank order."""
         assert self.server is not None and self.server_state is not None
         effs = [r["members"][k][0] for k in range(self.n)]
-        reply = self.server.serve(self.server_state, [e.payload for e in effs])
-        ready = r["t"] + server_seconds(self.n, self.procs[0].w.params.numel())
+        with metering() as work:  # the server's own compression (error feedback)
+            reply = self.server.serve(self.server_state, [e.payload for e in effs])
+        ready = (r["t"] + server_seconds(self.n, self.procs[0].w.params.numel())
+                 + self.compute.work_time(None, work))
         for k, e in enumerate(effs):
-            arrive, tries = self.net.from_server(e.down_nbytes, ready)
+            arrive, tries = ((ready, 1) if k == SERVER_RANK else  # (its host: no hop)
+                             self.net.from_server(e.down_nbytes, ready))
             self.server_bytes += int(e.down_nbytes) * tries
             self.server_messages += tries
             # every worker gets a reply of its own, as over a network
