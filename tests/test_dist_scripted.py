@@ -47,7 +47,6 @@ def test_a_leave_and_a_rejoin_at_fixed_steps_give_the_simulators_models(
     assert events == [(2, "leave"), (2, "rejoin")]
     sim = _sim(cfg)
     assert r.models is not None and r.models.shape[0] == N
-    print("MAXDIFF", (r.models - sim.bank.X).abs().max().item())
     torch.testing.assert_close(r.models, sim.bank.X, rtol=1e-5, atol=2e-6)
     # not the run with the leave alone, nor the run without churn
     trace.write_text("worker,event,step\n2,leave,6\n")

@@ -108,7 +108,8 @@ class ElasticWorker:
         """``worker`` left: drop it from the rounds, tell the algorithm (once per leave)."""
         ex = self.ex
         with ex.lock:
-            if worker in self.gone or worker == self.job.rank:
+            if worker in self.gone or worker == self.job.rank or \
+                    worker in self.job.done_from:  # (a finished worker closing: no leave)
                 return
             self.gone.add(worker)
             self._event(worker, "leave", why)
