@@ -57,3 +57,15 @@ def test_a_leave_and_a_rejoin_at_fixed_steps_give_the_simulators_models(
     assert not torch.allclose(r.models[:2], gone.bank.X[:2], atol=1e-4)
     plain = _sim({k: v for k, v in cfg.items() if k != "elastic"})
     assert not torch.allclose(r.models, plain.bank.X, atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_a_trace_keyed_by_time_is_one_line_and_exit_2_on_every_worker(tmp_path: Any) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("worker,event,time\n2,leave,0.5\n")
+    cfg = {**BASE, "algo": "allreduce", "elastic": {"churn": {"trace": str(trace)}}}
+    r = run_job(cfg, N, str(tmp_path / "dist"), timeout=50)
+    assert r.codes == [2, 2, 2], "\n".join(r.logs)
+    lines = [ln for ln in r.logs[1].splitlines() if ln.strip()]
+    assert len(lines) == 1 and "keyed by time" in lines[0] and "worker,event,step" in \
+        lines[0], r.logs[1]
