@@ -196,7 +196,7 @@ class ScriptedChurn:
                 return  # a worker speaks only for itself
             self.ex.away = self.ex.away | {src}  # (rebound: read by other threads)
             if self.job.evaluator is not None:
-                self.job.evaluator.mark_dead(src)
+                self.job.evaluator.mark_dead(src, ordered=True)
             self.el.left(src, "elastic.churn.trace")
         elif worker != self.rank and worker in self.ex.away:
             self._back(worker)
