@@ -69,3 +69,17 @@ def test_a_trace_keyed_by_time_is_one_line_and_exit_2_on_every_worker(tmp_path: 
     lines = [ln for ln in r.logs[1].splitlines() if ln.strip()]
     assert len(lines) == 1 and "keyed by time" in lines[0] and "worker,event,step" in \
         lines[0], r.logs[1]
+
+
+@pytest.mark.timeout(90)
+def test_a_scripted_leave_without_rejoin_ends_that_process_and_the_others_go_on(
+        tmp_path: Any) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("worker,event,step\n2,leave,6\n")
+    cfg = {**BASE, "algo": "localsgd", "algo_options": {"p": 3},
+           "elastic": {"churn": {"trace": str(trace)}}}
+    r = run_job(cfg, N, str(tmp_path / "dist"), timeout=60)
+    assert r.codes == [0, 0, 0], "\n".join(r.logs)
+    assert r.result is not None and r.result["status"] == "completed"
+    assert r.models is not None and r.models.shape[0] == 2  # the survivors' finals
+    torch.testing.assert_close(r.models, _sim(cfg).bank.X[:2], rtol=1e-5, atol=2e-6)

@@ -42,7 +42,7 @@ import torch
 from ..elastic_config import TraceEvent, read_trace
 from ..errors import ConfigError
 from ..membership import donor_for
-from .handover import Donor, Joiner
+from .handover import Donor, HandoverFailed, Joiner
 
 SPAWN_ROUNDS = 64  # (.elastic's: the spawns' quorum rounds per block)
 
@@ -74,11 +74,22 @@ def scripted_churn(job: Any, el: Any) -> ScriptedChurn | None:
 
 
 class ScriptedDonor(Donor):
-    """A donor that hands over only when the trace says (:meth:`ScriptedChurn.safe_point`);
-    an ask early (the leaver asks at once) waits for that point."""
+    """A donor that hands over to a traced rejoiner only when the trace says
+    (:meth:`ScriptedChurn.safe_point`): its early ask (it asks at once) waits for that
+    point."""
 
     def due(self) -> bool:
-        return False
+        """Only a real restart's ask (of a worker the trace did not take away) is served
+        at any safe point, as in a job without a trace."""
+        return bool(self._real())
+
+    def serve(self, ctx: Any, only: int | None = None) -> None:
+        for j in ([only] if only is not None else self._real()):
+            super().serve(ctx, only=j)
+
+    def _real(self) -> list[int]:
+        with self.lock:
+            return sorted(j for j in self.asks if j not in self.job.ex.away)
 
     def has(self, joiner: int) -> bool:
         with self.lock:
@@ -132,7 +143,7 @@ class ScriptedChurn:
         while not self.donor.has(j):
             self.ex._check_abort()
             if time.monotonic() > end:
-                raise TimeoutError(f"worker {j} did not ask worker {self.rank} for its state "
+                raise HandoverFailed(f"worker {j} did not ask worker {self.rank} for its state "
                                    f"within {self.job.opts.timeout_s:g}s (RELAXSGD_TIMEOUT) "
                                    "at the rejoin its trace says")
             time.sleep(0.005)
@@ -156,8 +167,8 @@ class ScriptedChurn:
             w.state.clear()
         with self.lock:
             mine = next((k for k, (j, _) in enumerate(self.rejoins) if j == self.rank), None)
-        if mine is None:  # it never comes back: end this process once the others know
-            job.tr.close()
+        if mine is None:  # it never comes back: end this process (as a killed one does:
+            time.sleep(0.2)  # its "sleave" on its way first; the others know it is gone)
             os._exit(0)
         donor = self._rejoin()
         with self.lock:
@@ -177,7 +188,13 @@ class ScriptedChurn:
         if getattr(self.algo, "membership", "") == "gossip" and hasattr(self.algo,
                                                                        "neighbors"):
             nbrs = list(self.algo.neighbors(self.rank))
-        donor = joiner.receive(ex.live, nbrs, job.opts.timeout_s)
+        while True:  # (the traced step may come later than RELAXSGD_TIMEOUT after the leave)
+            try:
+                donor = joiner.receive(ex.live, nbrs, job.opts.timeout_s)
+                break
+            except HandoverFailed:
+                if not ex.live() - {self.rank}:
+                    raise  # nobody left to hand it over
         for q, at in ((ex.quorum, ex.coll_seq), (ex.quorum_spawns, ex.spawns * SPAWN_ROUNDS)):
             if q is not None:
                 with q.cv:
