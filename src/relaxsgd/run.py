@@ -109,6 +109,12 @@ def prepare(cfg: RunConfig) -> Prepared:
     info = RunInfo(n=cfg.workers, seed=cfg.seed, topology=topo, dim=0)
     if ids > cfg.workers:
         info.extra["max_workers"] = ids
+    if cfg.elastic.churn.trace is not None:  # known in advance (SwarmSGD sequential)
+        from .elastic_config import read_trace
+
+        info.extra["trace"] = read_trace(cfg.elastic.churn.trace, cfg.workers, ids)
+        info.extra["random_churn"] = cfg.elastic.churn.mtbf_s is not None or \
+            cfg.elastic.churn.joins > 0
     algo = algo_cls(algo_cfg, info)
     resolved = cfg.to_dict()
     resolved["algo_options"] = dataclasses.asdict(algo_cfg)

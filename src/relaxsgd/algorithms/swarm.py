@@ -103,7 +103,8 @@ Membership (issue 20): ``gossip``. The async schedule draws each partner among i
 neighbours (``Members()``); an exchange with one that left meanwhile raises
 ``PeerUnavailable`` and is skipped. A (re)joiner copies its lowest-id live neighbour's state
 at that one's safe point; the graph spans ``elastic.max_workers`` ids. The sequential
-schedule is ``fixed`` (its edge stream is fixed by the seed).
+schedule plays a step-keyed trace known in advance (edges drawn among the workers live at
+each t: :mod:`.swarm_sequential`) and is ``fixed`` for any other churn.
 """
 
 from __future__ import annotations
@@ -128,10 +129,8 @@ from .base import (
     Members,
     PeerUnavailable,
     Program,
-    Recv,
     Reply,
     RunInfo,
-    Send,
     Wait,
     Worker,
 )
@@ -140,6 +139,7 @@ from .swarm_codec import Codec
 from .swarm_codec import effective_safety as effective_safety  # re-exported
 from .swarm_config import SMALL, SwarmConfig
 from .swarm_prefetch import prefetch_requests
+from .swarm_sequential import adopt_sequential, pair, trace_problem, traced_plans
 from .swarm_state import absorb as absorb  # re-exported (AD-PSGD, tests)
 from .swarm_state import add_later as add_later
 from .swarm_state import finish as finish
@@ -160,10 +160,9 @@ class SwarmSGD(Algorithm):
 
     def __init__(self, cfg: SwarmConfig, info: RunInfo) -> None:
         super().__init__(cfg, info)
-        if cfg.schedule == "sequential":  # see "Membership" in the module docstring
-            self.membership = "fixed"
-            self.fixed_reason = ("the sequential schedule is one stream of edges fixed by "
-                                 "the seed; an edge to a departed worker would never happen")
+        why = trace_problem(info.extra) if cfg.schedule == "sequential" else None
+        if why is not None:  # see "Membership" in the module docstring
+            self.membership, self.fixed_reason = "fixed", why
         # the async schedule never waits for a partner's progress: the distributed runtime
         # checkpoints its workers one by one; the sequential stream needs a common cut
         self.asynchronous = cfg.schedule == "async"
@@ -196,6 +195,10 @@ class SwarmSGD(Algorithm):
     def _make_plans(self, total: int) -> list[list[tuple[int, int, int, bool]]]:
         n = self.info.n
         edges = sorted({(min(i, j), max(i, j)) for i in range(n) for j in self.neighbors(i)})
+        if self.membership == "gossip":  # a step-keyed trace known in advance
+            return traced_plans(edges, n, total, self.info.seed, self.cfg.H,
+                                self.cfg.steps_dist == "geometric", self.info.extra["trace"],
+                                self.neighbors)
         return sequential_plans(edges, n, total, self.info.seed, self.cfg.H,
                                 self.cfg.steps_dist == "geometric")
 
@@ -208,6 +211,10 @@ class SwarmSGD(Algorithm):
         return min(h, remaining)
 
     # -- per-worker state ----------------------------------------------------------
+    def adopt(self, w: Worker, donor: int) -> None:
+        if self.cfg.schedule == "sequential":  # its place in its own plan, not the donor's
+            adopt_sequential(lambda r: self.plan(r, w.total_steps), w, donor)
+
     def init_worker(self, w: Worker) -> None:
         w.state.update(pending={}, pub_step=0, seq=0,
                        hrng=seeded_generator(self.info.seed, w.rank, salts.SWARM_HANDLER))
@@ -386,38 +393,8 @@ class SwarmSGD(Algorithm):
             yield Checkpoint(position=where[t])
             if h:
                 yield Compute(h)
-            yield from self._pair(w, j, t, init)
+            yield from pair(self, w, j, t, init)
             st["ti"] += 1
         while w.step < w.total_steps:  # a graph without edges (n = 1)
             yield Checkpoint()
             yield Compute(w.total_steps - w.step)
-
-    def _pair(self, w: Worker, j: int, t: int, init: bool) -> Program:
-        """Interaction t with j: copies both ways (Send/Recv tagged t), then average."""
-        pull = self.cfg.update == "pull"
-        sends, receives = not (pull and init), not (pull and not init)
-        c = self._copy(w)
-        q_own, q_other, ok, stale = c, c, True, 0
-        if sends:
-            msg, q_own, nb = self.codec.encode(w, j, c, w.rng)
-            msg["stale"] = self._stale(w)
-            yield Send(j, msg, nb, tag=("x", t))
-        if receives:
-            msg = yield Recv(j, tag=("x", t))
-            q_other, ok = self.codec.decode(w, j, msg, c)
-            stale = msg["stale"]
-        if self.codec.quantized:  # tell each other whether decoding worked; resend if not
-            if receives:
-                yield Send(j, ok, 1, tag=("ok", t))
-            if sends and not (yield Recv(j, tag=("ok", t))):
-                full, _, nb = self.codec.full(w, j, q_own)
-                w.count("fallback_bytes", nb)
-                yield Send(j, full, nb, tag=("f", t))
-            if receives and not ok:
-                w.count("decode_failures")
-                full = yield Recv(j, tag=("f", t))
-                q_other, _ = self.codec.decode(w, j, full, c)
-        if receives:
-            w.params.add_(self._delta(q_own, q_other, c))
-            self._publish(w)
-        self._interacted(w, stale if receives else None)

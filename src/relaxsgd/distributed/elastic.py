@@ -31,6 +31,8 @@ from ..membership import NotElastic, fixed_failure
 from .handover import Donor, Joiner
 from .options import flag
 from .quorum import QuorumCollectives
+from .scripted import scripted_churn
+from .wire import WireError
 
 SPAWN_ROUNDS = 64  # quorum rounds one spawn may issue (the executor's limit)
 
@@ -39,7 +41,8 @@ def is_elastic(cfg: Any) -> bool:
     """Whether ``cfg``'s dist job runs elastic (see the module docstring)."""
     e = getattr(cfg, "elastic", None)
     most = e.max_workers if e is not None and e.max_workers is not None else cfg.workers
-    return flag("RELAXSGD_ELASTIC") or most > cfg.workers
+    traced = e is not None and e.churn.trace is not None  # a scripted trace: .scripted
+    return flag("RELAXSGD_ELASTIC") or most > cfg.workers or traced
 
 
 def incarnation() -> int:
@@ -73,17 +76,18 @@ class ElasticWorker:
         self.ex.donor = Donor(job)
         self.joiner: Joiner | None = None
         self.ex.quorum = QuorumCollectives(
-            job.rank, self.n_max, self._send, lambda: live_of(self.tr), range(job.n),
+            job.rank, self.n_max, self._send, self.ex.live, range(job.n),
             e.min_quorum, e.quorum_wait_s, job.opts.timeout_s)
         # the spawns' rounds: their own numbers, negative on the wire (-1 - k)
         self.ex.quorum_spawns = QuorumCollectives(
-            job.rank, self.n_max, self._send_spawn, lambda: live_of(self.tr),
+            job.rank, self.n_max, self._send_spawn, self.ex.live,
             range(job.n), e.min_quorum, e.quorum_wait_s, job.opts.timeout_s,
             stride=SPAWN_ROUNDS)
         self.tr.on_dead.append(lambda r, why: self.left(r, why))
         on_member = getattr(self.tr, "on_member", None)
         if callable(on_member):
             on_member(self._member)
+        self.script = scripted_churn(job, self)  # None without a trace
 
     def _send(self, peer: int, msg: tuple) -> None:
         self.tr.send(peer, msg)
@@ -104,7 +108,8 @@ class ElasticWorker:
         """``worker`` left: drop it from the rounds, tell the algorithm (once per leave)."""
         ex = self.ex
         with ex.lock:
-            if worker in self.gone or worker == self.job.rank:
+            if worker in self.gone or worker == self.job.rank or \
+                    worker in self.job.done_from:  # (a finished worker closing: no leave)
                 return
             self.gone.add(worker)
             self._event(worker, "leave", why)
@@ -134,7 +139,7 @@ class ElasticWorker:
         t = float(self.ex.now())
         self.events.append({"time": t, "worker": worker, "event": event,
                             "cause": str(cause)[:300]})
-        self.live_over_time.append([t, float(len(live_of(self.tr)))])
+        self.live_over_time.append([t, float(len(self.ex.live()))])
 
     def record(self) -> dict[str, Any]:
         """result.json's ``membership`` (ELASTIC.md item 8), as this worker saw it."""
@@ -183,6 +188,10 @@ class ElasticWorker:
         elif kind == "hand":
             if self.joiner is not None:
                 self.joiner.on_hand(src, msg[1], msg[2], msg[3])
+        elif kind in ("sleave", "sback"):
+            if self.script is None:
+                raise WireError(f"worker {src} sent {kind!r}, but this job has no trace")
+            self.script.on_message(src, kind, msg[1])
         elif kind == "hjoin":
             if self.job.evaluator is not None:
                 self.job.evaluator.revive(src, msg[1])

@@ -151,14 +151,26 @@ class Evaluator:
         except queue.Full:
             raise WireError("the evaluator is not keeping up (snapshot queue full)") from None
 
-    def mark_dead(self, rank: int) -> None:
-        threading.Thread(target=self.q.put, args=(("dead", rank),), daemon=True).start()
+    def mark_dead(self, rank: int, ordered: bool = False) -> None:
+        """``rank`` sends no more snapshots (``ordered``: queued now, in the caller's order
+        with that worker's snapshots: a message of its own, on its link's reader thread)."""
+        if ordered:
+            self._put_now(("dead", rank))
+        else:  # (the transport's callbacks must not block)
+            threading.Thread(target=self.q.put, args=(("dead", rank),), daemon=True).start()
 
     def revive(self, rank: int, from_index: int) -> None:
         """A (re)joined worker ships snapshots again, from evaluation ``from_index`` on
-        (the points before it are recorded without it)."""
-        threading.Thread(target=self.q.put, args=(("revive", (rank, from_index)),),
-                         daemon=True).start()
+        (the points before it are recorded without it). Queued now, by the reader of its
+        link, so in order with its snapshots: a revive overtaken by its final snapshot
+        dropped that final (seen with a scripted rejoin 60 ms before the end)."""
+        self._put_now(("revive", (rank, from_index)))
+
+    def _put_now(self, item: tuple) -> None:
+        try:
+            self.q.put(item, timeout=self.put_timeout)
+        except queue.Full:
+            raise WireError("the evaluator is not keeping up (its queue is full)") from None
 
     def stop(self, timeout: float) -> None:
         """Record what is complete, then stop (interrupted or failed runs)."""

@@ -116,6 +116,8 @@ class Executor(PointToPoint):
         self.quorum: QuorumCollectives | None = None  # an elastic job's collectives (.quorum)
         self.quorum_spawns: QuorumCollectives | None = None  # and its spawns' (stride)
         self.donor: Any = None  # an elastic job's .handover.Donor (served at safe points)
+        self.script: Any = None  # a scripted trace's .scripted.ScriptedChurn
+        self.away: frozenset[int] = frozenset()  # ids a scripted trace took away (.scripted)
         self._init_p2p()
 
     # -- the main program ----------------------------------------------------------
@@ -162,6 +164,11 @@ class Executor(PointToPoint):
     def now(self) -> float:
         return time.perf_counter() - self.t0 + self.wall_offset
 
+    def live(self) -> frozenset[int]:
+        """The live ids this worker knows (itself included), less those a scripted
+        trace has taken away (.scripted)."""
+        return live_of(self.tr) - self.away
+
     # -- effects -------------------------------------------------------------------
     def _dispatch(self, eff: Effect, ctx: _Ctx) -> Any:
         if isinstance(eff, (Compute, Grad)):
@@ -169,7 +176,7 @@ class Executor(PointToPoint):
         if isinstance(eff, Now):
             return self.now()
         if isinstance(eff, Members):  # (.elastic: the live set this worker knows)
-            return tuple(sorted(live_of(self.tr)))
+            return tuple(sorted(self.live()))
         if isinstance(eff, Checkpoint):
             return self._safe_point(eff, ctx)
         if isinstance(eff, Sleep):
@@ -239,6 +246,8 @@ class Executor(PointToPoint):
         pos = float(self.w.step if eff.position is None else eff.position)
         with self.lock:  # (read with it by .stopping's answers)
             self.last_pos = pos
+        if self.script is not None and self.script.safe_point(ctx):
+            return  # this worker left and came back: its program starts again
         if self.donor is not None and self.donor.due():  # a (re)joiner waits for this one
             self.donor.serve(ctx)
         if self.saver is not None and self.saver.due(pos):

@@ -79,15 +79,19 @@ class Donor:
     def due(self) -> bool:
         return bool(self.asks)
 
-    def serve(self, ctx: Any) -> None:
-        """At a safe point of the main program: settle, pack once, send to every asker."""
+    def serve(self, ctx: Any, only: int | None = None) -> None:
+        """At a safe point of the main program: settle, pack once, send to every asker
+        (``only``: to that one alone; the others' asks wait: .scripted)."""
         ex = self.job.ex
         with ex.lock:
             waiting = pending_handles(ex.w.state)
         for h in waiting:  # results in flight end up in the handles (as at a checkpoint)
             ex._block(h, ctx)
         with self.lock:
-            asks, self.asks = self.asks, {}
+            if only is None:
+                asks, self.asks = self.asks, {}
+            else:
+                asks = {only: self.asks.pop(only)} if only in self.asks else {}
         parts = pack(self.job)
         for joiner, n in sorted(asks.items()):
             try:

@@ -273,8 +273,12 @@ class QuorumCollectives:
             self.members.discard(worker)
             self.cv.notify_all()
 
-    def member_joined(self, worker: int) -> None:
+    def member_joined(self, worker: int, member: bool = False) -> None:
+        """``worker`` is back; ``member``: it counts from now on, before its first
+        contribution (a scripted rejoin, .scripted: the survivors know the trace)."""
         with self.cv:
+            if member:
+                self.members.add(worker)
             self.cv.notify_all()
 
     def _expected(self) -> set[int]:

@@ -63,6 +63,7 @@ from .process import (  # noqa: F401 - job_env, pick_backend: imported from here
     pick_backend,
     startup_report,
 )
+from .scripted import trace_events
 from .server import make_host
 from .transport import PeerLost, Transport
 from .wire import WireError
@@ -134,6 +135,7 @@ def _start(cfg: RunConfig, env: Any, opts: DistOptions, store: Any, write: bool,
         torch.set_num_threads(cfg.threads)
     clock = {"entered": time.perf_counter()}
     prep = prepare(cfg)  # config errors end every rank before any connection
+    trace_events(cfg)  # (a trace the dist runtime cannot play, too: .scripted)
     clock["prepared"] = time.perf_counter()
     backend, device = pick_backend(opts, env.local_rank, getattr(cfg, "device", None),
                                    local_world_size(world))

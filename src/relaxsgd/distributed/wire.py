@@ -369,6 +369,8 @@ KINDS: dict[str, tuple[Any, ...]] = {
     "qpart": (int, int, ANY), "qres": (int, tuple, ANY), "qneed": (int,),
     # live recovery (.handover): ask, one part of the answer, "joined from evaluation k"
     "hask": (int,), "hand": (int, str, ANY), "hjoin": (int,),
+    # a scripted trace (.scripted): "I left", "worker k is back (its donor says)"
+    "sleave": (int,), "sback": (int,),
 }
 
 

@@ -15,7 +15,8 @@ The rules are :mod:`relaxsgd.membership`'s and docs/distributed.md's "Membership
   :func:`relaxsgd.membership.donor_for` among the live workers still training, checked at
   each of their safe points, so the choice is deterministic). There the donor's row
   (parameters, optimizer state, step count), its ``w.state`` (through the checkpoint
-  encoding) and its collective/server round counters are copied into the newcomer; the
+  encoding) and its collective/server round counters are copied into the newcomer (and
+  the messages sent to it while it was away, when its rejoin is keyed by step); the
   transfer travels over the donor's link (its bytes counted as the donor's); on arrival the
   newcomer is live, ``Algorithm.adopt`` runs and its program starts as on resume.
 - **Quorum rounds** (every AllReduce/AllGather/ServerRound under churn): round k expects
@@ -83,6 +84,11 @@ class ChurnNode:
         self._step_events: dict[int, list[Any]] = {}  # worker -> its pending step events
         self._qrounds: dict[tuple[str, int], dict[str, Any]] = {}
         self._qdone: dict[tuple[str, int], tuple[float, Any]] = {}
+        # gone workers whose step-keyed rejoin is queued: messages sent to them are kept
+        # for their next incarnation (a plan known in advance, e.g. SwarmSGD's sequential
+        # stream, may address a rejoiner before it is back; the dist runtime's in-process
+        # leaver keeps them too: distributed/scripted.py)
+        self.keep_mail: set[int] = set()
 
     def enable_churn(self, members: Membership, draws: ChurnDraws,
                      downtime_s: float | None, min_quorum: int, quorum_wait_s: float,
@@ -133,6 +139,8 @@ class ChurnNode:
             self._resolve(h, Failed(PeerUnavailable(rank, "it left")))
         p.owed = []
         self.members.leave(self.now, rank, cause)
+        if any(e.worker == rank for e in self._step_events.get(-1, ())):
+            self.keep_mail.add(rank)
         for q in self.procs:
             if not q.gone:
                 self.algo.on_leave(q.w, rank)
@@ -219,7 +227,8 @@ class ChurnNode:
         p.w.state = decode(encode(donor.w.state, "the donor's state"), done_handle)
         p.coll_seq, p.server_seq, p.last_pos = donor.coll_seq, donor.server_seq, \
             donor.last_pos
-        p.mail.load_inbox({})
+        if p.w.rank not in self.keep_mail:
+            p.mail.load_inbox({})
         p.inc += 1
         p.arriving = True
         nbytes = 2 * b.X[d].numel() * b.X.element_size()  # parameters and momentum
@@ -230,6 +239,7 @@ class ChurnNode:
     def _arrive(self, p: Any, donor: int, cause: str) -> None:
         assert self.members is not None
         p.arriving, p.gone, p.done = False, False, False
+        self.keep_mail.discard(p.w.rank)
         self.members.admit(self.now, p.w.rank, cause)
         self.algo.adopt(p.w, donor)
         for r in self._qrounds.values():  # a round waiting for its quorum takes it in

@@ -77,8 +77,8 @@ class PointToPoint:
         return h
 
     def _deliver(self, q: Any, key: Any, payload: Any) -> None:
-        if q.gone:
-            return  # it left: the message is lost with it
+        if q.gone and q.w.rank not in getattr(self, "keep_mail", ()):
+            return  # it left: the message is lost with it (unless its rejoin is traced)
         waiter = q.mail.deliver(key, payload)
         if waiter is not None:
             self._resolve(waiter, payload)
