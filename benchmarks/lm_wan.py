@@ -148,7 +148,10 @@ def main() -> None:
                     "lr, outer momentum) with relaxsgd tune, then compare it with all-reduce "
                     "AdamW over 3 fresh seeds (lm_wan_tune.py)")
     ap.add_argument("--tune-trials", type=int, default=12, help="--tune: DiLoCo trials")
-    ap.add_argument("--tune-out", default=None, help="--tune: the tune's folder")
+    ap.add_argument("--tune-out", default=None, help="--tune: the tune's folder (given "
+                    "again: resume it, and rerun none of the runs already finished)")
+    ap.add_argument("--tune-time", default=None, help="--tune: wall-time budget of the "
+                    "tune (e.g. 30m), with --tune-trials whichever ends first")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.data_dir, "plays.txt.gz")):
         sys.exit(f"relaxsgd: error: {args.data_dir}/plays.txt.gz not found; pass --data-dir")
