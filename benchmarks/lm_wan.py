@@ -27,6 +27,8 @@ before it). Main rows (all-reduce, Local SGD and DiLoCo) give mean +- std over 3
     nice python benchmarks/lm_wan.py --quick    # a smoke version: 40 steps, 1 seed
     nice python benchmarks/lm_wan.py --tune     # DiLoCo tuned by relaxsgd tune against
                                                 # all-reduce AdamW (lm_wan_tune.py)
+    nice python benchmarks/lm_wan.py --tune --steps 400 --tune-trials 8 --tune-time 28m \
+        --jobs 2 --tune-out runs/lm-tune        # the README's run (again: resumes it)
 """
 
 from __future__ import annotations
