@@ -27,6 +27,8 @@ before it). Main rows (all-reduce, Local SGD and DiLoCo) give mean +- std over 3
     nice python benchmarks/lm_wan.py --quick    # a smoke version: 40 steps, 1 seed
     nice python benchmarks/lm_wan.py --tune     # DiLoCo tuned by relaxsgd tune against
                                                 # all-reduce AdamW (lm_wan_tune.py)
+    nice python benchmarks/lm_wan.py --tune --steps 400 --tune-trials 8 --tune-time 28m \
+        --jobs 2 --tune-out runs/lm-tune        # the README's run (again: resumes it)
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ def main() -> None:
                     "lr, outer momentum) with relaxsgd tune, then compare it with all-reduce "
                     "AdamW over 3 fresh seeds (lm_wan_tune.py)")
     ap.add_argument("--tune-trials", type=int, default=12, help="--tune: DiLoCo trials")
-    ap.add_argument("--tune-out", default=None, help="--tune: the tune's folder")
+    ap.add_argument("--tune-out", default=None, help="--tune: the tune's folder (given "
+                    "again: resume it, and rerun none of the runs already finished)")
+    ap.add_argument("--tune-time", default=None, help="--tune: wall-time budget of the "
+                    "tune (e.g. 30m), with --tune-trials whichever ends first")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.data_dir, "plays.txt.gz")):
         sys.exit(f"relaxsgd: error: {args.data_dir}/plays.txt.gz not found; pass --data-dir")

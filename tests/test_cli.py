@@ -227,6 +227,36 @@ def test_topology_is_ignored_by_allreduce_but_checked_for_gossip(tmp_path, capsy
     assert "hypercube" in err and "6" in err
 
 
+def test_the_default_job_gives_each_algorithm_its_own_training_options() -> None:
+    """The default job's per-algorithm training options (defaults.ALGORITHM_TRAIN, e.g.
+    OLCO3's tuned lr) reach `run` and every row of `compare`, whatever the order of
+    --algos, only on their task; --lr and --set train.lr still win."""
+    from relaxsgd.cli import build_parser
+    from relaxsgd.compare import build_configs
+    from relaxsgd.defaults import ALGORITHM_TRAIN, RECIPES
+    from relaxsgd.jobargs import config_dict
+
+    own = ALGORITHM_TRAIN["mnist1d"]["olco3"]["lr"]
+    recipe = RECIPES["mnist1d"]["train"]["lr"]
+    assert own != recipe
+
+    def lrs(*argv: str) -> dict[str, float]:
+        a = build_parser().parse_args(["compare", *argv])
+        return {c.algo: c.train.lr for c in build_configs(a, a.algos.split(","))[1]}
+
+    assert lrs("--algos", "swarm,olco3") == {"swarm": recipe, "olco3": own}
+    assert lrs("--algos", "olco3,swarm") == {"olco3": own, "swarm": recipe}
+    assert lrs("--algos", "olco3,swarm", "--lr", "0.05") == {"olco3": 0.05, "swarm": 0.05}
+    assert lrs("--algos", "olco3,swarm", "--set", "train.lr=0.07") == {"olco3": 0.07,
+                                                                        "swarm": 0.07}
+    assert lrs("--algos", "olco3,swarm", "--task", "digits")["olco3"] == \
+        RECIPES["digits"]["train"]["lr"]
+    run = build_parser().parse_args(["run", "--algo", "olco3"])
+    assert config_dict(run, "olco3")["train"]["lr"] == own
+    run = build_parser().parse_args(["run", "--algo", "olco3", "--lr", "0.1"])
+    assert config_dict(run, "olco3")["train"]["lr"] == 0.1
+
+
 def test_compare_with_steps_and_per_algorithm_options(tmp_path, capsys) -> None:
     out = tmp_path / "cmp"
     code, stdout, _ = run_cli(capsys, "compare", "--algos", "allreduce,localsgd", *QUICK,

@@ -101,6 +101,50 @@ def test_a_time_to_trial_stops_at_the_target_or_past_the_best_time():
     assert (beaten.evals, beaten.virtual_time_s) == (past + 1, times[past])
 
 
+def test_pruning_compares_trials_at_equal_progress():
+    """A trial that evaluates at few, late steps (a long period) reports each evaluation
+    where it lies on the job's grid of evaluations, from its local steps, not at its
+    index: else successive halving compares it with other trials at unequal progress."""
+    from relaxsgd.config import from_dict
+    from relaxsgd.run import prepare, simulate
+
+    job = {**LOGREG, "algo_options": {"p": 13}}
+    prep = prepare(from_dict({**job, "out": None}))
+    steps = [r["step"] for r in simulate(prep).rows]
+    grid = sorted({min(8, int(s * 8 / prep.total_steps)) for s in steps} - {0})
+    assert len(grid) < len(steps) - 1 and grid[0] > 1  # sparse evaluations, first late
+    seen: list[int] = []
+    out = run_trial(job, parse_objective("final:loss"),
+                    prune=lambda k, v: seen.append(k) or False)
+    assert out.status == "complete" and seen == grid
+
+
+def test_successive_halving_waits_a_quarter_of_the_job(tmp_path):
+    """Early evaluations say little about the time to a target: however bad a trial looks
+    against the finished ones, it is not pruned before a quarter of its evaluations."""
+    import optuna
+
+    from relaxsgd.tune.study import halving
+
+    for evals in (20, 60):
+        study = optuna.create_study(pruner=halving(evals), storage=optuna.storages.
+                                    InMemoryStorage())
+        for k in range(6):  # finished trials, good at every evaluation
+            t = study.ask()
+            for step in range(1, evals + 1):
+                t.report(10.0 - k, step)  # each better than the last: never pruned
+                assert not t.should_prune()  # (the pruner records its rungs here)
+            study.tell(t, 10.0 - k)
+        t = study.ask()
+        pruned_at = None
+        for step in range(1, evals + 1):
+            t.report(1e6, step)  # far worse than every other trial
+            if t.should_prune():
+                pruned_at = step
+                break
+        assert pruned_at == evals // 4, (evals, pruned_at)
+
+
 # -- spaces -------------------------------------------------------------------------------
 
 def test_every_declared_space_is_checked_against_its_options(monkeypatch):

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
            "10,000 samples, 30 epochs, lr 0.1, momentum 0.9); algorithms take their own "
            "defaults (swarm: H=4 with the 8-bit lattice; olco3: p=4, s=1 through a "
            "parameter server) but localsgd averages every p=48 steps, diloco takes p=32, "
-           "outer lr 0.977, outer momentum 0.281, and olco3 top-k 10% (tuned: README). With "
+           "outer lr 0.977, outer momentum 0.281, and olco3 top-k 10% at lr 0.165 (tuned: "
+           "README). With "
            "--config, the file and the dataclass defaults are the run.")
     r = sub.add_parser("run", help="train one algorithm", description="Train one "
                        "algorithm. " + job)

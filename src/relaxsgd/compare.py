@@ -76,7 +76,10 @@ def build_configs(args: argparse.Namespace, algos: list[str]) -> tuple[dict[str,
         for item in common_algo + per[a]:
             key, _, text = item[len("algo."):].partition("=")
             opts[key] = parse_value(text)
-        cfg = from_dict({**base, "algo": a, "algo_options": opts, "out": None})
+        # the default job's training options may differ per algorithm (defaults.py)
+        own = base if args.config or a == algos[0] else config_dict(args, a)
+        cfg = from_dict({**base, "train": own.get("train"), "algo": a, "algo_options": opts,
+                         "out": None})
         # every algorithm's options (and graph) are checked before the first run starts
         _typed(ALGORITHMS.get(a).Config, cfg.algo_options, f"algorithm {a!r}")
         if ALGORITHMS.get(a).needs_topology and not graph_checked:

@@ -24,7 +24,11 @@ from typing import Any
 from ..errors import ConfigError, RelaxError
 from .objective import Objective
 
-Prune = Callable[[int, float], bool]  # (evaluation index, intermediate value) -> prune?
+# (k, intermediate value) -> prune? k: how far the trial is on the job's grid of
+# evaluations, from the local steps it has done (floor(step * evals / total steps)), not
+# the index of its evaluation: an algorithm with a long period evaluates at fewer, later
+# steps, so equal indices would compare trials at unequal progress
+Prune = Callable[[int, float], bool]
 
 
 class _Stop(Exception):
@@ -64,15 +68,18 @@ def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = N
 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    grid = {"scale": 0.0, "evals": 0, "last": 0}  # set once the job is prepared
 
     def on_eval(row: dict[str, Any]) -> None:
         rows.append(row)
         reason = objective.stop_reason(row)
         if reason is not None:
             raise _Stop(reason)
-        if prune is not None and len(rows) > 1 and \
-                prune(len(rows) - 1, objective.intermediate(rows)):
-            raise _Stop("pruned")
+        k = min(grid["evals"], int(float(row["step"]) * grid["scale"] + 1e-9))
+        if prune is not None and k > grid["last"]:  # each grid point once; never at 0
+            grid["last"] = k
+            if prune(k, objective.intermediate(rows)):
+                raise _Stop("pruned")
         if bound is not None and objective.kind == "time-to" and \
                 float(row["virtual_time_s"]) > bound:
             raise _Stop("beaten")
@@ -82,6 +89,7 @@ def run_trial(job: dict[str, Any], objective: Objective, prune: Prune | None = N
     try:
         prep = prepare(from_dict({**job, "out": None}))
         config = prep.resolved
+        grid.update(scale=prep.cfg.evals / max(prep.total_steps, 1), evals=prep.cfg.evals)
         rows = simulate(prep, None, False, on_eval=on_eval).rows
     except _Stop as e:
         status = {"pruned": "pruned", "beaten": "pruned",
