@@ -2,7 +2,7 @@
 
 Environment variables read by ``python -m distkit`` (see that module):
 ``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_LEAVE_AT``, ``RELAXSGD_TEST_HOLD_AT``,
-``RELAXSGD_TEST_WIRE_FAULT``,
+``RELAXSGD_TEST_PARTNERS``, ``RELAXSGD_TEST_WIRE_FAULT``,
 ``RELAXSGD_TEST_EVAL_FAIL``, ``RELAXSGD_BENCH_LEGACY_WIRE`` and
 ``RELAXSGD_BENCH_QUEUED_SENDS``. Nothing here runs unless one of them is set.
 """
@@ -21,6 +21,7 @@ def install_hooks() -> None:
     _install_kill()
     _install_leave()
     _install_hold()
+    _install_partners()
     _install_wire_fault()
     _install_eval_fail()
     _install_legacy_wire()
@@ -125,6 +126,24 @@ def _install_hold() -> None:
         return orig(self, eff, ctx)
 
     Executor._safe_point = safe_point  # type: ignore[method-assign]
+
+
+def _install_partners() -> None:
+    """``RELAXSGD_TEST_PARTNERS=<prefix>``: every worker appends the peer of each exchange
+    it starts to the file ``<prefix>.<its RANK>``, one id a line (who drew whom)."""
+    prefix = os.environ.get("RELAXSGD_TEST_PARTNERS")
+    if not prefix:
+        return
+    from relaxsgd.distributed.executor import Executor
+
+    orig = Executor._exchange
+
+    def exchange(self: Executor, eff: Any) -> Any:
+        with open(f"{prefix}.{self.rank}", "a", encoding="utf-8") as f:
+            f.write(f"{eff.peer}\n")
+        return orig(self, eff)
+
+    Executor._exchange = exchange  # type: ignore[method-assign]
 
 
 class _Marker:

@@ -68,6 +68,7 @@ class ElasticWorker:
         e = job.cfg.elastic
         self.n_max = e.max_workers if e.max_workers is not None else job.n
         self.gone: set[int] = set()
+        self.seen: set[int] = set(range(job.n)) | {job.rank}  # ids that were ever live
         self.events: list[dict[str, Any]] = []  # result.json's "membership" (rank 0's view)
         self.live_over_time: list[list[float]] = [[0.0, float(job.n)]]
         self.ex.donor = Donor(job)
@@ -122,7 +123,11 @@ class ElasticWorker:
         (.quorum), and a finished worker tells it so (it waits for everyone's "done")."""
         with self.ex.lock:
             self.gone.discard(worker)
-            self._event(worker, "rejoin", "restarted (live recovery)")
+            if worker in self.seen:
+                self._event(worker, "rejoin", "restarted (live recovery)")
+            else:  # a new id (relaxsgd join): it trains on its own shard from now on
+                self.seen.add(worker)
+                self._event(worker, "join", "joined (live recovery)")
         self.job.done_from.discard(worker)  # (an older incarnation's "done")
         for q in self._quorums():
             q.member_joined(worker)
@@ -156,9 +161,9 @@ class ElasticWorker:
         """Take the job's state from a live donor (.handover), adopt it; the donor."""
         job = self.job
         self.joiner = Joiner(job)
-        nbrs = None
-        if getattr(self.algo, "membership", "") == "gossip" and hasattr(self.algo,
-                                                                       "neighbors"):
+        nbrs = None  # (as the simulator: a new id beyond workers takes the lowest live id)
+        if getattr(self.algo, "membership", "") == "gossip" and hasattr(
+                self.algo, "neighbors") and job.rank < self.algo.info.n:
             nbrs = list(self.algo.neighbors(job.rank))
         donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
         for q, at in ((self.ex.quorum, self.ex.coll_seq),
@@ -170,7 +175,8 @@ class ElasticWorker:
             self.algo.adopt(self.ex.w, donor)
         if job.rank != 0:  # rank 0 records this worker's snapshots again from here
             self.tr.send(0, ("hjoin", int(job.snap.next)))
-        sys.stderr.write(f"relaxsgd: worker {job.rank} rejoined at {self.ex.now():.2f} s "
+        how = "joined" if os.environ.get("RELAXSGD_JOIN") == "1" else "rejoined"
+        sys.stderr.write(f"relaxsgd: worker {job.rank} {how} at {self.ex.now():.2f} s "
                          f"of the run, with worker {donor}'s state at its step "
                          f"{self.ex.w.step}\n")
         sys.stderr.flush()

@@ -151,10 +151,13 @@ class _Job(JobOutputs):
         # device None: messages decode on the CPU; the executor's p2p boundary (and the
         # evaluator, on rank 0) move them where they are used
         self.registry: Registry | None = None  # an elastic job's (set by run_dist)
-        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
-                            max_frame=opts.max_frame(model_bytes),
+        # (elastic: ids 0..max_workers-1, those of the start members; a joiner's beyond)
+        self.n_ids = cfg.elastic.ids(n) if self.elastic else n
+        self.tr = Transport(rank, self.n_ids, self._on_message, opts.timeout_s, None,
+                            auth=auth, max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s,
                             incarnation=incarnation() if self.elastic else 0,
+                            members=range(n) if self.elastic else None,
                             on_demand=self.elastic or opts.connect == "demand")
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
@@ -170,7 +173,7 @@ class _Job(JobOutputs):
         self.result_final = False
         paced = cfg.compute.heterogeneity != "none" or cfg.compute.fixed_step_time is not None
         self.clock: dict[str, float] = {}
-        self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
+        self.pace = ComputeModel(cfg.compute, self.n_ids, cfg.seed, 1.0) if paced else None
         self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
@@ -220,7 +223,8 @@ class _Job(JobOutputs):
             # that fails to start leaves its folder as empty as it found it
             self.rec = Recorder(prep.spec, None, self.n, self.bank.d, self.n_train,
                                 list(prep.algo.metric_keys), cfg.eval_samples)
-            self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
+            self.evaluator = Evaluator(self.rec, self.n_ids, self.opts.timeout_s,
+                                       absent=range(self.n, self.n_ids))
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
             if self.out:
                 self.evaluator.on_row = self._running
