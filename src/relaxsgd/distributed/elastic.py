@@ -10,9 +10,10 @@ others nothing but the round it happens in.
 
 What each kind of algorithm (``Algorithm.membership``) gets here:
 
-- ``"quorum"``: every AllReduce/AllGather of the main program is a quorum round; a
-  departure drops the worker from the round under way and from the next ones, and
-  ``Algorithm.on_leave`` runs on every survivor (under the worker lock).
+- ``"quorum"``: every AllReduce/AllGather of the main program (and of its spawns) is a
+  quorum round, and so is every ServerRound (led by rank 0, the server's host:
+  :mod:`.quorum_server`); a departure drops the worker from the round under way and from
+  the next ones, and ``Algorithm.on_leave`` runs on every survivor (under the worker lock).
 - ``"gossip"``: ``Members()`` is the live set the transport knows; exchanges with a lost
   partner raise ``PeerUnavailable`` as before; ``on_leave`` runs as above.
 - ``"fixed"``: the first departure ends the worker with one line
@@ -31,6 +32,7 @@ from ..membership import NotElastic, fixed_failure
 from .handover import Donor, Joiner
 from .options import flag
 from .quorum import QuorumCollectives
+from .quorum_server import BACK, ServerQuorum, from_wire, wire_send
 
 SPAWN_ROUNDS = 64  # quorum rounds one spawn may issue (the executor's limit)
 
@@ -81,6 +83,11 @@ class ElasticWorker:
             job.rank, self.n_max, self._send_spawn, lambda: live_of(self.tr),
             range(job.n), e.min_quorum, e.quorum_wait_s, job.opts.timeout_s,
             stride=SPAWN_ROUNDS)
+        # the parameter server's rounds (rank 0 leads them; other kinds on the wire)
+        self.ex.quorum_server = ServerQuorum(
+            self.ex.server_host, self.ex.counts, job.rank, self.n_max,
+            wire_send(self._send), lambda: live_of(self.tr), range(job.n), e.min_quorum,
+            e.quorum_wait_s, job.opts.timeout_s)
         self.tr.on_dead.append(lambda r, why: self.left(r, why))
         on_member = getattr(self.tr, "on_member", None)
         if callable(on_member):
@@ -93,7 +100,8 @@ class ElasticWorker:
         self.tr.send(peer, (msg[0], -1 - msg[1], *msg[2:]))
 
     def _quorums(self) -> list[QuorumCollectives]:
-        return [q for q in (self.ex.quorum, self.ex.quorum_spawns) if q is not None]
+        return [q for q in (self.ex.quorum, self.ex.quorum_spawns, self.ex.quorum_server)
+                if q is not None]
 
     def _member(self, kind: str, worker: int, info: str) -> None:
         if kind == "leave":
@@ -167,7 +175,8 @@ class ElasticWorker:
             nbrs = list(self.algo.neighbors(job.rank))
         donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
         for q, at in ((self.ex.quorum, self.ex.coll_seq),
-                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS)):
+                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS),
+                      (self.ex.quorum_server, self.ex.server_seq)):
             if q is not None:
                 with q.cv:
                     q.current = at
@@ -192,6 +201,9 @@ class ElasticWorker:
         elif kind == "hjoin":
             if self.job.evaluator is not None:
                 self.job.evaluator.revive(src, msg[1])
+        elif kind in BACK:  # a server round's (.quorum_server)
+            q = self.ex.quorum_server
+            return q is not None and q.on_message(src, from_wire(msg))
         elif kind in ("qpart", "qres", "qneed") and msg[1] < 0:  # a spawn's round
             q = self.ex.quorum_spawns
             return q is not None and q.on_message(src, (kind, -1 - msg[1], *msg[2:]))
