@@ -102,9 +102,10 @@ def _install_leave() -> None:
 def _install_hold() -> None:
     """``RELAXSGD_TEST_HOLD_AT=<step>``: every worker of the job's first incarnation waits
     at its first safe point at or past that step until every worker is live again, and
-    worker 0 (the donor of a restarted worker of a quorum algorithm) until a handover was
-    asked of it: so a short test job is still running when its restarted worker is back,
-    and the handover happens at that safe point."""
+    worker 0 (the donor of a restarted worker of a quorum algorithm, and of a joiner) until
+    a handover was asked of it (or it has handed one over already): so a short test job is
+    still running when its restarted worker is back, and the handover happens at that safe
+    point (or before it, for a joiner that is quick to start)."""
     spec = os.environ.get("RELAXSGD_TEST_HOLD_AT")
     if not spec or int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) > 0:
         return
@@ -121,7 +122,7 @@ def _install_hold() -> None:
             held[0] = True
             end = time.monotonic() + 60.0
             while time.monotonic() < end and (len(live_of(self.tr)) < self.n or (
-                    self.rank == 0 and not self.donor.due())):
+                    self.rank == 0 and not (self.donor.due() or self.donor.served))):
                 time.sleep(0.02)
         return orig(self, eff, ctx)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..membership import NotElastic, fixed_failure
 from .handover import Donor, Joiner
+from .membership import CLEAN_LEAVE
 from .options import flag
 from .quorum import QuorumCollectives
 from .quorum_server import BACK, ServerQuorum, from_wire, wire_send
@@ -112,6 +113,8 @@ class ElasticWorker:
     def left(self, worker: int, why: str) -> None:
         """``worker`` left: drop it from the rounds, tell the algorithm (once per leave)."""
         ex = self.ex
+        if worker in self.job.done_from or why == CLEAN_LEAVE:
+            return  # it finished and closed: no departure (nor in the simulator's record)
         with ex.lock:
             if worker in self.gone or worker == self.job.rank:
                 return

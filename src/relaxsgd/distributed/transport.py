@@ -54,7 +54,7 @@ import torch
 from ..errors import RelaxError
 from . import auth as A
 from .links import GOODBYE, IDLE_S, STOP, Links, _Link
-from .membership import Membership, Registry
+from .membership import CLEAN_LEAVE, Membership, Registry
 from .sockets import PeerLost, SendQueue, recv_into, send_parts, send_room, shut
 from .wire import WireError, check_message, decode, encode, wire_size
 
@@ -434,7 +434,7 @@ class Transport(Membership, Links):
                 if not missing or left <= 0:
                     break
                 self._joined.wait(min(left, 0.2))
-        self._stop_members("it finished (a clean leave)")
+        self._stop_members(CLEAN_LEAVE)
         self._closing = True
         with self._joined:
             conns = list(self._incoming.values())
