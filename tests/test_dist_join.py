@@ -75,7 +75,7 @@ def _check_joined(r: Any) -> None:
     # the joiner trained (its own compute, its own snapshots) to the job's end
     assert r.result["dist"]["step_time_s_per_worker"]["2"] > 0
     assert r.result["final"]["steps_per_worker"] == STEPS
-    assert r.models is not None and r.models.shape[0] == 3
+    assert r.models is not None and r.models.shape[0] == 3, "\n".join(r.logs)
 
 
 @pytest.mark.timeout(150)

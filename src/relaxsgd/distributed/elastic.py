@@ -177,12 +177,7 @@ class ElasticWorker:
                 self.algo, "neighbors") and job.rank < self.algo.info.n:
             nbrs = list(self.algo.neighbors(job.rank))
         donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
-        for q, at in ((self.ex.quorum, self.ex.coll_seq),
-                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS),
-                      (self.ex.quorum_server, self.ex.server_seq)):
-            if q is not None:
-                with q.cv:
-                    q.current = at
+        self.resumed()
         with self.ex.lock:
             self.algo.adopt(self.ex.w, donor)
         if job.rank != 0:  # rank 0 records this worker's snapshots again from here
@@ -193,6 +188,16 @@ class ElasticWorker:
                          f"{self.ex.w.step}\n")
         sys.stderr.flush()
         return donor
+
+    def resumed(self) -> None:
+        """The executor's round counters were set (a handover, a checkpoint): the quorum
+        rounds go on from them (messages of rounds far from a worker's own are ignored)."""
+        for q, at in ((self.ex.quorum, self.ex.coll_seq),
+                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS),
+                      (self.ex.quorum_server, self.ex.server_seq)):
+            if q is not None:
+                with q.cv:
+                    q.current = at
 
     def on_message(self, src: int, msg: tuple) -> bool:
         kind = msg[0]

@@ -143,6 +143,7 @@ class Evaluator:
         self.finals: dict[int, dict] = {}
         self.dead: set[int] = set(absent)  # (and ids not yet joined: revived on "hjoin")
         self.since: dict[int, int] = {}  # a rejoined worker: its first evaluation point
+        self.last: dict[int, dict] = {}  # each worker's last recorded snapshot (.elastic_saving)
         self.next_index = 0
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -162,9 +163,14 @@ class Evaluator:
 
     def revive(self, rank: int, from_index: int) -> None:
         """A (re)joined worker ships snapshots again, from evaluation ``from_index`` on
-        (the points before it are recorded without it)."""
-        threading.Thread(target=self.q.put, args=(("revive", (rank, from_index)),),
-                         daemon=True).start()
+        (the points before it are recorded without it). Queued in the caller's thread
+        (the reader of the worker's connection), so before the snapshots that follow it:
+        else, on a loaded machine, the others' finals could end the evaluation while the
+        newcomer still counted as absent (seen: a joiner's final model missing)."""
+        try:
+            self.q.put(("revive", (rank, from_index)), timeout=self.put_timeout)
+        except queue.Full:
+            raise WireError("the evaluator is not keeping up (snapshot queue full)") from None
 
     def stop(self, timeout: float) -> None:
         """Record what is complete, then stop (interrupted or failed runs)."""
@@ -220,6 +226,7 @@ class Evaluator:
 
     def _record(self, snaps: list[dict]) -> None:
         snaps = sorted(snaps, key=lambda s: s["rank"])
+        self.last.update((s["rank"], s) for s in snaps)
         X = torch.stack([s["params"] for s in snaps])
         bufs = snaps[0]["buffers"]
         mean_buffers = {k: (torch.stack([s["buffers"][k] for s in snaps]).mean(0)

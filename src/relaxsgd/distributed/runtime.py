@@ -43,7 +43,7 @@ from ..errors import Diverged, RelaxError, StoppedAtCheckpoint
 from ..metrics import Recorder
 from ..sim.compute import ComputeModel
 from . import auth as A
-from . import saving
+from . import elastic_saving, saving
 from .auth import listen_host
 from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
@@ -177,11 +177,12 @@ class _Job(JobOutputs):
         self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
-        # an elastic job: quorum collectives on the transport (no checkpoints: their
-        # barriers need every worker; a lost one comes back by live recovery instead)
+        # an elastic job: quorum collectives on the transport; only rank 0 checkpoints
+        # (a lost worker of another id comes back by live recovery)
         self.el = ElasticWorker(self) if self.elastic else None
-        if out is not None and prep.algo.resumable and not self.elastic:
-            self.ex.saver = saving.attach(self, out, resolved(prep))
+        if out is not None and prep.algo.resumable:  # (elastic: rank 0's, .elastic_saving)
+            self.ex.saver = (elastic_saving if self.elastic else saving).attach(
+                self, out, resolved(prep))
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
@@ -229,7 +230,7 @@ class _Job(JobOutputs):
             if self.out:
                 self.evaluator.on_row = self._running
         if ck is not None:
-            saving.resume_job(self, store, *ck)
+            (elastic_saving.resume if self.elastic else saving.resume_job)(self, store, *ck)
         self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
                       # an elastic job's registry is the launcher's (unprefixed)
                       registry=self.registry or member_registry(store, self.opts))

@@ -10,7 +10,8 @@ import torch
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from . import saving
+from . import elastic_saving, saving
+from .elastic import is_elastic
 from .options import DistOptions
 from .process import local_world_size, pick_backend
 
@@ -36,8 +37,11 @@ def start(cfg: RunConfig, env: Any, opts: DistOptions, store: Any, write: bool,
     backend, device = pick_backend(opts, env.local_rank, getattr(cfg, "device", None),
                                    local_world_size(world))
     out = out_dir(store, cfg, env.rank, write, resume, prep.algo.resumable)
-    ck = saving.load_for_resume(store, out, env.rank, world, resolved(prep),
-                                saving.synchronous(prep.algo)) if resume else None
+    if resume and is_elastic(cfg):  # every worker resumes from rank 0's file
+        ck: Any = elastic_saving.load(out, resolved(prep), world)
+    else:
+        ck = saving.load_for_resume(store, out, env.rank, world, resolved(prep),
+                                    saving.synchronous(prep.algo)) if resume else None
     return prep, backend, device, out, ck, clock
 
 
