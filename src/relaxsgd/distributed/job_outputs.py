@@ -16,6 +16,24 @@ from .process import startup_report
 class JobOutputs:
     """The output side of ``runtime._Job`` (rank 0)."""
 
+    prep: Any
+    tr: Any
+    ex: Any
+    w: Any
+    bank: Any
+    el: Any
+    rec: Any
+    evaluator: Any
+    backend: str
+    device: Any
+    n: int
+    out: str | None
+    pace: Any
+    clock: dict[str, float]
+    done_from: set[int]
+    result_lock: Any
+    result_final: bool
+
     def _security(self) -> dict[str, Any]:
         """How the point-to-point links were protected, and what was refused."""
         a = self.tr.auth
