@@ -107,3 +107,16 @@ def test_a_new_worker_joins_a_swarm_job_draws_partners_and_is_drawn(tmp_path: An
 
     assert drew(2) and set(drew(2)) <= {0, 1}  # the joiner drew partners among the live
     assert 2 in drew(0) + drew(1)  # and the others drew it
+
+
+def test_joining_a_job_of_a_fixed_algorithm_is_refused_in_one_line_before_connecting() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE",
+                                                                       "MASTER_"))}
+    env["RELAXSGD_SECRET"] = os.urandom(32).hex()
+    r = subprocess.run([sys.executable, "-m", "relaxsgd.cli", "join", "127.0.0.1:9",
+                        "--algo", "dpsgd", "--workers", "2", "--task", "logreg",
+                        "--set", "elastic.max_workers=3", "-q"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("relaxsgd: error: algorithm 'dpsgd' cannot take a new "
+                               "worker (membership 'fixed'"), r.stderr
