@@ -10,6 +10,7 @@ from typing import Any
 from ..metrics import aggregate_worker_metrics
 from ..outputs import final_models, save_models
 from .evaluation import _Proxy
+from .membership import CLEAN_LEAVE
 from .process import startup_report
 
 
@@ -87,9 +88,10 @@ class JobOutputs:
                                                 default=self.ex.now())
         result["dist"] = {
             "backend": self.backend, "device": str(self.device), "world_size": self.n,
-            # (a worker that said it is done and then closed is not lost)
+            # (a worker that said it is done and then closed is not lost: its "done", or
+            # in an elastic job its clean leave in the registry, may come first)
             "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())
-                             if r not in self.done_from},
+                             if r not in self.done_from and why != CLEAN_LEAVE},
             "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
             "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},
             "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
