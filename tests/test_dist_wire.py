@@ -126,6 +126,8 @@ def test_the_test_algorithms_and_runtime_messages_round_trip() -> None:
             ("qpart", 7, 0, [torch.ones(3)]), ("qres", 7, (0, 2), [torch.ones(3)]),
             ("qneed", 7), ("hask", 1), ("hand", 1, "runtime", {"coll_seq": 7}),
             ("hjoin", 2), ("sleave", 2), ("sback", 2),
+            ("spart", 3, 1, ([torch.ones(2)], 8.0)),
+            ("sres", 3, (0, 1), [torch.ones(2)]), ("sneed", 3),
             ("xrep", 1, [torch.zeros(0), torch.tensor(True), torch.arange(3).to(torch.int8),
                          torch.ones(2, dtype=torch.bfloat16), torch.Size([2, 3]),
                          torch.float16, b"\x00\xff", None, -(1 << 63), 1e308, "é"])]

@@ -2,7 +2,7 @@
 
 Environment variables read by ``python -m distkit`` (see that module):
 ``RELAXSGD_TEST_KILL_AT``, ``RELAXSGD_TEST_LEAVE_AT``, ``RELAXSGD_TEST_HOLD_AT``,
-``RELAXSGD_TEST_WIRE_FAULT``,
+``RELAXSGD_TEST_PARTNERS``, ``RELAXSGD_TEST_WIRE_FAULT``,
 ``RELAXSGD_TEST_EVAL_FAIL``, ``RELAXSGD_BENCH_LEGACY_WIRE``,
 ``RELAXSGD_BENCH_QUEUED_SENDS`` and ``RELAXSGD_BENCH_TRACE``. Nothing here runs unless one
 of them is set.
@@ -22,6 +22,7 @@ def install_hooks() -> None:
     _install_kill()
     _install_leave()
     _install_hold()
+    _install_partners()
     _install_wire_fault()
     _install_eval_fail()
     _install_legacy_wire()
@@ -153,9 +154,10 @@ def _install_leave() -> None:
 def _install_hold() -> None:
     """``RELAXSGD_TEST_HOLD_AT=<step>``: every worker of the job's first incarnation waits
     at its first safe point at or past that step until every worker is live again, and
-    worker 0 (the donor of a restarted worker of a quorum algorithm) until a handover was
-    asked of it: so a short test job is still running when its restarted worker is back,
-    and the handover happens at that safe point."""
+    worker 0 (the donor of a restarted worker of a quorum algorithm, and of a joiner) until
+    a handover was asked of it (or it has handed one over already): so a short test job is
+    still running when its restarted worker is back, and the handover happens at that safe
+    point (or before it, for a joiner that is quick to start)."""
     spec = os.environ.get("RELAXSGD_TEST_HOLD_AT")
     if not spec or int(os.environ.get("RELAXSGD_INCARNATION", "0") or 0) > 0:
         return
@@ -172,11 +174,29 @@ def _install_hold() -> None:
             held[0] = True
             end = time.monotonic() + 60.0
             while time.monotonic() < end and (len(live_of(self.tr)) < self.n or (
-                    self.rank == 0 and not self.donor.due())):
+                    self.rank == 0 and not (self.donor.due() or self.donor.served))):
                 time.sleep(0.02)
         return orig(self, eff, ctx)
 
     Executor._safe_point = safe_point  # type: ignore[method-assign]
+
+
+def _install_partners() -> None:
+    """``RELAXSGD_TEST_PARTNERS=<prefix>``: every worker appends the peer of each exchange
+    it starts to the file ``<prefix>.<its RANK>``, one id a line (who drew whom)."""
+    prefix = os.environ.get("RELAXSGD_TEST_PARTNERS")
+    if not prefix:
+        return
+    from relaxsgd.distributed.executor import Executor
+
+    orig = Executor._exchange
+
+    def exchange(self: Executor, eff: Any) -> Any:
+        with open(f"{prefix}.{self.rank}", "a", encoding="utf-8") as f:
+            f.write(f"{eff.peer}\n")
+        return orig(self, eff)
+
+    Executor._exchange = exchange  # type: ignore[method-assign]
 
 
 class _Marker:

@@ -10,9 +10,10 @@ others nothing but the round it happens in.
 
 What each kind of algorithm (``Algorithm.membership``) gets here:
 
-- ``"quorum"``: every AllReduce/AllGather of the main program is a quorum round; a
-  departure drops the worker from the round under way and from the next ones, and
-  ``Algorithm.on_leave`` runs on every survivor (under the worker lock).
+- ``"quorum"``: every AllReduce/AllGather of the main program (and of its spawns) is a
+  quorum round, and so is every ServerRound (led by rank 0, the server's host:
+  :mod:`.quorum_server`); a departure drops the worker from the round under way and from
+  the next ones, and ``Algorithm.on_leave`` runs on every survivor (under the worker lock).
 - ``"gossip"``: ``Members()`` is the live set the transport knows; exchanges with a lost
   partner raise ``PeerUnavailable`` as before; ``on_leave`` runs as above.
 - ``"fixed"``: the first departure ends the worker with one line
@@ -29,8 +30,10 @@ from typing import Any
 
 from ..membership import NotElastic, fixed_failure
 from .handover import Donor, Joiner
+from .membership import CLEAN_LEAVE
 from .options import flag
 from .quorum import QuorumCollectives
+from .quorum_server import BACK, ServerQuorum, from_wire, wire_send
 from .scripted import scripted_churn
 from .wire import WireError
 
@@ -71,6 +74,7 @@ class ElasticWorker:
         e = job.cfg.elastic
         self.n_max = e.max_workers if e.max_workers is not None else job.n
         self.gone: set[int] = set()
+        self.seen: set[int] = set(range(job.n)) | {job.rank}  # ids that were ever live
         self.events: list[dict[str, Any]] = []  # result.json's "membership" (rank 0's view)
         self.live_over_time: list[list[float]] = [[0.0, float(job.n)]]
         self.ex.donor = Donor(job)
@@ -83,6 +87,11 @@ class ElasticWorker:
             job.rank, self.n_max, self._send_spawn, self.ex.live,
             range(job.n), e.min_quorum, e.quorum_wait_s, job.opts.timeout_s,
             stride=SPAWN_ROUNDS)
+        # the parameter server's rounds (rank 0 leads them; other kinds on the wire)
+        self.ex.quorum_server = ServerQuorum(
+            self.ex.server_host, self.ex.counts, job.rank, self.n_max,
+            wire_send(self._send), self.ex.live, range(job.n), e.min_quorum,
+            e.quorum_wait_s, job.opts.timeout_s)
         self.tr.on_dead.append(lambda r, why: self.left(r, why))
         on_member = getattr(self.tr, "on_member", None)
         if callable(on_member):
@@ -96,7 +105,8 @@ class ElasticWorker:
         self.tr.send(peer, (msg[0], -1 - msg[1], *msg[2:]))
 
     def _quorums(self) -> list[QuorumCollectives]:
-        return [q for q in (self.ex.quorum, self.ex.quorum_spawns) if q is not None]
+        return [q for q in (self.ex.quorum, self.ex.quorum_spawns, self.ex.quorum_server)
+                if q is not None]
 
     def _member(self, kind: str, worker: int, info: str) -> None:
         if kind == "leave":
@@ -107,6 +117,8 @@ class ElasticWorker:
     def left(self, worker: int, why: str) -> None:
         """``worker`` left: drop it from the rounds, tell the algorithm (once per leave)."""
         ex = self.ex
+        if worker in self.job.done_from or why == CLEAN_LEAVE:
+            return  # it finished and closed: no departure (nor in the simulator's record)
         with ex.lock:
             if worker in self.gone or worker == self.job.rank or \
                     worker in self.job.done_from:  # (a finished worker closing: no leave)
@@ -127,7 +139,11 @@ class ElasticWorker:
         (.quorum), and a finished worker tells it so (it waits for everyone's "done")."""
         with self.ex.lock:
             self.gone.discard(worker)
-            self._event(worker, "rejoin", "restarted (live recovery)")
+            if worker in self.seen:
+                self._event(worker, "rejoin", "restarted (live recovery)")
+            else:  # a new id (relaxsgd join): it trains on its own shard from now on
+                self.seen.add(worker)
+                self._event(worker, "join", "joined (live recovery)")
         self.job.done_from.discard(worker)  # (an older incarnation's "done")
         for q in self._quorums():
             q.member_joined(worker)
@@ -161,25 +177,32 @@ class ElasticWorker:
         """Take the job's state from a live donor (.handover), adopt it; the donor."""
         job = self.job
         self.joiner = Joiner(job)
-        nbrs = None
-        if getattr(self.algo, "membership", "") == "gossip" and hasattr(self.algo,
-                                                                       "neighbors"):
+        nbrs = None  # (as the simulator: a new id beyond workers takes the lowest live id)
+        if getattr(self.algo, "membership", "") == "gossip" and hasattr(
+                self.algo, "neighbors") and job.rank < self.algo.info.n:
             nbrs = list(self.algo.neighbors(job.rank))
         donor = self.joiner.receive(lambda: live_of(self.tr), nbrs, job.opts.timeout_s)
-        for q, at in ((self.ex.quorum, self.ex.coll_seq),
-                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS)):
-            if q is not None:
-                with q.cv:
-                    q.current = at
+        self.resumed()
         with self.ex.lock:
             self.algo.adopt(self.ex.w, donor)
         if job.rank != 0:  # rank 0 records this worker's snapshots again from here
             self.tr.send(0, ("hjoin", int(job.snap.next)))
-        sys.stderr.write(f"relaxsgd: worker {job.rank} rejoined at {self.ex.now():.2f} s "
+        how = "joined" if os.environ.get("RELAXSGD_JOIN") == "1" else "rejoined"
+        sys.stderr.write(f"relaxsgd: worker {job.rank} {how} at {self.ex.now():.2f} s "
                          f"of the run, with worker {donor}'s state at its step "
                          f"{self.ex.w.step}\n")
         sys.stderr.flush()
         return donor
+
+    def resumed(self) -> None:
+        """The executor's round counters were set (a handover, a checkpoint): the quorum
+        rounds go on from them (messages of rounds far from a worker's own are ignored)."""
+        for q, at in ((self.ex.quorum, self.ex.coll_seq),
+                      (self.ex.quorum_spawns, self.ex.spawns * SPAWN_ROUNDS),
+                      (self.ex.quorum_server, self.ex.server_seq)):
+            if q is not None:
+                with q.cv:
+                    q.current = at
 
     def on_message(self, src: int, msg: tuple) -> bool:
         kind = msg[0]
@@ -195,6 +218,9 @@ class ElasticWorker:
         elif kind == "hjoin":
             if self.job.evaluator is not None:
                 self.job.evaluator.revive(src, msg[1])
+        elif kind in BACK:  # a server round's (.quorum_server)
+            q = self.ex.quorum_server
+            return q is not None and q.on_message(src, from_wire(msg))
         elif kind in ("qpart", "qres", "qneed") and msg[1] < 0:  # a spawn's round
             q = self.ex.quorum_spawns
             return q is not None and q.on_message(src, (kind, -1 - msg[1], *msg[2:]))

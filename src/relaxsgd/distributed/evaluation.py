@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,16 +128,22 @@ class Snapshotter:
 
 
 class Evaluator:
-    """Rank 0: collects snapshots, writes a metrics row per complete evaluation point."""
+    """Rank 0: collects snapshots, writes a metrics row per complete evaluation point.
 
-    def __init__(self, rec: Recorder, n: int, put_timeout_s: float = 120.0) -> None:
+    ``n``: the number of worker ids; ``absent``: ids that are not there at the start (an
+    elastic job's ids beyond ``workers``): no row waits for them until they join
+    (:meth:`revive`)."""
+
+    def __init__(self, rec: Recorder, n: int, put_timeout_s: float = 120.0,
+                 absent: Iterable[int] = ()) -> None:
         self.rec, self.n = rec, n
         self.put_timeout = put_timeout_s
         self.q: queue.Queue = queue.Queue(maxsize=8 * n + 16)  # backpressure on senders
         self.by_index: dict[int, dict[int, dict]] = {}
         self.finals: dict[int, dict] = {}
-        self.dead: set[int] = set()
+        self.dead: set[int] = set(absent)  # (and ids not yet joined: revived on "hjoin")
         self.since: dict[int, int] = {}  # a rejoined worker: its first evaluation point
+        self.last: dict[int, dict] = {}  # each worker's last recorded snapshot (.elastic_saving)
         self.next_index = 0
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -226,6 +233,7 @@ class Evaluator:
 
     def _record(self, snaps: list[dict]) -> None:
         snaps = sorted(snaps, key=lambda s: s["rank"])
+        self.last.update((s["rank"], s) for s in snaps)
         X = torch.stack([s["params"] for s in snaps])
         bufs = snaps[0]["buffers"]
         mean_buffers = {k: (torch.stack([s["buffers"][k] for s in snaps]).mean(0)

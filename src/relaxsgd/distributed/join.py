@@ -52,6 +52,7 @@ def claim(address: str, cfg: Any) -> dict[str, str]:
     from .rendezvous import _client
 
     host, port = parse_job_address(address)
+    check_joinable(cfg)
     ip = resolve(host, "relaxsgd join's HOST")
     opts = from_env()
     A.job_auth(opts)  # a missing or weak secret: one line, before connecting
@@ -62,6 +63,29 @@ def claim(address: str, cfg: Any) -> dict[str, str]:
             "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
             "RELAXSGD_JOIN": "1", "RELAXSGD_ELASTIC": "1", "RELAXSGD_INCARNATION": "0",
             "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def check_joinable(cfg: Any) -> None:
+    """Refuse (one line, before connecting or spending an id) to join a job whose
+    algorithm cannot take a new worker (``membership`` ``"fixed"``: its instance says, as
+    SwarmSGD's sequential schedule does): such a job would fail at the join."""
+    from ..algorithms import ALGORITHMS
+    from ..algorithms.base import RunInfo
+    from ..run import _typed
+
+    cls = ALGORITHMS.get(cfg.algo)
+    try:  # (the instance, without data or graph: its membership may depend on options)
+        algo = cls(_typed(cls.Config, cfg.algo_options, f"algorithm {cfg.algo!r}"),
+                   RunInfo(n=int(cfg.workers), seed=int(cfg.seed)))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor that needs the run: its class says
+        algo = cls
+    if getattr(algo, "membership", "fixed") == "fixed":
+        why = getattr(algo, "fixed_reason", "it has no elastic support")
+        raise ConfigError(f"algorithm {cfg.algo!r} cannot take a new worker (membership "
+                          f"'fixed': {why}); only a job of a gossip or quorum algorithm can "
+                          "be joined (docs/distributed.md, Membership)")
 
 
 def check_secret(raw: Any, key: bytes) -> None:

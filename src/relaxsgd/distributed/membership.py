@@ -36,6 +36,7 @@ ROOT = "relaxsgd"
 EPOCH = "members-epoch"
 NEXT_ID = "next-id"
 POLL_S = 0.1
+CLEAN_LEAVE = "it finished (a clean leave)"  # a worker's own record when it closes
 
 
 class JoinRefused(ConfigError):

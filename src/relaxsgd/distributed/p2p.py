@@ -226,7 +226,7 @@ def finish_together(ex: Any, done_from: set[int]) -> None:
     start = time.monotonic()
     last_probe = 0.0
     while True:
-        waiting = [r for r in range(tr.n)
+        waiting = [r for r in _ids(tr)
                    if r != tr.rank and r not in done_from and r not in tr.dead]
         if demand and waiting:
             done_from |= tr.done_peers(waiting)
@@ -259,6 +259,13 @@ def lost_workers_check(tr: Transport, collectives: int) -> None:
 
 def tell_abort(tr: Transport, why: str) -> None:
     """Tell every live worker that this one stops (they fail fast, naming it)."""
-    for r in range(tr.n):
+    for r in _ids(tr):
         if r != tr.rank and r not in tr.dead:
             tr.send(r, ("abort", f"worker {tr.rank}: {why}"[:2000]))
+
+
+def _ids(tr: Any) -> Any:
+    """The ids of the workers ``tr`` knows (an elastic job's ids that never joined are
+    not waited for nor told anything; without ``live()``: every id)."""
+    live = getattr(tr, "live", None)
+    return sorted(live()) if callable(live) else range(tr.n)

@@ -39,17 +39,17 @@ import torch.distributed as dist
 
 from ..algorithms.base import Compute, Effect, Grad
 from ..config import RunConfig, dump_yaml
-from ..errors import ConfigError, Diverged, RelaxError, StoppedAtCheckpoint
-from ..metrics import Recorder, aggregate_worker_metrics
-from ..outputs import final_models, save_models
+from ..errors import Diverged, RelaxError, StoppedAtCheckpoint
+from ..metrics import Recorder
 from ..sim.compute import ComputeModel
 from . import auth as A
-from . import saving
+from . import elastic_saving, saving
 from .auth import listen_host
 from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
-from .evaluation import Evaluator, SnapshotSpec, Snapshotter, _Proxy
+from .evaluation import Evaluator, SnapshotSpec, Snapshotter
 from .executor import Executor, finish_together, tell_abort
+from .job_outputs import JobOutputs
 from .membership import Registry, member_registry
 from .options import DistOptions
 from .p2p import lost_workers_check
@@ -61,10 +61,9 @@ from .process import (  # noqa: F401 - job_env, pick_backend: imported from here
     local_world_size,
     own_shard,
     pick_backend,
-    startup_report,
 )
-from .scripted import trace_events
 from .server import make_host
+from .startup import resolved, start
 from .transport import PeerLost, Transport
 from .wire import WireError
 
@@ -86,8 +85,8 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
         try:
             rdv = S.rendezvous(env, A.store_key(auth), opts.rendezvous_s)
             store, group_store = rdv.run_store()
-            prep, backend, device, out, ck, clock = _start(cfg, env, opts, store, write,
-                                                           resume)
+            prep, backend, device, out, ck, clock = start(cfg, env, opts, store, write,
+                                                          resume)
             elastic = is_elastic(cfg)
             if not (elastic and incarnation() > 0):  # (a restarted worker's is taken)
                 rdv.meet(store)
@@ -118,56 +117,7 @@ def run_dist(cfg: RunConfig, progress: bool = True, write: bool = True,
     return result
 
 
-def _start(cfg: RunConfig, env: Any, opts: DistOptions, store: Any, write: bool,
-           resume: bool) -> tuple[Any, ...]:
-    """The part of the start-up before the workers meet: checks, data, model, folder."""
-    from ..run import prepare
-
-    world = env.world
-    if world != cfg.workers and resume:
-        raise ConfigError(f"the run in {cfg.out!r} has {cfg.workers} workers and this job "
-                          f"{world} processes; resume it with torchrun --nproc-per-node "
-                          f"{cfg.workers} (one process per worker, as it was run)")
-    if world != cfg.workers:
-        raise ConfigError(f"the config has workers={cfg.workers} but the job has {world} "
-                          f"processes; launch {cfg.workers} or pass --workers {world}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    clock = {"entered": time.perf_counter()}
-    prep = prepare(cfg)  # config errors end every rank before any connection
-    trace_events(cfg)  # (a trace the dist runtime cannot play, too: .scripted)
-    clock["prepared"] = time.perf_counter()
-    backend, device = pick_backend(opts, env.local_rank, getattr(cfg, "device", None),
-                                   local_world_size(world))
-    out = _out_dir(store, cfg, env.rank, write, resume, prep.algo.resumable)
-    ck = saving.load_for_resume(store, out, env.rank, world, _resolved(prep),
-                                saving.synchronous(prep.algo)) if resume else None
-    return prep, backend, device, out, ck, clock
-
-
-def _resolved(prep: Any) -> dict[str, Any]:
-    return {**prep.resolved, "runtime": "dist"}
-
-
-def _out_dir(store: Any, cfg: RunConfig, rank: int, write: bool, resume: bool,
-             resumable: bool) -> str | None:
-    """The run's folder: rank 0's choice; the others learn it when they save checkpoints
-    there (an algorithm that follows the checkpoint rule, a run that writes)."""
-    from ..run import default_out_dir
-
-    if resume:
-        return cfg.out
-    if not write:
-        return None
-    if rank == 0:
-        out = cfg.out or default_out_dir(cfg)
-        if resumable:
-            store.set("out", out)
-        return out
-    return store.get("out").decode() if resumable else None
-
-
-class _Job:
+class _Job(JobOutputs):
     def __init__(self, cfg: RunConfig, prep: Any, opts: DistOptions, rank: int, n: int,
                  backend: str, device: torch.device, auth: A.Auth, out: str | None,
                  stop: StopFlag) -> None:
@@ -200,10 +150,13 @@ class _Job:
         # device None: messages decode on the CPU; the executor's p2p boundary (and the
         # evaluator, on rank 0) move them where they are used
         self.registry: Registry | None = None  # an elastic job's (set by run_dist)
-        self.tr = Transport(rank, n, self._on_message, opts.timeout_s, None, auth=auth,
-                            max_frame=opts.max_frame(model_bytes),
+        # (elastic: ids 0..max_workers-1, those of the start members; a joiner's beyond)
+        self.n_ids = cfg.elastic.ids(n) if self.elastic else n
+        self.tr = Transport(rank, self.n_ids, self._on_message, opts.timeout_s, None,
+                            auth=auth, max_frame=opts.max_frame(model_bytes),
                             peer_timeout_s=opts.peer_timeout_s,
                             incarnation=incarnation() if self.elastic else 0,
+                            members=range(n) if self.elastic else None,
                             on_demand=self.elastic or opts.connect == "demand")
         self.ex = Executor(prep.algo, self.w, self.tr, opts, self.groups, device)
         self.ex.server_host = make_host(prep.algo, self.w, n, rank, self.tr, self.ex.counts)
@@ -219,15 +172,16 @@ class _Job:
         self.result_final = False
         paced = cfg.compute.heterogeneity != "none" or cfg.compute.fixed_step_time is not None
         self.clock: dict[str, float] = {}
-        self.pace = ComputeModel(cfg.compute, n, cfg.seed, 1.0) if paced else None
+        self.pace = ComputeModel(cfg.compute, self.n_ids, cfg.seed, 1.0) if paced else None
         self.stop = stop
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
                                 self._ship)
-        # an elastic job: quorum collectives on the transport (no checkpoints: their
-        # barriers need every worker; a lost one comes back by live recovery instead)
+        # an elastic job: quorum collectives on the transport; only rank 0 checkpoints
+        # (a lost worker of another id comes back by live recovery)
         self.el = ElasticWorker(self) if self.elastic else None
-        if out is not None and prep.algo.resumable and not self.elastic:
-            self.ex.saver = saving.attach(self, out, _resolved(prep))
+        if out is not None and prep.algo.resumable:  # (elastic: rank 0's, .elastic_saving)
+            self.ex.saver = (elastic_saving if self.elastic else saving).attach(
+                self, out, resolved(prep))
 
     # -- messages ------------------------------------------------------------------
     def _on_message(self, src: int, msg: tuple) -> None:
@@ -269,12 +223,13 @@ class _Job:
             # that fails to start leaves its folder as empty as it found it
             self.rec = Recorder(prep.spec, None, self.n, self.bank.d, self.n_train,
                                 list(prep.algo.metric_keys), cfg.eval_samples)
-            self.evaluator = Evaluator(self.rec, self.n, self.opts.timeout_s)
+            self.evaluator = Evaluator(self.rec, self.n_ids, self.opts.timeout_s,
+                                       absent=range(self.n, self.n_ids))
             self.tr.on_dead.append(lambda r, why: self.evaluator.mark_dead(r))
             if self.out:
                 self.evaluator.on_row = self._running
         if ck is not None:
-            saving.resume_job(self, store, *ck)
+            (elastic_saving.resume if self.elastic else saving.resume_job)(self, store, *ck)
         self.tr.start(store, listen_host(self.opts), startup_s=self.opts.rendezvous_s,
                       # an elastic job's registry is the launcher's (unprefixed)
                       registry=self.registry or member_registry(store, self.opts))
@@ -292,7 +247,7 @@ class _Job:
             assert self.rec is not None
             if ck is None:
                 os.makedirs(self.out, exist_ok=True)
-                dump_yaml(_resolved(prep), os.path.join(self.out, "config.yaml"))
+                dump_yaml(resolved(prep), os.path.join(self.out, "config.yaml"))
             self.rec.open(os.path.join(self.out, "metrics.csv"))
         self.ex.t0 = time.perf_counter()
         self.clock["started"] = self.ex.t0
@@ -385,81 +340,3 @@ class _Job:
     def _check(self, loss: Any) -> None:
         if loss is not None and loss.numel() and not bool(torch.isfinite(loss).all()):
             raise Diverged(self.w.step, self.rank, float(loss.reshape(-1)[0]))
-
-    # -- outputs (rank 0) ----------------------------------------------------------
-    def _security(self) -> dict[str, Any]:
-        """How the point-to-point links were protected, and what was refused."""
-        a = self.tr.auth
-        return {"authenticated": not a.insecure, "tls": a.tls,
-                "refused_connections": self.tr.refused}
-
-    def _running(self, row: dict[str, Any], snaps: list[dict]) -> None:
-        """result.json after every evaluation (status "running", evaluator thread), as the
-        simulator writes it: a run killed at any moment leaves the figures so far."""
-        from ..outputs import write_json
-
-        with self.result_lock:
-            if not self.result_final and self.out:
-                write_json(os.path.join(self.out, "result.json"),
-                           self._result("running", "", snaps, row["step"]))
-
-    def _write(self, status: str, message: str) -> dict:
-        from ..run import write_result
-
-        ev, rec = self.evaluator, self.rec
-        assert ev is not None and rec is not None
-        if status != "completed":
-            ev.stop(timeout=2.0)
-        if ev.error is not None and status == "completed":  # (late: shown, not hidden)
-            status, message = "failed", f"evaluation failed: {ev.error}"
-        with self.result_lock:
-            self.result_final = True
-        rec.close()
-        finals = [ev.finals[r] for r in sorted(ev.finals)]
-        steps = sum(s["step"] for s in finals) / len(finals) if finals else float(self.w.step)
-        result = self._result(status, message, finals, steps)
-        if self.out:
-            write_result(self.out, result, rec)
-            if finals:  # every run saves its final models (format: relaxsgd.outputs)
-                save_models(os.path.join(self.out, "models.pt"),
-                            final_models(self.bank.template, finals))
-        return result
-
-    def _result(self, status: str, message: str, snaps: list[dict], steps: float) -> dict:
-        """result.json of rank 0 from the workers' snapshots (their finals at the end)."""
-        from ..run import make_result
-
-        assert self.rec is not None
-        units = sum(s["units"] for s in snaps)
-        step_time = sum(s["compute_time"] for s in snaps) / units if units else 0.0
-        result = make_result(self.prep, self.rec, status, message, step_time,
-                             self.bank.batching,
-                             aggregate_worker_metrics([_Proxy(s) for s in snaps]), steps)
-        result["runtime"] = "dist"
-        result["final"]["virtual_time_s"] = max((s["wall"] for s in snaps),
-                                                default=self.ex.now())
-        result["dist"] = {
-            "backend": self.backend, "device": str(self.device), "world_size": self.n,
-            # (a worker that said it is done and then closed is not lost)
-            "lost_workers": {r: why for r, why in sorted(self.tr.dead.items())
-                             if r not in self.done_from},
-            "bytes_sent_per_worker": {s["rank"]: s["bytes"] for s in snaps},
-            "wire_bytes_per_worker": {s["rank"]: s["wire"] for s in snaps},
-            "step_time_s_per_worker": {s["rank"]: s["compute_time"] / max(s["units"], 1)
-                                       for s in snaps},
-            "program_time_s_per_worker": {s["rank"]: s["program_s"] for s in snaps},
-            "startup_s": startup_report(self.clock),
-        }
-        result["dist"].update(self._security())
-        if self.el is not None:  # an elastic job: who came and went (rank 0's view)
-            result["membership"] = self.el.record()
-        # what was really used, not the config's simulated defaults
-        result["network"] = "real"
-        result["network_model"] = {"kind": "real", "backend": self.backend,
-                                   "lab": os.environ.get("RELAXSGD_LAB") or None,
-                                   "master_addr": os.environ.get("MASTER_ADDR")}
-        result["compute_model"] = {"kind": "real", "paced": self.pace is not None,
-                                   "step_time_s": step_time}
-        if self.out:
-            result["out"] = self.out
-        return result

@@ -1,5 +1,8 @@
 """Checkpoints of the distributed runtime: every worker saves its own part.
 
+(An elastic job's checkpoints are rank 0's alone, resumed by every worker:
+:mod:`.elastic_saving`.)
+
 When a checkpoint is due at a worker's safe point (``yield Checkpoint()``: the run's
 ``checkpoint_every`` local steps reached at its position, or a checkpoint asked for by a
 signal, see :mod:`.stopping`), the executor hands over to :meth:`DistCheckpoints.take`:

@@ -163,6 +163,9 @@ def server_round(ex: Any, eff: ServerRound) -> DHandle:
     k = ex.server_seq
     ex.server_seq += 1
     ex.counts.add(eff.nbytes, 1, 0)
+    elastic = getattr(ex, "quorum_server", None)
+    if elastic is not None:  # an elastic job: a quorum round led by rank 0 (.quorum_server)
+        return elastic.server_round(k, eff)
     host: ServerHost | None = ex.server_host
     if ex.rank == SERVER_RANK:
         if host is None:

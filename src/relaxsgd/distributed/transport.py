@@ -40,9 +40,7 @@ milliseconds and only its own messages fail, and the bytes are counted exactly.
 
 from __future__ import annotations
 
-import hmac
 import socket
-import struct
 import sys
 import threading
 import time
@@ -54,18 +52,17 @@ import torch
 from ..errors import RelaxError
 from . import auth as A
 from .links import GOODBYE, IDLE_S, STOP, Links, _Link
-from .membership import Membership, Registry
-from .sockets import PeerLost, SendQueue, recv_into, send_parts, send_room, shut
-from .wire import WireError, check_message, decode, encode, wire_size
+from .membership import CLEAN_LEAVE, Membership, Registry
+from .receiving import _THREAD, HEADER, Receiving  # noqa: F401 - HEADER: re-exported
+from .sockets import PeerLost, SendQueue, send_parts, send_room, shut
+from .wire import WireError, encode, wire_size
 
-HEADER = struct.Struct("!Q")  # the length of the body that follows
 MAX_HANDSHAKES = 32
 MAX_WARNINGS = 20
 
-_THREAD = threading.local()  # .reader: this thread reads a connection (see _write_now)
 
 
-class Transport(Membership, Links):
+class Transport(Membership, Links, Receiving):
     """Framed, authenticated messages to and from the other workers; see the module doc.
 
     ``max_frame``: the largest message body accepted (bytes); ``peer_timeout_s``: how long
@@ -341,59 +338,6 @@ class Transport(Membership, Links):
             parts.append(mac.tag(seq, header, frames))
         send_parts(sock, parts)  # the tensors' own buffers: no joined copy
 
-    # -- receiving -----------------------------------------------------------------
-    def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
-        _THREAD.reader = True
-        seq, inc = 0, mac.peer_incarnation
-        while src not in self.dead and self._inc.get(src, 0) == inc:
-            try:
-                msg = self._read_frame(conn, mac, seq, src)
-                seq += 1
-                if self._inc.get(src, 0) != inc:
-                    break  # from an older incarnation: ignored
-                self.last_heard[src] = time.monotonic()
-                if msg[0] in ("bye", "idle"):
-                    with self._joined:
-                        if msg[0] == "bye":
-                            self._goodbye.add(src)
-                        elif self._incoming.get(src) is conn:
-                            del self._incoming[src]
-                        self._joined.notify_all()
-                    if msg[0] == "idle":
-                        break
-                    continue
-                self.on_message(src, msg)
-            except (OSError, EOFError) as e:
-                if src not in self._goodbye and not self._closing and \
-                        self._inc.get(src, 0) == inc:
-                    self.mark_dead(src, "its connection closed without a goodbye "
-                                   f"(process killed or crashed; {type(e).__name__})")
-                break
-            except Exception as e:  # noqa: BLE001 - any bad input drops this peer only
-                if not self._closing and self._inc.get(src, 0) == inc:
-                    why = str(e) if isinstance(e, WireError) else f"{type(e).__name__}: {e}"
-                    self.mark_dead(src, f"it sent an invalid message ({why})"[:400])
-                break
-        conn.close()
-
-    def _read_frame(self, conn: socket.socket, mac: A.FrameMac, seq: int,
-                    src: int) -> tuple:
-        header = A.recv_exact(conn, HEADER.size)
-        (size,) = HEADER.unpack(header)
-        if size > self.max_frame:  # refused before allocating anything
-            raise WireError(f"a frame of {size} bytes, above the limit of {self.max_frame} "
-                            "(RELAXSGD_MAX_MESSAGE_MB)")
-        # straight into a fresh uninitialised buffer (no zero fill, no copy after): the
-        # decoded tensors are views of it, owned by the receiver
-        buf = memoryview(torch.empty(size, dtype=torch.uint8, device="cpu").numpy())
-        recv_into(conn, buf)
-        if not self.auth.tls:
-            tag = A.recv_exact(conn, mac.size)
-            if not hmac.compare_digest(tag, mac.tag(seq, header, [buf])):
-                raise WireError("a frame failed authentication (garbled, replayed or "
-                                "forged)")
-        return check_message(decode(buf, self.device))
-
     def mark_dead(self, peer: int, why: str, publish: bool = True) -> None:
         """Record ``peer`` as lost (first cause wins), close its connections, tell the
         ``on_dead`` and ``on_member`` ("leave") callbacks and, in an elastic job, the
@@ -434,7 +378,7 @@ class Transport(Membership, Links):
                 if not missing or left <= 0:
                     break
                 self._joined.wait(min(left, 0.2))
-        self._stop_members("it finished (a clean leave)")
+        self._stop_members(CLEAN_LEAVE)
         self._closing = True
         with self._joined:
             conns = list(self._incoming.values())

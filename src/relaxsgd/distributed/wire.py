@@ -367,6 +367,8 @@ KINDS: dict[str, tuple[Any, ...]] = {
     "ckask": (int,), "ckq": (int,), "ckpos": (int, float, bool), "ckgo": (float, int),
     # quorum collectives of an elastic job (.quorum): contribution, result, ask
     "qpart": (int, int, ANY), "qres": (int, tuple, ANY), "qneed": (int,),
+    # the parameter server's rounds of an elastic job (.quorum_server): the same, apart
+    "spart": (int, int, ANY), "sres": (int, tuple, ANY), "sneed": (int,),
     # live recovery (.handover): ask, one part of the answer, "joined from evaluation k"
     "hask": (int,), "hand": (int, str, ANY), "hjoin": (int,),
     # a scripted trace (.scripted): "I left", "worker k is back (its donor says)"
