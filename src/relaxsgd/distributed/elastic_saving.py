@@ -88,6 +88,16 @@ def load(folder: str, resolved: dict[str, Any], n: int) -> tuple[dict[str, Any],
         raise ConfigError(f"no checkpoint of worker 0 in {folder!r} (the run never reached "
                           "one; give --checkpoint-every)")
     ck = _load_rank(rank_file(folder, 0, have[-1]), 0, n, resolved)
+    # Go on from the first evaluation rank 0 had not recorded: rank 0 saves without a
+    # barrier, so its own snapshot for an evaluation may be shipped (snap_next past it)
+    # while the others' had not come in; every worker (at the checkpoint's step) ships that
+    # one again. (saving._next_index's max is right only after the barrier's agreement:
+    # here it lost the row, seen 1 run in 3.)
+    # The rows themselves say which was recorded last (the evaluator's own counter is
+    # read from another thread than its rows: seen one behind them, a row twice).
+    rows = ck.get("run", {}).get("rows") if isinstance(ck.get("run"), dict) else None
+    if isinstance(rows, list):
+        return ck, int(rows[-1]["eval"]) + 1 if rows else 0
     return ck, _next_index(ck)
 
 

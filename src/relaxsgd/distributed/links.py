@@ -80,7 +80,8 @@ class Links:
                     self._goodbye.add(socks[s])
                     self._drop_links(socks[s], outgoing_only=True)
                 else:
-                    if not self._closing and self._links.get(socks[s]) is not None:
+                    if not self._closing and self._links.get(socks[s]) is not None \
+                            and not self.said_done(socks[s]):
                         self.mark_dead(socks[s], "its connection closed without a "
                                        "goodbye (process killed or crashed)")
                     self._drop_links(socks[s], outgoing_only=True)
@@ -119,6 +120,20 @@ class Links:
         opened; see :func:`.p2p.finish_together`)."""
         self._store.set(f"{self._prefix}/done/{self.rank}", "1")
         self._store.raw.add(self._store.name(f"{self._prefix}/done-count"), 1)
+
+    def said_done(self, peer: int) -> bool:
+        """Whether ``peer`` finished its program (:meth:`tell_done`): the end of its
+        connections is then the end of the run, not a death. Asked only when a connection
+        ends without a goodbye: at a job's end, under load, a finished worker's link was
+        seen to end that way, and taking it for a death dropped its final snapshot
+        (its reader stopped before reading it)."""
+        if not getattr(self, "on_demand", False) or self._store is None:
+            return False
+        key = f"{self._prefix}/done/{peer}"
+        try:  # the signed value, not the key's presence: a forged flag hides no death
+            return bool(self._store.check([key])) and self._store.get(key, 1.0) == b"1"
+        except Exception:  # noqa: BLE001 - no answer or a forged value: no evidence
+            return False
 
     def done_peers(self, among: list[int]) -> set[int]:
         """Which of ``among`` said :meth:`tell_done` (the store is read only when its

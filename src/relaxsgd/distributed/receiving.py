@@ -41,6 +41,7 @@ class Receiving:
     device: Any
     on_message: Any
     mark_dead: Any
+    said_done: Any
 
     def _read_loop(self, src: int, conn: socket.socket, mac: A.FrameMac) -> None:
         _THREAD.reader = True
@@ -65,7 +66,7 @@ class Receiving:
                 self.on_message(src, msg)
             except (OSError, EOFError) as e:
                 if src not in self._goodbye and not self._closing and \
-                        self._inc.get(src, 0) == inc:
+                        self._inc.get(src, 0) == inc and not self.said_done(src):
                     self.mark_dead(src, "its connection closed without a goodbye "
                                    f"(process killed or crashed; {type(e).__name__})")
                 break
