@@ -48,7 +48,7 @@ HOST_SIDE = {
     ("lab/calibrate.py", "*"): "measures gloo collectives on the CPU",
     ("lab/paths.py", "*"): "times the runtime's path with host tensors, as the transport "
                            "carries them",
-    ("distributed/transport.py", "Transport._read_frame"): "a received frame lands in host "
+    ("distributed/receiving.py", "Receiving._read_frame"): "a received frame lands in host "
                                                             "memory; p2p moves it to the device",
     ("metrics.py", "Recorder.__init__"): "a seeded permutation drawn on the CPU generator, "
                                          "copied once to the evaluation's device",
