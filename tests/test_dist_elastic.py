@@ -3,7 +3,8 @@
 Worker 2 of 3 is killed (SIGKILL, distkit's ``RELAXSGD_TEST_LEAVE_AT`` hook) at its first
 safe point at or past local step 6; in the simulator the trace ``2,leave,6`` makes it leave
 at that same safe point. The survivors go on in quorum rounds on the transport
-(no gloo group) and must end with the simulator's models, bytes aside."""
+(no gloo group; OLCO3's server rounds too) and must end with the simulator's models,
+bytes aside."""
 
 from __future__ import annotations
 
@@ -23,8 +24,15 @@ from test_dist_parity import BASE, N  # the parity tests' job: the same 3 worker
 
 pytestmark = pytest.mark.dist
 
-# DiLoCo's rounds are all-reduces of a spawned sub-program: the spawns' quorum rounds
-CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("diloco", {"p": 3})]
+# DiLoCo's rounds are all-reduces of a spawned sub-program: the spawns' quorum rounds.
+# OLCO3 with a parameter server (two-way top-k, server error feedback): its server rounds
+# are quorum rounds led by rank 0, serving the survivors' uploads, averaged over them
+# (staleness 0: no round is in flight at a safe point, so the participants do not depend
+# on timing).
+OLCO3_PS = {"p": 2, "s": 0, "compressor": "topk:ratio=0.25", "aggregation": "ps",
+            "server_compressor": "topk:ratio=0.1"}
+CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("diloco", {"p": 3}),
+         ("olco3", OLCO3_PS)]
 
 
 @pytest.mark.timeout(120)
@@ -43,6 +51,7 @@ def test_a_leave_at_a_fixed_step_gives_the_simulators_models(tmp_path: Any, algo
     assert sim.result["status"] == "completed"
     assert r.models is not None and r.models.shape[0] == 2  # the survivors' finals
     torch.testing.assert_close(r.models, sim.bank.X[:2], rtol=1e-5, atol=2e-6)
+    assert r.result["final"]["bytes_sent_total"] > 0  # (OLCO3: the server's replies too)
     # and not the run without the leave (the test can tell them apart)
     plain = simulate(prepare(from_dict({**cfg, "workers": N})))
     assert not torch.allclose(r.models, plain.bank.X[:2], atol=1e-4)

@@ -19,6 +19,7 @@ from relaxsgd.distributed.collectives import Counts
 from relaxsgd.distributed.quorum_server import ServerQuorum, from_wire, wire_send
 from relaxsgd.distributed.server import ServerHost
 from relaxsgd.distributed.transport import PeerLost
+from test_quorum import _get  # a round's result, or the test fails if it never ends
 
 NUMEL = 2
 
@@ -67,11 +68,6 @@ class Net:
     def upload(self, i: int, k: int, value: float) -> Any:
         eff = ServerRound(torch.full((NUMEL,), value), 4 * NUMEL, 4 * NUMEL)
         return self.side[i].server_round(k, eff)
-
-
-def _get(h: Any, timeout: float = 5.0) -> Any:
-    assert h.event.wait(timeout), "the round did not end"
-    return h.result()
 
 
 def test_the_server_serves_the_mean_of_exactly_the_workers_that_took_part() -> None:

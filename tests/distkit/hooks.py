@@ -102,12 +102,18 @@ def _install_queued_sends() -> None:
     runtime._Job.__init__ = init  # type: ignore[method-assign]
 
 
-def _install_kill() -> None:
-    spec = os.environ.get("RELAXSGD_TEST_KILL_AT")
+def _my_step(var: str) -> int | None:
+    """The step of ``var`` (``<rank>:<step>``) if it names this process's rank, else None."""
+    spec = os.environ.get(var)
     if not spec:
-        return
+        return None
     rank, step = (int(x) for x in spec.split(":"))
-    if int(os.environ.get("RANK", -1)) != rank:
+    return step if int(os.environ.get("RANK", -1)) == rank else None
+
+
+def _install_kill() -> None:
+    step = _my_step("RELAXSGD_TEST_KILL_AT")
+    if step is None:
         return
     from relaxsgd.worker import LocalWorker
 
@@ -133,11 +139,8 @@ def _install_leave() -> None:
     """``RELAXSGD_TEST_LEAVE_AT=<rank>:<step>``: that worker dies by SIGKILL at its first
     safe point (``yield Checkpoint()``) at or past that local step: the moment the
     simulator's trace event ``<rank>,leave,<step>`` takes it away (sim/dist parity)."""
-    spec = os.environ.get("RELAXSGD_TEST_LEAVE_AT")
-    if not spec:
-        return
-    rank, step = (int(x) for x in spec.split(":"))
-    if int(os.environ.get("RANK", -1)) != rank:
+    step = _my_step("RELAXSGD_TEST_LEAVE_AT")
+    if step is None:
         return
     from relaxsgd.distributed.executor import Executor
 

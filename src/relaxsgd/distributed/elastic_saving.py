@@ -32,7 +32,16 @@ from typing import Any
 from .. import checkpoint as ckpt
 from ..errors import ConfigError
 from .handover import apply
-from .saving import DistCheckpoints, _load_rank, _next_index, rank_file, rank_positions, restore
+from .saving import (
+    DistCheckpoints,
+    _load_rank,
+    _next_index,
+    job_state,
+    minutes_of,
+    rank_file,
+    rank_positions,
+    restore_own,
+)
 from .stopping import Requests
 
 COUNTERS = ("bytes", "messages", "server_bytes", "server_messages", "stall", "wire",
@@ -54,10 +63,6 @@ def attach(job: Any, out: str, resolved: dict[str, Any]) -> DistCheckpoints | No
         return None
     os.makedirs(out, exist_ok=True)
 
-    def job_state() -> dict[str, Any]:
-        return {"snap_next": job.snap.next, "compute_time": job.compute_time,
-                "units": job.units, "eval_wire": job.eval_wire}
-
     def run_state() -> dict[str, Any]:
         ev = job.evaluator
         return {"rows": [dict(r) for r in job.rec.rows], "next_index": ev.next_index,
@@ -66,10 +71,8 @@ def attach(job: Any, out: str, resolved: dict[str, Any]) -> DistCheckpoints | No
                           for r, s in sorted(ev.last.items()) if r != 0}}
 
     saver = DistCheckpoints(job.cfg.checkpoint_every, out, 0, job.n, resolved, False,
-                            job.bank, job_state, run_state, None)
-    minutes = saver.every[1] if saver.every is not None and saver.every[0] == "minutes" \
-        else None
-    saver.requests = _OwnRequests(job.ex, job.stop, False, minutes, out)
+                            job.bank, lambda: job_state(job), run_state, None)
+    saver.requests = _OwnRequests(job.ex, job.stop, False, minutes_of(saver), out)
     return saver
 
 
@@ -116,14 +119,7 @@ def resume(job: Any, store: Any, ck: dict[str, Any], next_index: int) -> None:
 def _as_owner(job: Any, ck: dict[str, Any], next_index: int) -> None:
     """Rank 0: its own file back (.saving.resume_job without the agreement of every
     rank's files: there is one)."""
-    restore(ck, job.ex, job.bank, float(ck["job"]["eval_wire"]))
-    j = ck["job"]
-    job.compute_time, job.units = float(j["compute_time"]), int(j["units"])
-    job.snap.next = next_index
-    if job.ex.saver is not None:
-        job.ex.saver._advance_schedule(float(ck["position"]))
-    job.rec.restore(ck["run"]["rows"])
-    job.evaluator.next_index = next_index
+    restore_own(job, ck, next_index)
 
 
 def _as_newcomer(job: Any, ck: dict[str, Any], next_index: int) -> None:

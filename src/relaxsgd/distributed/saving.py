@@ -304,13 +304,34 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 # -- the job's side (.runtime._Job) --------------------------------------------------------
 
+def job_state(job: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of ``job`` itself (its snapshot schedule and counters)."""
+    return {"snap_next": job.snap.next, "compute_time": job.compute_time,
+            "units": job.units, "eval_wire": job.eval_wire}
+
+
+def minutes_of(saver: DistCheckpoints) -> float | None:
+    """The wall-clock period of ``saver``'s schedule, if it saves every so many minutes."""
+    every = saver.every
+    return every[1] if every is not None and every[0] == "minutes" else None
+
+
+def restore_own(job: Any, ck: dict[str, Any], next_index: int) -> None:
+    """Put ``ck``, this rank's own file, back into ``job`` (rank 0: the metrics rows too)."""
+    restore(ck, job.ex, job.bank, float(ck["job"]["eval_wire"]))
+    j = ck["job"]
+    job.compute_time, job.units = float(j["compute_time"]), int(j["units"])
+    job.snap.next = next_index
+    if job.ex.saver is not None:
+        job.ex.saver._advance_schedule(float(ck["position"]))
+    if job.rank == 0:
+        job.rec.restore(ck["run"]["rows"])
+        job.evaluator.next_index = next_index
+
+
 def attach(job: Any, out: str, resolved: dict[str, Any]) -> DistCheckpoints:
     """The checkpoints of ``job`` (a ``runtime._Job``), saved in ``out``."""
     os.makedirs(out, exist_ok=True)
-
-    def job_state() -> dict[str, Any]:
-        return {"snap_next": job.snap.next, "compute_time": job.compute_time,
-                "units": job.units, "eval_wire": job.eval_wire}
 
     def run_state() -> dict[str, Any]:
         return {"rows": [dict(r) for r in job.rec.rows],
@@ -325,11 +346,9 @@ def attach(job: Any, out: str, resolved: dict[str, Any]) -> DistCheckpoints:
 
     first, sync = job.rank == 0, synchronous(job.prep.algo)
     saver = DistCheckpoints(job.cfg.checkpoint_every, out, job.rank, job.n, resolved, sync,
-                            job.bank, job_state, run_state if first else None,
+                            job.bank, lambda: job_state(job), run_state if first else None,
                             wait_rows if first else None)
-    minutes = saver.every[1] if saver.every is not None and saver.every[0] == "minutes" \
-        else None
-    saver.requests = Requests(job.ex, job.stop, sync, minutes, out)
+    saver.requests = Requests(job.ex, job.stop, sync, minutes_of(saver), out)
     return saver
 
 
@@ -338,15 +357,7 @@ def resume_job(job: Any, store: Any, ck: dict[str, Any], next_index: int) -> Non
     rank raises the same ConfigError (agreed through the store)."""
     err = ""
     try:
-        restore(ck, job.ex, job.bank, float(ck["job"]["eval_wire"]))
-        j = ck["job"]
-        job.compute_time, job.units = float(j["compute_time"]), int(j["units"])
-        job.snap.next = next_index
-        if job.ex.saver is not None:
-            job.ex.saver._advance_schedule(float(ck["position"]))
-        if job.rank == 0:
-            job.rec.restore(ck["run"]["rows"])
-            job.evaluator.next_index = next_index
+        restore_own(job, ck, next_index)
     except ckpt.RESTORE_ERRORS as e:
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         err = f"worker {job.rank}: its checkpoint cannot be restored (damaged?): {why}"
