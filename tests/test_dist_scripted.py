@@ -16,6 +16,7 @@ import torch
 from distkit import run_job
 from relaxsgd.config import from_dict
 from relaxsgd.run import prepare, simulate
+from test_dist_elastic import OLCO3_PS
 from test_dist_parity import BASE, N
 
 pytestmark = pytest.mark.dist
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.dist
 TRACE = "worker,event,step\n2,leave,6\n2,rejoin,12\n"
 # SwarmSGD's sequential schedule: its edges are drawn among the workers live at each t
 SWARM = {"schedule": "sequential", "quantizer": "none", "H": 2}
-CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("swarm", SWARM)]
+# OLCO3 through a parameter server: the server's rounds count the rejoiner in too
+CASES = [("allreduce", {}), ("localsgd", {"p": 3}), ("swarm", SWARM),
+         ("olco3", OLCO3_PS)]
 
 
 def _sim(cfg: dict[str, Any]) -> Any:

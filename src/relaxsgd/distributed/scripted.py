@@ -216,7 +216,10 @@ class ScriptedChurn:
                 self.job.evaluator.mark_dead(src, ordered=True)
             self.el.left(src, "elastic.churn.trace")
         elif worker != self.rank and worker in self.ex.away:
-            self._back(worker)
+            with self.lock:  # only a rejoin the trace says is still to come
+                due = any(x == worker for x, _ in self.rejoins)
+            if due:
+                self._back(worker)
 
     def _back(self, j: int) -> None:
         """``j`` is back: live and a member of the quorum rounds from the next one."""
@@ -226,6 +229,7 @@ class ScriptedChurn:
                 self.rejoins.pop(k)
         self.ex.away = self.ex.away - {j}
         self.el.joined(j)
-        for q in (self.ex.quorum, self.ex.quorum_spawns):
-            if q is not None:
+        for q in (self.ex.quorum, self.ex.quorum_spawns,
+                  getattr(self.ex, "quorum_server", None)):
+            if q is not None:  # (the server's rounds too: OLCO3 / EF-SGD with ps)
                 q.member_joined(j, member=True)
