@@ -96,12 +96,12 @@ def load(folder: str, resolved: dict[str, Any], n: int) -> tuple[dict[str, Any],
     # while the others' had not come in; every worker (at the checkpoint's step) ships that
     # one again. (saving._next_index's max is right only after the barrier's agreement:
     # here it lost the row, seen 1 run in 3.)
-    # The rows themselves say which was recorded last (the evaluator's own counter is
-    # read from another thread than its rows: seen one behind them, a row twice).
-    rows = ck.get("run", {}).get("rows") if isinstance(ck.get("run"), dict) else None
-    if isinstance(rows, list):
-        return ck, int(rows[-1]["eval"]) + 1 if rows else 0
-    return ck, _next_index(ck)
+    # The rows themselves say how many were recorded (a row's "eval" is the number of
+    # rows before it: Recorder.record); the evaluator's own counter is read from another
+    # thread than its rows (seen one behind them: a row twice).
+    run = ck.get("run")
+    rows = run.get("rows") if isinstance(run, dict) else None
+    return ck, len(rows) if isinstance(rows, list) else _next_index(ck)
 
 
 def resume(job: Any, store: Any, ck: dict[str, Any], next_index: int) -> None:
