@@ -82,3 +82,21 @@ def test_other_churn_is_refused_for_the_sequential_schedule(tmp_path: Path,
            "elastic": {"churn": churn}}
     with pytest.raises(ConfigError, match=fragment):
         Simulation(prepare(from_dict(cfg)))
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ("worker,event,step\n1,leave,2\n3,join,4\n", "worker 3 joins; the dist runtime plays"),
+    ("worker,event,step\n0,leave,2\n", "worker 0 leaves; in the dist runtime worker 0"),
+    ("worker,event,time\n1,leave,2.5\n", "is keyed by time; the dist runtime plays only"),
+])
+def test_a_trace_the_dist_runtime_cannot_play_is_one_line(tmp_path, rows, fragment) -> None:
+    """distributed.scripted.trace_events: every worker refuses these before connecting
+    (a join is a new process; worker 0 hosts the outputs; virtual seconds)."""
+    from relaxsgd.distributed.scripted import trace_events
+
+    (tmp_path / "t.csv").write_text(rows)
+    cfg = from_dict({"workers": 3, "elastic": {"max_workers": 4,
+                                               "churn": {"trace": str(tmp_path / "t.csv")}}})
+    with pytest.raises(ConfigError) as e:
+        trace_events(cfg)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
