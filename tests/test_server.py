@@ -180,3 +180,27 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     host.upload(0, 1, msgs[0], 32.0, local=late)
     assert late.done and "lost worker 2, so the parameter server cannot complete round 1" \
         in str(late.error)
+
+
+def test_a_quorum_server_round_costs_what_a_full_round_does(tmp_path: Any) -> None:
+    """Under churn (a trace whose only event comes after the run) every server round is a
+    quorum round (.sim.churn); with every worker in, it must cost what a full round does:
+    worker 0's reply takes no hop, and the server's own compression its codec time."""
+    (tmp_path / "t.csv").write_text("worker,event,step\n1,leave,1000\n")
+    opts = {"p": 2, "s": 1, "compressor": "topk:ratio=0.1", "aggregation": "ps",
+            "server_compressor": "topk:ratio=0.05"}
+    (tmp_path / "p.yaml").write_text("compute: {flops_per_s: 1.0e9, encode_s: 1.0e-6, "
+                                     "decode_s: 2.0e-6}\n")
+    comp = {"step_time_s": 0.01, "codec": "on", "profile": str(tmp_path / "p.yaml")}
+    cfgs = [tiny(algo="olco3", algo_options=opts, steps=8, compute=comp,
+                 network="custom", network_options={"latency_s": 0.05,
+                                                    "bandwidth_Bps": 1e5}, **el)
+            for el in ({}, {"elastic": {"churn": {"trace": str(tmp_path / "t.csv")}}})]
+    full, quorum = (simulate(prepare(c)) for c in cfgs)
+    assert quorum.engine.members is not None and not quorum.engine.members.events
+    for key in ("virtual_time_s", "stall_time_s_mean"):
+        assert quorum.result["final"][key] == pytest.approx(full.result["final"][key],
+                                                            rel=1e-12), key
+    assert (quorum.engine.server_bytes, quorum.engine.server_messages) == (
+        full.engine.server_bytes, full.engine.server_messages)
+    assert torch.equal(quorum.bank.X, full.bank.X)

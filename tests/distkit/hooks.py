@@ -34,7 +34,8 @@ def _install_trace() -> None:
     """Benchmarks only: ``RELAXSGD_BENCH_TRACE=<folder>``: every worker records, on the
     machine's monotonic clock (``time.perf_counter``, one clock for every process of a
     machine), when each of its local computations ran (``compute``: [start, end, steps])
-    and when its main program waited on a handle (``wait``: [start, end, label]), and
+    and when its main program waited on a handle (``wait``: [start, end, label]), the
+    process's CPU and wall seconds in the run (``cpu``: [cpu, wall]), and
     writes them to ``<folder>/run<k>-rank<r>.json`` when its k-th run ends (``distkit
     multi``): what ``benchmarks/sync_trace.py`` reads to see where a round's time goes."""
     folder = os.environ.get("RELAXSGD_BENCH_TRACE")
@@ -66,9 +67,12 @@ def _install_trace() -> None:
 
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         self.ex.trace = {"compute": [], "wait": [], "rank": self.rank, "n": self.n}
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         try:
             return orig_run(self, *args, **kwargs)
         finally:
+            # the process's CPU seconds (every thread) and wall seconds in the run
+            self.ex.trace["cpu"] = [time.process_time() - cpu0, time.perf_counter() - wall0]
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"run{count[0]}-rank{self.rank}.json"), "w",
                       encoding="utf-8") as f:

@@ -37,6 +37,7 @@ from typing import Any
 
 from ..algorithms.base import AllReduce, Handle, PeerUnavailable, ServerRound
 from ..algorithms.server import server_seconds
+from ..codec_meter import metering
 from ..membership import (
     ChurnDraws,
     Membership,
@@ -50,6 +51,7 @@ from ..membership import (
 from ..state_tree import decode, encode, pending_handles
 from .barrier import done_handle
 from .collectives import allgather_cost, allreduce_cost
+from .server import SERVER_RANK
 
 
 class Failed:
@@ -338,12 +340,18 @@ class ChurnNode:
     def _serve_quorum(self, r: dict[str, Any]) -> tuple[float, Any]:
         part = sorted(r["members"])
         effs: list[ServerRound] = [r["members"][k][0] for k in part]
-        reply = self.server.serve(self.server_state, [e.payload for e in effs])
-        ready = r["t"] + server_seconds(len(part), self.bank.d)
+        with metering() as work:  # the server's own compression, as in a full round
+            reply = self.server.serve(self.server_state, [e.payload for e in effs])
+        ready = (r["t"] + server_seconds(len(part), self.bank.d)
+                 + self.compute.work_time(None, work))
         end = ready
-        hs = [r["members"][k][1] for k in part] + list(r["listeners"].values())
-        for h in hs:
-            arrive, tries = self.net.from_server(effs[0].down_nbytes, ready)
+        # worker 0 hosts the server (.server): its reply takes no link; the others' (the
+        # members', then the listeners': rejoiners told the round's result) leave the
+        # server's link in that order
+        hs = [(k, r["members"][k][1]) for k in part] + list(r["listeners"].items())
+        for k, h in hs:
+            arrive, tries = ((ready, 1) if k == SERVER_RANK else
+                             self.net.from_server(effs[0].down_nbytes, ready))
             self.server_bytes += int(effs[0].down_nbytes) * tries
             self.server_messages += tries
             self.at(arrive, self._resolve, h, _fresh(reply))
