@@ -20,10 +20,13 @@ second measured, and what the simulator predicts for the same run, with
 
 each with a spread of the step time within a synchronous round (``compute.heterogeneity:
 jitter``, a mean-one log-normal factor per local computation: a synchronous round waits
-for the slowest of the n): for all-reduce SGD, Local SGD and Pipe-SGD the run's own,
+for the slowest of the n): for all-reduce SGD, Local SGD, Pipe-SGD and OLCO3 (whose
+workers meet in rounds: OLCO3's at its server) the run's own,
 from its trace (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`), with the
 step scaled to all the work between the run's collectives; for the others the one
-``relaxsgd calibrate`` measured; and, in the column 'no jitter', the ratio to the
+``relaxsgd calibrate`` measured; SwarmSGD's 'pred.run' charges the lattice's cost per
+element as the run paid it (its trace times every encode and decode: its handlers code on
+a thread that shares the cores with the steps); and, in the column 'no jitter', the ratio to the
 prediction with every step the mean (what the simulator charged before). After the table,
 the trace's split of a synchronous round (compute, the wait for the slowest, the
 collective), and the ratio measured / predicted for each. A ratio below 1 is time the
@@ -252,7 +255,9 @@ def main() -> None:
     throughput(40 if a.quick else 200, every_prediction=not a.quick)
 
 
-SYNC = ("allreduce", "localsgd", "pipesgd")  # one blocking wait a round: split by the trace
+# the workers meet in rounds (one blocking wait a round: split by the trace); OLCO3's
+# rounds meet at the server (its wait is for the reply of s rounds before)
+SYNC = ("allreduce", "localsgd", "pipesgd", "olco3")
 BEFORE = ("allreduce", "swarm")  # also run as before: every message via a sender thread
 
 
@@ -264,7 +269,7 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
     from relaxsgd.config import from_dict
     from relaxsgd.run import measure_step_time, prepare
     from relaxsgd.sim.compute import expected_max_lognormal
-    from sync_trace import print_rounds, run_spread
+    from sync_trace import print_rounds, run_lattice_costs, run_spread, with_lattice_costs
 
     runs_of = [(n, o, before) for n, o in ALGOS if n in ALGORITHMS
                for before in ((True, False) if n in BEFORE else (False,))]
@@ -305,6 +310,7 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
         print(head)
         print("-" * len(head))
         got: dict[tuple[str, bool], tuple[float, float]] = {}
+        coded: dict[str, tuple[float, float]] = {}
         for k, ((algo, _, before), cfg, r) in enumerate(zip(runs_of, cfgs, runs,
                                                              strict=True)):
             f = r.result["final"]
@@ -316,21 +322,33 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
             # the others: calibrate's spread, the timed step
             spread = run_spread(trace, k, N) if algo in SYNC else None
             own, sigma = (in_run * spread[1], spread[0]) if spread else (in_run, None)
+            # the lattice's cost per element as this run paid it (SwarmSGD: its handlers
+            # code on a thread that shares the cores with the steps of 4 processes)
+            paid = run_lattice_costs(trace, k, N)
+            prof_k = (with_lattice_costs(profile, paid, os.path.join(d, f"profile{k}.yaml"))
+                      if paid else profile)
+            if paid:
+                coded[label_of(algo, before)] = paid
             # (the "before" rows and --quick: only the prediction with the run's own step
             # time; each prediction is a whole simulation, most of the benchmark's time)
-            preds = [None, None, predicted(cfg, own, profile, sigma)] \
+            preds = [None, None, predicted(cfg, own, prof_k, sigma)] \
                 if before or not every_prediction else \
-                [predicted(cfg, s, profile, sigma) for s in (alone, shared, own)]
+                [predicted(cfg, s, profile, sigma) for s in (alone, shared)] + \
+                [predicted(cfg, own, prof_k, sigma)]
             got[(algo, before)] = (measured, measured / preds[2])
             cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
                             f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
-            flat = measured / predicted(cfg, in_run, profile, 0.0)
-            label = f"{algo} (before)" if before else algo
+            flat = measured / predicted(cfg, in_run, prof_k, 0.0)
+            label = label_of(algo, before)
             print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} {flat:>9.2f} "
                   f"{100 * f['stall_time_s_mean'] / wall:>7.1f} "
                   f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
         print()  # (the traces are in the temporary folder)
+        for label, (e, dc) in coded.items():
+            print(f"lattice as {label} paid it (its trace): {e * 1e9:.1f} ns an element "
+                  f"encoded, {dc * 1e9:.1f} decoded (calibrate: {comp['encode_s'] * 1e9:.1f}, "
+                  f"{comp['decode_s'] * 1e9:.1f}); 'pred.run' charges these")
         print_rounds(trace, [a if a in SYNC and not b else None for a, _, b in runs_of], N)
         a, b = net["collectives"]["allreduce"][str(N)]
         nbytes = 4 * param_count(cfgs[0])
@@ -341,7 +359,7 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
           f"with the step time measured alone ({alone * 1e3:.1f} ms), alone x {N}/{cores} "
           f"processes per core ({shared * 1e3:.1f} ms), or in the run ('pred.run'), each "
           "with a spread of the step time within a round (compute.heterogeneity jitter): "
-          "for all-reduce SGD, Local SGD and Pipe-SGD the run's own (its trace: the "
+          "for all-reduce SGD, Local SGD, Pipe-SGD and OLCO3 the run's own (its trace: the "
           "'sigma' below) and the run's step scaled to all the work between its "
           "collectives ('comp mean'/'timed' below), for the others calibrate's spread "
           "and the run's step; ratio = measured / predicted; 'no jitter': the ratio to "
@@ -350,6 +368,10 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
           "handed to a sender thread")
     summary(got)
     print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+def label_of(algo: str, before: bool) -> str:
+    return f"{algo} (before)" if before else algo
 
 
 def summary(got: dict[tuple[str, bool], tuple[float, float]]) -> None:

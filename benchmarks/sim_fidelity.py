@@ -18,8 +18,10 @@ after start-up, ``final.virtual_time_s``) and in the simulator with ``--network 
 the step time's spread within a synchronous round calibrate measured
 (``compute.heterogeneity: calibrated``). Then, robust to the load of a shared machine,
 each run is predicted again from its own measurements ('own'): the step time the real
-run measured and, for all-reduce SGD and Local SGD, the spread of its workers' compute
-within its rounds and its work between collectives, from the run's trace
+run measured; for the algorithms whose workers meet in rounds (all-reduce SGD, Local SGD,
+OLCO3 at its server, DiLoCo) the spread of its workers' compute within its rounds and its
+work between rounds; for SwarmSGD the lattice's cost per element as the run paid it; all
+from the run's trace
 (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`); the real run and its
 own-step prediction are made one after the other, algorithm by algorithm. Printed: both
 times, predicted/real, and each algorithm's throughput relative to all-reduce SGD, real
@@ -45,7 +47,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(HERE, "..", "tests")
 # the real runs: relaxsgd run with distkit's hooks (the trace), tests/ on the path
 DISTKIT = [sys.executable, "-m", "distkit"]
-SYNC = ("allreduce", "localsgd")  # one blocking collective a round: split by the trace
+# the workers meet in rounds (one blocking wait a round: split by the trace): the
+# collectives', DiLoCo's outer all-reduce, OLCO3's server round (its wait is for the reply
+# of s rounds before)
+SYNC = ("allreduce", "localsgd", "olco3", "diloco")
 CODEC_ON = ["--set", "compute.codec=on"]
 TASK = ["--task", "mnist1d", "--batch-size", "32", "--set", "eval_samples=200"]
 ALGOS: list[tuple[str, list[str]]] = [
@@ -144,6 +149,19 @@ def own_spread(real_out: str, algo: str, n: int) -> tuple[float, float] | None:
     return run_spread(trace, 0, n)
 
 
+def own_codec(real_out: str, prof: str, n: int) -> str:
+    """The profile with the lattice's cost per element as the traced run paid it
+    (SwarmSGD), else ``prof`` itself."""
+    sys.path.insert(0, HERE)
+    from sync_trace import run_lattice_costs, with_lattice_costs
+
+    trace = real_out + "-trace"
+    if not os.path.exists(os.path.join(trace, "run0-rank0.json")):
+        return prof
+    paid = run_lattice_costs(trace, 0, n)
+    return with_lattice_costs(prof, paid, real_out + "-profile.yaml") if paid else prof
+
+
 def compare_run(real_out: str, sim_out: str, common: list[str], prof: str,
                 n: int) -> dict[str, Any]:
     """One row: the real run, the simulator from the profile, and the simulator with the
@@ -158,8 +176,9 @@ def compare_run(real_out: str, sim_out: str, common: list[str], prof: str,
     if spread is not None:
         own *= spread[1]
     own_out = sim_out + "-own-step"
+    own_prof = own_codec(real_out, prof, n)
     _sim([*common, "--network", prof, "--step-time", str(own), "--set",
-          f"compute.profile={prof}", *CODEC_ON, *het, "--out", own_out])
+          f"compute.profile={own_prof}", *CODEC_ON, *het, "--out", own_out])
     return {"algo": real["algorithm"], "real_s": real["final"]["virtual_time_s"],
             "sim_s": sim["final"]["virtual_time_s"],
             "own_s": result(own_out)["final"]["virtual_time_s"],
@@ -197,8 +216,9 @@ def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: in
                   f"{r['own_s'] / r['real_s']:>12.2f} {xo:>7.2f} {sig:>5} {su:>10}")
     print("'sim': the simulator from the calibrated profile (its step, its spread: "
           "heterogeneity calibrated, each codec's own cost); 'own': from the real run's "
-          "own step time ('real' step ms; all-reduce SGD and Local SGD: scaled to the work "
-          "between collectives) and spread ('sigma', from its trace; 'cal': calibrate's); "
+          "own step time ('real' step ms; the algorithms whose workers meet in rounds: "
+          "scaled to the work between rounds) and spread ('sigma', from its trace; 'cal': "
+          "calibrate's), and the lattice's cost as the run paid it (SwarmSGD's trace); "
           "xAR: all-reduce SGD's time over the algorithm's")
     for k, (ok, xok) in cells.items():
         print(f"{k}: {ok} of {total} cells within 0.8-1.25, {xok} of {total} with xAR "

@@ -111,6 +111,37 @@ def run_spread(folder: str, k: int, n: int) -> tuple[float, float] | None:
     return sigma_of_rounds([x["comp"] for x in rs]), comp / timed if timed > 0 else 1.0
 
 
+def run_lattice_costs(folder: str, k: int, n: int) -> tuple[float, float] | None:
+    """(encode, decode) seconds per element of the lattice codec as the k-th run paid them
+    (every worker's coding, CPU contention included: ``distkit``'s trace times each call),
+    or None if it coded nothing."""
+    got = [t.get("lattice") for t in load_traces(folder, k, n)]
+    if not all(got):
+        return None
+    costs = []
+    for kind in ("encoded", "decoded"):
+        elements = sum(g[kind][0] for g in got)
+        if elements <= 0:
+            return None
+        costs.append(sum(g[kind][1] for g in got) / elements)
+    return costs[0], costs[1]
+
+
+def with_lattice_costs(profile: str, costs: tuple[float, float], out: str) -> str:
+    """A copy of ``profile`` (at ``out``) whose lattice codec costs are ``costs`` (encode,
+    decode seconds per element): what a run itself paid, from its trace."""
+    import yaml
+
+    with open(profile, encoding="utf-8") as f:
+        prof = yaml.safe_load(f)
+    comp = prof["compute"]
+    comp["encode_s"], comp["decode_s"] = costs
+    comp.setdefault("codecs", {})["lattice"] = {"encode_s": costs[0], "decode_s": costs[1]}
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump(prof, f)
+    return out
+
+
 def sigma_of_rounds(comp: list[list[float]]) -> float:
     from relaxsgd.lab.fit import fit_jitter
 

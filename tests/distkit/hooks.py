@@ -35,7 +35,8 @@ def _install_trace() -> None:
     machine's monotonic clock (``time.perf_counter``, one clock for every process of a
     machine), when each of its local computations ran (``compute``: [start, end, steps])
     and when its main program waited on a handle (``wait``: [start, end, label]), the
-    process's CPU and wall seconds in the run (``cpu``: [cpu, wall]), and
+    process's CPU and wall seconds in the run (``cpu``: [cpu, wall]), the elements its
+    lattice codec encoded and decoded and the seconds that took (``lattice``), and
     writes them to ``<folder>/run<k>-rank<r>.json`` when its k-th run ends (``distkit
     multi``): what ``benchmarks/sync_trace.py`` reads to see where a round's time goes."""
     folder = os.environ.get("RELAXSGD_BENCH_TRACE")
@@ -49,6 +50,7 @@ def _install_trace() -> None:
     orig_timed, orig_block, orig_run = (runtime._Job._timed, executor.Executor._block,
                                         runtime._Job.run)
     count = [0]
+    coding: dict[str, list[float]] = {"encoded": [0, 0.0], "decoded": [0, 0.0]}
 
     def timed(self: Any, fn: Any, units: int) -> Any:
         t = time.perf_counter()
@@ -68,11 +70,16 @@ def _install_trace() -> None:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         self.ex.trace = {"compute": [], "wait": [], "rank": self.rank, "n": self.n}
         cpu0, wall0 = time.process_time(), time.perf_counter()
+        for v in coding.values():
+            v[:] = [0, 0.0]
         try:
             return orig_run(self, *args, **kwargs)
         finally:
             # the process's CPU seconds (every thread) and wall seconds in the run
             self.ex.trace["cpu"] = [time.process_time() - cpu0, time.perf_counter() - wall0]
+            self.ex.trace["lattice"] = {k: list(v) for k, v in coding.items()}
+            # messages sent, and how many of them went through a sender thread's queue
+            self.ex.trace["sends"] = [self.tr.messages, self.tr.handed_off]
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"run{count[0]}-rank{self.rank}.json"), "w",
                       encoding="utf-8") as f:
@@ -82,6 +89,35 @@ def _install_trace() -> None:
     runtime._Job._timed = timed  # type: ignore[method-assign]
     executor.Executor._block = block  # type: ignore[method-assign]
     runtime._Job.run = run  # type: ignore[method-assign]
+    _time_lattice(coding)
+
+
+def _time_lattice(coding: dict[str, list[float]]) -> None:
+    """Time every lattice encode and decode of this process (any thread) into ``coding``
+    (``{"encoded"|"decoded": [elements, seconds]}``): the codec's cost per element as the
+    run paid it, CPU contention and all (``benchmarks/dist_throughput.py``)."""
+    import threading
+    import time
+
+    from relaxsgd.quantize.lattice import LatticeQuantizer
+
+    lock = threading.Lock()
+
+    def timed(kind: str, fn: Any, elements: Any) -> Any:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            dt = time.perf_counter() - t
+            with lock:
+                coding[kind][0] += elements(args, out)
+                coding[kind][1] += dt
+            return out
+        return inner
+
+    LatticeQuantizer.encode_value = timed(  # type: ignore[method-assign]
+        "encoded", LatticeQuantizer.encode_value, lambda a, out: a[1].numel())
+    LatticeQuantizer.decode = timed(  # type: ignore[method-assign]
+        "decoded", LatticeQuantizer.decode, lambda a, out: out[0].numel())
 
 
 def _install_queued_sends() -> None:
