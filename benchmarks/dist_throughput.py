@@ -2,8 +2,9 @@
 
 Four worker processes on this machine (gloo over loopback, one torch thread each) train the
 small CNN (MNIST when its files are at ../shared/data/mnist, else MNIST-1D's 1-D CNN) with
-all-reduce SGD, Local SGD (p = 4), SwarmSGD (defaults: H = 2, non-blocking, complete graph)
-and OLCO3 (defaults: p = 4, s = 1, PowerSGD rank 2), plus Pipe-SGD (s = 1: all-reduce
+all-reduce SGD, Local SGD (p = 4), SwarmSGD (its defaults: 8-bit lattice, H = 4 geometric,
+non-blocking, complete graph; and unquantized) and OLCO3 (its defaults: top-k 1% through
+the parameter server, a thread of worker 0; p = 4, s = 1), plus Pipe-SGD (s = 1: all-reduce
 SGD's bytes, each all-reduce overlapping the next step; its stall column shows what the
 non-blocking collectives buy). For each it prints the samples per
 second measured, and what the simulator predicts for the same run, with
@@ -31,9 +32,10 @@ prediction with every step the mean (what the simulator charged before). After t
 the trace's split of a synchronous round (compute, the wait for the slowest, the
 collective), and the ratio measured / predicted for each. A ratio below 1 is time the
 simulator does not model (Python, threads, evaluation snapshots, the barrier at the
-end). All-reduce SGD and SwarmSGD also run as before the transport's idle-connection
-fast path (every message handed to a sender thread: ``(before)``), interleaved in the
-same job, and the last lines give the goals: SwarmSGD's samples/s over all-reduce SGD's
+end). SwarmSGD also runs unquantized ('swarm fp32': what its lattice codec costs where
+bytes are nearly free); with ``--before`` all-reduce SGD and SwarmSGD also run as before
+the transport's idle-connection fast path (every message handed to a sender thread:
+``(before)``), interleaved in the same job. The last lines give the goals: SwarmSGD's samples/s over all-reduce SGD's
 (>= 1) and the lowest measured/predicted (>= 0.8).
 
     python benchmarks/dist_throughput.py            # 200 steps per worker
@@ -70,8 +72,12 @@ MNIST_DIR = os.environ.get("RELAXSGD_MNIST_DIR") or next(
     (d for d in (os.path.join(_HERE, *[".."] * k, "shared", "data", "mnist") for k in (2, 3))
      if os.path.isdir(d)), os.path.join(_HERE, "..", "..", "shared", "data", "mnist"))
 N = 4
-ALGOS = [("allreduce", {}), ("localsgd", {"p": 4}), ("swarm", {}), ("olco3", {}),
-         ("pipesgd", {})]  # the last: all-reduce SGD's bytes, overlapped (stall % drops)
+# (label, algorithm, options); Pipe-SGD: all-reduce SGD's bytes, overlapped (stall %
+# drops); 'swarm fp32': SwarmSGD unquantized, what its lattice codec costs on a link
+# where bytes are nearly free
+ALGOS = [("allreduce", "allreduce", {}), ("localsgd", "localsgd", {"p": 4}),
+         ("swarm", "swarm", {}), ("swarm fp32", "swarm", {"quantizer": "none"}),
+         ("olco3", "olco3", {}), ("pipesgd", "pipesgd", {})]
 
 
 def task() -> tuple[str, dict[str, Any], str | None]:
@@ -238,21 +244,29 @@ def wire_comparison(steps: int, reps: int, legacy_file: str | None = None) -> No
 
 
 def main() -> None:
+    global N
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="40 steps per worker, not 200")
     ap.add_argument("--wire", action="store_true",
                     help="compare the wire format of before, the current one, and TLS")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of --wire")
+    ap.add_argument("--before", action="store_true",
+                    help="also all-reduce SGD and SwarmSGD as before the transport's "
+                    "idle-connection fast path (every message via a sender thread)")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="processes (default 4; on a 2-core machine, 2 gives each its "
+                    "own core)")
     ap.add_argument("--legacy-wire", metavar="FILE",
                     help=f"the old wire.py (default: git show {LEGACY_COMMIT}:...)")
     a = ap.parse_args()
+    N = a.workers
     if a.wire:
         wire_comparison(40 if a.quick else 200, a.reps, a.legacy_wire)
         return
     import torch
 
     torch.set_num_threads(1)
-    throughput(40 if a.quick else 200, every_prediction=not a.quick)
+    throughput(40 if a.quick else 200, every_prediction=not a.quick, before=a.before)
 
 
 # the workers meet in rounds (one blocking wait a round: split by the trace); OLCO3's
@@ -261,7 +275,7 @@ SYNC = ("allreduce", "localsgd", "pipesgd", "olco3")
 BEFORE = ("allreduce", "swarm")  # also run as before: every message via a sender thread
 
 
-def throughput(steps: int, every_prediction: bool = True) -> None:
+def throughput(steps: int, every_prediction: bool = True, before: bool = False) -> None:
     """Samples/s of each algorithm, measured and predicted (see the module doc); without
     ``every_prediction`` (--quick) only the prediction with the run's own step time."""
     from distkit import run_jobs
@@ -271,9 +285,9 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
     from relaxsgd.sim.compute import expected_max_lognormal
     from sync_trace import print_rounds, run_lattice_costs, run_spread, with_lattice_costs
 
-    runs_of = [(n, o, before) for n, o in ALGOS if n in ALGORITHMS
-               for before in ((True, False) if n in BEFORE else (False,))]
-    cfgs = [config(n, o, steps) for n, o, _ in runs_of]
+    runs_of = [(label_of(lb, b), n, o, b) for lb, n, o in ALGOS if n in ALGORITHMS
+               for b in ((True, False) if before and lb in BEFORE else (False,))]
+    cfgs = [config(n, o, steps) for _, n, o, _ in runs_of]
     t0, load0 = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
         profile = runtime_profile(cfgs[0], d)
@@ -281,7 +295,7 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
             prof = __import__("yaml").safe_load(f)
         net, comp = prof["network"], prof["compute"]
         alone = measure_step_time(prepare(from_dict({**cfgs[0], "workers": N})))
-        queued = ",".join(str(k) for k, r in enumerate(runs_of) if r[2])
+        queued = ",".join(str(k) for k, r in enumerate(runs_of) if r[3])
         trace = os.path.join(d, "trace")
         runs = run_jobs(cfgs, N, os.path.join(d, "runs"), timeout=1800,
                         env={"RELAXSGD_SAVE_MODELS": "0", "RELAXSGD_BENCH_QUEUED_SENDS": queued,
@@ -309,10 +323,10 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
                 f"{'no jitter':>9} {'stall %':>7} {'MB/worker':>9}")
         print(head)
         print("-" * len(head))
-        got: dict[tuple[str, bool], tuple[float, float]] = {}
+        got: dict[str, tuple[float, float]] = {}
         coded: dict[str, tuple[float, float]] = {}
-        for k, ((algo, _, before), cfg, r) in enumerate(zip(runs_of, cfgs, runs,
-                                                             strict=True)):
+        for k, ((label, algo, _, was), cfg, r) in enumerate(zip(runs_of, cfgs, runs,
+                                                                strict=True)):
             f = r.result["final"]
             wall = f["virtual_time_s"]
             measured = f["samples_total"] / wall
@@ -328,19 +342,18 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
             prof_k = (with_lattice_costs(profile, paid, os.path.join(d, f"profile{k}.yaml"))
                       if paid else profile)
             if paid:
-                coded[label_of(algo, before)] = paid
+                coded[label] = paid
             # (the "before" rows and --quick: only the prediction with the run's own step
             # time; each prediction is a whole simulation, most of the benchmark's time)
             preds = [None, None, predicted(cfg, own, prof_k, sigma)] \
-                if before or not every_prediction else \
+                if was or not every_prediction else \
                 [predicted(cfg, s, profile, sigma) for s in (alone, shared)] + \
                 [predicted(cfg, own, prof_k, sigma)]
-            got[(algo, before)] = (measured, measured / preds[2])
+            got[label] = (measured, measured / preds[2])
             cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
                             f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
             flat = measured / predicted(cfg, in_run, prof_k, 0.0)
-            label = label_of(algo, before)
             print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} {flat:>9.2f} "
                   f"{100 * f['stall_time_s_mean'] / wall:>7.1f} "
                   f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
@@ -349,7 +362,7 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
             print(f"lattice as {label} paid it (its trace): {e * 1e9:.1f} ns an element "
                   f"encoded, {dc * 1e9:.1f} decoded (calibrate: {comp['encode_s'] * 1e9:.1f}, "
                   f"{comp['decode_s'] * 1e9:.1f}); 'pred.run' charges these")
-        print_rounds(trace, [a if a in SYNC and not b else None for a, _, b in runs_of], N)
+        print_rounds(trace, [a if a in SYNC and not b else None for _, a, _, b in runs_of], N)
         a, b = net["collectives"]["allreduce"][str(N)]
         nbytes = 4 * param_count(cfgs[0])
         print(f"the calibrated all-reduce of the model ({nbytes / 1e6:.2f} MB), what the "
@@ -364,8 +377,9 @@ def throughput(steps: int, every_prediction: bool = True) -> None:
           "collectives ('comp mean'/'timed' below), for the others calibrate's spread "
           "and the run's step; ratio = measured / predicted; 'no jitter': the ratio to "
           "the prediction from the run's step without any spread (every worker's step "
-          "the mean: what the simulator charged before); '(before)': every message "
-          "handed to a sender thread")
+          "the mean: what the simulator charged before); '(before)' (--before): every "
+          "message handed to a sender thread; 'swarm fp32': SwarmSGD with "
+          "quantizer none")
     summary(got)
     print(f"({time.perf_counter() - t0:.0f} s)")
 
@@ -374,17 +388,19 @@ def label_of(algo: str, before: bool) -> str:
     return f"{algo} (before)" if before else algo
 
 
-def summary(got: dict[tuple[str, bool], tuple[float, float]]) -> None:
+def summary(got: dict[str, tuple[float, float]]) -> None:
     """The goals: SwarmSGD's samples/s >= all-reduce SGD's; every measured/predicted
     (step time of the run) >= 0.8."""
-    if ("swarm", False) in got and ("allreduce", False) in got:
-        now = got[("swarm", False)][0] / got[("allreduce", False)][0]
-        line = f"SwarmSGD / all-reduce SGD samples/s: {now:.2f} (goal >= 1)"
-        if ("swarm", True) in got:
+    if "swarm" in got and "allreduce" in got:
+        ar = got["allreduce"][0]
+        line = f"SwarmSGD / all-reduce SGD samples/s: {got['swarm'][0] / ar:.2f} (goal >= 1)"
+        if "swarm fp32" in got:
+            line += f"; unquantized SwarmSGD: {got['swarm fp32'][0] / ar:.2f}"
+        if "swarm (before)" in got:
             line += (f"; before (queued sends): "
-                     f"{got[('swarm', True)][0] / got[('allreduce', True)][0]:.2f}")
+                     f"{got['swarm (before)'][0] / got['allreduce (before)'][0]:.2f}")
         print(line)
-    ratios = {a: r for (a, before), (_, r) in got.items() if not before}
+    ratios = {a: r for a, (_, r) in got.items() if not a.endswith("(before)")}
     worst = min(ratios, key=ratios.__getitem__)
     print(f"measured/predicted (step time of the run): lowest {ratios[worst]:.2f} ({worst}; "
           "goal >= 0.8): " + ", ".join(f"{a} {r:.2f}" for a, r in ratios.items()))
