@@ -35,8 +35,8 @@ simulator does not model (Python, threads, evaluation snapshots, the barrier at 
 end). SwarmSGD also runs unquantized ('swarm fp32': what its lattice codec costs where
 bytes are nearly free); with ``--before`` all-reduce SGD and SwarmSGD also run as before
 the transport's idle-connection fast path (every message handed to a sender thread:
-``(before)``), interleaved in the same job. The last lines give the goals: SwarmSGD's samples/s over all-reduce SGD's
-(>= 1) and the lowest measured/predicted (>= 0.8).
+``(before)``), interleaved in the same job. The last lines give the goals: SwarmSGD's
+samples/s over all-reduce SGD's (>= 1) and the lowest measured/predicted (>= 0.8).
 
     python benchmarks/dist_throughput.py            # 200 steps per worker
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker

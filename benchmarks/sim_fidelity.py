@@ -352,6 +352,9 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for profiles and runs")
     ap.add_argument("--cases", default=None, help="link:n pairs, comma-separated (e.g. "
                     "shaped:2,unshaped:2; default: --quick shaped:2, else all four)")
+    ap.add_argument("--algos", default=None, help="a comma-separated subset of "
+                    + ",".join(a for a, _ in ALGOS) + " (all-reduce SGD is always run: "
+                    "the xAR columns)")
     ap.add_argument("--resim", action="store_true", help="only the table, from the real "
                     "runs and profiles already in --work (re-running the simulator)")
     args = ap.parse_args()
@@ -361,6 +364,13 @@ def main() -> None:
         return forwarder_table()
     if args.scale:
         return scale_table(args.quick)
+    if args.algos:
+        keep = {"allreduce", *args.algos.split(",")}
+        unknown = keep - {a for a, _ in ALGOS}
+        if unknown:
+            raise SystemExit(f"--algos: unknown {', '.join(sorted(unknown))}; choose from "
+                             + ",".join(a for a, _ in ALGOS))
+        ALGOS[:] = [(a, o) for a, o in ALGOS if a in keep]
     steps = args.steps or (60 if args.quick else 200)
     work = args.work or tempfile.mkdtemp(prefix="sim-fidelity-")
     os.makedirs(work, exist_ok=True)  # a --work folder that is not there yet
