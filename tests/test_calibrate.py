@@ -121,6 +121,12 @@ def test_calibrate_in_the_lab_writes_a_profile_that_the_simulator_uses(tmp_path:
     a, _ = net["collectives"]["allgather"]["2"]
     assert 3.5 * DELAY < a < 8 * DELAY  # the executor's: two gloo all-gathers of two each
     assert 0 <= net["overhead_s"] < DELAY  # the runtime's own cost per message
+    # ... fitted from the round trips timed while the other workers compute (as in a run)
+    busy = net["measured"]["exchange_busy"]["2"] + net["measured"]["sendrecv_busy"]["2"]
+    assert net["overhead_s"] == pytest.approx(fit_p2p(busy, net["latency_s"])[0])
+    idle = net["measured"]["exchange"]["2"] + net["measured"]["sendrecv"]["2"]
+    assert net["overhead_idle_s"] == pytest.approx(fit_p2p(idle, net["latency_s"])[0])
+    assert len(net["measured"]["server_busy"]["2"]) == len(net["measured"]["server"]["2"])
     # rank 0's server, one hop away (in the simulator too: worker 1 pays two overheads)
     assert DELAY - net["overhead_s"] <= net["server_latency_s"] < 3 * DELAY
     assert comp["step_time_s"] > 0 and comp["flops_per_s"] > 0

@@ -37,7 +37,12 @@ Every worker measures at the same time (so cores are shared as in the real run):
   ``rtt = 2 (latency + overhead) + 2 B / bandwidth``; and the parameter server's round
   trip through :mod:`relaxsgd.distributed.server` (every worker's ServerRound, worker 1's
   time), fitted to the simulator's server link (``server_latency_s``,
-  ``server_bandwidth_Bps``, :func:`.fit.fit_server`).
+  ``server_bandwidth_Bps``, :func:`.fit.fit_server`). The point-to-point and server
+  round trips are fitted from their timings under load (:mod:`.paths`: the other workers
+  run local steps meanwhile, as in a run, where a partner answers while it computes):
+  with more processes than cores each message waits for the scheduler, several
+  milliseconds a hop, which an idle measurement misses (``overhead_idle_s``, for the
+  record).
 
 Rank 0 writes the YAML file (:mod:`relaxsgd.sim.profile_file`): ``compute`` and
 ``network`` sections, read by ``--compute FILE`` and ``--network FILE``.
@@ -108,6 +113,24 @@ def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[list[float]
             torch.cuda.synchronize(device)  # the step's kernels, not their launch
         times.append(time.perf_counter() - t)
     return times, count_flops(prep.spec, cfg.train.batch_size) * cfg.train.batch_size
+
+
+def busy_step(cfg: RunConfig, rank: int) -> Any:
+    """One local step of this rank's model (a bank of its own), for the round trips timed
+    under load (:mod:`.paths`): what a worker computes while its messages travel."""
+    from ..bank import Bank
+    from ..run import prepare
+
+    prep = prepare(cfg)
+    device = calibration_device(cfg.device)
+    bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed + 1, 10**9,
+                batching="loop", device=device)
+
+    def step() -> None:
+        bank.local_steps([0], 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return step
 
 
 def step_rounds(times: list[float]) -> list[list[float]]:
@@ -208,9 +231,10 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
     return float(vals[0]), float(vals[1])
 
 
-def executor_path(store: Any, rank: int, n: int, host: str,
-                  sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
-    """Times through a real executor on an authenticated transport (:mod:`.paths`)."""
+def executor_path(store: Any, rank: int, n: int, host: str, sizes: list[int],
+                  repeats: int, busy: Any = None) -> dict[str, list[list[float]]]:
+    """Times through a real executor on an authenticated transport (:mod:`.paths`; with
+    ``busy``, one local step, also the round trips under load)."""
     from ..distributed.auth import job_auth
     from ..distributed.executor import Executor
     from ..distributed.options import from_env
@@ -232,7 +256,7 @@ def executor_path(store: Any, rank: int, n: int, host: str,
         ex.server_host = ServerHost(_EchoServer(), 1, None, n, tr, ex.counts)
     tr.start(store, host, prefix="relaxsgd/calibrate")
     try:
-        return executor_times(ex, rank, sizes, repeats)
+        return executor_times(ex, rank, sizes, repeats, busy)
     finally:
         dist.barrier()
         tr.close(wait_s=2.0)
@@ -296,17 +320,24 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
-    timed = executor_path(store, rank, n, host, sizes, repeats)
+    timed = executor_path(store, rank, n, host, sizes, repeats,
+                          busy_step(cfg, rank) if n >= 2 else None)
     # (gloo takes fewer steps for a tensor of a few elements: fitted from 1 KiB)
     fits = {k: {str(n): list(fit_line([p for p in timed[k] if p[0] >= 1024]))}
             for k in ("allreduce", "allgather")}
     overhead, bw = 0.0, raw_bw
     server: dict[str, Any] = {}
     if n >= 2:
-        overhead, fitted = fit_p2p(timed["exchange"] + timed["sendrecv"], lat)
+        # what a run's messages pay: the round trips timed while the other workers compute
+        # (where processes share cores, each message waits for the scheduler); the idle
+        # path's overhead is kept for the record
+        idle, _ = fit_p2p(timed["exchange"] + timed["sendrecv"], lat)
+        overhead, fitted = fit_p2p(timed["exchange_busy"] + timed["sendrecv_busy"], lat)
         bw = fitted if math.isfinite(fitted) else raw_bw
-        s_lat, s_bw = fit_server([p for p in timed["server"] if p[0] >= 1024], n, overhead, bw)
-        server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw}
+        s_lat, s_bw = fit_server([p for p in timed["server_busy"] if p[0] >= 1024], n,
+                                 overhead, bw)
+        server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw,
+                  "overhead_idle_s": idle}
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, **steps,
                     "flops_per_step": flops, "task": cfg.task,
@@ -321,7 +352,9 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
                     "raw_tcp": {"latency_s": lat, "bandwidth_Bps": raw_bw},
                     "source": f"relaxsgd calibrate: TCP ping between workers 0 and 1 "
                               f"(latency); the dist runtime's executor, {n} workers: "
-                              "Exchange and Send/Recv round trips (overhead, bandwidth), "
-                              "AllReduce and AllGather (collectives), parameter-server "
-                              "rounds (the server's latency and bandwidth), robust fits"},
+                              "Exchange and Send/Recv round trips while the other workers "
+                              "compute (overhead, bandwidth; overhead_idle_s: with none "
+                              "computing), AllReduce and AllGather (collectives), "
+                              "parameter-server rounds while the others compute (the "
+                              "server's latency and bandwidth), robust fits"},
     }

@@ -18,12 +18,21 @@ run by a real executor on a real, authenticated transport, timed around its ``yi
 
 Each size's time is the median of ``repeats``; :mod:`.fit` turns them into the
 simulator's terms.
+
+Under load (``busy``): the exchange, send/recv and server round trips are timed a second
+time (``exchange_busy``, ``sendrecv_busy``, ``server_busy``) while every worker but the
+timing one runs local steps on a thread of its own, as in a run: the partner's reader
+thread answers while its worker computes, the server's thread serves while worker 0
+computes. Where workers share cores (more processes than cores) each message then waits
+for the scheduler, and that, not the idle path, is what a run's messages pay.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,30 +98,71 @@ def _timed(ex: Any, effects: Any, repeats: int) -> list[float]:
     return times
 
 
-def executor_times(ex: Any, rank: int, sizes: list[int],
-                   repeats: int) -> dict[str, list[list[float]]]:
-    """{kind: [[bytes, median seconds], ...]} through ``ex`` (every rank calls this)."""
+class _Busy:
+    """Local steps (``step()``) on a thread of their own until stopped: a computing
+    worker, while its main thread times messages."""
+
+    def __init__(self, step: Callable[[], None]) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(step,),
+                                        name="relax-calibrate-busy", daemon=True)
+        self._thread.start()
+
+    def _loop(self, step: Callable[[], None]) -> None:
+        while not self._stop.is_set():
+            step()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def executor_times(ex: Any, rank: int, sizes: list[int], repeats: int,
+                   busy: Callable[[], None] | None = None) -> dict[str, list[list[float]]]:
+    """{kind: [[bytes, median seconds], ...]} through ``ex`` (every rank calls this); with
+    ``busy`` (one local step) also the round trips under load (the module doc)."""
+    out = _times(ex, rank, sizes, repeats)
+    if busy is not None:
+        # the timing rank waits on its messages; every other rank computes meanwhile
+        # (worker 1 times the server rounds, worker 0 the others)
+        for kind, timer in (("exchange", 0), ("sendrecv", 0), ("server", 1)):
+            work = _Busy(busy) if rank != min(timer, dist.get_world_size() - 1) else None
+            try:
+                got = _times(ex, rank, sizes, repeats, kinds=(kind,))
+            finally:
+                if work is not None:
+                    work.stop()
+            out[f"{kind}_busy"] = got[kind]
+    return out
+
+
+def _times(ex: Any, rank: int, sizes: list[int], repeats: int,
+           kinds: tuple[str, ...] | None = None) -> dict[str, list[list[float]]]:
     out: dict[str, list[list[float]]] = {"allreduce": [], "allgather": [], "exchange": [],
                                          "sendrecv": [], "server": []}
     for b in sizes:
         x = torch.zeros(max(b // 4, 1), device="cpu")
         u = torch.zeros(max(b, 1), dtype=torch.uint8, device="cpu")
-        kinds = {"allreduce": lambda x=x: [AllReduce(x, x.numel() * 4)],
-                 "allgather": lambda u=u: [AllGather(u, u.numel())],
-                 "server": lambda u=u: [ServerRound(u, u.numel(), u.numel())]}
+        programs = {"allreduce": lambda x=x: [AllReduce(x, x.numel() * 4)],
+                    "allgather": lambda u=u: [AllGather(u, u.numel())],
+                    "server": lambda u=u: [ServerRound(u, u.numel(), u.numel())]}
         if rank == 0:
-            kinds["exchange"] = lambda u=u: [Exchange(1, u, u.numel())]
-            kinds["sendrecv"] = lambda u=u: [Send(1, u, u.numel(), tag=0, blocking=True),
-                                             Recv(1, tag=0)]
+            programs["exchange"] = lambda u=u: [Exchange(1, u, u.numel())]
+            programs["sendrecv"] = lambda u=u: [Send(1, u, u.numel(), tag=0, blocking=True),
+                                                Recv(1, tag=0)]
         elif rank == 1:
-            kinds["exchange"] = lambda: []  # answered by the reader thread meanwhile
-            kinds["sendrecv"] = lambda u=u: [Recv(0, tag=0),
-                                             Send(0, u, u.numel(), tag=0, blocking=True)]
+            programs["exchange"] = lambda: []  # answered by the reader thread meanwhile
+            programs["sendrecv"] = lambda u=u: [Recv(0, tag=0),
+                                                Send(0, u, u.numel(), tag=0, blocking=True)]
         else:
-            kinds["exchange"] = kinds["sendrecv"] = lambda: []
-        for kind, effects in kinds.items():
+            programs["exchange"] = programs["sendrecv"] = lambda: []
+        for kind, effects in programs.items():
+            if kinds is not None and kind not in kinds:
+                continue
             _timed(ex, effects, 2)  # warm-up (connections, allocator)
             out[kind].append([float(b), statistics.median(_timed(ex, effects, repeats))])
+    if kinds is not None and "server" not in kinds:
+        return out
     # the server's rounds as worker 1 sees them (worker 0 hosts the server)
     t = torch.tensor([v for _, v in out["server"]], dtype=torch.float64)
     dist.broadcast(t, min(1, dist.get_world_size() - 1))
