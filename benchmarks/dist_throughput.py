@@ -20,21 +20,22 @@ second measured, and what the simulator predicts for the same run, with
   and the step time the workers measured during the distributed run itself;
 
 each with a spread of the step time within a synchronous round (``compute.heterogeneity:
-jitter``, a mean-one log-normal factor per local computation: a synchronous round waits
-for the slowest of the n): for all-reduce SGD, Local SGD, Pipe-SGD and OLCO3 (whose
-workers meet in rounds: OLCO3's at its server) the run's own,
-from its trace (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`), with the
-step scaled to all the work between the run's collectives; for the others the one
-``relaxsgd calibrate`` measured; SwarmSGD's 'pred.run' charges the lattice's cost per
-element as the run paid it (its trace times every encode and decode: its handlers code on
-a thread that shares the cores with the steps); and, in the column 'no jitter', the ratio to the
-prediction with every step the mean (what the simulator charged before). After the table,
-the trace's split of a synchronous round (compute, the wait for the slowest, the
-collective), and the ratio measured / predicted for each. A ratio below 1 is time the
-simulator does not model (Python, threads, evaluation snapshots, the barrier at the
-end). SwarmSGD also runs unquantized ('swarm fp32': what its lattice codec costs where
-bytes are nearly free); with ``--before`` all-reduce SGD and SwarmSGD also run as before
-the transport's idle-connection fast path (every message handed to a sender thread:
+jitter``, a mean-one log-normal factor per local computation: a synchronous round waits for
+the slowest of the n): for all-reduce SGD, Local SGD, Pipe-SGD and OLCO3 (whose workers meet
+in rounds: OLCO3's at its server) the run's own, from its trace (``distkit``'s
+``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`), with the step scaled to all the work between
+the run's collectives; for the others the one ``relaxsgd calibrate`` measured, and in
+'pred.run' each worker's own step time in the run (compute.heterogeneity fixed: asynchronous
+workers finish apart, and the run with the last); SwarmSGD's 'pred.run' charges the
+lattice's cost per element as the run paid it (its trace times every encode and decode: its
+handlers code on a thread that shares the cores with the steps); and, in the column 'no
+jitter', the ratio to the prediction with every step the mean (what the simulator charged
+before). After the table, the trace's split of a synchronous round (compute, the wait for
+the slowest, the collective), and the ratio measured / predicted for each. A ratio below 1
+is time the simulator does not model (Python, threads, evaluation snapshots, the barrier at
+the end). SwarmSGD also runs unquantized ('swarm fp32': what its lattice codec costs where
+bytes are nearly free); with ``--before`` all-reduce SGD and SwarmSGD also run as before the
+transport's idle-connection fast path (every message handed to a sender thread:
 ``(before)``), interleaved in the same job. The last lines give the goals: SwarmSGD's
 samples/s over all-reduce SGD's (>= 1) and the lowest measured/predicted (>= 0.8).
 
@@ -42,11 +43,11 @@ samples/s over all-reduce SGD's (>= 1) and the lowest measured/predicted (>= 0.8
     python benchmarks/dist_throughput.py --quick    # 40 steps per worker
 
 ``--wire`` measures instead what issue 10's safe transport costs, side by side in one run:
-the same jobs with the wire of before (pickle, no frame MACs: ``src/relaxsgd/distributed/wire.py``
-of commit ``LEGACY_COMMIT``, put back by a hook of ``distkit``), with the
-current one (tagged encoding, authenticated peers, HMAC-SHA256 per frame) and with TLS
-(a throw-away CA made with ``openssl``), interleaved and repeated (``--reps``), the median
-samples/s of each:
+the same jobs with the wire of before (pickle, no frame MACs:
+``src/relaxsgd/distributed/wire.py`` of commit ``LEGACY_COMMIT``, put back by a hook of
+``distkit``), with the current one (tagged encoding, authenticated peers, HMAC-SHA256 per
+frame) and with TLS (a throw-away CA made with ``openssl``), interleaved and repeated
+(``--reps``), the median samples/s of each:
 
     python benchmarks/dist_throughput.py --wire --reps 3
 """
@@ -123,15 +124,17 @@ def runtime_profile(cfg: dict[str, Any], folder: str) -> str:
 
 # -- the runs --------------------------------------------------------------------------
 def predicted(cfg: dict[str, Any], step_time: float, profile: str,
-              sigma: float | None = None) -> float:
+              sigma: float | None = None, factors: list[float] | None = None) -> float:
     """Samples/s the simulator predicts: the step time given, the codec time per element
-    that calibrate measured, and a spread of the step time within a synchronous round
-    (``sigma``: that one, compute.heterogeneity jitter; None: calibrate's, calibrated;
-    0: none, every step the mean)."""
+    of ``profile``, and a spread of the step time within a synchronous round (``sigma``:
+    that one, compute.heterogeneity jitter; None: calibrate's, calibrated; 0: none, every
+    step the mean), or each worker's own speed (``factors``, its step over the mean:
+    compute.heterogeneity fixed)."""
     from relaxsgd.config import from_dict
     from relaxsgd.run import prepare, simulate
 
-    het = ({"heterogeneity": "calibrated"} if sigma is None else
+    het = ({"heterogeneity": "fixed", "speed_factors": factors} if factors else
+           {"heterogeneity": "calibrated"} if sigma is None else
            {"heterogeneity": "jitter", "sigma": sigma} if sigma > 0 else {})
     d = {**cfg, "workers": N, "network": profile,
          "compute": {"step_time_s": step_time, "profile": profile, "codec": "on", **het}}
@@ -336,6 +339,11 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
             # the others: calibrate's spread, the timed step
             spread = run_spread(trace, k, N) if algo in SYNC else None
             own, sigma = (in_run * spread[1], spread[0]) if spread else (in_run, None)
+            # the others (SwarmSGD: asynchronous, no round waits for the slowest): each
+            # worker's own step time in the run (a worker that hosts more, or gets less of
+            # the cores, finishes later, and the run with it)
+            factors = None if spread else [
+                st[r] / in_run for r in sorted(st, key=int)] if in_run > 0 else None
             # the lattice's cost per element as this run paid it (SwarmSGD: its handlers
             # code on a thread that shares the cores with the steps of 4 processes)
             paid = run_lattice_costs(trace, k, N)
@@ -345,10 +353,10 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
                 coded[label] = paid
             # (the "before" rows and --quick: only the prediction with the run's own step
             # time; each prediction is a whole simulation, most of the benchmark's time)
-            preds = [None, None, predicted(cfg, own, prof_k, sigma)] \
+            preds = [None, None, predicted(cfg, own, prof_k, sigma, factors)] \
                 if was or not every_prediction else \
                 [predicted(cfg, s, profile, sigma) for s in (alone, shared)] + \
-                [predicted(cfg, own, prof_k, sigma)]
+                [predicted(cfg, own, prof_k, sigma, factors)]
             got[label] = (measured, measured / preds[2])
             cells = "".join(f" {p:>{w}.0f} {measured / p:>5.2f}" if p else
                             f" {'-':>{w}} {'-':>5}"
@@ -374,8 +382,9 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
           "with a spread of the step time within a round (compute.heterogeneity jitter): "
           "for all-reduce SGD, Local SGD, Pipe-SGD and OLCO3 the run's own (its trace: the "
           "'sigma' below) and the run's step scaled to all the work between its "
-          "collectives ('comp mean'/'timed' below), for the others calibrate's spread "
-          "and the run's step; ratio = measured / predicted; 'no jitter': the ratio to "
+          "collectives ('comp mean'/'timed' below), for the others each worker's own "
+          "step in the run (and calibrate's spread in the other columns); ratio = "
+          "measured / predicted; 'no jitter': the ratio to "
           "the prediction from the run's step without any spread (every worker's step "
           "the mean: what the simulator charged before); '(before)' (--before): every "
           "message handed to a sender thread; 'swarm fp32': SwarmSGD with "

@@ -20,8 +20,8 @@ the step time's spread within a synchronous round calibrate measured
 each run is predicted again from its own measurements ('own'): the step time the real
 run measured; for the algorithms whose workers meet in rounds (all-reduce SGD, Local SGD,
 OLCO3 at its server, DiLoCo) the spread of its workers' compute within its rounds and its
-work between rounds; for SwarmSGD the lattice's cost per element as the run paid it; all
-from the run's trace
+work between rounds; for SwarmSGD each worker's own step time and the lattice's cost per
+element as the run paid it; all from the run's trace
 (``distkit``'s ``RELAXSGD_BENCH_TRACE``, :mod:`sync_trace`); the real run and its
 own-step prediction are made one after the other, algorithm by algorithm. Printed: both
 times, predicted/real, and each algorithm's throughput relative to all-reduce SGD, real
@@ -171,7 +171,11 @@ def compare_run(real_out: str, sim_out: str, common: list[str], prof: str,
     steps = real["dist"]["step_time_s_per_worker"]
     own = sum(steps.values()) / len(steps)
     spread = own_spread(real_out, real["algorithm"], n)
-    het = ["--set", "compute.heterogeneity=calibrated"] if spread is None else [
+    # round-based: the run's own spread; else each worker's own step in the run (an
+    # asynchronous run ends with its last worker)
+    factors = ",".join(f"{steps[r] / own:.6g}" for r in sorted(steps, key=int))
+    het = ["--set", "compute.heterogeneity=fixed", "--set",
+           f"compute.speed_factors=[{factors}]"] if spread is None else [
         "--set", "compute.heterogeneity=jitter", "--set", f"compute.sigma={spread[0]:.6g}"]
     if spread is not None:
         own *= spread[1]
@@ -209,7 +213,7 @@ def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: in
                 cells[k][0] += 0.8 <= ratio <= 1.25
                 cells[k][1] += abs(x / xr - 1) <= 0.2
             su = f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "?"
-            sig = f"{r['sigma']:.2f}" if r.get("sigma") is not None else "cal"
+            sig = f"{r['sigma']:.2f}" if r.get("sigma") is not None else "fixed"
             steps = f"{r['cal_step_ms']:.2f}/{r['real_step_ms']:.2f}"
             print(f"{link:<9} {n:>2} {r['algo']:<10} {r['real_s']:>7.2f} {r['sim_s']:>7.2f} "
                   f"{r['sim_s'] / r['real_s']:>8.2f} {xr:>8.2f} {xs:>7.2f} {steps:>16} "
@@ -217,8 +221,9 @@ def print_fidelity(table: dict[tuple[str, int], list[dict[str, Any]]], steps: in
     print("'sim': the simulator from the calibrated profile (its step, its spread: "
           "heterogeneity calibrated, each codec's own cost); 'own': from the real run's "
           "own step time ('real' step ms; the algorithms whose workers meet in rounds: "
-          "scaled to the work between rounds) and spread ('sigma', from its trace; 'cal': "
-          "calibrate's), and the lattice's cost as the run paid it (SwarmSGD's trace); "
+          "scaled to the work between rounds) and spread ('sigma', from its trace; "
+          "'fixed': each worker's own step), and the lattice's cost as the run paid it "
+          "(SwarmSGD's trace); "
           "xAR: all-reduce SGD's time over the algorithm's")
     for k, (ok, xok) in cells.items():
         print(f"{k}: {ok} of {total} cells within 0.8-1.25, {xok} of {total} with xAR "
