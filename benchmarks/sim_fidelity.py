@@ -133,7 +133,8 @@ def resim(n: int, link: str, steps: int, work: str) -> list[dict[str, Any]]:
 
 
 def _sim(args: list[str]) -> None:
-    r = subprocess.run([*RELAX, "run", *args], capture_output=True, text=True)
+    # (--force: --resim writes the simulator's outputs again into the same folders)
+    r = subprocess.run([*RELAX, "run", *args, "--force"], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"simulation failed ({r.returncode}): {r.stderr[-1500:]}")
 

@@ -389,3 +389,28 @@ def test_messages_on_an_idle_link_skip_the_sender_thread_and_big_answers_cross()
     assert min(t.handed_off for t in trs) >= 1  # each big answer, from a reader thread
     for t in trs:
         t.close(wait_s=2.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priority here")
+def test_rank_0s_evaluator_thread_runs_at_a_lower_priority_than_training() -> None:
+    """Evaluation takes the cores training leaves (rank 0 would otherwise step slower
+    than the others while it evaluates, and hold up every synchronous round)."""
+    import threading
+
+    from relaxsgd.distributed.evaluation import EVAL_NICE, Evaluator
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ev = Evaluator(None, 1)  # type: ignore[arg-type]  # (stopped before any row)
+    try:
+        seen = None
+        for _ in range(200):  # (the thread lowers its own priority as it starts)
+            tid = ev._thread.native_id
+            if tid is not None:
+                seen = os.getpriority(os.PRIO_PROCESS, tid)
+                if seen != base:
+                    break
+            threading.Event().wait(0.01)
+        assert seen == min(base + EVAL_NICE, 19)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        ev.stop(5.0)

@@ -16,6 +16,7 @@ after every worker finished, including its final communication.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterable
@@ -127,6 +128,25 @@ class Snapshotter:
         self.send(snap)
 
 
+EVAL_NICE = 10  # the evaluator thread's niceness above the process's
+
+
+def yield_to_training() -> None:
+    """Run the calling thread at a lower CPU priority (Linux: ``EVAL_NICE`` more for this
+    thread alone; elsewhere nothing). Rank 0's evaluation then takes the cores training
+    leaves (waits at collectives, idle cores) instead of slowing rank 0's own steps: a
+    slower rank 0 holds up every synchronous round, and an asynchronous run ends with it.
+    Measured with 4 processes on 2 cores (MNIST CNN, 40 steps): rank 0 stepped 20-30%
+    slower than the others while the first row was evaluated beside its training. The
+    queue's backpressure (:meth:`Evaluator.put`) still bounds how far it can fall behind."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid)
+                                                + EVAL_NICE, 19))
+    except (AttributeError, OSError):  # (no per-thread priority here: evaluate as before)
+        pass
+
+
 class Evaluator:
     """Rank 0: collects snapshots, writes a metrics row per complete evaluation point.
 
@@ -191,6 +211,7 @@ class Evaluator:
         return self.finished.wait(timeout)
 
     def _loop(self) -> None:
+        yield_to_training()
         try:
             while True:
                 kind, item = self.q.get()
