@@ -286,7 +286,13 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
     from relaxsgd.config import from_dict
     from relaxsgd.run import measure_step_time, prepare
     from relaxsgd.sim.compute import expected_max_lognormal
-    from sync_trace import print_rounds, run_lattice_costs, run_spread, with_lattice_costs
+    from sync_trace import (
+        print_rounds,
+        run_cpu,
+        run_lattice_costs,
+        run_spread,
+        with_lattice_costs,
+    )
 
     runs_of = [(label_of(lb, b), n, o, b) for lb, n, o in ALGOS if n in ALGORITHMS
                for b in ((True, False) if before and lb in BEFORE else (False,))]
@@ -323,7 +329,8 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
               f"{min(cores, N) * 32 / alone:.0f} samples/s")
         head = (f"{'algorithm':<16} {'step ms':>7} {'measured':>8} {'pred.alone':>10} "
                 f"{'ratio':>5} {'pred.shared':>11} {'ratio':>5} {'pred.run':>8} {'ratio':>5} "
-                f"{'no jitter':>9} {'stall %':>7} {'MB/worker':>9}")
+                f"{'no jitter':>9} {'stall %':>7} {'MB/worker':>9} {'CPU ms/step':>11} "
+                f"{'cores':>5}")
         print(head)
         print("-" * len(head))
         got: dict[str, tuple[float, float]] = {}
@@ -362,9 +369,14 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
                             f" {'-':>{w}} {'-':>5}"
                             for p, w in zip(preds, (10, 11, 8), strict=True))
             flat = measured / predicted(cfg, in_run, prof_k, 0.0)
+            cpu = run_cpu(trace, k, N)
+            # CPU per local step of workers 1.. (rank 0 also evaluates and writes the
+            # outputs), and the cores all N processes kept busy over the run
+            use = (f" {1e3 * statistics.fmean(cpu[0][1:] or cpu[0]) / steps:>11.1f} "
+                   f"{cpu[1]:>5.2f}") if cpu else f" {'-':>11} {'-':>5}"
             print(f"{label:<16} {in_run * 1e3:>7.1f} {measured:>8.0f}{cells} {flat:>9.2f} "
                   f"{100 * f['stall_time_s_mean'] / wall:>7.1f} "
-                  f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}")
+                  f"{f['bytes_sent_per_worker_max'] / 1e6:>9.2f}{use}")
         print()  # (the traces are in the temporary folder)
         for label, (e, dc) in coded.items():
             print(f"lattice as {label} paid it (its trace): {e * 1e9:.1f} ns an element "
@@ -388,7 +400,10 @@ def throughput(steps: int, every_prediction: bool = True, before: bool = False) 
           "the prediction from the run's step without any spread (every worker's step "
           "the mean: what the simulator charged before); '(before)' (--before): every "
           "message handed to a sender thread; 'swarm fp32': SwarmSGD with "
-          "quantizer none")
+          "quantizer none; 'CPU ms/step': each process's CPU time (every thread) over "
+          "its local steps, the mean of workers 1.. (rank 0 also evaluates and writes "
+          f"the outputs); 'cores': the cores all {N} processes kept busy over the run "
+          f"(at most {cores}: a run near it is bound by the CPU, not the network)")
     summary(got)
     print(f"({time.perf_counter() - t0:.0f} s)")
 

@@ -111,6 +111,15 @@ def run_spread(folder: str, k: int, n: int) -> tuple[float, float] | None:
     return sigma_of_rounds([x["comp"] for x in rs]), comp / timed if timed > 0 else 1.0
 
 
+def run_cpu(folder: str, k: int, n: int) -> tuple[list[float], float] | None:
+    """(each worker's CPU seconds in the k-th run, every thread; the mean number of cores
+    the n processes kept busy over the run's wall time), or None without the record."""
+    got = [t.get("cpu") for t in load_traces(folder, k, n)]
+    if not all(got):
+        return None
+    return [c[0] for c in got], sum(c[0] for c in got) / max(max(c[1] for c in got), 1e-9)
+
+
 def run_lattice_costs(folder: str, k: int, n: int) -> tuple[float, float] | None:
     """(encode, decode) seconds per element of the lattice codec as the k-th run paid them
     (every worker's coding, CPU contention included: ``distkit``'s trace times each call),
