@@ -27,7 +27,8 @@ SIZES = (5, 3, 17, 1)
 def test_lattice_rows_equal_the_quantizer_chunk_by_chunk(bits) -> None:
     g, d = 3, sum(SIZES)
     x = torch.randn(g, d, generator=torch.Generator().manual_seed(1))
-    eps = [[0.013, 0.2, 0.004, 1.5], [0.07, 0.011, 0.3, 0.02], [0.5, 0.5, 0.5, 0.5]]
+    # (a step of 1e-15: |x / eps| near 2^50, where the quantizer rounds by the exact split)
+    eps = [[0.013, 0.2, 0.004, 1.5], [0.07, 0.011, 0.3, 0.02], [0.5, 0.5, 1e-15, 0.5]]
     eps = [rows.wire_eps(e) for e in eps]
     # each row's draws at once, as the batch draws them (one generator per worker)
     k = torch.stack([draw_offsets(d, torch.Generator().manual_seed(2 + i), "cpu")
