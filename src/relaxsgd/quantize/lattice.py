@@ -78,7 +78,7 @@ def round_stochastic_(y: Tensor, k: Tensor, size: float) -> Tensor:
     y| <= 2^-31``.
 
     ``size < 2^21``: ``floor(y + k 2^-31)``, two passes and no temporary. The float64 sum
-    is exact or rounds by less than ``2^-32``, so it cannot reach ``floor(y) + 2`` and
+    is exact or rounds by at most ``2^-32``, so it cannot reach ``floor(y) + 2`` and
     crosses ``floor(y) + 1`` for at most one value of ``k``. Beyond (where float64 resolves
     ``y`` more coarsely than the draw, and the sum could move the result by more), the
     decision ``frac(y) >= 1 - k 2^-31`` is computed exactly from the split ``y = floor(y) +
@@ -261,7 +261,8 @@ def choose_eps(distance_estimate: float, bits: int, safety: float = 4.0) -> floa
 
 
 def _check_codes(p: LatticePayload) -> None:
-    """A payload (possibly from the network) whose codes are what its bits and numel say."""
+    """A payload (possibly from the network) whose codes are what its bits and numel say,
+    for values of a floating-point dtype (what decode writes)."""
     if not (isinstance(p.bits, int) and 2 <= p.bits <= 32):
         raise ConfigError(f"lattice payload: bits={p.bits!r}, expected 2..32")
     want = (_NATIVE.get(p.bits, torch.uint8),
@@ -269,6 +270,9 @@ def _check_codes(p: LatticePayload) -> None:
     if (p.codes.dtype, p.codes.numel()) != want:
         raise ConfigError(f"lattice payload: {p.codes.numel()} codes of {p.codes.dtype} for "
                           f"{p.numel} values of {p.bits} bits; expected {want[1]} of {want[0]}")
+    if not (isinstance(p.dtype, torch.dtype) and p.dtype.is_floating_point):
+        raise ConfigError(f"lattice payload: values of dtype {p.dtype!r}, expected a "
+                          "floating-point dtype (the model's)")
 
 
 def _residues(p: LatticePayload) -> Tensor:
