@@ -95,8 +95,12 @@ def codec_costs(sizes: list[int], reps: int, before: str | None) -> dict[str, fl
         "lattice decode": lambda: [new.decode(p, r) for p, r in zip(pays, refs, strict=True)]}
     if before:
         old = lattice_at(before).LatticeQuantizer(8)
-        ways[f"  at {before}: encode + own copy"] = lambda: [
-            old.decode(old.encode(x, eps, g), x) for x in xs]
+        if hasattr(old, "encode_value"):  # the own copy made by the encoder, as now
+            ways[f"  at {before}: encode + own copy"] = lambda: [
+                old.encode_value(x, eps, g) for x in xs]
+        else:  # before encode_value: the sender decoded its own message
+            ways[f"  at {before}: encode + own copy"] = lambda: [
+                old.decode(old.encode(x, eps, g), x) for x in xs]
         ways[f"  at {before}: decode"] = lambda: [old.decode(p, r)
                                                   for p, r in zip(pays, refs, strict=True)]
     flat, flat_ref = torch.cat(xs), torch.cat(refs)

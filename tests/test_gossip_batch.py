@@ -15,7 +15,7 @@ import torch
 
 import relaxsgd.algorithms.swarm_batch as swarm_batch
 from relaxsgd.quantize import lattice_rows as rows
-from relaxsgd.quantize.lattice import LatticeQuantizer
+from relaxsgd.quantize.lattice import LatticeQuantizer, draw_offsets
 from relaxsgd.run import prepare, simulate
 from relaxsgd.sim.engine import Engine
 from simkit import tiny
@@ -27,10 +27,13 @@ SIZES = (5, 3, 17, 1)
 def test_lattice_rows_equal_the_quantizer_chunk_by_chunk(bits) -> None:
     g, d = 3, sum(SIZES)
     x = torch.randn(g, d, generator=torch.Generator().manual_seed(1))
-    eps = [[0.013, 0.2, 0.004, 1.5], [0.07, 0.011, 0.3, 0.02], [0.5, 0.5, 0.5, 0.5]]
+    # (a step of 1e-15: |x / eps| near 2^50, where the quantizer rounds by the exact split)
+    eps = [[0.013, 0.2, 0.004, 1.5], [0.07, 0.011, 0.3, 0.02], [0.5, 0.5, 1e-15, 0.5]]
     eps = [rows.wire_eps(e) for e in eps]
-    u = torch.rand(g, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    codes, checks, own = rows.encode_rows(x, torch.tensor(eps, dtype=torch.float64), u,
+    # each row's draws at once, as the batch draws them (one generator per worker)
+    k = torch.stack([draw_offsets(d, torch.Generator().manual_seed(2 + i), "cpu")
+                     for i in range(g)])
+    codes, checks, own = rows.encode_rows(x, torch.tensor(eps, dtype=torch.float64), k,
                                           bits, SIZES)
     # a reference near x decodes; one far off (3/4 of the lattice period) does not
     ref = x + 0.3 * torch.tensor(eps, dtype=torch.float64).repeat_interleave(
@@ -40,12 +43,11 @@ def test_lattice_rows_equal_the_quantizer_chunk_by_chunk(bits) -> None:
                                        bits, SIZES)
     quant = LatticeQuantizer(bits)
     for i in range(g):
-        ui = u[i]
+        gen = torch.Generator().manual_seed(2 + i)  # drawn chunk by chunk: the same numbers
         off = 0
         for k, s in enumerate(SIZES):
             part = x[i, off:off + s]
-            # the quantizer's own draws: give it u's numbers through a generator stub
-            p = _encode_with(quant, part, eps[i][k], ui[off:off + s])
+            p = quant.encode(part, eps=eps[i][k], generator=gen)
             assert torch.equal(p.codes, codes[i, off:off + s])
             assert p.check == int(checks[i, k]) and p.eps == eps[i][k]
             assert torch.equal(quant.decode(p, part)[0], own[i, off:off + s])
@@ -54,17 +56,6 @@ def test_lattice_rows_equal_the_quantizer_chunk_by_chunk(bits) -> None:
             assert ok == (int(got_checks[i, k]) == p.check)
             assert ok == ((i, k) != (1, 1))  # only the displaced chunk fails
             off += s
-
-
-def _encode_with(quant: LatticeQuantizer, part: torch.Tensor, eps: float,
-                 u: torch.Tensor):
-    """``quant.encode(part, eps)`` with the uniform draws ``u`` (patched torch.rand)."""
-    real = torch.rand
-    try:
-        torch.rand = lambda *a, **k: u.clone()  # noqa: E731 - the draw the rows used
-        return quant.encode(part, eps=eps, generator=torch.Generator())
-    finally:
-        torch.rand = real
 
 
 CASES = {

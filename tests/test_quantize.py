@@ -113,6 +113,8 @@ def test_decode_refuses_codes_that_do_not_match_bits_and_numel() -> None:
         q.decode(dataclasses.replace(p, codes=p.codes.to(torch.int32)), torch.zeros(10))
     with pytest.raises(ConfigError, match="bits"):
         q.decode(dataclasses.replace(p, bits=200), torch.zeros(10))
+    with pytest.raises(ConfigError, match="expected a floating-point dtype"):
+        q.decode(dataclasses.replace(p, dtype=torch.int64), torch.zeros(10))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 9, 16])

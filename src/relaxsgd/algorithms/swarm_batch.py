@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..devices import draw
 from ..quantize import lattice_rows as rows
-from ..quantize.lattice import CHECK_BYTES, EPS_BYTES, LatticePayload
+from ..quantize.lattice import CHECK_BYTES, EPS_BYTES, LatticePayload, draw_offsets
 from .base import Deferred, Reply, Worker
 from .swarm_state import add_later
 
@@ -147,10 +146,9 @@ def _answer_lattice(algo: SwarmSGD, ws: list[Worker], srcs: list[int],
     gw = [ws[k] for k in good]
     for w, sp in zip(gw, spreads, strict=True):
         w.state["spread"] = sp
-    u = torch.stack([draw(torch.rand, (c.shape[1],), generator=w.state["hrng"],
-                          dtype=torch.float64, device=c.device) for w in gw])
+    offsets = torch.stack([draw_offsets(c.shape[1], w.state["hrng"], c.device) for w in gw])
     eps = torch.tensor(steps, dtype=torch.float64, device=c.device)
-    codes, checks, own = rows.encode_rows(c[good], eps, u, codec.q.bits, sizes)
+    codes, checks, own = rows.encode_rows(c[good], eps, offsets, codec.q.bits, sizes)
     delta = algo._delta(own, q_other[good], c[good])
     bits = codec.q.bits
     for j, (k, w) in enumerate(zip(good, gw, strict=True)):

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..devices import draw
 from ..quantize import lattice_rows as rows
-from ..quantize.lattice import LatticePayload
+from ..quantize.lattice import LatticePayload, draw_offsets
 from .base import Worker
 from .swarm_batch import MIN_BATCH, _steps, rows_per_call
 
@@ -94,10 +94,9 @@ def _code_ahead(algo: SwarmSGD, part: list[tuple[Worker, torch.Generator]]) -> i
     if steps is None:
         return 0  # coded one by one: the quantizer raises its own error
     before = [g.get_state() for _, g in part]
-    u = torch.stack([draw(torch.rand, (c.shape[1],), generator=g, dtype=torch.float64,
-                          device=c.device) for _, g in part])
+    offsets = torch.stack([draw_offsets(c.shape[1], g, c.device) for _, g in part])
     eps = torch.tensor(steps, dtype=torch.float64, device=c.device)
-    codes, checks, own = rows.encode_rows(c, eps, u, codec.q.bits, sizes)
+    codes, checks, own = rows.encode_rows(c, eps, offsets, codec.q.bits, sizes)
     for j, (w, g) in enumerate(part):
         spread = w.state["spread"]
         codec.ready[w.rank] = Ready(before[j], g.get_state(), c[j].clone(),

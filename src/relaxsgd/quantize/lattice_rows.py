@@ -24,7 +24,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .lattice import _NATIVE, _P, _coefficients
+from .lattice import _NATIVE, _P, _coefficients, round_stochastic_
 
 NATIVE_BITS = tuple(_NATIVE)
 
@@ -78,18 +78,26 @@ def decode_rows(codes: Tensor, eps: Tensor, ref: Tensor, bits: int,
     return (r.to(torch.float64) * e).to(ref.dtype), checksums(r, sizes)
 
 
-def encode_rows(x: Tensor, eps: Tensor, u: Tensor, bits: int, sizes: tuple[int, ...]
+def encode_rows(x: Tensor, eps: Tensor, k: Tensor, bits: int, sizes: tuple[int, ...]
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize rows ``x`` (``(g, d)``) with steps ``eps`` (``(g, K)``, already float32
-    values) and uniform draws ``u`` (``(g, d)`` float64): ``(codes, checks, own)``, the
+    values) and the rounding's draws ``k`` (``(g, d)`` int32 from
+    :func:`~relaxsgd.quantize.lattice.draw_offsets`): ``(codes, checks, own)``, the
     native codes, each chunk's checksum, and what the codes decode to against ``x`` itself
     (the sender's exact knowledge of what its partner will decode)."""
     q = 1 << bits
     e = expand(eps, sizes)
     y = x.to(torch.float64) / e
-    low = torch.floor(y)
-    r = low.to(torch.int64) + (u < (y - low)).to(torch.int64)  # unbiased: E[r] = y
+    # each chunk rounded by the quantizer's rule for its size (in place where all are small)
+    size = torch.stack([c.abs().amax(1) for c in y.split(list(sizes), 1)], 1)
+    small = size < 2.0 ** 21
+    if bool(small.all()):
+        r = round_stochastic_(y, k, 0.0)
+    else:
+        r = torch.where(expand(small, sizes), round_stochastic_(y.clone(), k, 0.0),
+                        round_stochastic_(y, k, float("inf")))
+    own = (r * e).to(x.dtype)  # r is the residue class point nearest to y: |r - y| < 1
+    r = r.to(torch.int64)
     z = r & (q - 1)  # = remainder(r, q) for int64 (two's complement), without a division
     signed = z - q * (z >= q // 2) if bits > 8 else z  # the bit pattern, two's complement
-    own = (nearest(z, y, bits).to(torch.float64) * e).to(x.dtype)
     return signed.to(_NATIVE[bits]), checksums(r, sizes), own
