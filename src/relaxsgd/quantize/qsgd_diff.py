@@ -31,7 +31,7 @@ from ..checks import require_int
 from ..codec_meter import metered
 from ..devices import draw
 from ..errors import ConfigError
-from .lattice import pack_bits, unpack_bits
+from .bitpack import pack_bits, unpack_bits
 
 NORMS = ("max", "l2")
 
