@@ -36,8 +36,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..algorithms.base import AllReduce, Handle, PeerUnavailable, ServerRound
-from ..algorithms.server import server_seconds
-from ..codec_meter import metering
 from ..membership import (
     ChurnDraws,
     Membership,
@@ -51,7 +49,6 @@ from ..membership import (
 from ..state_tree import decode, encode, pending_handles
 from .barrier import done_handle
 from .collectives import allgather_cost, allreduce_cost
-from .server import SERVER_RANK
 
 
 class Failed:
@@ -71,11 +68,8 @@ class ChurnNode:
     algo: Any
     net: Any
     bank: Any
-    server: Any
-    server_state: Any
-    server_bytes: int
-    server_messages: int
     at: Any
+    _serve_uploads: Any  # (.server.ServerNode)
     _resolve: Any
     _count: Any
     _advance: Any
@@ -338,25 +332,14 @@ class ChurnNode:
         return end, value
 
     def _serve_quorum(self, r: dict[str, Any]) -> tuple[float, Any]:
+        """Serve the participants' uploads as a full round is served (.server); the
+        members' replies, then the listeners' (rejoiners told the round's result)."""
         part = sorted(r["members"])
         effs: list[ServerRound] = [r["members"][k][0] for k in part]
-        with metering() as work:  # the server's own compression, as in a full round
-            reply = self.server.serve(self.server_state, [e.payload for e in effs])
-        ready = (r["t"] + server_seconds(len(part), self.bank.d)
-                 + self.compute.work_time(None, work))
-        end = ready
-        # worker 0 hosts the server (.server): its reply takes no link; the others' (the
-        # members', then the listeners': rejoiners told the round's result) leave the
-        # server's link in that order
-        hs = [(k, r["members"][k][1]) for k in part] + list(r["listeners"].items())
-        for k, h in hs:
-            arrive, tries = ((ready, 1) if k == SERVER_RANK else
-                             self.net.from_server(effs[0].down_nbytes, ready))
-            self.server_bytes += int(effs[0].down_nbytes) * tries
-            self.server_messages += tries
-            self.at(arrive, self._resolve, h, _fresh(reply))
-            end = max(end, arrive)
-        return end, reply
+        nbytes = effs[0].down_nbytes
+        to = [(k, r["members"][k][1], nbytes) for k in part] + [
+            (k, h, nbytes) for k, h in r["listeners"].items()]
+        return self._serve_uploads(effs, r["t"], to)
 
     def all_gone(self) -> None:
         """Every worker left and none finished: the run cannot go on (one line)."""

@@ -80,18 +80,31 @@ class ServerNode:
         return h
 
     def _serve(self, r: dict) -> None:
-        """Serve a round whose uploads are all in (received by ``r["t"]``): compute, then
-        one reply per worker out of the server's link, in rank order."""
-        assert self.server is not None and self.server_state is not None
+        """Serve a round whose uploads are all in (received by ``r["t"]``): one reply per
+        worker, in rank order."""
         effs = [r["members"][k][0] for k in range(self.n)]
+        self._serve_uploads(effs, r["t"], [(k, r["members"][k][1], e.down_nbytes)
+                                           for k, e in enumerate(effs)])
+
+    def _serve_uploads(self, effs: list[ServerRound], t: float,
+                       to: list[tuple[int, Handle, int]]) -> tuple[float, Any]:
+        """The server computes on the uploads ``effs`` (all in by ``t``) for
+        :func:`server_seconds` plus its own compression's codec time, then sends each
+        ``(rank, handle, bytes)`` of ``to`` a reply of its own (as over a network), in that
+        order out of its link; worker 0's takes no hop (its host). ``(the last arrival,
+        the reply)``; a full round (:meth:`_serve`) and a quorum round under churn
+        (:mod:`.churn`) are both served here."""
+        assert self.server is not None and self.server_state is not None
         with metering() as work:  # the server's own compression (error feedback)
             reply = self.server.serve(self.server_state, [e.payload for e in effs])
-        ready = (r["t"] + server_seconds(self.n, self.procs[0].w.params.numel())
+        ready = (t + server_seconds(len(effs), self.procs[0].w.params.numel())
                  + self.compute.work_time(None, work))
-        for k, e in enumerate(effs):
-            arrive, tries = ((ready, 1) if k == SERVER_RANK else  # (its host: no hop)
-                             self.net.from_server(e.down_nbytes, ready))
-            self.server_bytes += int(e.down_nbytes) * tries
+        end = ready
+        for rank, handle, nbytes in to:
+            arrive, tries = ((ready, 1) if rank == SERVER_RANK else  # (its host: no hop)
+                             self.net.from_server(nbytes, ready))
+            self.server_bytes += int(nbytes) * tries
             self.server_messages += tries
-            # every worker gets a reply of its own, as over a network
-            self.at(arrive, self._resolve, r["members"][k][1], copy.deepcopy(reply))
+            self.at(arrive, self._resolve, handle, copy.deepcopy(reply))
+            end = max(end, arrive)
+        return end, reply
