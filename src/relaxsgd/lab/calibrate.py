@@ -92,45 +92,43 @@ def calibration_device(spec: str) -> torch.device:
     return device
 
 
-def step_time(cfg: RunConfig, rank: int, repeats: int = 30) -> tuple[list[float], float]:
-    """(seconds of each of ``repeats`` local steps of this rank's model, each started
-    after a barrier: synchronous rounds, FLOPs per step)."""
+def _bank(cfg: RunConfig, prep: Any, rank: int, seed: int) -> Any:
+    """A one-row bank of this rank's model and data shard on the calibration device."""
     from ..bank import Bank
-    from ..run import prepare
+
+    return Bank(prep.spec, cfg.train, [rank], prep.shards, seed, 10**9, batching="loop",
+                device=calibration_device(cfg.device))
+
+
+def _one_step(bank: Any) -> None:
+    """One local step; on a GPU its kernels, not their launch."""
+    bank.local_steps([0], 1)
+    if bank.device.type == "cuda":
+        torch.cuda.synchronize(bank.device)
+
+
+def step_time(cfg: RunConfig, prep: Any, rank: int,
+              repeats: int = 30) -> tuple[list[float], float]:
+    """(seconds of each of ``repeats`` local steps of this rank's model, each started
+    after a barrier: synchronous rounds, FLOPs per step); ``prep`` the prepared run."""
     from ..sim.compute import count_flops
 
-    prep = prepare(cfg)
-    device = calibration_device(cfg.device)
-    bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed, 10**9,
-                batching="loop", device=device)
+    bank = _bank(cfg, prep, rank, cfg.seed)
     bank.local_steps([0], 3)
     times = []
     for _ in range(repeats):
         dist.barrier()
         t = time.perf_counter()
-        bank.local_steps([0], 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels, not their launch
+        _one_step(bank)
         times.append(time.perf_counter() - t)
     return times, count_flops(prep.spec, cfg.train.batch_size) * cfg.train.batch_size
 
 
-def busy_step(cfg: RunConfig, rank: int) -> Any:
+def busy_step(cfg: RunConfig, prep: Any, rank: int) -> Any:
     """One local step of this rank's model (a bank of its own), for the round trips timed
     under load (:mod:`.paths`): what a worker computes while its messages travel."""
-    from ..bank import Bank
-    from ..run import prepare
-
-    prep = prepare(cfg)
-    device = calibration_device(cfg.device)
-    bank = Bank(prep.spec, cfg.train, [rank], prep.shards, cfg.seed + 1, 10**9,
-                batching="loop", device=device)
-
-    def step() -> None:
-        bank.local_steps([0], 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return step
+    bank = _bank(cfg, prep, rank, cfg.seed + 1)
+    return lambda: _one_step(bank)
 
 
 def step_rounds(times: list[float]) -> list[list[float]]:
@@ -307,21 +305,22 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     (all ranks). Collectives and point-to-point messages are timed through the executor
     (:mod:`.paths`) and fitted robustly (:mod:`.fit`); ``latency_s`` is raw TCP's, and
     ``overhead_s`` what the runtime adds to each message on top of it."""
+    from ..run import prepare
+
     n = dist.get_world_size()
-    times, flops = step_time(cfg, rank)
+    prep = prepare(cfg)  # (once: the data set is loaded here, not for each measurement)
+    times, flops = step_time(cfg, prep, rank)
     steps = step_stats(step_rounds(times))
     st = steps["step_time_s"]
     lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
-    from ..run import prepare
-
-    params = list(prepare(cfg).spec.model_fn().to(calibration_device(cfg.device)).parameters())
+    params = list(prep.spec.model_fn().to(calibration_device(cfg.device)).parameters())
     d = sum(p.numel() for p in params)
     codecs = codec_table(params)
     # the model's sizes, and a spread of others so that the fit is well conditioned
     # even for a tiny model (whose sizes alone are all close to 1 KiB)
     sizes = sorted({8, 1024, 64 << 10, 256 << 10, 4 * d, 16 * d})
     timed = executor_path(store, rank, n, host, sizes, repeats,
-                          busy_step(cfg, rank) if n >= 2 else None)
+                          busy_step(cfg, prep, rank) if n >= 2 else None)
     # (gloo takes fewer steps for a tensor of a few elements: fitted from 1 KiB)
     fits = {k: {str(n): list(fit_line([p for p in timed[k] if p[0] >= 1024]))}
             for k in ("allreduce", "allgather")}
