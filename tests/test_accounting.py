@@ -341,25 +341,38 @@ def _codec_program(seen: dict[str, float]) -> tuple[Any, Any]:
     return body, handler
 
 
-def test_codec_time_delays_what_follows_the_coding_on_each_side(tmp_path: Any) -> None:
-    """Codec time from the profile (ENC, DEC a value), charged where the runtime pays it:
-    0's 10 encoded values before its request leaves; 1's 10 decoded + 10 encoded before
-    its reply leaves; 0's 10 decoded after the reply; 2 (speed factor 2) 20 compressed
-    before its send; 3's 20 decompressed after the message arrives. The identity's copy
-    costs nothing."""
+def run_codec_program(profile: str) -> dict[str, float]:
+    """:func:`_codec_program` run with codec time charged from ``profile``, worker 2 at
+    speed factor 2: the times it saw."""
     seen: dict[str, float] = {}
     body, handler = _codec_program(seen)
-    link = OV + 100 / BW
     run_program(body, handler, **NET, compute={
-        "codec": "on", "profile": _codec_profile(tmp_path), "heterogeneity": "fixed",
+        "codec": "on", "profile": profile, "heterogeneity": "fixed",
         "speed_factors": [1, 1, 2, 1]})
-    request_in = 10 * ENC + link + L
-    reply_in = request_in + 10 * (DEC + ENC) + link + L
-    assert seen["0 decoded"] == pytest.approx(reply_in + 10 * DEC)
-    sent = 2 * 20 * ENC + OV + 200 / BW
-    assert seen["2 sent"] == pytest.approx(sent)
-    assert seen["3 got"] == pytest.approx(sent + L)
-    assert seen["3 decoded"] == pytest.approx(sent + L + 20 * DEC)
+    return seen
+
+
+def codec_program_times(lat_e: float, lat_d: float, top_e: float,
+                        top_d: float) -> dict[str, float]:
+    """What :func:`run_codec_program` must see, by hand, for the lattice's and top-k's
+    costs a value: 0's 10 lattice values encoded before its request leaves; 1's 10
+    decoded + 10 encoded before its reply leaves; 0's 10 decoded after the reply; 2
+    (speed factor 2) 20 compressed before its send; 3's 20 decompressed after the message
+    arrives."""
+    link = OV + 100 / BW
+    request_in = 10 * lat_e + link + L
+    reply_in = request_in + 10 * (lat_d + lat_e) + link + L
+    sent = 2 * 20 * top_e + OV + 200 / BW
+    return {"0 decoded": reply_in + 10 * lat_d, "2 sent": sent, "3 got": sent + L,
+            "3 decoded": sent + L + 20 * top_d}
+
+
+def test_codec_time_delays_what_follows_the_coding_on_each_side(tmp_path: Any) -> None:
+    """Codec time from the profile (ENC, DEC a value, every codec), charged where the
+    runtime pays it (:func:`codec_program_times`). The identity's copy costs nothing."""
+    seen = run_codec_program(_codec_profile(tmp_path))
+    for key, want in codec_program_times(ENC, DEC, ENC, DEC).items():
+        assert seen[key] == pytest.approx(want), key
 
 
 def test_a_fixed_step_time_charges_no_codec_time_unless_asked(tmp_path: Any) -> None:

@@ -12,7 +12,7 @@ import torch
 from relaxsgd.codec_meter import CodecWork, codec_name, metering
 from relaxsgd.errors import ConfigError
 from relaxsgd.sim.compute import ComputeConfig, ComputeModel, codec_table
-from test_accounting import BW, NET, OV, L, _codec_program, run_program
+from test_accounting import codec_program_times, run_codec_program
 
 LAT_E, LAT_D, TOP_E, TOP_D, DEF_E, DEF_D = 1e-3, 2e-3, 4e-3, 5e-3, 7e-3, 8e-3
 
@@ -41,22 +41,12 @@ def test_work_time_charges_each_codec_its_own_cost() -> None:
 
 
 def test_the_engine_charges_each_codec_its_own_cost(tmp_path: Any) -> None:
-    """simkit's codec program with lattice and top-k costs of their own: 0's 10 lattice
-    values encoded before its request leaves; 1's 10 decoded + 10 encoded before its
-    reply; 0's 10 decoded after; 2 (speed factor 2) top-k-compresses 20 before its send,
-    3 decompresses 20 after it arrives. The default costs are charged for nothing."""
-    seen: dict[str, float] = {}
-    body, handler = _codec_program(seen)
-    link = OV + 100 / BW
-    run_program(body, handler, **NET, compute={
-        "codec": "on", "profile": _profile(tmp_path), "heterogeneity": "fixed",
-        "speed_factors": [1, 1, 2, 1]})
-    request_in = 10 * LAT_E + link + L
-    reply_in = request_in + 10 * (LAT_D + LAT_E) + link + L
-    assert seen["0 decoded"] == pytest.approx(reply_in + 10 * LAT_D)
-    sent = 2 * 20 * TOP_E + OV + 200 / BW
-    assert seen["2 sent"] == pytest.approx(sent)
-    assert seen["3 decoded"] == pytest.approx(sent + L + 20 * TOP_D)
+    """simkit's codec program with lattice and top-k costs of their own
+    (:func:`codec_program_times`: 0 and 1 code lattice values, 2 and 3 top-k). The default
+    costs are charged for nothing."""
+    seen = run_codec_program(_profile(tmp_path))
+    for key, want in codec_program_times(LAT_E, LAT_D, TOP_E, TOP_D).items():
+        assert seen[key] == pytest.approx(want), key
 
 
 def test_codec_names_and_error_feedback_goes_by_its_inner_compressor() -> None:
