@@ -116,7 +116,7 @@ def test_the_test_algorithms_and_runtime_messages_round_trip() -> None:
             "loss": (1.5, 3), "counters": {"a": 1.0}, "obs_sum": {}, "obs_count": {},
             "bytes": 10.0, "messages": 2, "wire": 99.0, "server_bytes": 0.0,
             "server_messages": 0, "stall": 0.1, "compute_time": 0.2, "units": 3,
-            "program_s": None}
+            "program_s": None, "initial": False}
     msgs = [("bye",), ("idle",), ("done",), ("abort", "worker 1: boom"), ("snap", snap),
             ("xreq", 3, {"mode": "pub"}), ("xrep", 3, torch.randn(2, 3).T),
             ("xerr", 3, "ValueError: x"), ("msg", ("x", 4), (torch.ones(2), 0.5)),
@@ -320,18 +320,67 @@ def test_rank_0_accepts_only_well_formed_snapshots_of_the_sender_itself() -> Non
             "buffers": {"bn.running_mean": torch.zeros(3)}, "loss": (1.5, 3),
             "counters": {"a": 1.0}, "obs_sum": {}, "obs_count": {}, "bytes": 10.0,
             "messages": 2, "wire": 99.0, "server_bytes": 0.0, "server_messages": 0,
-            "stall": 0.1, "compute_time": 0.2, "units": 3, "program_s": None}
+            "stall": 0.1, "compute_time": 0.2, "units": 3, "program_s": None,
+            "initial": False}
     assert spec.check(dict(good), 1) is not None
+    marked = {**good, "params": torch.zeros(0), "buffers": {}, "initial": True}
+    assert spec.check(dict(marked), 1) is not None  # the initial model, filled by rank 0
     bad = [({}, 1), (good, 0),  # another worker's snapshot
            ({**good, "params": torch.randn(8)}, 1),
            ({**good, "params": torch.randn(7).double()}, 1),
            ({**good, "buffers": {}}, 1), ({**good, "indices": [5]}, 1),
            ({**good, "indices": [0] * 9}, 1), ({**good, "loss": (1.0,)}, 1),
            ({**good, "counters": {1: 2.0}}, 1), ({**good, "step": "3"}, 1),
-           ({**good, "extra": 1}, 1)]
+           ({**good, "extra": 1}, 1), ({**good, "initial": 1}, 1),
+           ({**marked, "params": torch.zeros(1)}, 1),  # the marker carries no parameters
+           ({**marked, "params": torch.zeros(0).double()}, 1),
+           ({**marked, "buffers": {"bn.running_mean": torch.zeros(3)}}, 1),
+           ({**good, "buffers": {}, "initial": False}, 1)]
     for snap, src in bad:
         with pytest.raises(WireError):
             spec.check(snap, src)
+
+
+def test_a_snapshot_of_the_initial_model_travels_without_it_and_rank_0_fills_it_in(
+) -> None:
+    from types import SimpleNamespace
+
+    from relaxsgd.distributed.evaluation import InitialModel, Snapshotter
+
+    x0, b0 = torch.randn(7), {"bn.running_mean": torch.randn(3)}
+    initial = InitialModel(x0, b0)
+    w = SimpleNamespace(rank=1, step=0, params=x0.clone(), counters={}, obs_sum={},
+                        obs_count={})
+    bank = SimpleNamespace(loss_count=[0], samples=[0], take_train_loss=lambda: 0.0,
+                           buffers_of=lambda k: {n: v.clone() for n, v in b0.items()})
+    counts = SimpleNamespace(bytes=0.0, messages=0, wire=0.0, server_bytes=0.0,
+                             server_messages=0)
+    ex = SimpleNamespace(counts=counts, lock=threading.Lock(), now=lambda: 0.0, stall=0.0,
+                         tr=SimpleNamespace(wire_bytes=0))
+    sent: list[dict] = []
+    snapper = Snapshotter(w, bank, ex, 10, 2, sent.append, initial)
+    snapper.maybe()  # step 0, the initial model: no tensors
+    assert sent[-1]["initial"] and sent[-1]["params"].numel() == 0
+    assert sent[-1]["buffers"] == {}
+    filled = initial.fill(dict(sent[-1]))
+    assert torch.equal(filled["params"], x0) and torch.equal(
+        filled["buffers"]["bn.running_mean"], b0["bn.running_mean"])
+    # one value changed (or a buffer): the whole model goes
+    for change in ("params", "buffer"):
+        snapper = Snapshotter(w, bank, ex, 10, 2, sent.append, initial)
+        if change == "params":
+            w.params[3] += 1e-6
+        else:
+            bank.buffers_of = lambda k: {"bn.running_mean": b0["bn.running_mean"] + 1}
+        snapper.maybe()
+        assert not sent[-1]["initial"] and sent[-1]["params"].numel() == 7
+        assert set(sent[-1]["buffers"]) == {"bn.running_mean"}
+        w.params.copy_(x0)
+        bank.buffers_of = lambda k: {n: v.clone() for n, v in b0.items()}
+    # past the start the copy is let go (and never compared again)
+    w.step = 5
+    snapper.maybe()
+    assert snapper.initial is None
 
 
 class _DictStore:

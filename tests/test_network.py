@@ -142,3 +142,101 @@ def test_profiles_and_errors() -> None:
         make_network_config("custom", bandwidth_Bps=0)
     with pytest.raises(ConfigError, match="latency_ms"):
         make_network_config("cloud", latency_ms=1)
+
+
+# -- TCP's slow start (initial_window_B) ---------------------------------------------------
+# latency 50 ms (round trip 0.1 s), 1 MB/s (bandwidth-delay product 100 kB), window 10 kB
+SLOW = NetworkConfig(0.05, 1e6, initial_window_B=10_000)
+
+
+def test_slow_start_holds_a_message_back_a_round_trip_per_flight_until_it_fits() -> None:
+    net = Network(SLOW, n=3, seed=0)
+    # 35 kB on a fresh connection: 10 kB, a round trip, 20 kB, a round trip, 5 kB
+    left, arrive, _ = net.p2p(0, 35_000, 0.0, dst=1)
+    assert left == pytest.approx(0.1 + 0.1 + 0.005)
+    assert arrive == pytest.approx(0.205 + 0.05)
+    # the window (now 40 kB) stays open on that connection: the bytes at the link's rate
+    _, arrive, _ = net.p2p(0, 35_000, 0.3, dst=1)
+    assert arrive == pytest.approx(0.3 + 0.035 + 0.05)
+    # another connection of the same worker starts its own slow start, and waiting for
+    # acknowledgements does not keep the link busy: it starts when the bytes have left
+    _, arrive, _ = net.p2p(0, 35_000, 0.3, dst=2)
+    assert arrive == pytest.approx(0.335 + 0.205 + 0.05)
+    # a message within the window is never held back
+    _, arrive, _ = Network(SLOW, n=3, seed=0).p2p(1, 10_000, 0.0, dst=0)
+    assert arrive == pytest.approx(0.01 + 0.05)
+
+
+def test_the_window_stops_growing_at_the_bandwidth_delay_product() -> None:
+    net = Network(SLOW, n=2, seed=0)
+    # 1 MB: flights of 10, 20, 40 and 80 kB (4 round trips), then 850 kB at 1 MB/s
+    left, _, _ = net.p2p(0, 1_000_000, 0.0, dst=1)
+    assert left == pytest.approx(0.4 + 0.85)
+    assert net.windows[(0, 1)][0] == 160_000
+
+
+def test_an_idle_connection_halves_its_window_for_each_timeout_past_the_first() -> None:
+    net = Network(SLOW, n=2, seed=0)
+    net.p2p(0, 1_000_000, 0.0, dst=1)  # window 160 kB, last byte left at 1.25 s
+    rto = 0.1 + 0.2
+    net.p2p(0, 1_000, 1.25 + rto * 0.9, dst=1)  # idle under one timeout: still open
+    assert net.windows[(0, 1)][0] == 160_000
+    last = net.windows[(0, 1)][1]
+    net.p2p(0, 1_000, last + rto * 2.5, dst=1)  # 2.5 timeouts: halved twice
+    assert net.windows[(0, 1)][0] == 40_000
+    last = net.windows[(0, 1)][1]
+    net.p2p(0, 1_000, last + 100.0, dst=1)  # long idle: back to the first window
+    assert net.windows[(0, 1)][0] == 10_000
+    keep = Network(NetworkConfig(0.05, 1e6, initial_window_B=10_000,
+                                 restart_after_idle=False), n=2, seed=0)
+    keep.p2p(0, 1_000_000, 0.0, dst=1)
+    keep.p2p(0, 1_000, 100.0, dst=1)
+    assert keep.windows[(0, 1)][0] == 160_000
+
+
+def test_slow_start_on_the_servers_links_and_the_collectives() -> None:
+    net = Network(SLOW, n=2, seed=0)
+    got, _ = net.to_server(1, 35_000, 0.0)  # upload: held back like a message
+    assert got == pytest.approx(0.205 + 0.05)
+    a1, _ = net.from_server(35_000, 1.0, dst=0)  # each reply on its own connection
+    a2, _ = net.from_server(35_000, 1.0, dst=1)
+    assert a1 == pytest.approx(1.0 + 0.205 + 0.05)
+    assert a2 == pytest.approx(1.035 + 0.205 + 0.05)
+    # a collective carrying 35 kB a link (0.035 s at the link's rate), latency part 0.2 s:
+    # the first pays the flights, the next (its connections busy until the first's end)
+    # does not
+    end = net.collective(10.0, 0.2, 0.035)
+    assert end == pytest.approx(10.0 + 0.035 + 0.2 + 0.17)
+    assert net.collective(end, 0.2, 0.035) == pytest.approx(end + 0.235)
+    # off (the default): nothing changes
+    plain = Network(NetworkConfig(0.05, 1e6), n=2, seed=0)
+    assert plain.p2p(0, 35_000, 0.0, dst=1)[1] == pytest.approx(0.085)
+    assert plain.collective(0.1, 0.2, 0.035) == pytest.approx(0.335)
+
+
+def test_a_calibrated_window_is_recovered_from_the_extra_of_a_cold_transfer() -> None:
+    from relaxsgd.lab.fit import fit_initial_window, slow_start_delay
+
+    for w0, lat, bw in [(62e3, 0.025, 10e6), (14_600, 0.04, 12.5e6), (300e3, 0.025, 10e6)]:
+        extra = slow_start_delay(4 << 20, w0, lat, bw)
+        assert extra > 0
+        assert fit_initial_window(extra, 4 << 20, lat, bw) == pytest.approx(w0, rel=0.01)
+    # nothing held back (a fast link, or no extra measured): windows open
+    assert fit_initial_window(0.001, 4 << 20, 0.025, 10e6) == 0.0
+    assert fit_initial_window(0.01, 4 << 20, 50e-6, 1e9) == 0.0
+
+
+def test_window_options_are_checked_and_read_from_a_profile_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="initial_window_B"):
+        make_network_config("wan", initial_window_B=-1)
+    with pytest.raises(ConfigError, match="restart_after_idle"):
+        make_network_config("wan", restart_after_idle="yes")
+    c = make_network_config("wan", initial_window_B=64e3, restart_after_idle=False)
+    assert (c.initial_window_B, c.restart_after_idle) == (64e3, False)
+    f = tmp_path / "p.yaml"
+    f.write_text("network: {latency_s: 0.025, bandwidth_Bps: 1.0e7, initial_window_B: "
+                 "36000, restart_after_idle: false}\n")
+    c = make_network_config(str(f))
+    assert (c.initial_window_B, c.restart_after_idle) == (36000.0, False)
+    assert network_model_info(c, 2)["initial_window_B"] == 36000.0
+    assert make_network_config("wan").initial_window_B == 0.0  # named profiles: open

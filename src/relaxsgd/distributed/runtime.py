@@ -47,7 +47,7 @@ from . import elastic_saving, saving
 from .auth import listen_host
 from .elastic import ElasticWorker, incarnation, is_elastic
 from .environment import check as check_environment
-from .evaluation import Evaluator, SnapshotSpec, Snapshotter
+from .evaluation import Evaluator, InitialModel, SnapshotSpec, Snapshotter
 from .executor import Executor, finish_together, tell_abort
 from .job_outputs import JobOutputs
 from .membership import Registry, member_registry
@@ -135,6 +135,9 @@ class _Job(JobOutputs):
         self.bank = Bank(spec, cfg.train, [rank], shards, cfg.seed, prep.total_steps,
                          batching=cfg.batching, device=device)
         prep.info.dim = self.bank.d
+        # the run's initial model, the same on every worker: step 0's snapshots travel
+        # without it (.evaluation.InitialModel); rank 0 keeps it to fill them in
+        initial = InitialModel(self.bank.X[0], self.bank.buffers_of(0))
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
         self.elastic = is_elastic(cfg)
@@ -174,8 +177,9 @@ class _Job(JobOutputs):
         self.clock: dict[str, float] = {}
         self.pace = ComputeModel(cfg.compute, self.n_ids, cfg.seed, 1.0) if paced else None
         self.stop = stop
+        self.initial = initial if rank == 0 else None
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
-                                self._ship)
+                                self._ship, None if rank == 0 else initial)
         # an elastic job: quorum collectives on the transport; only rank 0 checkpoints
         # (a lost worker of another id comes back by live recovery)
         self.el = ElasticWorker(self) if self.elastic else None
@@ -195,7 +199,13 @@ class _Job(JobOutputs):
         if msg[0] == "snap":
             if self.evaluator is None:
                 raise WireError(f"a snapshot sent to worker {self.rank}, not rank 0")
-            self.evaluator.put(self.snap_spec.check(msg[1], src))
+            snap = self.snap_spec.check(msg[1], src)
+            if snap["initial"]:
+                if self.initial is None:
+                    raise WireError("a snapshot of the initial model sent to worker "
+                                    f"{self.rank}, not rank 0")
+                self.initial.fill(snap)
+            self.evaluator.put(snap)
         elif msg[0] == "done":
             self.done_from.add(src)
         elif msg[0] == "abort":

@@ -26,7 +26,11 @@ Every worker measures at the same time (so cores are shared as in the real run):
   (:mod:`relaxsgd.codec_meter`); ``encode_s``/``decode_s``, the lattice's, for a codec
   the file does not list;
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
-  trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth);
+  trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth); and TCP's
+  slow start: the same transfer on the fresh connection takes longer than once it is warm,
+  and the difference (``slow_start_extra_s``) is fitted to the simulator's first window
+  (``initial_window_B``, :func:`.fit.fit_initial_window`; 0 where nothing is held back),
+  with ``restart_after_idle`` read from the kernel (``tcp_slow_start_after_idle``);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
   worker, and Exchange and Send/Recv round trips between workers 0 and 1, on the
   authenticated transport, at the sizes the algorithms use (8 bytes, 1 KiB, 4x and 16x
@@ -61,7 +65,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from .codecs import compressor_costs, qsgd_diff_costs
-from .fit import fit_jitter, fit_p2p, fit_server
+from .fit import fit_initial_window, fit_jitter, fit_p2p, fit_server
 from .fit import fit_line as _fit_line
 
 PING_BYTES = 64
@@ -182,8 +186,11 @@ def _recv_exact(s: socket.socket, k: int) -> bytes:
     return bytes(buf)
 
 
-def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
-    """(one-way latency s, bandwidth bytes/s) between ranks 0 and 1 over TCP."""
+def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float, float]:
+    """(one-way latency s, bandwidth bytes/s, slow start's extra s) between ranks 0 and 1
+    over TCP: half the median round trip of pings, then a bulk transfer twice on the same
+    connection, fresh (its window still opening: TCP's slow start) and warm (the link's
+    rate); the extra is the first's time less the second's."""
     srv = None
     # rank 1's listening address, as fixed-size bytes broadcast from it (no pickle between
     # workers, as everywhere in the runtime)
@@ -195,7 +202,7 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
         buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     dist.broadcast(buf, 1)
     peer_host, peer_port = bytes(buf.tolist()).rstrip(b"\0").decode("ascii").split()
-    lat = bw = 0.0
+    lat = bw = extra = 0.0
     if rank == 1:
         assert srv is not None
         c, _ = srv.accept()
@@ -217,16 +224,31 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float]:
             _recv_exact(c, PING_BYTES)
             rtts.append(time.perf_counter() - t)
         rtt = statistics.median(rtts[1:])
+        els = []
         for _ in range(2):  # the second with TCP's window already open: the link's rate
             t = time.perf_counter()
             c.sendall(bytes(BULK_BYTES))
             _recv_exact(c, 1)
-            el = time.perf_counter() - t
-        lat, bw = rtt / 2, BULK_BYTES / max(el - rtt, 1e-9)
+            els.append(time.perf_counter() - t)
+        lat, bw = rtt / 2, BULK_BYTES / max(els[1] - rtt, 1e-9)
+        extra = max(els[0] - els[1], 0.0)
         c.close()
-    vals = torch.tensor([lat, bw], dtype=torch.float64)
+    vals = torch.tensor([lat, bw, extra], dtype=torch.float64)
     dist.broadcast(vals, 0)
-    return float(vals[0]), float(vals[1])
+    return float(vals[0]), float(vals[1]), float(vals[2])
+
+
+def restarts_after_idle() -> bool:
+    """Whether this machine's TCP closes an idle connection's window again (Linux's
+    ``net.ipv4.tcp_slow_start_after_idle``, per network namespace; on by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_slow_start_after_idle", encoding="ascii") as f:
+            return f.read().strip() != "0"
+    except (OSError, ValueError):
+        return True
+
+
+
 
 
 def executor_path(store: Any, rank: int, n: int, host: str, sizes: list[int],
@@ -312,7 +334,7 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
     times, flops = step_time(cfg, prep, rank)
     steps = step_stats(step_rounds(times))
     st = steps["step_time_s"]
-    lat, raw_bw = p2p(rank, host) if n >= 2 else (0.0, float("inf"))
+    lat, raw_bw, cold_extra = p2p(rank, host) if n >= 2 else (0.0, float("inf"), 0.0)
     params = list(prep.spec.model_fn().to(calibration_device(cfg.device)).parameters())
     d = sum(p.numel() for p in params)
     codecs = codec_table(params)
@@ -336,7 +358,12 @@ def calibrate(cfg: RunConfig, rank: int, host: str, store: Any,
         s_lat, s_bw = fit_server([p for p in timed["server_busy"] if p[0] >= 1024], n,
                                  overhead, bw)
         server = {"server_latency_s": s_lat, "server_bandwidth_Bps": s_bw,
-                  "overhead_idle_s": idle}
+                  "overhead_idle_s": idle,
+                  # TCP's slow start on fresh (and idle) connections
+                  "initial_window_B": fit_initial_window(cold_extra, BULK_BYTES, lat,
+                                                         raw_bw),
+                  "restart_after_idle": restarts_after_idle(),
+                  "slow_start_extra_s": cold_extra}
     return {
         "compute": {"flops_per_s": flops / st, "overhead_s": 0.0, **steps,
                     "flops_per_step": flops, "task": cfg.task,

@@ -15,6 +15,10 @@ into the simulator's per-message terms: ``rtt(B) = 2 (latency + overhead) + 2 B 
 bandwidth``, where ``latency`` is the network's (raw TCP, measured apart) and ``overhead``
 what the runtime adds per message (encoding, the frame tag, copies, thread hand-offs); see
 :class:`relaxsgd.sim.network.NetworkConfig`.
+
+:func:`fit_initial_window` turns the extra time of a bulk transfer on a fresh connection
+(against the same transfer once the connection is warm) into the simulator's TCP window
+at the start (``initial_window_B``, :meth:`relaxsgd.sim.network.Network.window_delay`).
 """
 
 from __future__ import annotations
@@ -127,3 +131,33 @@ def fit_jitter(rounds: list[list[float]]) -> tuple[float, float]:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if expected_max_lognormal(n, mid) < ratio else (lo, mid)
     return (lo + hi) / 2, mean
+
+
+def slow_start_delay(nbytes: float, window: float, latency_s: float,
+                     bandwidth_Bps: float) -> float:
+    """Seconds that slow start from ``window`` adds to sending ``nbytes`` (the simulator's
+    model, :meth:`relaxsgd.sim.network.Network.window_delay` on a fresh connection)."""
+    from ..sim.network import Network, NetworkConfig
+
+    net = Network(NetworkConfig(latency_s, bandwidth_Bps, initial_window_B=window), 1, 0)
+    return net.window_delay("fresh", nbytes, 0.0, latency_s, bandwidth_Bps)
+
+
+def fit_initial_window(extra_s: float, nbytes: float, latency_s: float,
+                       bandwidth_Bps: float) -> float:
+    """The first window (bytes) under which the simulator's slow start adds ``extra_s``
+    seconds to a transfer of ``nbytes`` on a fresh connection (the cold transfer's time
+    less the warm one's): the window, on a grid of 0.5% steps from 1 KiB to ``nbytes``,
+    whose delay is closest to it. 0 (windows open: no slow start) when the extra is under
+    a quarter of a round trip (nothing was held back) or no window holds anything back
+    (the link's bandwidth-delay product is below 1 KiB)."""
+    rtt = 2 * latency_s
+    if not (extra_s > rtt / 4 and rtt > 0 and bandwidth_Bps > 0 and nbytes > 1024):
+        return 0.0
+    best, err, w = 0.0, float("inf"), 1024.0
+    while w <= nbytes:
+        e = abs(slow_start_delay(nbytes, w, latency_s, bandwidth_Bps) - extra_s)
+        if e < err:
+            best, err = w, e
+        w *= 1.005
+    return best if err < rtt / 2 else 0.0

@@ -228,7 +228,7 @@ class ChurnNode:
         p.inc += 1
         p.arriving = True
         nbytes = 2 * b.X[d].numel() * b.X.element_size()  # parameters and momentum
-        left, arrive, tries = self.net.p2p(donor.w.rank, nbytes, self.now)
+        left, arrive, tries = self.net.p2p(donor.w.rank, nbytes, self.now, p.w.rank)
         self._count(donor, nbytes * tries, tries)
         self.at(arrive, self._arrive, p, donor.w.rank, cause)
 

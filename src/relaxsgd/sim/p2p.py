@@ -69,7 +69,7 @@ class PointToPoint:
     _compute_done: Callable[..., None]
 
     def _send(self, p: Any, eff: Send) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now, eff.peer)
         self._count(p, eff.nbytes * tries, tries)
         h = Handle("send")
         self.at(left, self._resolve, h, None)
@@ -94,7 +94,7 @@ class PointToPoint:
         return h
 
     def _exchange(self, p: Any, eff: Exchange) -> Handle:
-        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now)
+        left, arrive, tries = self.net.p2p(p.w.rank, eff.nbytes, self.now, eff.peer)
         self._count(p, eff.nbytes * tries, tries)
         h = Handle(f"exchange->{eff.peer}")
         self.at(arrive, self._answer, self.procs[eff.peer], p, eff.payload, h)
@@ -188,6 +188,6 @@ class PointToPoint:
     def _reply(self, q: Any, src: Any, ans: Reply, h: Handle) -> None:
         if h in q.owed:
             q.owed.remove(h)
-        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now)
+        left, arrive, tries = self.net.p2p(q.w.rank, ans.nbytes, self.now, src.w.rank)
         self._count(q, ans.nbytes * tries, tries)
         self.at(arrive, self._resolve, h, ans.payload)

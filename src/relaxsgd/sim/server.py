@@ -102,7 +102,7 @@ class ServerNode:
         end = ready
         for rank, handle, nbytes in to:
             arrive, tries = ((ready, 1) if rank == SERVER_RANK else  # (its host: no hop)
-                             self.net.from_server(nbytes, ready))
+                             self.net.from_server(nbytes, ready, rank))
             self.server_bytes += int(nbytes) * tries
             self.server_messages += tries
             self.at(arrive, self._resolve, handle, copy.deepcopy(reply))
