@@ -457,6 +457,25 @@ def test_resume_restores_the_network_and_compute_generators(algo: str, topology:
     assert metrics(whole) == metrics(cut)
 
 
+@pytest.mark.parametrize("algo, topology", [("diloco", "complete"), ("swarm", "ring")])
+def test_resume_restores_the_tcp_windows_and_the_spawn_groups(algo: str, topology: str,
+                                                              tmp_path: Any,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """With slow start (a 64-byte first window: every message waits for flights) each
+    connection's window, and which process group a spawn's collective uses, decide the
+    times: a resume that opened every window afresh would time everything after it
+    differently."""
+    cfg = tiny(algo=algo, topology=topology, steps=24, evals=6, network="wan",
+               network_options={"initial_window_B": 64, "restart_after_idle": False},
+               algo_options={"p": 2} if algo == "diloco" else {}, checkpoint_every=5)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run(dataclasses.replace(cfg, out=whole), progress=False)
+    run_killed_after(dataclasses.replace(cfg, out=cut), 2, monkeypatch)
+    run(dataclasses.replace(cfg, out=cut), progress=False, resume=True)
+    assert metrics(whole) == metrics(cut)
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_run_goes_on(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     def full_disk(path: str, data: Any) -> None:

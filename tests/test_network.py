@@ -240,3 +240,25 @@ def test_window_options_are_checked_and_read_from_a_profile_file(tmp_path) -> No
     assert (c.initial_window_B, c.restart_after_idle) == (36000.0, False)
     assert network_model_info(c, 2)["initial_window_B"] == 36000.0
     assert make_network_config("wan").initial_window_B == 0.0  # named profiles: open
+
+
+def test_spawned_collectives_take_the_runtimes_process_groups_in_turn() -> None:
+    """DiLoCo's outer all-reduce runs in a spawn: the dist runtime gives the main
+    program's spawns its SPAWN_GROUPS process groups in turn, each with connections (and
+    TCP windows) of its own; all-reduce SGD's blocking all-reduce uses the job's group."""
+    from relaxsgd.distributed.options import DistOptions
+    from relaxsgd.run import prepare
+    from relaxsgd.sim.engine import SPAWN_GROUPS
+    from relaxsgd.simulation import Simulation
+    from simkit import tiny
+
+    assert SPAWN_GROUPS == DistOptions.spawn_groups  # (the dist runtime's default)
+    keys = {}
+    for algo in ("diloco", "allreduce"):
+        cfg = tiny(algo=algo, steps=48, evals=1, network="wan",
+                   network_options={"initial_window_B": 64},
+                   algo_options={"p": 4} if algo == "diloco" else {})
+        keys[algo] = {k for k in Simulation(prepare(cfg)).run().engine.net.windows
+                      if k[0] == "collectives"}
+    assert keys["diloco"] == {("collectives", g) for g in range(SPAWN_GROUPS)}
+    assert keys["allreduce"] == {("collectives", None)}

@@ -118,7 +118,7 @@ class CheckpointBarrier:
         """The engine's state at a checkpoint (plain data; see :mod:`relaxsgd.state_tree`)."""
         procs = [{"done": p.done, "finish_time": p.finish_time, "stall": p.stall,
                   "bytes_sent": p.bytes_sent, "messages": p.messages,
-                  "coll_seq": p.coll_seq, "server_seq": p.server_seq,
+                  "coll_seq": p.coll_seq, "server_seq": p.server_seq, "spawns": p.spawns,
                   "last_pos": p.last_pos,
                   "inbox": encode([(k, list(v)) for k, v in p.inbox.items() if v],
                                   f"worker {p.w.rank}'s inbox")}
@@ -127,6 +127,8 @@ class CheckpointBarrier:
                 "server_messages": self.server_messages, "ckpt_at": self.ckpt_at,
                 "procs": procs, "link_free": list(self.net.link_free),
                 "server_in_free": self.net.server_in_free,
+                # TCP windows (initial_window_B): [key, window, last sent]
+                "net_windows": [[list(k), w, t] for k, (w, t) in self.net.windows.items()],
                 "server": encode(self.server_state, "the parameter server's state"),
                 "net_rng": encode(self.net.rng.getstate()),
                 "compute_rngs": [encode(r.getstate()) for r in self.compute.rngs]}
@@ -143,10 +145,13 @@ class CheckpointBarrier:
             p.bytes_sent, p.messages = q["bytes_sent"], q["messages"]
             p.coll_seq, p.last_pos = q["coll_seq"], q["last_pos"]
             p.server_seq = int(q["server_seq"])
+            p.spawns = int(q.get("spawns", 0))
             p.inbox = {tuple(k) if isinstance(k, list) else k: deque(v)
                        for k, v in decode(q["inbox"], done_handle)}
         self.net.link_free = [float(x) for x in s["link_free"]]
         self.net.server_in_free = float(s["server_in_free"])
+        self.net.windows = {tuple(k): (float(w), float(t))
+                            for k, w, t in s.get("net_windows", [])}
         self.server_state = decode(s["server"], done_handle)
         self.net.rng.setstate(_random_state(decode(s["net_rng"], done_handle)))
         for r, st in zip(self.compute.rngs, s["compute_rngs"], strict=True):

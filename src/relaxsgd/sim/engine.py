@@ -72,12 +72,19 @@ from .network import Network
 from .p2p import PointToPoint
 from .server import ServerNode
 
+# The dist runtime's process groups for spawned sub-programs (RELAXSGD_SPAWN_GROUPS's
+# default, .distributed.options): each has its own connections, so its own TCP windows
+SPAWN_GROUPS = 4
+
 
 class _Coro:
-    __slots__ = ("proc", "gen", "handle", "main", "stall_from", "inc")
+    __slots__ = ("proc", "gen", "handle", "main", "stall_from", "inc", "group")
 
     def __init__(self, proc: _Proc, gen: Any, main: bool) -> None:
         self.proc, self.gen, self.main = proc, gen, main
+        # the process group its collectives use in the dist runtime: None, the job's;
+        # a spawn of the main program, one of SPAWN_GROUPS in turn (TCP windows of their own)
+        self.group: int | None = None
         self.inc = proc.inc  # the worker's incarnation: a departed one's events are void
         self.handle = Handle("spawn")
         self.stall_from: float | None = None
@@ -92,6 +99,7 @@ class _Proc:
         self.deferred: list[Callable[[], None]] = []
         self.mail: Mailbox[Handle] = Mailbox()  # Send/Recv matching (relaxsgd.mailbox)
         self.coll_seq = 0
+        self.spawns = 0  # spawns of the main program (their process groups, in turn)
         self.server_seq = 0  # ServerRounds issued: the next one is that round
         self.done = False
         self.finish_time = 0.0
@@ -269,11 +277,14 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
             return self._checkpoint_point(coro, eff)
         if isinstance(eff, Spawn):
             child = _Coro(p, eff.program, main=False)
+            if coro.main:
+                child.group = p.spawns % SPAWN_GROUPS
+                p.spawns += 1
             p.live_spawns += 1
             self._advance(child, None)
             return self._park(coro, child.handle) if eff.blocking else (False, child.handle)
         if isinstance(eff, (AllReduce, AllGather)):
-            h = self._join_collective(p, eff)
+            h = self._join_collective(p, eff, coro.group)
         elif isinstance(eff, Send):
             h = self._send(p, eff)
         elif isinstance(eff, Recv):
@@ -355,12 +366,13 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
         p.bytes_sent += int(nbytes)
         p.messages += messages
 
-    def _join_collective(self, p: _Proc, eff: AllReduce | AllGather) -> Handle:
+    def _join_collective(self, p: _Proc, eff: AllReduce | AllGather,
+                         group: int | None = None) -> Handle:
         seq = p.coll_seq
         p.coll_seq += 1
         if self.members is not None:
             return self.quorum_join(p, eff, "coll", seq, self.now)
-        c = self._colls.setdefault(seq, {"members": {}, "t": 0.0})
+        c = self._colls.setdefault(seq, {"members": {}, "t": 0.0, "group": group})
         h = Handle(f"collective#{seq}")
         c["members"][p.w.rank] = (eff, h)
         c["t"] = max(c["t"], self.now)
@@ -401,6 +413,6 @@ class Engine(CheckpointBarrier, ServerNode, ChurnNode, PointToPoint):
             for r in range(n):
                 self._count(self.procs[r], (n - 1) / n * total, n - 1)
             results = [list(payloads) for _ in range(n)]
-        end = self.net.collective(c["t"], lat, tx)
+        end = self.net.collective(c["t"], lat, tx, conn=("collectives", c["group"]))
         for r in range(n):
             self.at(end, self._resolve, c["members"][r][1], results[r])

@@ -20,7 +20,12 @@ rate. The window grows only when a message fills it (Linux does not grow an appl
 limited window) and, after the connection was idle for longer than the retransmission
 timeout (``2 latency + 200 ms``), is halved for each timeout past the first, never below
 ``initial_window_B`` (``restart_after_idle``: Linux's ``tcp_slow_start_after_idle`` and
-``tcp_cwnd_restart``; a collective's connections count as busy until it ends).
+``tcp_cwnd_restart``, which Linux skips under BBR; a collective's connections count as
+busy until it ends). Collectives run on process groups, each with connections of its own:
+the job's, and the dist runtime's groups for spawned sub-programs, taken in turn
+(:data:`~.engine.SPAWN_GROUPS`), so the first rounds of a spawning algorithm (DiLoCo,
+OLCO3 over all-reduce) each open a fresh window: measured in the lab, DiLoCo's first 4
+rounds waited ~270 ms and the later ones ~155 ms.
 ``relaxsgd calibrate`` fits ``initial_window_B`` from the first bulk transfer on a fresh
 connection. Measured in the network lab (25 ms one way,
 80 Mbit/s): the first 75 KB messages of an OLCO3 run took a round trip more than the later
@@ -367,7 +372,7 @@ class Network:
         return left + (attempts - 1) * self._rto(lat) + self._latency(lat), attempts
 
     def collective(self, t_ready: float, latency_s: float, transmit_s: float,
-                   server: bool = False) -> float:
+                   server: bool = False, conn: Any = ("collectives", None)) -> float:
         """A collective ready at ``t_ready``: its transmissions (``transmit_s``) take every
         worker's link (and the server's, for ``server``) after what is queued there; its
         ``latency_s`` overlaps with anything else. Returns its end."""
@@ -378,8 +383,7 @@ class Network:
         if self.cfg.initial_window_B > 0:  # slow start on the workers' collective links
             bw = self.cfg.bandwidth_Bps
             nbytes = transmit_s * bw  # (what each link carries, at the link's rate)
-            latency_s += self.window_delay("collectives", nbytes, start,
-                                           self.cfg.latency_s, bw)
+            latency_s += self.window_delay(conn, nbytes, start, self.cfg.latency_s, bw)
             # (its steps keep the connections busy until its end: not idle meanwhile)
-            self.used_until("collectives", sent + latency_s)
+            self.used_until(conn, sent + latency_s)
         return sent + latency_s
