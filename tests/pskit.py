@@ -26,8 +26,10 @@ class ReplicatedServer(Aggregator):
         st["replica"] = self.ps.init_state(numel, layout, device)
         return st
 
+    ordered_rounds = True  # (each worker's replica serves the rounds in order)
+
     def _send(self, st: dict[str, Any], payload: Any, own: Any, res: Any, nb: int,
-              prev: Handle | None) -> Program:
+              prev: Handle | None, rnd: int | None = None) -> Program:
         if prev is not None:
             yield Wait(prev)
         payloads = yield AllGather(payload, nbytes=nb)

@@ -142,7 +142,7 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     hostile size that would allocate) is refused before it is kept."""
     from relaxsgd.compress.topk import SparsePayload
     from relaxsgd.distributed.collectives import Counts, DHandle
-    from relaxsgd.distributed.server import ServerHost
+    from relaxsgd.distributed.server import MAX_AHEAD, ServerHost
     from relaxsgd.distributed.wire import WireError
 
     d, n = 20, 3
@@ -153,8 +153,16 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     host.upload(0, 0, msgs[0], 32.0, local=mine)
     assert host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
     assert not mine.done and not host.tr.sent
-    with pytest.raises(WireError, match="round 1 while the parameter server is at round 0"):
-        host.on_message(2, ("msg", ("ps", 1), (msgs[2], 32.0)))
+    # a later round's upload is kept (rounds are pipelined), one too far ahead is not
+    later = [topk.compress(torch.randn(d), {}, None)[0] for _ in range(n)]
+    host.on_message(2, ("msg", ("ps", 1), (later[2], 32.0)))
+    host.on_message(1, ("msg", ("ps", 1), (later[1], 32.0)))
+    with pytest.raises(WireError, match=f"round {MAX_AHEAD} while the parameter server is "
+                                        "at round 0"):
+        host.on_message(2, ("msg", ("ps", MAX_AHEAD), (msgs[2], 32.0)))
+    later_mine = DHandle("rank 0, round 1")
+    host.upload(0, 1, later[0], 32.0, local=later_mine)  # round 1 complete: it waits
+    assert not later_mine.done and not host.tr.sent and host.round == 0
     with pytest.raises(WireError, match="a second upload"):
         host.on_message(1, ("msg", ("ps", 0), (msgs[1], 32.0)))
     huge = SparsePayload(msgs[2].values, msgs[2].indices, 1 << 40)
@@ -167,19 +175,29 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     host.on_message(2, ("msg", ("ps", 0), (msgs[2], 32.0)))
     # served: the reply that the simulator's server computes, to every worker
     ref = ParameterServer(topk, topk, True, 0)
-    want = ref.serve(ref.init_state(d), msgs)
+    ref_state = ref.init_state(d)
+    want = ref.serve(ref_state, msgs)
     assert mine.done and torch.equal(mine.value.values, want.values)
-    assert [(p, m[1]) for p, m in host.tr.sent] == [(1, ("ps", 0)), (2, ("ps", 0))]
+    # ... then round 1, complete before, served right after it, in order
+    want1 = ref.serve(ref_state, later)
+    assert [(p, m[1]) for p, m in host.tr.sent] == [(1, ("ps", 0)), (2, ("ps", 0)),
+                                                    (1, ("ps", 1)), (2, ("ps", 1))]
     assert torch.equal(host.tr.sent[0][1][2].indices, want.indices)
-    assert host.round == 1 and host.counts.server_bytes == 3 * 32
+    assert later_mine.done and torch.equal(later_mine.value.values, want1.values)
+    assert host.round == 2 and host.counts.server_bytes == 6 * 32
+    with pytest.raises(WireError, match="round 1 while the parameter server is at round 2"):
+        host.on_message(2, ("msg", ("ps", 1), (later[2], 32.0)))  # served already
 
-    # a worker lost before rank 0 uploads: rank 0's wait fails at once, naming it
+    # a worker lost before rank 0 uploads: rank 0's wait fails at once, naming it; and a
+    # worker lost with rounds ahead uploaded fails rank 0's waits for every round it lacks
+    host.upload(0, 3, msgs[0], 32.0, local=(ahead := DHandle("rank 0, round 3")))
     host.tr.dead[2] = "its connection closed"
-    host.upload(1, 1, msgs[1], 32.0)
-    late = DHandle("rank 0, round 1")
-    host.upload(0, 1, msgs[0], 32.0, local=late)
-    assert late.done and "lost worker 2, so the parameter server cannot complete round 1" \
+    host.upload(1, 2, msgs[1], 32.0)
+    late = DHandle("rank 0, round 2")
+    host.upload(0, 2, msgs[0], 32.0, local=late)
+    assert late.done and "lost worker 2, so the parameter server cannot complete round 2" \
         in str(late.error)
+    assert ahead.done and "cannot complete round 3" in str(ahead.error)
 
 
 def test_a_quorum_server_round_costs_what_a_full_round_does(tmp_path: Any) -> None:
@@ -187,7 +205,9 @@ def test_a_quorum_server_round_costs_what_a_full_round_does(tmp_path: Any) -> No
     quorum round (.sim.churn); with every worker in, it must cost what a full round does:
     worker 0's reply takes no hop, and the server's own compression its codec time."""
     (tmp_path / "t.csv").write_text("worker,event,step\n1,leave,1000\n")
-    opts = {"p": 2, "s": 1, "compressor": "topk:ratio=0.1", "aggregation": "ps",
+    # (s = 0: one round at a time in both, as quorum rounds always are; a full round's
+    # pipelining is test_server_rounds_are_pipelined)
+    opts = {"p": 2, "s": 0, "compressor": "topk:ratio=0.1", "aggregation": "ps",
             "server_compressor": "topk:ratio=0.05"}
     (tmp_path / "p.yaml").write_text("compute: {flops_per_s: 1.0e9, encode_s: 1.0e-6, "
                                      "decode_s: 2.0e-6}\n")
@@ -204,3 +224,22 @@ def test_a_quorum_server_round_costs_what_a_full_round_does(tmp_path: Any) -> No
     assert (quorum.engine.server_bytes, quorum.engine.server_messages) == (
         full.engine.server_bytes, full.engine.server_messages)
     assert torch.equal(quorum.bank.X, full.bank.X)
+
+
+def test_server_rounds_are_pipelined() -> None:
+    """OLCO3 with s rounds of staleness uploads round k+1 before round k's reply: with a
+    1 s latency and 10 ms steps, s = 2 keeps 3 rounds in flight and takes about a third
+    of the time of s = 0 (one round trip a round); rounds one at a time (the FIFO chain
+    this replaced) would take as long as s = 0. Served in order: the same models as the
+    replicated emulation (test_the_server_gives_the_models_of_the_replicated_emulation)."""
+    times = {}
+    for s in (0, 2):
+        cfg = tiny(algo="olco3", steps=12, evals=1, network="custom",
+                   network_options={"latency_s": 1.0, "bandwidth_Bps": 1e9},
+                   compute={"step_time_s": 0.01},
+                   algo_options={"p": 1, "s": s, "aggregation": "ps",
+                                 "compressor": "topk:ratio=0.1"})
+        times[s] = simulate(prepare(cfg)).result["final"]["virtual_time_s"]
+    # s = 0: 12 round trips of 2 s; s = 2: 12 rounds, 3 at a time (plus the drain)
+    assert times[0] == pytest.approx(24.0, rel=0.02)
+    assert times[2] == pytest.approx(8.0, rel=0.05)

@@ -21,6 +21,9 @@ from .training import seeded_generator
 class LocalWorker:
     """One worker: its row in the bank, its algorithm state, its counters."""
 
+    # set by a runtime whose server rounds are quorum rounds (churn, an elastic job)
+    ordered_server_rounds = False
+
     def __init__(self, bank: Bank, row: int, n: int, seed: int, total_steps: int,
                  on_step: Callable[[int], None] | None = None) -> None:
         self.bank = bank

@@ -142,6 +142,10 @@ class ServerRound(Effect):
     nbytes: int
     down_nbytes: int  # the size of the server's reply to each worker, as it travels
     blocking: bool = True
+    # the worker's round number, counted in program order (several rounds may be in
+    # flight, issued from spawns that a runtime may start in any order); None: the
+    # runtime counts the ServerRounds as they reach it
+    round: int | None = None
 
 
 @dataclass
@@ -267,6 +271,9 @@ class Worker(Protocol):
     rng: torch.Generator  # the algorithm's per-worker random stream (seeded from seed, rank)
     step: int  # local optimizer steps done
     total_steps: int  # local optimizer steps this worker must do
+    # the runtime forms server rounds one after another (quorum rounds under churn, in an
+    # elastic job): a worker starts round k+1 only after round k's reply
+    ordered_server_rounds: bool
 
     def apply_grad(self, grad: Tensor) -> None:
         """One optimizer step (momentum, weight decay, lr schedule) with this gradient."""

@@ -154,6 +154,11 @@ class Aggregator:
         # exactly like the finished handle it replaces.
         self._last: dict[int, Handle | None] = {}
 
+    # ps rounds one after another whatever the runtime (a subclass whose rounds cannot be
+    # pipelined: the tests' replicated emulation of the server, round by round on every
+    # worker)
+    ordered_rounds = False
+
     # -- state -------------------------------------------------------------------------
     def init_state(self, numel: int, layout: list | None,
                    device: torch.device | str | None = None) -> dict[str, Any]:
@@ -165,6 +170,7 @@ class Aggregator:
         st["msg_nbytes"] = self.inner.nbytes(probe)  # sizes do not depend on the values
         if self.ps is not None:
             st["down_nbytes"] = self.ps.reply_nbytes(numel, layout, device)
+            st["round"] = 0  # server rounds started (their numbers, in program order)
         return st
 
     def residual(self, st: dict[str, Any]) -> Tensor | None:
@@ -189,8 +195,18 @@ class Aggregator:
             w.count("payload_bytes", nb)
             res = self.residual(st)
             res = None if res is None else res.clone()
-            chain = prev if self.mode == "ps" else None
-            h = yield Spawn(self._send(st, payload, own, res, nb, chain))
+            # Server rounds are pipelined: round k+1's upload leaves when it is ready, not
+            # after round k's reply (the server serves them in order; each carries its
+            # number). Under churn / in an elastic job the runtime asks for one round at
+            # a time (w.ordered_server_rounds): quorum rounds are formed one after another.
+            chain = prev if self.mode == "ps" and (w.ordered_server_rounds
+                                                   or self.ordered_rounds) else None
+            rnd = None  # (one at a time: the runtime counts them, as it always did)
+            if self.ps is not None and "round" in st:
+                rnd, st["round"] = st["round"], st["round"] + 1
+                if chain is not None:
+                    rnd = None
+            h = yield Spawn(self._send(st, payload, own, res, nb, chain, rnd))
             pend = Pending(h, own, res)
         self._last[w.rank] = pend.handle
         return pend
@@ -210,11 +226,11 @@ class Aggregator:
         return (yield from self.receive(w, pend))
 
     def _send(self, st: dict[str, Any], payload: Any, own: Tensor, res: Tensor | None,
-              nb: int, prev: Handle | None) -> Program:
+              nb: int, prev: Handle | None, rnd: int | None = None) -> Program:
         if prev is not None:
             yield Wait(prev)
         if self.ps is not None:
-            reply = yield ServerRound(payload, nb, st["down_nbytes"])
+            reply = yield ServerRound(payload, nb, st["down_nbytes"], round=rnd)
             mean, server_res = self.ps.decode(reply)
             return Delivered(mean, own, res, server_res)
         if self.inner.summable:

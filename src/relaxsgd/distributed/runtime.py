@@ -141,6 +141,8 @@ class _Job(JobOutputs):
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
         self.elastic = is_elastic(cfg)
+        # (an elastic job's server rounds are quorum rounds: one after another)
+        self.w.ordered_server_rounds = self.elastic
         self.groups = [] if self.elastic else [dist.new_group(list(range(n)))
                                                for _ in range(opts.spawn_groups)]
         buffers = self.bank.buffers_of(0)

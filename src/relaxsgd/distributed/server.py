@@ -20,12 +20,15 @@ Protocol, over the authenticated point-to-point transport (:mod:`.transport`, ``
 messages, so frames are authenticated and checked like every other): worker r's k-th
 ServerRound sends ``("msg", ("ps", k), (payload, down_nbytes))`` to rank 0 and waits for
 ``("msg", ("ps", k), reply)`` from it (rank 0 hands its own upload to the host directly).
-When the n uploads of round k are in, the host calls ``serve`` on the thread that
-delivered the last one and sends the reply to each worker. Uploads are checked before
-they are kept: the round must be the server's current one (a worker can be at most one
-round ahead of no one: it waits for the reply of round k before it uploads round k+1),
-one upload per worker and round, and the payload must decode to the model's size; a
-worker that breaks a rule is dropped as lost (its message was invalid).
+When the n uploads of round k are in and every earlier round has been served, the host
+calls ``serve`` on the thread that delivered the last one and sends the reply to each
+worker. Rounds are pipelined: a worker uploads round k+1 when it is ready, before round
+k's reply (OLCO3 with ``s`` > 0; the round's number comes with the effect,
+``ServerRound.round``, so spawns that race to send do not swap rounds), and the host keeps
+the uploads of up to :data:`MAX_AHEAD` rounds past the one it serves next. Uploads are
+checked before they are kept: the round must be one of those, one upload per worker and
+round, and the payload must decode to the model's size; a worker that breaks a rule is
+dropped as lost (its message was invalid).
 
 Faults. A worker that waits for a reply fails with one line naming the server (a
 :class:`~.transport.PeerLost`: "the parameter server (a thread of worker 0) is lost: ...")
@@ -50,6 +53,9 @@ from .wire import WireError
 
 SERVER_RANK = 0
 TAG = "ps"
+# rounds past the next one to serve whose uploads the host keeps (a worker is at most s
+# rounds ahead of its last reply; this bounds what a faulty one can make it hold)
+MAX_AHEAD = 64
 
 
 def lost_line(why: str) -> str:
@@ -74,9 +80,10 @@ class ServerHost:
                  counts: Any, device: Any = None) -> None:
         self.server, self.n, self.tr, self.counts = server, n, tr, counts
         self.state = server.init_state(numel, layout, device)
-        self.round = 0
-        self.uploads: dict[int, tuple[Any, float]] = {}
-        self.local: DHandle | None = None  # rank 0's own wait for the current round
+        self.round = 0  # the next round to serve
+        # the uploads of the rounds not served yet: round -> {worker: (payload, down)}
+        self.uploads: dict[int, dict[int, tuple[Any, float]]] = {}
+        self.local: dict[int, DHandle] = {}  # rank 0's own waits, by round
         self.lock = threading.Lock()
         tr.on_dead.append(self._peer_dead)
 
@@ -102,25 +109,32 @@ class ServerHost:
             except (ValueError, TypeError, RuntimeError) as e:
                 raise WireError(f"an upload that is not a message of the model "
                                 f"({str(e)[:200]})") from None
+        served = []
         with self.lock:
-            if type(k) is not int or k != self.round:
+            if type(k) is not int or not self.round <= k < self.round + MAX_AHEAD:
                 raise WireError(f"an upload for round {k!r} while the parameter server is at "
-                                f"round {self.round}")
-            if src in self.uploads:
+                                f"round {self.round} (it keeps up to {MAX_AHEAD} ahead)")
+            got = self.uploads.setdefault(k, {})
+            if src in got:
                 raise WireError(f"a second upload for round {k}")
-            self.uploads[src] = (payload, down)
+            got[src] = (payload, down)
             if local is not None:
-                self.local = local
-            if len(self.uploads) < self.n:
-                lost = [r for r in sorted(self.tr.dead) if r not in self.uploads]
-                if lost and self.local is not None:  # lost before this round began
+                self.local[k] = local
+            if len(got) < self.n:
+                lost = [r for r in sorted(self.tr.dead) if r not in got]
+                if lost:  # lost before this round began
                     self._fail_local(lost[0], self.tr.dead[lost[0]])
-                return
-            got, self.uploads = self.uploads, {}
-            local, self.local = self.local, None
-            self.round += 1
-            reply = self.server.serve(self.state, [got[r][0] for r in range(self.n)])
-        self._reply(k, reply, got, local)
+            # serve every complete round in order (a later one may be complete first)
+            while len(self.uploads.get(self.round, ())) == self.n:
+                k0 = self.round
+                got0 = self.uploads.pop(k0)
+                self.round += 1
+                reply = self.server.serve(self.state, [got0[r][0] for r in range(self.n)])
+                served.append((k0, reply, got0, self.local.pop(k0, None)))
+        # (replies go out outside the lock: sending may wait for the socket, and the
+        # readers of other workers' uploads must not; a worker's mail is keyed by round)
+        for item in served:
+            self._reply(*item)
 
     def _reply(self, k: int, reply: Any, got: dict[int, tuple[Any, float]],
                local: DHandle | None) -> None:
@@ -134,21 +148,22 @@ class ServerHost:
             local.resolve(reply)
 
     def _peer_dead(self, peer: int, why: str) -> None:
-        """A worker lost: the current round can never complete on rank 0."""
+        """A worker lost: the rounds without its upload can never complete on rank 0."""
         with self.lock:
-            if peer not in self.uploads:
-                self._fail_local(peer, why)
+            self._fail_local(peer, why)
 
     def _fail_local(self, peer: int, why: str) -> None:
-        """Fail rank 0's wait for the current round (under the lock)."""
-        if self.local is not None:
-            self.local.fail(PeerLost(f"lost worker {peer}, so the parameter server cannot "
-                                     f"complete round {self.round}: {why}"))
+        """Fail rank 0's waits for the rounds that lack ``peer``'s upload (under the
+        lock)."""
+        for k, h in sorted(self.local.items()):
+            if peer not in self.uploads.get(k, {}):
+                h.fail(PeerLost(f"lost worker {peer}, so the parameter server cannot "
+                                f"complete round {k}: {why}"))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
-            if self.uploads:
+            if any(self.uploads.values()):
                 raise RuntimeError("the parameter server holds uploads of an unfinished "
                                    "round at a checkpoint")
             return {"state": self.state, "round": self.round}
@@ -159,9 +174,10 @@ class ServerHost:
 
 
 def server_round(ex: Any, eff: ServerRound) -> DHandle:
-    """Fulfil a ServerRound on executor ``ex``: its upload of round ``ex.server_seq``."""
-    k = ex.server_seq
-    ex.server_seq += 1
+    """Fulfil a ServerRound on executor ``ex``: its upload of round ``eff.round`` (the
+    worker's count in program order), else of round ``ex.server_seq``."""
+    k = ex.server_seq if eff.round is None else eff.round
+    ex.server_seq = max(ex.server_seq, k + 1)
     ex.counts.add(eff.nbytes, 1, 0)
     elastic = getattr(ex, "quorum_server", None)
     if elastic is not None:  # an elastic job: a quorum round led by rank 0 (.quorum_server)
@@ -174,7 +190,7 @@ def server_round(ex: Any, eff: ServerRound) -> DHandle:
         h = DHandle(f"parameter server round {k}")
         host.upload(SERVER_RANK, k, eff.payload, float(eff.down_nbytes), local=h)
         return h
-    key = (SERVER_RANK, (TAG, k))
+    key = (SERVER_RANK, (TAG, k))  # (several rounds may be awaited at once: by round)
     h = _ReplyHandle(f"the parameter server's reply of round {k}", peer=SERVER_RANK,
                      deadline=_deadline(ex))
     with ex.lock:

@@ -95,6 +95,7 @@ class ChurnNode:
         self.members, self.draws, self.downtime_s = members, draws, downtime_s
         self.min_quorum, self.quorum_wait_s = min_quorum, quorum_wait_s
         for p in self.procs:
+            p.w.ordered_server_rounds = True  # quorum server rounds: one after another
             p.gone = p.w.rank not in members.live
             if not p.gone:
                 self._schedule_failure(p.w.rank, 0.0)

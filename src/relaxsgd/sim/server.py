@@ -10,13 +10,16 @@ which leaves the worker's link and is received through the server's own
 compression (its ``serve`` metered, :mod:`relaxsgd.codec_meter`, at the profile's costs,
 speed factor 1) and sends one reply per worker, in rank order, out of its link
 (:meth:`.network.Network.from_server`). The worker's handle resolves when its reply
-arrives. As in the distributed runtime, whose server is a thread of worker 0
-(:mod:`relaxsgd.distributed.server`), worker 0's upload and reply do not travel: its
-upload is in when it is made, its reply when the round is served, and neither takes a
-link or a latency (so worker 1's round pays two per-message overheads, its upload's and
-its reply's, the first to leave the server); their bytes are counted all the same, as
-the runtime counts them. Bytes: an upload counts as the worker's (``bytes_sent``),
-the replies as the server's (``server_bytes``, ``server_messages``), with retransmissions.
+arrives. Several rounds may be in flight (OLCO3 with ``s`` > 0 uploads round k+1 before
+round k's reply): each upload carries its round number (``ServerRound.round``) and the
+server serves the rounds in order, one at a time. As in the distributed runtime, whose
+server is a thread of worker 0 (:mod:`relaxsgd.distributed.server`), worker 0's upload
+and reply do not travel: its upload is in when it is made, its reply when the round is
+served, and neither takes a link or a latency (so worker 1's round pays two per-message
+overheads, its upload's and its reply's, the first to leave the server); their bytes are
+counted all the same, as the runtime counts them. Bytes: an upload counts as the
+worker's (``bytes_sent``), the replies as the server's (``server_bytes``,
+``server_messages``), with retransmissions.
 The server's state (residual, round) is saved with the engine's checkpoints.
 """
 
@@ -50,6 +53,8 @@ class ServerNode:
 
     def _init_server(self, algo: Algorithm, workers: list[Any]) -> None:
         self._rounds: dict[int, dict] = {}  # rounds whose uploads are not all in
+        self._complete: dict[int, dict] = {}  # complete rounds after one not served yet
+        self._server_free = 0.0  # when the server has computed its last round
         self.server = algo.server()
         w0 = workers[0]
         self.server_state: dict[str, Any] | None = (
@@ -57,13 +62,14 @@ class ServerNode:
             if self.server is not None else None)
 
     def _server_round(self, p: Any, eff: ServerRound) -> Handle:
-        """An upload of round ``p.server_seq``: through the worker's link into the server's
-        (:meth:`.network.Network.to_server`); the round is served once all n are in."""
+        """An upload of round ``eff.round`` (or ``p.server_seq``): through the worker's
+        link into the server's (:meth:`.network.Network.to_server`); the round is served
+        once all n are in and every earlier round has been served."""
         if self.server is None:
             raise TypeError(f"{self.algo.name} yields ServerRound but has no server "
                             "(Algorithm.server() returned None)")
-        seq = p.server_seq
-        p.server_seq += 1
+        seq = p.server_seq if eff.round is None else eff.round
+        p.server_seq = max(p.server_seq, seq + 1)
         # (worker 0 hosts the server: its upload does not travel)
         got, tries = ((self.now, 1) if p.w.rank == SERVER_RANK else
                       self.net.to_server(p.w.rank, eff.nbytes, self.now))
@@ -75,8 +81,12 @@ class ServerNode:
         r["members"][p.w.rank] = (eff, h)
         r["t"] = max(r["t"], got)
         if len(r["members"]) == self.n:
-            del self._rounds[seq]
-            self._serve(r)
+            # served in round order (the server's error feedback and its compressor's
+            # draws go round by round): a round complete before an earlier one waits
+            self._complete[seq] = self._rounds.pop(seq)
+            assert self.server_state is not None
+            while int(self.server_state["round"]) in self._complete:
+                self._serve(self._complete.pop(int(self.server_state["round"])))
         return h
 
     def _serve(self, r: dict) -> None:
@@ -97,8 +107,11 @@ class ServerNode:
         assert self.server is not None and self.server_state is not None
         with metering() as work:  # the server's own compression (error feedback)
             reply = self.server.serve(self.server_state, [e.payload for e in effs])
-        ready = (t + server_seconds(len(effs), self.procs[0].w.params.numel())
+        # (one round at a time: a round complete earlier waits for the one before)
+        ready = (max(t, self._server_free)
+                 + server_seconds(len(effs), self.procs[0].w.params.numel())
                  + self.compute.work_time(None, work))
+        self._server_free = ready
         end = ready
         for rank, handle, nbytes in to:
             arrive, tries = ((ready, 1) if rank == SERVER_RANK else  # (its host: no hop)
