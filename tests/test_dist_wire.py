@@ -381,6 +381,19 @@ def test_a_snapshot_of_the_initial_model_travels_without_it_and_rank_0_fills_it_
     w.step = 5
     snapper.maybe()
     assert snapper.initial is None
+    # the snapshot of the last step is held back and goes just before the final one
+    held: list[dict] = []
+    sent.clear()
+    snapper = Snapshotter(w, bank, ex, 10, 2, sent.append, None, held.append,
+                          lambda: (sent.extend(held), held.clear()))
+    w.step = 5
+    snapper.maybe()  # a point before the end: at once
+    assert [s["step"] for s in sent] == [5] and not held
+    w.step = 10
+    snapper.maybe()
+    assert [s["step"] for s in sent] == [5] and [s["step"] for s in held] == [10]
+    snapper.final("completed")
+    assert [(s["step"], s["final"]) for s in sent] == [(5, False), (10, False), (10, True)]
 
 
 class _DictStore:

@@ -132,18 +132,27 @@ class Snapshotter:
     """Worker side: decides when to snapshot and ships the snapshot to rank 0."""
 
     def __init__(self, w: Any, bank: Any, ex: Any, total: int, evals: int,
-                 send: Any, initial: InitialModel | None = None) -> None:
+                 send: Any, initial: InitialModel | None = None,
+                 hold: Any = None, release: Any = None) -> None:
         self.w, self.bank, self.ex, self.send = w, bank, ex, send
         self.every = max(1, math.ceil(total / evals))
         self.next = 0
+        self.total = total
         # (a worker other than rank 0: its model while it may still be the initial one)
         self.initial = initial
+        # a worker other than rank 0: the snapshot taken at its last step is held back
+        # (``hold``) and sent with the final one (``release``): nobody can write that row
+        # before this worker ends, and sent at once it would go on the network ahead of
+        # the last round's messages (the drain of OLCO3's rounds in flight)
+        self.hold, self.release = hold, release
 
     def maybe(self) -> None:
         if self.w.step >= self.next * self.every:
             self._ship(final=False)
 
     def final(self, status: str) -> None:
+        if self.release is not None:
+            self.release()
         self._ship(final=True, status=status)
 
     def _ship(self, final: bool, status: str = "") -> None:
@@ -172,7 +181,10 @@ class Snapshotter:
                 snap.update(params=snap["params"].new_empty(0), buffers={}, initial=True)
             if self.w.step > 0:  # (past the start: the copy is not needed any more)
                 self.initial = None
-        self.send(snap)
+        if not final and self.hold is not None and self.w.step >= self.total:
+            self.hold(snap)
+        else:
+            self.send(snap)
 
 
 EVAL_NICE = 10  # the evaluator thread's niceness above the process's

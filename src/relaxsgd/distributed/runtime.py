@@ -180,8 +180,10 @@ class _Job(JobOutputs):
         self.pace = ComputeModel(cfg.compute, self.n_ids, cfg.seed, 1.0) if paced else None
         self.stop = stop
         self.initial = initial if rank == 0 else None
+        self.held: list[dict] = []  # snapshots of the last step, sent with the final one
         self.snap = Snapshotter(self.w, self.bank, self.ex, prep.total_steps, cfg.evals,
-                                self._ship, None if rank == 0 else initial)
+                                self._ship, None if rank == 0 else initial,
+                                *((None, None) if rank == 0 else (self._hold, self._release)))
         # an elastic job: quorum collectives on the transport; only rank 0 checkpoints
         # (a lost worker of another id comes back by live recovery)
         self.el = ElasticWorker(self) if self.elastic else None
@@ -215,10 +217,25 @@ class _Job(JobOutputs):
         elif msg[0] in ("ckask", "ckq", "ckpos", "ckgo") and self.ex.saver is not None:
             self.ex.saver.requests.on_message(src, msg)
 
-    def _ship(self, snap: dict) -> None:
+    def _hold(self, snap: dict) -> None:
+        """Stamp ``snap`` now, send it later (:meth:`_release`, before the final one)."""
+        self._stamp(snap)
+        self.held.append(snap)
+
+    def _release(self) -> None:
+        while self.held:
+            self._send_snap(self.held.pop(0))
+
+    def _stamp(self, snap: dict) -> None:
         snap["wire"] -= self.eval_wire
         snap["compute_time"], snap["units"] = self.compute_time, self.units
         snap["program_s"] = self.program_s
+
+    def _ship(self, snap: dict) -> None:
+        self._stamp(snap)
+        self._send_snap(snap)
+
+    def _send_snap(self, snap: dict) -> None:
         if self.rank == 0:
             assert self.evaluator is not None
             self.evaluator.put(snap)
@@ -307,6 +324,10 @@ class _Job(JobOutputs):
         finally:
             bar.close()
         if err is not None:
+            try:  # (a held snapshot still completes its row, as it would have unheld)
+                self._release()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
             tell_abort(self.tr, message)
         result = self._write(status, message) if self.rank == 0 else None
         self.tr.close(wait_s=5.0 if err is None else 0.5)
