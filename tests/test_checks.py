@@ -74,7 +74,8 @@ def _sites() -> list[tuple[str, object, str]]:
     ]
 
 
-_RANGES = {"olco3.s": " >= 0", "sgp.overlap": " >= 0", "lattice": " in 2..32",
+# (olco3.s: through its server, the default aggregation, s + 1 rounds are kept)
+_RANGES = {"olco3.s": " in 0..63", "sgp.overlap": " >= 0", "lattice": " in 2..32",
            "spawn_groups": " in 1..64",
            "choose_eps": " in 2..32", "swarm.bits": " in 2..32"}
 

@@ -111,7 +111,7 @@ def test_list_names_every_kind(capsys) -> None:
     (["run", "--algo", "olco3", "--set", "p=true"], "algorithm 'olco3'.p must be an integer, "
      "got True"),
     (["run", "--algo", "olco3", "--set", "s=-1"], "olco3 option s (staleness in rounds) must "
-     "be an integer >= 0, got -1"),
+     "be an integer in 0..63, got -1"),
     (["run", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
     (["run", "--data-dir", "/nonexistent-dir"], "data directory '/nonexistent-dir' does not"),
     (["compare", "--algos", "allreduce,nosuch"], "unknown algorithm 'nosuch'"),

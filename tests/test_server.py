@@ -243,3 +243,17 @@ def test_server_rounds_are_pipelined() -> None:
     # s = 0: 12 round trips of 2 s; s = 2: 12 rounds, 3 at a time (plus the drain)
     assert times[0] == pytest.approx(24.0, rel=0.02)
     assert times[2] == pytest.approx(8.0, rel=0.05)
+
+
+def test_olco3s_staleness_through_a_server_is_bounded_by_what_the_server_keeps() -> None:
+    """s + 1 rounds in flight through the server: s is checked against the rounds the
+    server keeps (one line), not refused later by the host as an invalid upload."""
+    from relaxsgd.algorithms.olco3 import OLCO3Config
+    from relaxsgd.algorithms.server import MAX_ROUNDS_AHEAD
+    from relaxsgd.errors import ConfigError
+
+    OLCO3Config(s=MAX_ROUNDS_AHEAD - 1)
+    with pytest.raises(ConfigError, match=f"in 0..{MAX_ROUNDS_AHEAD - 1}, got "
+                                          f"{MAX_ROUNDS_AHEAD}"):
+        OLCO3Config(s=MAX_ROUNDS_AHEAD)
+    OLCO3Config(s=MAX_ROUNDS_AHEAD, aggregation="allreduce", compressor="powersgd:rank=2")

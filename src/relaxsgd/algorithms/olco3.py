@@ -88,6 +88,7 @@ from ..state_tree import register_state_type
 from ..tune.params import Choice, Int
 from .base import Checkpoint, Compute, Program, Wait, Worker
 from .efsgd import CompressedAlgorithm, CompressionOptions, Pending
+from .server import MAX_ROUNDS_AHEAD
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ class OLCO3Config(CompressionOptions):
 
     def __post_init__(self) -> None:
         require_int(self.p, "olco3 option p (local steps per round)", at_least=1)
-        require_int(self.s, "olco3 option s (staleness in rounds)", at_least=0)
+        # (through a server, s + 1 rounds are in flight: the server keeps that many)
+        require_int(self.s, "olco3 option s (staleness in rounds)", at_least=0,
+                    at_most=MAX_ROUNDS_AHEAD - 1 if self.aggregation == "ps" else None)
         self.check_compression("olco3")
 
     # server_compensation compensates the server's error-feedback residual

@@ -44,6 +44,10 @@ from ..compress.base import Compressor
 from ..compress.error_feedback import ErrorFeedback
 
 SECONDS_PER_ELEMENT = 1e-9
+# rounds past the next one to serve whose uploads a server keeps (rounds are pipelined: a
+# worker is at most its staleness ahead of its last reply; this bounds what a faulty one
+# can make the server hold, and an algorithm's staleness is checked against it)
+MAX_ROUNDS_AHEAD = 64
 
 
 def server_seconds(n: int, numel: int) -> float:

@@ -47,15 +47,14 @@ import threading
 from typing import Any
 
 from ..algorithms.base import PeerUnavailable, ServerRound
+from ..algorithms.server import MAX_ROUNDS_AHEAD
 from .collectives import DHandle
 from .transport import PeerLost
 from .wire import WireError
 
 SERVER_RANK = 0
 TAG = "ps"
-# rounds past the next one to serve whose uploads the host keeps (a worker is at most s
-# rounds ahead of its last reply; this bounds what a faulty one can make it hold)
-MAX_AHEAD = 64
+MAX_AHEAD = MAX_ROUNDS_AHEAD  # rounds past the next to serve whose uploads are kept
 
 
 def lost_line(why: str) -> str:
