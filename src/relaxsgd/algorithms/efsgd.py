@@ -199,8 +199,8 @@ class Aggregator:
             # after round k's reply (the server serves them in order; each carries its
             # number). Under churn / in an elastic job the runtime asks for one round at
             # a time (w.ordered_server_rounds): quorum rounds are formed one after another.
-            chain = prev if self.mode == "ps" and (w.ordered_server_rounds
-                                                   or self.ordered_rounds) else None
+            ordered = getattr(w, "ordered_server_rounds", False) or self.ordered_rounds
+            chain = prev if self.mode == "ps" and ordered else None
             rnd = None  # (one at a time: the runtime counts them, as it always did)
             if self.ps is not None and "round" in st:
                 rnd, st["round"] = st["round"], st["round"] + 1

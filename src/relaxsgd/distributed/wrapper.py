@@ -86,6 +86,8 @@ def init(backend: str | None = None) -> tuple[int, int, torch.device]:
 class _ModelWorker:
     """The Worker protocol over a user's model and optimizer."""
 
+    ordered_server_rounds = False  # (not an elastic job: server rounds are pipelined)
+
     def __init__(self, rank: int, n: int, params: Tensor, momentum: Tensor,
                  layout: list, seed: int, total_steps: int, relaxed: Relaxed) -> None:
         self.rank, self.n, self.params, self.momentum, self.layout = (
