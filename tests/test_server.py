@@ -140,9 +140,10 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     """Rank 0's host (relaxsgd.distributed.server): a round is served when its n uploads
     are in; an upload of another round, a second one, or one not of the workers' form (a
     hostile size that would allocate) is refused before it is kept."""
+    from relaxsgd.algorithms.server import MAX_ROUNDS_AHEAD
     from relaxsgd.compress.topk import SparsePayload
     from relaxsgd.distributed.collectives import Counts, DHandle
-    from relaxsgd.distributed.server import MAX_AHEAD, ServerHost
+    from relaxsgd.distributed.server import ServerHost
     from relaxsgd.distributed.wire import WireError
 
     d, n = 20, 3
@@ -157,9 +158,9 @@ def test_the_dist_server_host_serves_a_round_and_refuses_what_breaks_its_rules()
     later = [topk.compress(torch.randn(d), {}, None)[0] for _ in range(n)]
     host.on_message(2, ("msg", ("ps", 1), (later[2], 32.0)))
     host.on_message(1, ("msg", ("ps", 1), (later[1], 32.0)))
-    with pytest.raises(WireError, match=f"round {MAX_AHEAD} while the parameter server is "
+    with pytest.raises(WireError, match=f"round {MAX_ROUNDS_AHEAD} while the parameter server is "
                                         "at round 0"):
-        host.on_message(2, ("msg", ("ps", MAX_AHEAD), (msgs[2], 32.0)))
+        host.on_message(2, ("msg", ("ps", MAX_ROUNDS_AHEAD), (msgs[2], 32.0)))
     later_mine = DHandle("rank 0, round 1")
     host.upload(0, 1, later[0], 32.0, local=later_mine)  # round 1 complete: it waits
     assert not later_mine.done and not host.tr.sent and host.round == 0
@@ -257,3 +258,24 @@ def test_olco3s_staleness_through_a_server_is_bounded_by_what_the_server_keeps()
                                           f"{MAX_ROUNDS_AHEAD}"):
         OLCO3Config(s=MAX_ROUNDS_AHEAD)
     OLCO3Config(s=MAX_ROUNDS_AHEAD, aggregation="allreduce", compressor="powersgd:rank=2")
+
+
+
+def test_the_server_computes_one_round_at_a_time(tmp_path: Any) -> None:
+    """Pipelined rounds queue at the server: with its compression costly (0.1 ms an
+    element) and steps and links nearly free, a round's server time dominates, so s = 3
+    (4 rounds in flight) cannot take much less than the 12 rounds' server time, about
+    0.6 of s = 0's time here; rounds computed side by side on the server would take 0.32."""
+    (tmp_path / "p.yaml").write_text("compute: {flops_per_s: 1.0e12, encode_s: 1.0e-4, "
+                                     "decode_s: 1.0e-4}\n")
+    times = {}
+    for s in (0, 3):
+        cfg = tiny(algo="olco3", steps=12, evals=1, network="custom",
+                   network_options={"latency_s": 0.001, "bandwidth_Bps": 1e9},
+                   compute={"step_time_s": 0.001, "codec": "on",
+                            "profile": str(tmp_path / "p.yaml")},
+                   algo_options={"p": 1, "s": s, "aggregation": "ps",
+                                 "compressor": "topk:ratio=0.1",
+                                 "server_compressor": "qsgd:bits=2"})
+        times[s] = simulate(prepare(cfg)).result["final"]["virtual_time_s"]
+    assert 0.5 * times[0] < times[3] < times[0]

@@ -201,10 +201,10 @@ class Aggregator:
             # a time (w.ordered_server_rounds): quorum rounds are formed one after another.
             ordered = getattr(w, "ordered_server_rounds", False) or self.ordered_rounds
             chain = prev if self.mode == "ps" and ordered else None
-            rnd = None  # (one at a time: the runtime counts them, as it always did)
-            if self.ps is not None and "round" in st:
-                rnd, st["round"] = st["round"], st["round"] + 1
-                if chain is not None:
+            rnd = st.get("round")  # its number (None: the state of an older checkpoint)
+            if rnd is not None:
+                st["round"] = rnd + 1
+                if chain is not None:  # one at a time: the runtime counts them, as before
                     rnd = None
             h = yield Spawn(self._send(st, payload, own, res, nb, chain, rnd))
             pend = Pending(h, own, res)

@@ -66,8 +66,8 @@ class SnapshotSpec:
                 raise WireError("a snapshot of the initial model with buffers")
         else:
             _same(snap["params"], self.params, "parameters")
-        if not snap["initial"] and set(snap["buffers"]) != set(self.buffers):
-            raise WireError("a snapshot with other buffers than the model's")
+            if set(snap["buffers"]) != set(self.buffers):
+                raise WireError("a snapshot with other buffers than the model's")
         for k, v in snap["buffers"].items():
             _same(v, self.buffers[k], f"buffer {k!r}")
         idx = snap["indices"]

@@ -135,9 +135,10 @@ class _Job(JobOutputs):
         self.bank = Bank(spec, cfg.train, [rank], shards, cfg.seed, prep.total_steps,
                          batching=cfg.batching, device=device)
         prep.info.dim = self.bank.d
+        buffers = self.bank.buffers_of(0)
         # the run's initial model, the same on every worker: step 0's snapshots travel
         # without it (.evaluation.InitialModel); rank 0 keeps it to fill them in
-        initial = InitialModel(self.bank.X[0], self.bank.buffers_of(0))
+        initial = InitialModel(self.bank.X[0], buffers)
         self.w = LocalWorker(self.bank, 0, n, cfg.seed, prep.total_steps)
         prep.algo.init_worker(self.w)
         self.elastic = is_elastic(cfg)
@@ -145,7 +146,6 @@ class _Job(JobOutputs):
         self.w.ordered_server_rounds = self.elastic
         self.groups = [] if self.elastic else [dist.new_group(list(range(n)))
                                                for _ in range(opts.spawn_groups)]
-        buffers = self.bank.buffers_of(0)
         model_bytes = sum(t.numel() * t.element_size()
                           for t in [self.w.params, *buffers.values()])
         every = max(1, -(-prep.total_steps // cfg.evals))

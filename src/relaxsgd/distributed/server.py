@@ -24,11 +24,11 @@ When the n uploads of round k are in and every earlier round has been served, th
 calls ``serve`` on the thread that delivered the last one and sends the reply to each
 worker. Rounds are pipelined: a worker uploads round k+1 when it is ready, before round
 k's reply (OLCO3 with ``s`` > 0; the round's number comes with the effect,
-``ServerRound.round``, so spawns that race to send do not swap rounds), and the host keeps
-the uploads of up to :data:`MAX_AHEAD` rounds past the one it serves next. Uploads are
-checked before they are kept: the round must be one of those, one upload per worker and
-round, and the payload must decode to the model's size; a worker that breaks a rule is
-dropped as lost (its message was invalid).
+``ServerRound.round``, so spawns that race to send do not swap rounds), and the host
+keeps the uploads of up to :data:`~relaxsgd.algorithms.server.MAX_ROUNDS_AHEAD` rounds
+past the one it serves next. Uploads are checked before they are kept: the round must be
+one of those, one upload per worker and round, and the payload must decode to the
+model's size; a worker that breaks a rule is dropped as lost (its message was invalid).
 
 Faults. A worker that waits for a reply fails with one line naming the server (a
 :class:`~.transport.PeerLost`: "the parameter server (a thread of worker 0) is lost: ...")
@@ -54,7 +54,6 @@ from .wire import WireError
 
 SERVER_RANK = 0
 TAG = "ps"
-MAX_AHEAD = MAX_ROUNDS_AHEAD  # rounds past the next to serve whose uploads are kept
 
 
 def lost_line(why: str) -> str:
@@ -110,9 +109,10 @@ class ServerHost:
                                 f"({str(e)[:200]})") from None
         served = []
         with self.lock:
-            if type(k) is not int or not self.round <= k < self.round + MAX_AHEAD:
+            if type(k) is not int or not self.round <= k < self.round + MAX_ROUNDS_AHEAD:
                 raise WireError(f"an upload for round {k!r} while the parameter server is at "
-                                f"round {self.round} (it keeps up to {MAX_AHEAD} ahead)")
+                                f"round {self.round} (it keeps up to {MAX_ROUNDS_AHEAD} "
+                                "ahead)")
             got = self.uploads.setdefault(k, {})
             if src in got:
                 raise WireError(f"a second upload for round {k}")

@@ -27,10 +27,12 @@ Every worker measures at the same time (so cores are shared as in the real run):
   the file does not list;
 - the network's latency between workers 0 and 1 over plain TCP: half the median round
   trip of 64-byte pings (and, for the record, a 4 MiB transfer's raw bandwidth); and TCP's
-  slow start: the same transfer on the fresh connection takes longer than once it is warm,
-  and the difference (``slow_start_extra_s``) is fitted to the simulator's first window
-  (``initial_window_B``, :func:`.fit.fit_initial_window`; 0 where nothing is held back),
-  with ``restart_after_idle`` read from the kernel (``tcp_slow_start_after_idle``);
+  slow start: the same transfer on a fresh connection takes longer than once it is warm,
+  and the difference (``slow_start_extra_s``, the median of 3 fresh connections) is
+  fitted to the simulator's first window (``initial_window_B``,
+  :func:`.fit.fit_initial_window`; 0 where nothing is held back), with
+  ``restart_after_idle`` read from the kernel (``tcp_slow_start_after_idle``, off under
+  BBR);
 - the runtime's own path (:mod:`.paths`): the executor's AllReduce and AllGather on every
   worker, and Exchange and Send/Recv round trips between workers 0 and 1, on the
   authenticated transport, at the sizes the algorithms use (8 bytes, 1 KiB, 4x and 16x
@@ -212,13 +214,11 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float, float]:
         for _ in range(repeats):
             c.sendall(_recv_exact(c, PING_BYTES))
         for _ in range(2):
-            _recv_exact(c, BULK_BYTES)
-            c.sendall(b"k")
+            _answer_bulk(c)
         c.close()
         for _ in range(COLD_REPEATS - 1):  # fresh connections: their first transfer
             c, _ = srv.accept()
-            _recv_exact(c, BULK_BYTES)
-            c.sendall(b"k")
+            _answer_bulk(c)
             c.close()
         srv.close()
     elif rank == 0:
@@ -231,27 +231,35 @@ def p2p(rank: int, host: str, repeats: int = 10) -> tuple[float, float, float]:
             _recv_exact(c, PING_BYTES)
             rtts.append(time.perf_counter() - t)
         rtt = statistics.median(rtts[1:])
-        els = []
-        for _ in range(2):  # the second with TCP's window already open: the link's rate
-            t = time.perf_counter()
-            c.sendall(bytes(BULK_BYTES))
-            _recv_exact(c, 1)
-            els.append(time.perf_counter() - t)
+        bulk = bytes(BULK_BYTES)
+        # the second with TCP's window already open: the link's rate
+        els = [_timed_bulk(c, bulk) for _ in range(2)]
         c.close()
         cold = [els[0]]
         for _ in range(COLD_REPEATS - 1):
             c = socket.create_connection((peer_host, int(peer_port)))
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = time.perf_counter()
-            c.sendall(bytes(BULK_BYTES))
-            _recv_exact(c, 1)
-            cold.append(time.perf_counter() - t)
+            cold.append(_timed_bulk(c, bulk))
             c.close()
         lat, bw = rtt / 2, BULK_BYTES / max(els[1] - rtt, 1e-9)
         extra = max(statistics.median(cold) - els[1], 0.0)
     vals = torch.tensor([lat, bw, extra], dtype=torch.float64)
     dist.broadcast(vals, 0)
     return float(vals[0]), float(vals[1]), float(vals[2])
+
+
+def _timed_bulk(c: socket.socket, bulk: bytes) -> float:
+    """Seconds to send ``bulk`` on ``c`` until the peer's one-byte answer is back."""
+    t = time.perf_counter()
+    c.sendall(bulk)
+    _recv_exact(c, 1)
+    return time.perf_counter() - t
+
+
+def _answer_bulk(c: socket.socket) -> None:
+    """The peer's side of :func:`_timed_bulk`."""
+    _recv_exact(c, BULK_BYTES)
+    c.sendall(b"k")
 
 
 def restarts_after_idle() -> bool:

@@ -11,7 +11,7 @@ compression (its ``serve`` metered, :mod:`relaxsgd.codec_meter`, at the profile'
 speed factor 1) and sends one reply per worker, in rank order, out of its link
 (:meth:`.network.Network.from_server`). The worker's handle resolves when its reply
 arrives. Several rounds may be in flight (OLCO3 with ``s`` > 0 uploads round k+1 before
-round k's reply): each upload carries its round number (``ServerRound.round``) and the
+round k's reply): each upload carries its round number (``ServerRound.round``), and the
 server serves the rounds in order, one at a time. As in the distributed runtime, whose
 server is a thread of worker 0 (:mod:`relaxsgd.distributed.server`), worker 0's upload
 and reply do not travel: its upload is in when it is made, its reply when the round is
@@ -53,7 +53,6 @@ class ServerNode:
 
     def _init_server(self, algo: Algorithm, workers: list[Any]) -> None:
         self._rounds: dict[int, dict] = {}  # rounds whose uploads are not all in
-        self._complete: dict[int, dict] = {}  # complete rounds after one not served yet
         self._server_free = 0.0  # when the server has computed its last round
         self.server = algo.server()
         w0 = workers[0]
@@ -81,12 +80,13 @@ class ServerNode:
         r["members"][p.w.rank] = (eff, h)
         r["t"] = max(r["t"], got)
         if len(r["members"]) == self.n:
-            # served in round order (the server's error feedback and its compressor's
-            # draws go round by round): a round complete before an earlier one waits
-            self._complete[seq] = self._rounds.pop(seq)
-            assert self.server_state is not None
-            while int(self.server_state["round"]) in self._complete:
-                self._serve(self._complete.pop(int(self.server_state["round"])))
+            # Rounds complete in order: each worker issues its rounds in program order
+            # (a spawn's ServerRound is dispatched when it is spawned), so the last upload
+            # of round k+1 comes after every worker's of round k. The server still serves
+            # one round at a time (``_server_free``): round k+1's uploads may all be in
+            # before round k is computed.
+            assert self.server_state is not None and seq == self.server_state["round"]
+            self._serve(self._rounds.pop(seq))
         return h
 
     def _serve(self, r: dict) -> None:
