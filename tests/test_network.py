@@ -165,6 +165,11 @@ def test_slow_start_holds_a_message_back_a_round_trip_per_flight_until_it_fits()
     # a message within the window is never held back
     _, arrive, _ = Network(SLOW, n=3, seed=0).p2p(1, 10_000, 0.0, dst=0)
     assert arrive == pytest.approx(0.01 + 0.05)
+    # but it waits behind the bytes of an earlier message on its connection (one stream)
+    net = Network(SLOW, n=3, seed=0)
+    net.p2p(0, 35_000, 0.0, dst=1)  # its last byte leaves at 0.205
+    _, arrive, _ = net.p2p(0, 1_000, 0.0, dst=1)
+    assert arrive == pytest.approx(0.205 + 0.001 + 0.05)
 
 
 def test_the_window_stops_growing_at_the_bandwidth_delay_product() -> None:
@@ -202,12 +207,13 @@ def test_slow_start_on_the_servers_links_and_the_collectives() -> None:
     a2, _ = net.from_server(35_000, 1.0, dst=1)
     assert a1 == pytest.approx(1.0 + 0.205 + 0.05)
     assert a2 == pytest.approx(1.035 + 0.205 + 0.05)
-    # a collective carrying 35 kB a link (0.035 s at the link's rate), latency part 0.2 s:
-    # the first pays the flights, the next (its connections busy until the first's end)
-    # does not
-    end = net.collective(10.0, 0.2, 0.035)
-    assert end == pytest.approx(10.0 + 0.035 + 0.2 + 0.17)
-    assert net.collective(end, 0.2, 0.035) == pytest.approx(end + 0.235)
+    # a collective carrying 35 kB a link (0.035 s at the link's rate), latency part 0.5 s:
+    # the first pays the flights, the next does not: its connections were busy until the
+    # first's end (from the last byte sent they would look idle for longer than an RTO,
+    # 0.3 s, and the window would be halved)
+    end = net.collective(10.0, 0.5, 0.035)
+    assert end == pytest.approx(10.0 + 0.035 + 0.5 + 0.17)
+    assert net.collective(end, 0.5, 0.035) == pytest.approx(end + 0.535)
     # off (the default): nothing changes
     plain = Network(NetworkConfig(0.05, 1e6), n=2, seed=0)
     assert plain.p2p(0, 35_000, 0.0, dst=1)[1] == pytest.approx(0.085)
@@ -240,6 +246,16 @@ def test_window_options_are_checked_and_read_from_a_profile_file(tmp_path) -> No
     assert (c.initial_window_B, c.restart_after_idle) == (36000.0, False)
     assert network_model_info(c, 2)["initial_window_B"] == 36000.0
     assert make_network_config("wan").initial_window_B == 0.0  # named profiles: open
+    # a bad value in a file: the field's own line, naming the file
+    for bad, line in [("initial_window_B: -5", "network initial_window_B must be >= 0"),
+                      ("restart_after_idle: maybe", "restart_after_idle must be true or "
+                                                    "false, got 'maybe'"),
+                      ("overhead_s: -1", "network overhead_s must be >= 0")]:
+        f.write_text(f"network: {{latency_s: 0.025, bandwidth_Bps: 1.0e7, {bad}}}\n")
+        with pytest.raises(ConfigError) as e:
+            make_network_config(str(f))
+        assert str(e.value).startswith(f"network profile file {str(f)!r}: ")
+        assert line in str(e.value)
 
 
 def test_spawned_collectives_take_the_runtimes_process_groups_in_turn() -> None:
@@ -262,3 +278,18 @@ def test_spawned_collectives_take_the_runtimes_process_groups_in_turn() -> None:
                       if k[0] == "collectives"}
     assert keys["diloco"] == {("collectives", g) for g in range(SPAWN_GROUPS)}
     assert keys["allreduce"] == {("collectives", None)}
+
+
+def test_a_bad_window_in_a_profile_file_is_one_line_and_exit_2(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "p.yaml"
+    f.write_text("network: {latency_s: 0.025, bandwidth_Bps: 1.0e7, initial_window_B: -5}\n")
+    r = subprocess.run([sys.executable, "-m", "relaxsgd.cli", "run", "--network", str(f),
+                        "--steps", "2", "-q", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"relaxsgd: error: network profile file {str(f)!r}: network initial_window_B must "
+        "be >= 0 bytes (0: windows always open), got -5.0"]

@@ -25,11 +25,11 @@ busy until it ends). Collectives run on process groups, each with connections of
 the job's, and the dist runtime's groups for spawned sub-programs, taken in turn
 (:data:`~.engine.SPAWN_GROUPS`), so the first rounds of a spawning algorithm (DiLoCo,
 OLCO3 over all-reduce) each open a fresh window: measured in the lab, DiLoCo's first 4
-rounds waited ~270 ms and the later ones ~155 ms.
-``relaxsgd calibrate`` fits ``initial_window_B`` from the first bulk transfer on a fresh
-connection. Measured in the network lab (25 ms one way,
-80 Mbit/s): the first 75 KB messages of an OLCO3 run took a round trip more than the later
-ones, a gloo all-reduce of 375 KB two (238 against 135 ms).
+rounds waited ~270 ms and the later ones ~155 ms. ``relaxsgd calibrate`` fits
+``initial_window_B`` from bulk transfers on fresh connections against a warm one. Measured
+in the network lab (25 ms one way, 80 Mbit/s): the first 75 KB messages of an OLCO3 run
+took a round trip more than the later ones, a gloo all-reduce of 375 KB two (238 against
+135 ms).
 
 The parameter server (``aggregation: ps``, :class:`~relaxsgd.algorithms.base.ServerRound`)
 is a node of its own, one hop from every worker, with a full-duplex link (latency
@@ -193,6 +193,10 @@ def load_network_file(path: str) -> NetworkConfig:
 
     sec = read_section(path, "network", what="network profile",
                        choices=", ".join([*PROFILES, "custom"]))
+    restart = sec.get("restart_after_idle", True)
+    if not isinstance(restart, bool):
+        raise ConfigError(f"network profile file {path!r}: network.restart_after_idle must "
+                          f"be true or false, got {restart!r}")
     fits = []
     try:
         for kind, per_n in (sec.get("collectives") or {}).items():
@@ -206,7 +210,9 @@ def load_network_file(path: str) -> NetworkConfig:
                              server_latency_s=_maybe_float(sec.get("server_latency_s")),
                              server_bandwidth_Bps=_maybe_float(sec.get("server_bandwidth_Bps")),
                              initial_window_B=float(sec.get("initial_window_B", 0.0)),
-                             restart_after_idle=bool(sec.get("restart_after_idle", True)))
+                             restart_after_idle=restart)
+    except ConfigError as e:  # a value out of its range: NetworkConfig's own line
+        raise ConfigError(f"network profile file {path!r}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError(f"network profile file {path!r} needs network.latency_s and "
                           "network.bandwidth_Bps (numbers) and collectives as {kind: {n: "
@@ -314,7 +320,7 @@ class Network:
         took, left = 0.0, float(nbytes)
         while left > win and win < bdp:  # a full flight, then its acknowledgements
             left -= win
-            took += max(rtt, win / bandwidth)
+            took += rtt  # (the flight itself is shorter: win < bdp)
             win *= 2
         took += left / bandwidth
         self.windows[conn] = (win, start + took)
